@@ -1,0 +1,96 @@
+"""Inference helpers: geometric self-ensemble, tiling, and position-hashed R3 randomness.
+
+R3 replaces each pixel by the noisy one with probability p. Its random field here is a hash of
+(seed, round, batch, channel, global row, global column) rather than a stream from a generator,
+so a tile draws exactly the numbers the whole image would at those pixels: tiled inference of a
+model with a finite receptive field equals untiled inference, R3 included.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(v: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on int64 tensors holding 32-bit values."""
+    v = v & _M32
+    v = v ^ (v >> 16)
+    v = (v * 0x7FEB352D) & _M32
+    v = v ^ (v >> 15)
+    v = (v * 0x846CA68B) & _M32
+    return v ^ (v >> 16)
+
+
+def r3_uniform(seed: int, round_: int, shape, origin=(0, 0), device=None) -> torch.Tensor:
+    """Uniform [0, 1) numbers for R3 round ``round_`` over a (B, C, h, w) window whose top-left
+    pixel sits at ``origin`` in the whole image. A pure function of position."""
+    B, C, h, w = shape
+    y0, x0 = origin
+    kw = dict(device=device, dtype=torch.int64)
+    b = torch.arange(B, **kw).view(B, 1, 1, 1)
+    c = torch.arange(C, **kw).view(1, C, 1, 1)
+    y = torch.arange(y0, y0 + h, **kw).view(1, 1, h, 1)
+    x = torch.arange(x0, x0 + w, **kw).view(1, 1, 1, w)
+    key = _hash32(torch.tensor(seed * 1_000_003 + round_, **kw))
+    v = _hash32(_hash32(_hash32(b * 8191 + c + key) + y) ^ x)
+    return v.to(torch.float64).div_(2.0 ** 32).to(torch.float32)
+
+
+# --- the 8 flips/rotations (dihedral group), each with its inverse ---------------------------
+
+def transform(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k in 0..7: rotate by 90°·(k mod 4), then flip left-right if k ≥ 4."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x
+
+
+def inverse_transform(x: torch.Tensor, k: int) -> torch.Tensor:
+    if k >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, -(k % 4), dims=(-2, -1))
+
+
+def self_ensemble(fn: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Average of ``inverse_k(fn(transform_k(x), k))`` over the 8 flips/rotations."""
+    acc = None
+    for k in range(8):
+        y = inverse_transform(fn(transform(x, k), k), k)
+        acc = y if acc is None else acc + y
+    return acc / 8
+
+
+# --- tiling --------------------------------------------------------------------------------
+
+def tile_starts(size: int, tile: int) -> list[int]:
+    return list(range(0, size, tile))
+
+
+def tiled(fn: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor], x: torch.Tensor, tile: int,
+          overlap: int, multiple: int = 1) -> torch.Tensor:
+    """Apply ``fn(window, origin)`` on overlapping windows of x and stitch the cores.
+
+    The image is cut into cores of ``tile``×``tile``; each is processed with ``overlap`` extra
+    pixels of context on every side (clipped at the image border) and only its core is kept.
+    ``tile`` and ``overlap`` are rounded up to multiples of ``multiple`` so every window starts on
+    the same phase (PD needs this). Where ``overlap`` covers the receptive field of ``fn``, the
+    result equals ``fn(x, (0, 0))``.
+    """
+    if tile <= 0 or overlap < 0:
+        raise ValueError(f"tile must be positive and overlap non-negative, got {tile}, {overlap}")
+    up = lambda n: -(-n // multiple) * multiple  # noqa: E731
+    tile, overlap = up(tile), up(overlap)
+    H, W = x.shape[-2:]
+    out = None
+    for y0 in tile_starts(H, tile):
+        for x0 in tile_starts(W, tile):
+            y1, x1 = min(y0 + tile, H), min(x0 + tile, W)
+            ey0, ex0 = max(y0 - overlap, 0), max(x0 - overlap, 0)
+            ey1, ex1 = min(y1 + overlap, H), min(x1 + overlap, W)
+            res = fn(x[..., ey0:ey1, ex0:ex1], (ey0, ex0))
+            if out is None:
+                out = x.new_zeros(*res.shape[:-2], H, W, dtype=res.dtype)
+            out[..., y0:y1, x0:x1] = res[..., y0 - ey0:y1 - ey0, x0 - ex0:x1 - ex0]
+    return out

@@ -1,0 +1,130 @@
+"""SSBSN: the blind-spot network wrapped in AP-BSN's asymmetric PD and R3 refinement."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inference import r3_uniform, self_ensemble as _self_ensemble, tiled, transform
+from .nn import BSN
+from .pd import pd_down, pd_up
+
+
+class SSBSN(nn.Module):
+    """SS-BSN (Han & Yu, IJCAI-23). Defaults are the paper's configuration.
+
+    ``model(x)`` is the training forward (PD ``pd_train`` → BSN → inverse PD); the loss is L1
+    against x itself. ``model.denoise(x)`` is inference (PD ``pd_test``, R3, optional
+    self-ensemble and tiling). Pixel values are floats in 0..255.
+    """
+
+    def __init__(self, in_channels: int = 3, base_channels: int = 128, num_modules: int = 9,
+                 ss_blocks: int = 3, gamma: int = 2, pd_train: int = 5, pd_test: int = 2,
+                 pd_pad: int = 2, r3_T: int = 8, r3_p: float = 0.16, fused: bool = False,
+                 group_stats: bool = False, conv_backend: str = "torch"):
+        super().__init__()
+        if pd_train < 1 or pd_test < 1 or pd_pad < 0:
+            raise ValueError("PD strides must be ≥ 1 and the PD pad ≥ 0")
+        if r3_T < 1 or not 0.0 <= r3_p <= 1.0:
+            raise ValueError(f"R3 needs T ≥ 1 and 0 ≤ p ≤ 1, got T={r3_T}, p={r3_p}")
+        self.config = dict(in_channels=in_channels, base_channels=base_channels,
+                           num_modules=num_modules, ss_blocks=ss_blocks, gamma=gamma,
+                           pd_train=pd_train, pd_test=pd_test, pd_pad=pd_pad, r3_T=r3_T,
+                           r3_p=r3_p, fused=fused, group_stats=group_stats,
+                           conv_backend=conv_backend)
+        self.in_channels = in_channels
+        self.pd_train, self.pd_test, self.pd_pad = pd_train, pd_test, pd_pad
+        self.r3_T, self.r3_p = r3_T, r3_p
+        self.bsn = BSN(in_channels, in_channels, base_channels, num_modules, ss_blocks, gamma,
+                       fused=fused, group_stats=group_stats, conv_backend=conv_backend)
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, x: torch.Tensor, pd: int | None = None) -> torch.Tensor:
+        """PD with stride ``pd`` (default ``pd_train``) → BSN → inverse PD."""
+        self._check_input(x)
+        f = self.pd_train if pd is None else pd
+        p = self.pd_pad
+        if f > 1:
+            return pd_up(self.bsn(pd_down(x, f, p)), f, p)
+        y = self.bsn(F.pad(x, (p, p, p, p)))
+        return y[..., p:y.shape[-2] - p, p:y.shape[-1] - p]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected a (B, {self.in_channels}, H, W) tensor, "
+                             f"got shape {tuple(x.shape)}")
+
+    # ------------------------------------------------------------------ inference
+    def receptive_radius(self) -> int:
+        """How far (in image pixels) the output of :meth:`denoise` can see, ignoring the
+        SS-Attention and LayerNorm (which are global within their grid groups/image)."""
+        r_bsn = max(b.dilation - 1 + 2 * b.dilation * (len(b.body) - 8) for b in self.bsn.branches())
+        r_pd = self.pd_test * (r_bsn + 1) + self.pd_test
+        return r_pd + r_bsn + self.pd_pad
+
+    @torch.no_grad()
+    def denoise(self, x: torch.Tensor, r3: bool = True, self_ensemble: bool = False,
+                tile: int | None = None, overlap: int = 64, seed: int = 0) -> torch.Tensor:
+        """Denoise x (B, C, H, W) of any size.
+
+        Args:
+            r3: random-replacing refinement (T rounds, probability p).
+            self_ensemble: average over the 8 flips/rotations.
+            tile: process in tiles of this size (memory stays bounded), each with ``overlap``
+                pixels of context per side. For a model without SS-Blocks, exact wherever the
+                overlap covers the receptive field (:meth:`receptive_radius`), except within that
+                radius of the image border, where PD's sub-images see each other's far edges.
+                SS-Attention and the image-wide LayerNorm make the paper model depend slightly
+                on the tile size.
+            seed: seed of R3's random replacement (a pure function of pixel position).
+        """
+        self._check_input(x)
+
+        def run(window: torch.Tensor, origin) -> torch.Tensor:
+            def member(img: torch.Tensor, k: int) -> torch.Tensor:
+                return self._denoise_once(img, r3, seed + 7919 * k, origin, k)
+            return _self_ensemble(member, window) if self_ensemble else member(window, 0)
+
+        if tile is None:
+            return run(x, (0, 0))
+        return tiled(run, x, tile, overlap, multiple=self.pd_test)
+
+    def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int) -> torch.Tensor:
+        """PD-b denoising and R3 of one image in orientation k (x is already transformed)."""
+        b, p = self.pd_test, self.pd_pad
+        H, W = x.shape[-2:]
+        xp = F.pad(x, (0, (-W) % b, 0, (-H) % b))
+        first = self.forward(xp, pd=b)
+        if not r3:
+            return first[..., :H, :W]
+        # the uniform field lives in the untransformed frame at global coordinates
+        H0, W0 = (W, H) if k % 2 else (H, W)
+        mode = "reflect" if min(xp.shape[-2:]) > p else "replicate"
+        acc = torch.zeros_like(first)
+        for t in range(self.r3_T):
+            u = transform(r3_uniform(seed, t, (x.shape[0], x.shape[1], H0, W0), origin,
+                                     x.device), k)
+            u = F.pad(u, (0, (-W) % b, 0, (-H) % b), value=1.0)
+            mixed = torch.where(u < self.r3_p, xp, first)
+            y = self.bsn(F.pad(mixed, (p, p, p, p), mode=mode) if p else mixed)
+            acc += y[..., p:y.shape[-2] - p, p:y.shape[-1] - p] if p else y
+        return (acc / self.r3_T)[..., :H, :W]
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_official(cls, path_or_checkpoint, **overrides) -> "SSBSN":
+        """Build the model from the authors' checkpoint (or a bare state dict); see
+        :func:`ssbsn.checkpoint.from_official`."""
+        from .checkpoint import from_official
+        return from_official(path_or_checkpoint, cls=cls, **overrides)
+
+    def save(self, path) -> None:
+        """Write weights and configuration to a safetensors file."""
+        from .checkpoint import save_model
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path, **overrides) -> "SSBSN":
+        """Load a model written by :meth:`save` (or an authors' checkpoint)."""
+        from .checkpoint import load_model
+        return load_model(path, cls=cls, **overrides)

@@ -1,0 +1,74 @@
+"""The dilated blind-spot network (BSN) without pixel-shuffle downsampling.
+
+head: 1×1 conv in→C, ReLU → two branches (dilation 2 and 3) → concat (2C) →
+tail: 1×1 2C→C, ReLU, 1×1 C→C/2, ReLU, 1×1 C/2→C/2, ReLU, 1×1 C/2→out.
+
+A branch with dilation d: central-masked conv (kernel 2d−1, centre absent), ReLU, 1×1, ReLU,
+1×1, ReLU, then ``num_modules`` blocks — D-ConvBlocks, the last ``ss_blocks`` of them SS-Blocks
+with grid γ·d — then 1×1, ReLU. The Sequential indices match the authors' (``branch1.body.12``
+is the first SS-Block of the default model).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import DConvBlock, SSBlock
+from .conv import CentralMaskedConv2d
+
+
+class Branch(nn.Module):
+    def __init__(self, dilation: int, channels: int, num_modules: int, ss_blocks: int, gamma: int,
+                 *, fused: bool = False, group_stats: bool = False, conv_backend: str = "torch"):
+        super().__init__()
+        if not 0 <= ss_blocks <= num_modules:
+            raise ValueError(f"ss_blocks must lie in 0..{num_modules}, got {ss_blocks}")
+        self.dilation = dilation
+        layers: list[nn.Module] = [
+            CentralMaskedConv2d(channels, channels, 2 * dilation - 1, backend=conv_backend),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 1), nn.ReLU(),
+            nn.Conv2d(channels, channels, 1), nn.ReLU(),
+        ]
+        for i in range(num_modules):
+            if i < num_modules - ss_blocks:
+                layers.append(DConvBlock(channels, dilation, conv_backend=conv_backend))
+            else:
+                layers.append(SSBlock(channels, dilation, gamma * dilation, fused=fused,
+                                      group_stats=group_stats, conv_backend=conv_backend))
+        layers += [nn.Conv2d(channels, channels, 1), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class BSN(nn.Module):
+    """The blind-spot network: output at a pixel does not depend on the input at that pixel."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, base_channels: int = 128,
+                 num_modules: int = 9, ss_blocks: int = 3, gamma: int = 2, dilations=(2, 3), *,
+                 fused: bool = False, group_stats: bool = False, conv_backend: str = "torch"):
+        super().__init__()
+        if base_channels % 2:
+            raise ValueError(f"base_channels must be even, got {base_channels}")
+        C = base_channels
+        self.head = nn.Sequential(nn.Conv2d(in_channels, C, 1), nn.ReLU())
+        opts = dict(fused=fused, group_stats=group_stats, conv_backend=conv_backend)
+        # named branch1, branch2, ... as in the authors' layout
+        for i, d in enumerate(dilations, start=1):
+            self.add_module(f"branch{i}", Branch(d, C, num_modules, ss_blocks, gamma, **opts))
+        self.num_branches = len(dilations)
+        self.tail = nn.Sequential(
+            nn.Conv2d(C * len(dilations), C, 1), nn.ReLU(),
+            nn.Conv2d(C, C // 2, 1), nn.ReLU(),
+            nn.Conv2d(C // 2, C // 2, 1), nn.ReLU(),
+            nn.Conv2d(C // 2, out_channels, 1),
+        )
+
+    def branches(self) -> list[Branch]:
+        return [getattr(self, f"branch{i}") for i in range(1, self.num_branches + 1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(x)
+        return self.tail(torch.cat([b(x) for b in self.branches()], dim=1))

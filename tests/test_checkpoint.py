@@ -1,0 +1,123 @@
+"""Loading the authors' checkpoint layout and our own files."""
+import pickle
+
+import pytest
+import torch
+
+from ssbsn import SSBSN, CheckpointError
+
+
+def authors_state_dict(base=8, modules=3, ss=1, in_ch=3, seed=0):
+    """A state dict in the authors' layout, written from their class structure (SSBSN →
+    SSBSNl → DC_branchl → Sequential body; CentralMaskedConv2d carries a ``mask`` buffer;
+    SSBlock holds ``wqk`` next to conv1..conv3), not from our model."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    sd = {"bsn.head.0.weight": rnd(base, in_ch, 1, 1), "bsn.head.0.bias": rnd(base)}
+    for br, d in ((1, 2), (2, 3)):
+        p = f"bsn.branch{br}.body"
+        k = 2 * d - 1
+        mask = torch.ones(base, base, k, k)
+        mask[:, :, k // 2, k // 2] = 0
+        sd |= {f"{p}.0.weight": rnd(base, base, k, k) * mask, f"{p}.0.bias": rnd(base), f"{p}.0.mask": mask}
+        for i in (2, 4):
+            sd |= {f"{p}.{i}.weight": rnd(base, base, 1, 1), f"{p}.{i}.bias": rnd(base)}
+        for j in range(modules):
+            q = f"{p}.{6 + j}"
+            sd |= {f"{q}.conv1.weight": rnd(base, base, 3, 3), f"{q}.conv1.bias": rnd(base),
+                   f"{q}.conv2.weight": rnd(base, base, 3, 3), f"{q}.conv2.bias": rnd(base),
+                   f"{q}.conv3.weight": rnd(base, base, 1, 1), f"{q}.conv3.bias": rnd(base)}
+            if j >= modules - ss:
+                sd[f"{q}.wqk"] = rnd(base, base)
+        sd |= {f"{p}.{6 + modules}.weight": rnd(base, base, 1, 1), f"{p}.{6 + modules}.bias": rnd(base)}
+    dims = [(2 * base, base), (base, base // 2), (base // 2, base // 2), (base // 2, in_ch)]
+    for i, (ci, co) in zip((0, 2, 4, 6), dims):
+        sd |= {f"bsn.tail.{i}.weight": rnd(co, ci, 1, 1), f"bsn.tail.{i}.bias": rnd(co)}
+    return sd
+
+
+def check_loaded(model, sd):
+    b = model.bsn
+    assert torch.equal(b.branch1.body[8].attn.wqk, sd["bsn.branch1.body.8.wqk"])
+    assert torch.equal(b.branch2.body[7].conv2.weight, sd["bsn.branch2.body.7.conv2.weight"])
+    assert torch.equal(b.branch2.body[0].weight, sd["bsn.branch2.body.0.weight"])
+    assert torch.equal(b.tail[6].bias, sd["bsn.tail.6.bias"])
+    assert model.config["base_channels"] == 8 and model.config["num_modules"] == 3
+    assert model.config["ss_blocks"] == 1
+
+
+def test_authors_checkpoint_file_loads(tmp_path):
+    sd = authors_state_dict()
+    path = tmp_path / "SSBSN_SIDD.pth"
+    torch.save({"epoch": 20, "model_weight": {"denoiser": sd}}, path)
+    model = SSBSN.from_official(path)
+    check_loaded(model, sd)
+    x = torch.rand(1, 3, 20, 20) * 255
+    assert torch.isfinite(model.denoise(x, r3=False)).all()
+
+
+@pytest.mark.parametrize("prefix,strip", [("module.", ""), ("", "bsn.")])
+def test_bare_and_prefixed_state_dicts_load(prefix, strip):
+    sd = authors_state_dict()
+    bare = {prefix + k[len(strip):]: v for k, v in sd.items()}
+    check_loaded(SSBSN.from_official(bare), sd)
+
+
+def test_centre_value_in_a_checkpoint_is_ignored():
+    sd = authors_state_dict()
+    x = torch.rand(1, 3, 20, 20) * 255
+    ref = SSBSN.from_official(sd)(x)
+    sd["bsn.branch1.body.0.weight"][:, :, 1, 1] = 5.0
+    torch.testing.assert_close(SSBSN.from_official(sd)(x), ref)
+
+
+def test_wrong_keys_are_named():
+    sd = authors_state_dict()
+    del sd["bsn.branch2.body.7.conv1.bias"]
+    sd["bsn.branch1.body.7.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"missing keys: branch2\.body\.7\.conv1\.bias.*"
+                                              r"unexpected keys: branch1\.body\.7\.extra"):
+        SSBSN.from_official(sd)
+
+
+def test_wrong_shapes_are_named():
+    sd = authors_state_dict()
+    with pytest.raises(CheckpointError, match=r"wrong shapes: branch1\.body\.2\.weight"):
+        SSBSN.from_official({**sd, "bsn.branch1.body.2.weight": torch.zeros(8, 8, 3, 3)})
+
+
+def test_non_tensor_and_pickled_payloads_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="not tensors: note"):
+        SSBSN.from_official({**authors_state_dict(), "note": "hello"})
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model_weight": Payload()}, f)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        SSBSN.from_official(path)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        SSBSN.from_official(garbage)
+    with pytest.raises(CheckpointError, match="not found"):
+        SSBSN.from_official(tmp_path / "missing.pth")
+
+
+def test_round_trip_of_our_file(tmp_path):
+    torch.manual_seed(0)
+    model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1, gamma=3, r3_T=2)
+    model.save(tmp_path / "m.safetensors")
+    again = SSBSN.load(tmp_path / "m.safetensors")
+    assert again.config == model.config
+    sd, sd2 = model.state_dict(), again.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    # our own state dict also loads through from_official
+    assert torch.equal(SSBSN.from_official(sd, gamma=3).bsn.branch1.body[7].attn.wqk,
+                       model.bsn.branch1.body[7].attn.wqk)
+    x = torch.rand(1, 3, 16, 16) * 255
+    torch.testing.assert_close(again.denoise(x), model.denoise(x))
+    assert not (tmp_path / "m.safetensors.tmp").exists()
