@@ -1,11 +1,13 @@
-"""Test configuration. Triton's interpreter must be selected before anything imports triton,
-so that the fused kernels run on CPU tensors in CI."""
+"""Test configuration. Without a GPU, Triton's interpreter must be selected before anything
+imports triton, so that the fused kernels run on CPU tensors (CI). With a GPU the kernels run
+for real. (``import torch`` does not import triton.)"""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -18,13 +18,15 @@ class SSAttention(nn.Module):
         group_stats: LayerNorm statistics per attention group instead of per image, which makes
             the blind spot exact (the authors' checkpoints use per-image statistics).
         embed: width E of the shared Q/K projection (default C).
+        deterministic: bitwise-repeatable gradients from the fused Triton kernels.
     """
 
     def __init__(self, channels: int, grid: int, fused: bool = False, group_stats: bool = False,
-                 embed: int | None = None):
+                 embed: int | None = None, deterministic: bool = False):
         super().__init__()
         self.channels, self.grid = channels, grid
         self.fused, self.group_stats = fused, group_stats
+        self.deterministic = deterministic
         self.wqk = nn.Parameter(torch.empty(channels, embed or channels))
         self.reset_parameters()
 
@@ -33,7 +35,8 @@ class SSAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = "fused" if self.fused else "reference"
-        return ss_attention(x, self.wqk, self.grid, group_stats=self.group_stats, backend=backend)
+        return ss_attention(x, self.wqk, self.grid, group_stats=self.group_stats, backend=backend,
+                            deterministic=self.deterministic)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, grid={self.grid}, embed={self.wqk.shape[1]}, "

@@ -81,7 +81,10 @@ def ss_attention_reference(
     B, C, H, W = x.shape
     y = layer_norm(x, grid, group_stats)
     q = to_groups(y, grid) @ w.to(y.dtype)
-    q = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + NORM_EPS)
+    # normalise in at least fp32, as autocast would: in fp16 the 1e-8 rounds to 0 and the
+    # padded tokens (q = 0) would become 0/0
+    qf = q.to(torch.promote_types(q.dtype, torch.float32))
+    q = (qf / (torch.linalg.vector_norm(qf, dim=-1, keepdim=True) + NORM_EPS)).to(q.dtype)
     logits = (1.0 + q @ q.transpose(1, 2)) / math.sqrt(w.shape[1])
     attn = torch.softmax(logits, dim=-1)
     out = attn @ to_groups(x, grid)

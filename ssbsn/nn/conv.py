@@ -8,14 +8,34 @@
 * :class:`DilatedConv2d` — a 3×3 convolution with dilation d and padding d.
 
 ``backend="torch"`` uses ``F.conv2d`` (cuDNN on GPU).
+
+``backend="cuda"`` uses the CUDA extension in ``csrc/``: both convolutions as *tap*
+convolutions, a list of (dy, dx) offsets — the masked k×k conv is the k²−1 offsets around the
+centre (the centre tap is skipped, not multiplied by zero), the dilated conv the 9 offsets
+d·(−1..1)². Implicit-GEMM kernels (tensor cores for fp16/bf16), fused bias + ReLU, NCHW or
+channels_last, a deterministic weight gradient. fp32/fp16/bf16 tensors on a CUDA device;
+under autocast, inputs are cast like ``F.conv2d`` does. ``SSBSN_CONV_ALGO=fma|wmma|auto``
+picks the kernel family (auto: WMMA for fp16/bf16 on sm_80+, FMA otherwise).
+:func:`conv_backend_info` says whether the extension is available and why not.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-CONV_BACKENDS = ("torch",)
+from . import _cuda_ext
+from ._cuda_ext import conv_backend_info
+
+CONV_BACKENDS = ("torch", "cuda")
+MAX_TAPS = 25  # csrc/conv_api.h kMaxTaps
+
+__all__ = ["CONV_BACKENDS", "CentralMaskedConv2d", "DilatedConv2d", "centre_mask", "conv_backend_info",
+           "dilated_conv2d", "masked_conv2d"]
 
 
 def _check_backend(backend: str) -> None:
@@ -33,6 +53,8 @@ def masked_conv2d(x, weight, bias=None, *, relu: bool = False, backend: str = "t
     """Central-masked convolution, padding k//2: the centre tap of ``weight`` is ignored."""
     _check_backend(backend)
     k = weight.shape[-1]
+    if backend == "cuda":
+        return _cuda_conv(x, weight, bias, _masked_taps(k), relu)
     out = F.conv2d(x, weight * centre_mask(k, weight.device, weight.dtype), bias, padding=k // 2)
     return F.relu(out) if relu else out
 
@@ -41,6 +63,8 @@ def dilated_conv2d(x, weight, bias=None, *, dilation: int, relu: bool = False,
                    backend: str = "torch"):
     """3×3 convolution with dilation d and padding d (same size out)."""
     _check_backend(backend)
+    if backend == "cuda":
+        return _cuda_conv(x, weight, bias, _dilated_taps(dilation), relu)
     out = F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
     return F.relu(out) if relu else out
 
@@ -74,3 +98,143 @@ class DilatedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         return dilated_conv2d(x, self.weight, self.bias, dilation=self.dilation[0], relu=relu,
                               backend=self.backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# backend="cuda"
+# ----------------------------------------------------------------------------------------------
+class _Taps:
+    """A tap convolution: offsets (dy, dx) and their positions in the flattened k×k window."""
+
+    def __init__(self, ksize: int, taps: list[tuple[int, int, int]]):
+        self.ksize = ksize
+        self.dy = tuple(t[0] for t in taps)
+        self.dx = tuple(t[1] for t in taps)
+        self.window = tuple(t[2] for t in taps)
+        self.neg_dy = tuple(-d for d in self.dy)
+        self.neg_dx = tuple(-d for d in self.dx)
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        idx = self._index.get(device)
+        if idx is None:
+            idx = self._index[device] = torch.tensor(self.window, dtype=torch.long, device=device)
+        return idx
+
+
+@functools.lru_cache(maxsize=None)
+def _masked_taps(k: int) -> _Taps:
+    if k % 2 != 1 or not 1 < k * k - 1 <= MAX_TAPS:
+        raise ValueError(f"conv backend 'cuda' supports masked kernels 3 and 5, got {k}")
+    r = k // 2
+    return _Taps(k, [(dy, dx, (dy + r) * k + dx + r)
+                     for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy or dx])
+
+
+@functools.lru_cache(maxsize=None)
+def _dilated_taps(d: int) -> _Taps:
+    if d < 1:
+        raise ValueError(f"dilation must be positive, got {d}")
+    return _Taps(3, [(d * i, d * j, (i + 1) * 3 + j + 1) for i in (-1, 0, 1) for j in (-1, 0, 1)])
+
+
+def _algo_code(algo: str | None) -> int:
+    name = os.environ.get("SSBSN_CONV_ALGO", "auto") if algo is None else algo
+    if name not in _cuda_ext.ALGOS:
+        raise ValueError(f"unknown conv algorithm {name!r}; choose one of {tuple(_cuda_ext.ALGOS)}")
+    return _cuda_ext.ALGOS[name]
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    if x.is_contiguous():
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return x.stride(1) == 1 and x.shape[1] > 1
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cuda_conv(x, weight, bias, taps: _Taps, relu: bool, algo: str | None = None):
+    """The tap convolution on the extension; ``algo`` overrides ``SSBSN_CONV_ALGO``."""
+    ops = _cuda_ext.require_ops(x)
+    code = _algo_code(algo)
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv backend 'cuda' takes a 4-D input and weight, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1] or weight.shape[2] != taps.ksize or weight.shape[3] != taps.ksize:
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit input {tuple(x.shape)} and kernel "
+                         f"{taps.ksize}×{taps.ksize}")
+    if x.shape[1] < 1 or weight.shape[0] < 1:
+        raise ValueError("conv backend 'cuda' needs at least one input and one output channel")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} does not fit {weight.shape[0]} output channels")
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"input, weight and bias must share a dtype, got {x.dtype}, {weight.dtype} and "
+                        f"{None if bias is None else bias.dtype}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"conv backend 'cuda' supports float32, float16 and bfloat16, got {x.dtype}")
+    return _TapConvFn.apply(x, weight, bias, taps, bool(relu), code, ops)
+
+
+class _TapConvFn(torch.autograd.Function):
+    """y = act(bias + tap-conv(x, weight)) and its gradients, on the extension."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, taps: _Taps, relu: bool, algo: int, ops):
+        nhwc = _is_nhwc(x)
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        x = x.contiguous(memory_format=fmt)
+        n, ci, h, w = x.shape
+        co = weight.shape[0]
+        y = torch.empty((n, co, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        if y.numel():
+            # [Co, Ci, k*k] -> the taps -> [taps, Ci, Co]
+            wp = weight.reshape(co, ci, -1).index_select(2, taps.index(x.device)).permute(2, 1, 0).contiguous()
+            b = None if bias is None else bias.to(torch.float32).contiguous()
+            ops.conv_fwd(x, wp, b, y, taps.dy, taps.dx, relu, nhwc, algo)
+        ctx.save_for_backward(x, weight, y if relu else None)
+        ctx.conf = (taps, relu, algo, ops, nhwc, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, weight, y = ctx.saved_tensors
+        taps, relu, algo, ops, nhwc, bias_dtype = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        n, ci, h, w = x.shape
+        co, dev = weight.shape[0], x.device
+        if n * h * w == 0:
+            return (torch.zeros_like(x) if need_x else None, torch.zeros_like(weight) if need_w else None,
+                    torch.zeros(co, dtype=bias_dtype, device=dev) if need_b else None,
+                    None, None, None, None)
+        g = gy.to(x.dtype).contiguous(memory_format=fmt)
+        dz, db = g, None
+        if relu or need_b:
+            dz_buf = torch.empty_like(g) if relu else None
+            db32 = torch.empty(co, dtype=torch.float32, device=dev) if need_b else None
+            ops.relu_grad_bias(g, y, dz_buf, db32, nhwc)
+            if relu:
+                dz = dz_buf
+            if need_b:
+                db = db32.to(bias_dtype)
+        dx = dw = None
+        idx = taps.index(dev)
+        if need_x:  # the forward with dz, the negated taps and w[t, co, ci]
+            wd = weight.reshape(co, ci, -1).index_select(2, idx).permute(2, 0, 1).contiguous()
+            dx = torch.empty((n, ci, h, w), dtype=x.dtype, device=dev, memory_format=fmt)
+            ops.conv_fwd(dz, wd, None, dx, taps.neg_dy, taps.neg_dx, False, nhwc, algo)
+        if need_w:
+            dwp = torch.empty((len(taps.dy), ci, co), dtype=torch.float32, device=dev)
+            ops.conv_wgrad(x, dz, dwp, taps.dy, taps.dx, nhwc, algo)
+            full = torch.zeros((co, ci, taps.ksize * taps.ksize), dtype=torch.float32, device=dev)
+            full.index_copy_(2, idx, dwp.permute(2, 1, 0))
+            dw = full.view(co, ci, taps.ksize, taps.ksize).to(weight.dtype)
+        return dx, dw, db, None, None, None, None

@@ -1,0 +1,440 @@
+"""Fused SS-Attention in Triton, forward and backward (SPEC.md steps 1-6).
+
+    out = x + softmax((1 + q̂ q̂ᵀ)/√E) · V   per grid group,   q̂ = normalize(LN(x) · W),  V = x
+
+Read top to bottom like Triton's fused-attention tutorial: the forward kernel, the two backward
+kernels, then the host launchers, the ``torch.library`` op with its autograd formula, and the
+functional entry ``ss_attention``. The per-token kernels (LayerNorm statistics, the q̂
+projection, LayerNorm/projection backward, dW) and the token addressing live in
+``token_ops.py``.
+
+Algorithm
+---------
+Forward (3 launches + a few tiny host reductions):
+  1. ``_ln_partials_kernel``: per token tile (count, mean, M2) → per-sample (or per-group, with
+     ``group_stats``) mean and rstd, combined on the host in float64 (Chan's formula).
+  2. ``_qhat_kernel``: q̂ = q/(‖q‖+1e-8), q = ((x−μ)·rstd)·W, for every real token, into a
+     (B·g², NB, E) buffer in the input dtype. The projection is done once per token rather than
+     once per (query tile, key tile) pair: recomputing it inside the attention loop would add
+     C·E/(BLOCK_M·(C+E)) ≈ 50 % to the attention FLOPs at C = E = 128, BLOCK_M = 64.
+  3. ``_ss_attn_fwd_kernel``: one program per (query tile, group); loop over the group's key
+     tiles: S = q̂_i q̂_jᵀ, P = exp2((S − 1)·log2(e)/√E), l += ΣP, acc += P·V_j. Padded keys
+     (q̂ = 0, value 0) are not loaded: they add n_pad·exp(−1/√E) to l, counted analytically.
+     Writes x + acc/l straight into the output map and l (one fp32 per row).
+Backward (5 launches, 6 in deterministic mode):
+  0. q̂ is recomputed by ``_qhat_kernel`` (cheap, O(N·C·E)) instead of being saved.
+  1. ``_ss_attn_bwd_rows_kernel``: per query tile k, one loop over keys j accumulates
+     acc1 = Σ_j p_kj·(dA_kj − c_k)·q̂_j, acc2 = Σ_j p_kj·q̂_j and D'_k = Σ_j A_kj (dA_kj − c_k),
+     with dA = dO·Vᵀ. Then the "row" half of dq̂, Σ_j dS_kj q̂_j = (acc1 − D'_k·acc2)/l_k, and
+     D_k = D'_k + c_k = dO_k·o_k, without a separate pass over O (which is not saved). The shift
+     c_k = dO_k·x_k (the row's own value) keeps dA − c centred, so acc1 − D'·acc2 does not
+     cancel catastrophically when all values share a large offset (ReLU features, pixels).
+  2. ``_ss_attn_bwd_cols_kernel``: per key tile j, loop over query tiles i: dV_j += Aᵀ dO_i and
+     the "column" half Σ_i dS_ij q̂_i with dS = A∘(dA − D) (FlashAttention-2's dK loop; Q = K
+     so dq̂ = (dS + dSᵀ)·q̂/√E is the sum of both halves). Epilogue: recompute q, back through
+     the normalisation, dq = dq̂/(‖q‖+ε) − q̂(q̂·dq̂)/‖q‖; store dq and dO + dV (fp32 scratch).
+  3. ``token_ops``: dy = dq·Wᵀ, the two LayerNorm reductions (partials, host combine), then
+     dx = dO + dV + rstd·(dy − mean dy − y·mean(dy·y)) written into the x-shaped gradient, and
+     dW = Σ yᵀ·dq: by float atomics in the dx kernel (default), or with ``deterministic=True``
+     by a split-K kernel writing a fixed number of partials summed in a fixed order (bitwise
+     repeatable). Nothing else uses atomics, so deterministic mode only changes dW.
+  Cost: 8 N×N-tile products per (query tile, key tile) pair in backward (forward: 2), against 7
+  for Triton's tutorial (separate dq loop, O saved) — the extra product (P·q̂ in kernel 1) is
+  the price of not saving O; a separate D = rowsum(dO∘O) pass would cost 2.
+
+What is exploited
+-----------------
+* Softmax shift invariance: the "+1" is dropped.
+* |cos| ≤ 1: logits lie in [−1/√E, 1/√E]; a fixed shift by the maximum 1/√E replaces the
+  running maximum and rescaling of FlashAttention (exp2 of values in [−2/√E·log2 e, 0]).
+* Q = K: one q̂ buffer serves as queries and keys; dq̂ gets both dS and dSᵀ contributions.
+* Padded tokens only enter l (forward) and D (backward), analytically: no padded tensor.
+* Strided token gathering straight from the (B, C, H, W) map, any strides (NCHW or
+  channels_last; channels_last is the fast GPU path, one token = C contiguous values); the
+  output and dx are written straight back into the map, residual included. No N×N buffer,
+  no pixel_unshuffle/permute/pad/contiguous copies of x.
+
+Saved for backward: x, W, l (one fp32 per row: the softmax denominator) and the LayerNorm
+(mean, rstd) per group index — q̂ is recomputed. Backward scratch (freed on return): q̂, dq̂ rows,
+dq (fp32, E per token), dO + dV (fp32, C per token), D (fp32 per token), tiny partials.
+
+Precision: fp32 accumulation everywhere; fp16/bf16 dot operands for fp16/bf16 inputs (P and dS
+are rounded to the input dtype for the tensor-core products, as in FlashAttention); outputs in
+the input dtype. tf32 policy: fp32 inputs use plain tf32 only if torch allows it
+(``torch.get_float32_matmul_precision() != "highest"``); by default they use 3xTF32
+(``input_precision="tf32x3"``: fp32-level accuracy on tensor cores; the FMA "ieee" dots spill
+heavily at C = 128). The fp32 epilogue products of half inputs (dq·Wᵀ, yᵀ·dq) use tf32.
+Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) bf16 dot operands are upcast to
+fp32 (the interpreter's bf16 tl.dot is wrong).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .token_ops import (INTERPRET, MAX_CHANNELS, Geometry, group_geometry,
+                        layer_norm_projection_backward, layer_norm_stats, load_y, mma,
+                        project_qhat, token_offsets)
+
+LOG2E = 1.4426950408889634
+NORM_EPS = 1e-8
+
+
+def _configs(entries):
+    """Autotuning list on GPU; the first entry only under the interpreter. The lists hold
+    configurations that compile without register spills for C = E = 128, fp16/bf16,
+    channels_last on sm_90 (checked with ptxas; the measured choice is left to autotuning)."""
+    cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in entries]
+    return cfgs[:1] if INTERPRET else cfgs
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3),
+                                   (64, 32, 4, 2)]), key=["C", "E", "NB"])
+@triton.jit
+def _ss_attn_fwd_kernel(X, QH, OUT, L,
+                        s_xb, s_xc, s_xh, s_xw, s_ob, s_oc, s_oh, s_ow,
+                        C, E, H, W, NB, qk_scale,
+                        G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    n_real = hr * wr
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_mask = offs_m < n_real
+    c_mask = offs_c < C
+    e_mask = offs_e < E
+    x_base = X + b.to(tl.int64) * s_xb
+    q_base = QH + pid_bg.to(tl.int64) * NB * E
+
+    q = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :],
+                mask=m_mask[:, None] & e_mask[None, :], other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    hi = tl.where(start_m < n_real, n_real, 0)  # programs past the group's queries skip the loop
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_real
+        kt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
+                     mask=e_mask[:, None] & n_mask[None, :], other=0.0)
+        s = mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
+        p = tl.exp2(s * qk_scale - qk_scale)  # ≤ 1: cos ≤ 1, no running maximum needed
+        p = tl.where(n_mask[None, :], p, 0.0)
+        l_i += tl.sum(p, 1)
+        pix_n = token_offsets(offs_n, a, c, wr, G, s_xh, s_xw)
+        v = tl.load(x_base + pix_n[:, None] + offs_c[None, :] * s_xc,
+                    mask=n_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = mma(p.to(v.dtype), v, acc, PREC, UPCAST)
+    # padded keys: q̂ = 0 → p = exp2(−qk_scale), value 0
+    l_i += (NB - n_real).to(tl.float32) * tl.exp2(-qk_scale)
+    l_safe = tl.where(m_mask, l_i, 1.0)
+
+    mask = m_mask[:, None] & c_mask[None, :]
+    pix_m = token_offsets(offs_m, a, c, wr, G, s_xh, s_xw)
+    xq = tl.load(x_base + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
+    res = xq.to(tl.float32) + acc / l_safe[:, None]
+    pix_o = token_offsets(offs_m, a, c, wr, G, s_oh, s_ow)
+    tl.store(OUT + b.to(tl.int64) * s_ob + pix_o[:, None] + offs_c[None, :] * s_oc,
+             res.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(L + pid_bg.to(tl.int64) * NB + offs_m, l_i, mask=m_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward, kernel 1: the row half of dq̂ (and D = rowsum(dO ∘ O)) for a tile of queries
+# ---------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs([(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3),
+                                   (32, 64, 4, 3)]), key=["C", "E", "NB"])
+@triton.jit
+def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
+                             s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw,
+                             C, E, H, W, NB, qk_scale,
+                             G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
+                             UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    n_real = hr * wr
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_mask = offs_m < n_real
+    c_mask = offs_c < C
+    e_mask = offs_e < E
+    x_base = X + b.to(tl.int64) * s_xb
+    q_base = QH + pid_bg.to(tl.int64) * NB * E
+    row_base = pid_bg.to(tl.int64) * NB
+
+    q = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :],
+                mask=m_mask[:, None] & e_mask[None, :], other=0.0)
+    mask = m_mask[:, None] & c_mask[None, :]
+    pix_d = token_offsets(offs_m, a, c, wr, G, s_dh, s_dw)
+    do = tl.load(DO + b.to(tl.int64) * s_db + pix_d[:, None] + offs_c[None, :] * s_dc,
+                 mask=mask, other=0.0)
+    pix_m = token_offsets(offs_m, a, c, wr, G, s_xh, s_xw)
+    xm = tl.load(x_base + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
+    cen = tl.sum(do.to(tl.float32) * xm.to(tl.float32), 1)  # c_k = dO_k·v_k, centres dA
+    do = do.to(QH.dtype.element_ty)
+
+    acc1 = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+    dsum = tl.zeros((BLOCK_M,), tl.float32)
+    hi = tl.where(start_m < n_real, n_real, 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_real
+        kt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
+                     mask=e_mask[:, None] & n_mask[None, :], other=0.0)
+        s = mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
+        p = tl.exp2(s * qk_scale - qk_scale)
+        p = tl.where(n_mask[None, :], p, 0.0)
+        pix_n = token_offsets(offs_n, a, c, wr, G, s_xh, s_xw)
+        vt = tl.load(x_base + pix_n[None, :] + offs_c[:, None] * s_xc,
+                     mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        da = mma(do, vt.to(do.dtype), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
+        pd = p * (da - cen[:, None])
+        dsum += tl.sum(pd, 1)
+        k = tl.trans(kt)
+        acc1 = mma(pd.to(k.dtype), k, acc1, PREC, UPCAST)
+        acc2 = mma(p.to(k.dtype), k, acc2, PREC, UPCAST)
+    # padded keys: p = exp2(−qk_scale), dA = 0 → dA − c = −c
+    dsum -= (NB - n_real).to(tl.float32) * tl.exp2(-qk_scale) * cen
+    l_i = tl.load(L + row_base + offs_m, mask=m_mask, other=1.0)
+    dp = dsum / l_i
+    rows = (acc1 - dp[:, None] * acc2) / l_i[:, None]
+    tl.store(ROWS + row_base * E + offs_m[:, None] * E + offs_e[None, :], rows,
+             mask=m_mask[:, None] & e_mask[None, :])
+    tl.store(DD + row_base + offs_m, dp + cen, mask=m_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward, kernel 2: dV and the column half of dq̂ for a tile of keys; epilogue through the
+# normalisation q̂ = q/(‖q‖+ε) to dq, and dO + dV (the residual and value paths of dx)
+# ---------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs([(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2),
+                                   (32, 32, 4, 3)]), key=["C", "E", "NB"])
+@triton.jit
+def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
+                             s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
+                             C, E, H, W, NB, qk_scale, inv_sqrt_e,
+                             G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
+                             UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)  # tile of keys
+    pid_bg = tl.program_id(1)
+    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    n_real = hr * wr
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_mask = offs_m < n_real
+    c_mask = offs_c < C
+    e_mask = offs_e < E
+    x_off = b.to(tl.int64) * s_xb
+    d_base = DO + b.to(tl.int64) * s_db
+    q_base = QH + pid_bg.to(tl.int64) * NB * E
+    row_base = pid_bg.to(tl.int64) * NB
+
+    k = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :],
+                mask=m_mask[:, None] & e_mask[None, :], other=0.0)
+    mask = m_mask[:, None] & c_mask[None, :]
+    pix_m = token_offsets(offs_m, a, c, wr, G, s_xh, s_xw)
+    v = tl.load(X + x_off + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
+    dv = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    dk = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+    hi = tl.where(start_m < n_real, n_real, 0)
+    for start_n in range(0, hi, BLOCK_N):  # tiles of queries
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_real
+        qt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
+                     mask=e_mask[:, None] & n_mask[None, :], other=0.0)
+        st = mma(k, qt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
+        l_n = tl.load(L + row_base + offs_n, mask=n_mask, other=1.0)
+        d_n = tl.load(DD + row_base + offs_n, mask=n_mask, other=0.0)
+        pt = tl.exp2(st * qk_scale - qk_scale) / l_n[None, :]  # Aᵀ
+        pt = tl.where(n_mask[None, :], pt, 0.0)
+        pix_n = token_offsets(offs_n, a, c, wr, G, s_dh, s_dw)
+        do = tl.load(d_base + pix_n[:, None] + offs_c[None, :] * s_dc,
+                     mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(v.dtype)
+        dv = mma(pt.to(v.dtype), do, dv, PREC, UPCAST)
+        dat = mma(v, tl.trans(do), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
+        dst = pt * (dat - d_n[None, :])
+        dk = mma(dst.to(qt.dtype), tl.trans(qt), dk, PREC, UPCAST)
+
+    # epilogue (ordered so that dv and dk die early): dO + dV, the residual and value paths of dx
+    pix_d = token_offsets(offs_m, a, c, wr, G, s_dh, s_dw)
+    do_m = tl.load(d_base + pix_d[:, None] + offs_c[None, :] * s_dc, mask=mask, other=0.0)
+    tl.store(DXV + row_base * C + offs_m[:, None] * C + offs_c[None, :],
+             do_m.to(tl.float32) + dv, mask=mask)
+    # dq̂ = (rows + columns)/√E, then back through q̂ = q/(‖q‖+ε)
+    e2 = m_mask[:, None] & e_mask[None, :]
+    rows = tl.load(ROWS + row_base * E + offs_m[:, None] * E + offs_e[None, :], mask=e2, other=0.0)
+    dqh = (rows + dk) * inv_sqrt_e
+    y = load_y(X, MEAN, RSTD, pid_bg, x_off, pix_m, offs_m, n_real, offs_c, C, s_xc)
+    w = tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
+                mask=c_mask[:, None] & e_mask[None, :], other=0.0)
+    q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_M, BLOCK_E), tl.float32), PREC, UPCAST)
+    nrm = tl.sqrt(tl.sum(q * q, 1))
+    qh = q / (nrm + 1e-8)[:, None]
+    proj = tl.sum(qh * dqh, 1) / tl.where(nrm > 0, nrm, 1.0)
+    dq = dqh / (nrm + 1e-8)[:, None] - qh * proj[:, None]
+    tl.store(DQ + row_base * E + offs_m[:, None] * E + offs_e[None, :], dq, mask=e2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------
+def _forward(x, w, grid, group_stats):
+    geo = Geometry(x, w, grid)
+    mean, rstd = layer_norm_stats(x, geo, group_stats)
+    qh = project_qhat(x, w, mean, rstd, geo)
+    out = torch.empty_like(x)
+    l = torch.zeros(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # padded rows stay 0
+    qk_scale = LOG2E / math.sqrt(geo.E)
+    _ss_attn_fwd_kernel[lambda meta: (triton.cdiv(geo.NB, meta["BLOCK_M"]), geo.BG)](
+        x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, qk_scale,
+        G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC, UPCAST=geo.UPCAST)
+    return out, l, mean, rstd
+
+
+def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
+    geo = Geometry(x, w, grid)
+    qh = project_qhat(x, w, mean, rstd, geo)
+    qk_scale = LOG2E / math.sqrt(geo.E)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    rows = torch.empty(geo.BG, geo.NB, geo.E, **f32)
+    dd = torch.empty(geo.BG, geo.NB, **f32)
+    consts = dict(G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
+                  UPCAST=geo.UPCAST)
+    launch = lambda meta: (triton.cdiv(geo.NB, meta["BLOCK_M"]), geo.BG)  # noqa: E731
+    _ss_attn_bwd_rows_kernel[launch](
+        x, dout, qh, l, rows, dd, *x.stride(), *dout.stride(), geo.C, geo.E, geo.H, geo.W,
+        geo.NB, qk_scale, **consts)
+    dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
+    dxv = torch.empty(geo.BG, geo.NB, geo.C, **f32)
+    _ss_attn_bwd_cols_kernel[launch](
+        x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv, *x.stride(), *dout.stride(),
+        *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, qk_scale, 1.0 / math.sqrt(geo.E),
+        **consts)
+    del rows, dd, qh
+    return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo, group_stats,
+                                          deterministic)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library op (opaque to torch.compile, with fake and autograd registrations)
+# ---------------------------------------------------------------------------------------------
+def _fake_sizes(x, w, grid):
+    B, C, H, W = x.shape
+    return B * grid * grid, (-(-H // grid)) * (-(-W // grid))
+
+
+@torch.library.custom_op("ssbsn::ss_attention", mutates_args=())
+def ss_attention_op(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool,
+                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """(x + attention(x), l, mean, rstd); the last three are the statistics saved for backward."""
+    return _forward(x, w, grid, group_stats)
+
+
+@ss_attention_op.register_fake
+def _(x, w, grid, group_stats, deterministic):
+    BG, NB = _fake_sizes(x, w, grid)
+    return (torch.empty_like(x), x.new_empty((BG, NB), dtype=torch.float32),
+            x.new_empty((BG,), dtype=torch.float32), x.new_empty((BG,), dtype=torch.float32))
+
+
+@torch.library.custom_op("ssbsn::ss_attention_backward", mutates_args=())
+def ss_attention_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                             l: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, grid: int,
+                             group_stats: bool, deterministic: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dW) of ss_attention for the upstream gradient dout."""
+    return _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic)
+
+
+@ss_attention_backward_op.register_fake
+def _(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
+    return torch.empty_like(x), w.new_empty(w.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, grid, group_stats, deterministic = inputs
+    _, l, mean, rstd = output
+    ctx.save_for_backward(x, w, l, mean, rstd)
+    ctx.mark_non_differentiable(l, mean, rstd)
+    ctx.cfg = (grid, group_stats, deterministic)
+
+
+def _backward_fn(ctx, dout, *_unused):
+    x, w, l, mean, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.ssbsn.ss_attention_backward(dout, x, w, l, mean, rstd, *ctx.cfg)
+    return dx, dw, None, None, None
+
+
+torch.library.register_autograd("ssbsn::ss_attention", _backward_fn, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional entry
+# ---------------------------------------------------------------------------------------------
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def unsupported_reason(x: torch.Tensor, w: torch.Tensor, grid: int) -> str | None:
+    """Why the fused kernels cannot run these inputs, or None when they can."""
+    if x.dim() != 4:
+        return f"expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}"
+    if w.dim() != 2 or w.shape[0] != x.shape[1]:
+        return f"Q/K matrix of shape {tuple(w.shape)} does not fit {x.shape[1]} channels"
+    if not isinstance(grid, int) or grid < 1:
+        return f"grid must be a positive int, got {grid!r}"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} is not supported (float32, float16, bfloat16)"
+    if max(x.shape[1], w.shape[1]) > MAX_CHANNELS:
+        return f"C={x.shape[1]}, E={w.shape[1]}: more than {MAX_CHANNELS} channels"
+    if x.numel() == 0:
+        return "empty tensor"
+    if x.device != w.device:
+        return f"x on {x.device} and W on {w.device}"
+    if x.device.type == "cpu":
+        if not INTERPRET:
+            return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton "
+                    "is imported, or use backend='sdpa' (the CPU path)")
+    elif x.device.type != "cuda":
+        return f"device {x.device} is not supported"
+    if sum((n - 1) * abs(s) for n, s in zip(x.shape[1:], x.stride()[1:])) >= 2 ** 31:
+        return "one sample spans more than 2**31 elements (int32 offsets)"
+    return None
+
+
+def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bool = False,
+                 deterministic: bool = False) -> torch.Tensor:
+    """Return ``x + attention(x)`` with the fused Triton kernels (differentiable in x and w).
+
+    Args:
+        x: (B, C, H, W), float32/float16/bfloat16, any strides (channels_last is fastest).
+        w: (C, E) shared Q/K matrix; used in x's dtype (its gradient comes back in w's dtype).
+        grid: the grid period g.
+        group_stats: LayerNorm statistics per attention group instead of per sample.
+        deterministic: bitwise-repeatable gradients (dW reduced in a fixed order, no atomics);
+            also on when ``torch.use_deterministic_algorithms(True)`` is set.
+    """
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    reason = unsupported_reason(x, w, grid)
+    if reason is not None:
+        raise RuntimeError(f"ssbsn.kernels.ss_attention: {reason}")
+    return torch.ops.ssbsn.ss_attention(x, w.to(x.dtype), grid, group_stats, deterministic)[0]

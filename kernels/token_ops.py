@@ -1,0 +1,381 @@
+"""Per-token Triton kernels around SS-Attention: LayerNorm statistics, the q̂ projection and
+their backward (LayerNorm, projection, dW).
+
+Read top to bottom: shared helpers (grid-group geometry, strided token addressing, the dot
+wrapper), then the forward kernels (``_ln_partials_kernel`` → host combine →
+``_qhat_kernel``), then the backward kernels (``_ln_bwd_sums_kernel`` → host combine →
+``_ln_bwd_dx_kernel``, and ``_dw_kernel``), then the host launchers.
+
+Token addressing (shared with ``ss_attention.py``). The grid group (a, c) of sample b holds the
+pixels (a + g·i, c + g·j). Only *real* pixels are tokens here: group (a, c) has
+hr = ceil((H − a)/g) real rows and wr = ceil((W − c)/g) real columns, and its real token
+t ∈ [0, hr·wr) is pixel (a + g·(t // wr), c + g·(t % wr)). The zero-padded tokens of the
+reference (bottom/right padding to multiples of g) are never touched: they are counted
+analytically by the attention kernels (n_pad = NB − hr·wr, NB = ceil(H/g)·ceil(W/g)).
+Every kernel reads x through its four strides, so NCHW and channels_last (the fast path on
+GPU: one token = C contiguous values) both work without copies.
+
+Per-token buffers (q̂, row statistics, gradient scratch) are laid out (B·g², NB, ·), group
+(b, a, c) at index b·g² + a·g + c, token t at row t.
+
+LayerNorm statistics are one (mean, rstd) per *group* index: with per-image statistics the g²
+entries of a sample are equal, with ``group_stats`` they differ. Partial (count, mean, M2) per
+token tile are combined on the host with Chan's formula in float64 (fixed order: bitwise
+deterministic, no E[x²] − E[x]² cancellation).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except Exception:  # triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+#: True when the kernels below were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at
+#: import time). They then run on CPU tensors; without it they need CUDA tensors.
+INTERPRET = _interpreting()
+
+LN_EPS = 1e-5
+NORM_EPS = 1e-8
+MAX_CHANNELS = 256  # C and E up to this are supported by the fused kernels
+
+
+def device_fn(fn):
+    """Decorator for device helpers called from the kernels: ``@triton.jit`` when compiled, a
+    plain Python function under the interpreter (which re-patches ``triton.language`` on every
+    call of a nested jit function; that dominated the interpreter's run time)."""
+    return fn if INTERPRET else triton.jit(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+@device_fn
+def group_geometry(pid_bg, H, W, G: tl.constexpr):
+    """(sample b, row phase a, column phase c, real rows hr, real columns wr) of group pid_bg."""
+    b = pid_bg // (G * G)
+    r = pid_bg - b * (G * G)
+    a = r // G
+    c = r - a * G
+    hr = (H - a + (G - 1)) // G
+    wr = (W - c + (G - 1)) // G
+    return b, a, c, hr, wr
+
+
+@device_fn
+def token_offsets(t, a, c, wr, G: tl.constexpr, s_h, s_w):
+    """Offsets (within one sample) of the pixels of real tokens t of group (a, c)."""
+    wr1 = tl.maximum(wr, 1)
+    i = t // wr1
+    j = t - i * wr1
+    return (a + G * i) * s_h + (c + G * j) * s_w
+
+
+@device_fn
+def mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. PREC is the fp32 input precision ("tf32x3", "tf32");
+    UPCAST computes in fp32 (Triton's interpreter gets bf16 dots wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PREC)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@device_fn
+def load_y(X, MEAN, RSTD, pid_bg, x_base, pix, offs_t, n_real, offs_c, C, s_xc):
+    """The normalised input y = (x − μ)·rstd of a token tile, fp32, 0 outside real tokens."""
+    mask = (offs_t < n_real)[:, None] & (offs_c < C)[None, :]
+    x = tl.load(X + x_base + pix[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
+    mu = tl.load(MEAN + pid_bg)
+    rs = tl.load(RSTD + pid_bg)
+    return tl.where(mask, (x.to(tl.float32) - mu) * rs, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: LayerNorm statistics (partials), then q̂ = normalize(y · W)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, NBLK,
+                        G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(count, mean, M2) of the x values of one token tile of one group."""
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    n_real = hr * wr
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask = (offs_t < n_real)[:, None] & (offs_c < C)[None, :]
+    pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+    x = tl.load(X + b.to(tl.int64) * s_xb + pix[:, None] + offs_c[None, :] * s_xc,
+                mask=mask, other=0.0).to(tl.float32)
+    n_tok = tl.minimum(tl.maximum(n_real - pid_t * BLOCK_T, 0), BLOCK_T)
+    cnt = (n_tok * C).to(tl.float32)
+    mean = tl.sum(tl.sum(x, 1), 0) / tl.maximum(cnt, 1.0)
+    d = tl.where(mask, x - mean, 0.0)
+    m2 = tl.sum(tl.sum(d * d, 1), 0)
+    out = PART + (pid_bg * NBLK + pid_t) * 3
+    tl.store(out, cnt)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit
+def _qhat_kernel(X, Wm, MEAN, RSTD, QH, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E, H, W, NB,
+                 G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_E: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """q̂ = q / (‖q‖ + 1e-8), q = y · W, for one token tile; stored in the input dtype."""
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    n_real = hr * wr
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_e = tl.arange(0, BLOCK_E)
+    pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+    y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
+    w = tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
+                mask=(offs_c < C)[:, None] & (offs_e < E)[None, :], other=0.0)
+    q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_T, BLOCK_E), tl.float32), PREC, UPCAST)
+    qh = q / (tl.sqrt(tl.sum(q * q, 1)) + 1e-8)[:, None]
+    ptrs = QH + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :]
+    tl.store(ptrs, qh.to(QH.dtype.element_ty), mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: dq (from the attention kernels) → dy = dq·Wᵀ → LayerNorm backward; dW = Σ yᵀ dq
+# ---------------------------------------------------------------------------------------------
+@device_fn
+def _load_dy(DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
+             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+    dq = tl.load(DQ + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :],
+                 mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :], other=0.0)
+    wt = tl.load(Wm + offs_e[:, None] * s_we + offs_c[None, :] * s_wc,
+                 mask=(offs_e < E)[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+    dy = tl.dot(dq, wt, tl.zeros((BLOCK_T, BLOCK_C), tl.float32), input_precision=PREC)
+    return dq, dy
+
+
+@triton.jit
+def _ln_bwd_sums_kernel(X, Wm, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, s_wc, s_we,
+                        C, E, H, W, NB, NBLK, G: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
+    """Partial Σ dy and Σ dy·y of one token tile (the LayerNorm backward's two reductions)."""
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    n_real = hr * wr
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_e = tl.arange(0, BLOCK_E)
+    pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+    y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
+    dq, dy = _load_dy(DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
+                      BLOCK_T, BLOCK_C, PREC)
+    out = PART + (pid_bg * NBLK + pid_t) * 2
+    tl.store(out, tl.sum(tl.sum(dy, 1), 0))
+    tl.store(out + 1, tl.sum(tl.sum(dy * y, 1), 0))
+
+
+@triton.jit
+def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, MOM, DX, DW,
+                      s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_wc, s_we,
+                      C, E, H, W, NB, G: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
+                      ATOMIC_DW: tl.constexpr):
+    """dx = (dO + dV) + rstd·(dy − mean(dy) − y·mean(dy·y)), written into the x-shaped map;
+    with ATOMIC_DW also dW += yᵀ·dq by float atomics (the non-deterministic mode)."""
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    n_real = hr * wr
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_e = tl.arange(0, BLOCK_E)
+    t_mask = offs_t < n_real
+    c_mask = offs_c < C
+    pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+    y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
+    dq, dy = _load_dy(DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
+                      BLOCK_T, BLOCK_C, PREC)
+    m1 = tl.load(MOM + pid_bg * 2)
+    m2 = tl.load(MOM + pid_bg * 2 + 1)
+    rs = tl.load(RSTD + pid_bg)
+    mask = t_mask[:, None] & c_mask[None, :]
+    dxv = tl.load(DXV + pid_bg.to(tl.int64) * NB * C + offs_t[:, None] * C + offs_c[None, :],
+                  mask=mask, other=0.0)
+    dx = dxv + rs * (dy - m1 - y * m2)
+    gpix = token_offsets(offs_t, a, c, wr, G, s_gh, s_gw)
+    tl.store(DX + b.to(tl.int64) * s_gb + gpix[:, None] + offs_c[None, :] * s_gc,
+             dx.to(DX.dtype.element_ty), mask=mask)
+    if ATOMIC_DW:
+        dw = tl.dot(tl.trans(y), dq, tl.zeros((BLOCK_C, BLOCK_E), tl.float32), input_precision=PREC)
+        tl.atomic_add(DW + offs_c[:, None] * E + offs_e[None, :], dw,
+                      mask=c_mask[:, None] & (offs_e < E)[None, :])
+
+
+@triton.jit
+def _dw_kernel(X, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, C, E, H, W, NB, NBLK, NTILES,
+               G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_CT: tl.constexpr, BLOCK_ET: tl.constexpr, PREC: tl.constexpr):
+    """Deterministic dW: program (tile of W, split s) sums yᵀ·dq over the token tiles
+    s, s + SPLIT, s + 2·SPLIT, ... in that order and writes one partial; the host adds the
+    SPLIT partials in a fixed order."""
+    pid_ce = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_et = tl.cdiv(E, BLOCK_ET)
+    ct = pid_ce // n_et
+    et = pid_ce - ct * n_et
+    offs_c = ct * BLOCK_CT + tl.arange(0, BLOCK_CT)
+    offs_e = et * BLOCK_ET + tl.arange(0, BLOCK_ET)
+    acc = tl.zeros((BLOCK_CT, BLOCK_ET), tl.float32)
+    for tau in range(pid_s, NTILES, SPLIT):
+        pid_bg = tau // NBLK
+        pid_t = tau - pid_bg * NBLK
+        b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+        n_real = hr * wr
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+        y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C,
+                   s_xc)
+        dq = tl.load(DQ + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :],
+                     mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :], other=0.0)
+        acc = tl.dot(tl.trans(y), dq, acc, input_precision=PREC)
+    ptrs = PART + pid_s * C * E + offs_c[:, None] * E + offs_e[None, :]
+    tl.store(ptrs, acc, mask=(offs_c < C)[:, None] & (offs_e < E)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+def block_dim(n: int) -> int:
+    """Power-of-two tile width ≥ n (and ≥ 16, tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def fp32_precision() -> str:
+    """tf32 policy for fp32 inputs: plain tf32 only when torch allows it for matmuls
+    (``torch.set_float32_matmul_precision('high'/'medium')``); by default ("highest") 3xTF32,
+    the tensor-core emulation of fp32 products (error at the level of fp32 rounding; the
+    FMA-based "ieee" dots spill registers heavily at C = 128)."""
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+class Geometry:
+    """Sizes of the grouped view of a (B, C, H, W) map with grid g."""
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, grid: int):
+        self.B, self.C, self.H, self.W = x.shape
+        self.E = w.shape[1]
+        self.G = grid
+        self.Hg, self.Wg = -(-self.H // grid), -(-self.W // grid)
+        self.NB = self.Hg * self.Wg  # tokens per group, padding included
+        self.BG = self.B * grid * grid
+        self.BLOCK_C, self.BLOCK_E = block_dim(self.C), block_dim(self.E)
+        dt = x.dtype
+        # fp32 dots: the attention dots of fp32 inputs, and the fp32 epilogue products
+        # (dq·Wᵀ, yᵀ·dq) of every input dtype; plain tf32 for half inputs (their own precision)
+        self.PREC = fp32_precision() if dt == torch.float32 else "tf32"
+        self.PREC_EPI = self.PREC
+        self.UPCAST = INTERPRET and dt == torch.bfloat16
+
+    def real_counts(self, device) -> torch.Tensor:
+        """Real tokens per group, shape (g, g)."""
+        ph = torch.arange(self.G, device=device)
+        hr = torch.div(self.H - ph + self.G - 1, self.G, rounding_mode="floor")
+        wr = torch.div(self.W - ph + self.G - 1, self.G, rounding_mode="floor")
+        return hr[:, None] * wr[None, :]
+
+
+TOKEN_BLOCK = 64
+
+
+def _token_block(geo: Geometry) -> int:
+    return TOKEN_BLOCK if max(geo.BLOCK_C, geo.BLOCK_E) <= 128 else 32
+
+
+def _warps(geo: Geometry) -> int:
+    """Warps of the per-token kernels: 8 keeps their [64, 128] fp32 tiles out of local memory."""
+    return 8 if max(geo.BLOCK_C, geo.BLOCK_E) >= 128 else 4
+
+
+def layer_norm_stats(x: torch.Tensor, geo: Geometry, group_stats: bool, eps: float = LN_EPS):
+    """Per-group-index (mean, rstd), fp32 tensors of shape (B·g²,)."""
+    BT = _token_block(geo)
+    nblk = triton.cdiv(geo.NB, BT)
+    part = torch.empty(geo.BG, nblk, 3, device=x.device, dtype=torch.float32)
+    _ln_partials_kernel[(nblk, geo.BG)](x, part, *x.stride(), geo.C, geo.H, geo.W, nblk,
+                                        G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C)
+    p = part.double().view(geo.B, geo.G * geo.G, nblk, 3)
+    n, m, m2 = p.unbind(-1)
+    dims = (2,) if group_stats else (1, 2)
+    cnt = n.sum(dims, keepdim=True)
+    mean = (n * m).sum(dims, keepdim=True) / cnt.clamp_min(1)
+    var = (m2 + n * (m - mean) ** 2).sum(dims, keepdim=True) / cnt.clamp_min(1)
+    rstd = torch.rsqrt(var + eps)
+    shape = (geo.B, geo.G * geo.G, 1)
+    mean = mean.expand(shape).reshape(geo.BG).float().contiguous()
+    rstd = rstd.expand(shape).reshape(geo.BG).float().contiguous()
+    return mean, rstd
+
+
+def project_qhat(x, w, mean, rstd, geo: Geometry) -> torch.Tensor:
+    """q̂ of every real token, (B·g², NB, E) in the input dtype (padded rows left unwritten)."""
+    BT = _token_block(geo)
+    qh = torch.empty(geo.BG, geo.NB, geo.E, device=x.device, dtype=x.dtype)
+    _qhat_kernel[(triton.cdiv(geo.NB, BT), geo.BG)](
+        x, w, mean, rstd, qh, *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB,
+        G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
+        UPCAST=geo.UPCAST, num_warps=_warps(geo))
+    return qh
+
+
+def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo: Geometry, group_stats: bool,
+                                   deterministic: bool):
+    """From dq (fp32, (B·g², NB, E)) and dxv = dO + dV (fp32, (B·g², NB, C)) to (dx, dW)."""
+    BT = _token_block(geo)
+    nblk = triton.cdiv(geo.NB, BT)
+    part = torch.empty(geo.BG, nblk, 2, device=x.device, dtype=torch.float32)
+    _ln_bwd_sums_kernel[(nblk, geo.BG)](
+        x, w, mean, rstd, dq, part, *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W,
+        geo.NB, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
+        PREC=geo.PREC_EPI, num_warps=_warps(geo))
+    s = part.double().view(geo.B, geo.G * geo.G, nblk, 2).sum(2)  # (B, g², 2)
+    counts = geo.real_counts(x.device).reshape(1, -1).double() * geo.C  # (1, g²)
+    if group_stats:
+        mom = s / counts.clamp_min(1)[..., None]
+    else:
+        mom = (s.sum(1, keepdim=True) / counts.sum().clamp_min(1)).expand_as(s)
+    mom = mom.float().contiguous()
+    dx = torch.empty_like(x)
+    dw32 = torch.zeros(geo.C, geo.E, device=x.device, dtype=torch.float32) if not deterministic \
+        else torch.empty(0, device=x.device, dtype=torch.float32)
+    _ln_bwd_dx_kernel[(nblk, geo.BG)](
+        x, w, mean, rstd, dq, dxv, mom, dx, dw32, *x.stride(), *dx.stride(), *w.stride(),
+        geo.C, geo.E, geo.H, geo.W, geo.NB, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C,
+        BLOCK_E=geo.BLOCK_E, PREC=geo.PREC_EPI, ATOMIC_DW=not deterministic,
+        num_warps=_warps(geo))
+    if deterministic:
+        BCT, BET = min(geo.BLOCK_C, 64), min(geo.BLOCK_E, 64)
+        ntiles = geo.BG * nblk
+        split = min(64, triton.next_power_of_2(ntiles))
+        partw = torch.empty(split, geo.C, geo.E, device=x.device, dtype=torch.float32)
+        n_ce = triton.cdiv(geo.C, BCT) * triton.cdiv(geo.E, BET)
+        _dw_kernel[(n_ce, split)](
+            x, mean, rstd, dq, partw, *x.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, nblk,
+            ntiles, G=geo.G, SPLIT=split, BLOCK_T=BT, BLOCK_CT=BCT, BLOCK_ET=BET,
+            PREC=geo.PREC_EPI)
+        dw32 = partw.sum(0)
+    return dx, dw32.to(w.dtype)

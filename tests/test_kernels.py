@@ -1,0 +1,302 @@
+"""Fused Triton SS-Attention (ssbsn.kernels) against the reference, forward and both gradients.
+
+CPU tests run the kernels under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py):
+small ragged shapes, few groups (the interpreter runs programs one by one). GPU tests
+(``-m gpu``) need CUDA and compiled kernels (run them with TRITON_INTERPRET=0).
+
+Accuracy rule (FlashAttention-3's): with the oracle computed in float64, the kernel's error
+must be at most twice the error of the same-dtype PyTorch reference, plus a tiny absolute slack.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from ssbsn.attention.reference import (NORM_EPS, from_groups, layer_norm, ss_attention_reference,
+                                       to_groups)
+
+pytest.importorskip("triton")
+import ssbsn.kernels as kernels  # noqa: E402
+
+K = sys.modules["ssbsn.kernels.ss_attention"]
+
+interp = pytest.mark.skipif(not kernels.INTERPRET,
+                            reason="CPU tests of the kernels need TRITON_INTERPRET=1 at import")
+GPU_REASON = ("needs a CUDA device" if not torch.cuda.is_available() else
+              "GPU tests need compiled kernels: run with TRITON_INTERPRET=0")
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTERPRET,
+                                  reason=GPU_REASON)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _run(fn, x, w, go):
+    """(out, dx, dw) of fn(x, w) with upstream gradient go."""
+    xa = x.detach().clone().requires_grad_()
+    wa = w.detach().clone().requires_grad_()
+    out = fn(xa, wa)
+    out.backward(go)
+    return out.detach(), xa.grad, wa.grad
+
+
+def _inputs(shape, embed=None, device="cpu", offset=1.5):
+    """fp64 inputs: x with a common offset (as ReLU features have), the paper's W init."""
+    B, C, H, W = shape
+    x = torch.randn(shape, dtype=torch.float64, device=device) + offset
+    w = torch.empty(C, embed or C, dtype=torch.float64, device=device)
+    torch.nn.init.xavier_uniform_(w, gain=1.414)
+    return x, w
+
+
+def _fa3_check(ours, same, oracle, names=("out", "dx", "dw"), factor=2.0, slack=2e-6):
+    for name, a, r, o in zip(names, ours, same, oracle):
+        assert a.dtype == r.dtype, f"{name}: dtype {a.dtype} != {r.dtype}"
+        scale = o.abs().max().item()
+        err = (a.double() - o).abs().max().item()
+        base = (r.double() - o).abs().max().item()
+        assert math.isfinite(err) and err <= factor * base + slack * scale + 1e-12, \
+            f"{name}: kernel error {err:.3e} > {factor}× reference error {base:.3e} (scale {scale:.3g})"
+
+
+def _normalize(q):
+    """q/(‖q‖ + 1e-8), in fp32 for fp16/bf16 q (in fp16 1e-8 rounds to 0: 0/0 at padded tokens)."""
+    qf = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
+    return (qf / (torch.linalg.vector_norm(qf, dim=-1, keepdim=True) + NORM_EPS)).to(q.dtype)
+
+
+def _same_dtype_reference(grid, group_stats, per_group=False):
+    """The error yardstick of the FA3 rule: the reference's PyTorch math in the input dtype,
+    except that q̂'s normalisation runs in fp32 and padded tokens get no gradient (the plain
+    reference is NaN in fp16 on ragged shapes: 1e-8 rounds to 0 there). per_group: one group at a time under activation checkpointing, so that large N
+    (17.7k tokens: 2.5 GB per fp64 N×N matrix) fits."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one_group(q, v, scale):
+        return torch.softmax((1.0 + q @ q.transpose(-1, -2)) * scale, dim=-1) @ v
+
+    def fn(x, w):
+        B, C, H, W = x.shape
+        y = layer_norm(x, grid, group_stats)
+        q = _normalize(to_groups(y, grid) @ w.to(y.dtype))
+        real = to_groups(torch.ones(1, 1, H, W, dtype=q.dtype, device=q.device), grid)
+        q = (q.view(B, grid * grid, -1, q.shape[-1]) * real).view_as(q)  # no gradient to padding
+        v = to_groups(x, grid)
+        scale = 1.0 / math.sqrt(w.shape[1])
+        if per_group:
+            out = torch.stack([checkpoint(one_group, q[i], v[i], scale, use_reentrant=False)
+                               for i in range(q.shape[0])])
+        else:
+            out = one_group(q, v, scale)
+        return x + from_groups(out, B, H, W, grid)
+    return fn
+
+
+def _compare(x64, w64, grid, group_stats, dtype, memory_format, *, deterministic=False,
+             per_group=False):
+    """Kernel vs same-dtype reference vs fp64 oracle, forward and both gradients."""
+    if per_group:
+        oracle_fn = _same_dtype_reference(grid, group_stats, per_group=True)
+    else:
+        oracle_fn = lambda a, b: ss_attention_reference(a, b, grid, group_stats=group_stats)  # noqa: E731
+    same_fn = _same_dtype_reference(grid, group_stats, per_group)
+    go64 = torch.randn_like(x64)
+    oracle = _run(oracle_fn, x64, w64, go64)
+    x = x64.to(dtype).contiguous(memory_format=memory_format)
+    w, go = w64.to(dtype), go64.to(dtype)
+    same = _run(same_fn, x, w, go)
+    ours = _run(lambda a, b: kernels.ss_attention(a, b, grid, group_stats=group_stats,
+                                                  deterministic=deterministic), x, w, go)
+    assert ours[0].stride() == x.stride(), "output must keep the input's memory layout"
+    _fa3_check(ours, same, oracle)
+    return ours
+
+
+NCHW, CL = torch.contiguous_format, torch.channels_last
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU (interpreter)
+# ---------------------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("shape,grid,dtype,fmt,group_stats", [
+    ((1, 16, 37, 29), 4, torch.float32, NCHW, False),   # N = 80: several tiles per loop
+    ((1, 16, 50, 45), 6, torch.float32, CL, True),      # N = 72, g = 6, ragged both ways
+    ((2, 16, 13, 11), 4, torch.float16, CL, False),     # B > 1, fp16
+    ((1, 32, 37, 29), 6, torch.float16, NCHW, True),    # the issue's 37×29 with g = 6
+    ((2, 16, 7, 5), 4, torch.float32, NCHW, True),      # tiny ragged, B > 1
+    ((2, 16, 1, 1), 4, torch.float32, CL, False),       # one real token, 15 empty groups
+    ((1, 16, 1, 1), 6, torch.float16, NCHW, True),
+    ((1, 128, 8, 9), 4, torch.float32, CL, False),      # C = 128
+    ((1, 16, 13, 11), 4, torch.bfloat16, CL, True),     # bf16 (dots upcast in the interpreter)
+])
+def test_matches_reference(shape, grid, dtype, fmt, group_stats):
+    x64, w64 = _inputs(shape)
+    _compare(x64, w64, grid, group_stats, dtype, fmt)
+
+
+@interp
+def test_embed_differs_from_channels():
+    x64, w64 = _inputs((1, 16, 12, 10), embed=24)
+    _compare(x64, w64, 4, False, torch.float32, NCHW)
+
+
+@interp
+def test_arbitrary_strides():
+    """A non-dense view of a larger map (strided in C and W) is read in place."""
+    x64, _ = _inputs((1, 32, 14, 22))
+    _, w64 = _inputs((1, 16, 1, 1))
+    xv = x64.float()[:, ::2, :, 1::2]
+    assert not xv.is_contiguous() and not xv.is_contiguous(memory_format=CL)
+    go = torch.randn(xv.shape)
+    ours = _run(lambda a, b: kernels.ss_attention(a, b, 4), xv, w64.float(), go)
+    ref = _run(lambda a, b: ss_attention_reference(a, b, 4), xv.double(), w64, go.double())
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
+
+
+@interp
+def test_deterministic_bitwise():
+    x64, w64 = _inputs((1, 16, 21, 19))
+    x = x64.float().contiguous(memory_format=CL)
+    w = w64.float()
+    go = torch.randn_like(x)
+    fn = lambda a, b: kernels.ss_attention(a, b, 4, deterministic=True)  # noqa: E731
+    first, second = _run(fn, x, w, go), _run(fn, x, w, go)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    atomic = _run(lambda a, b: kernels.ss_attention(a, b, 4), x, w, go)
+    for a, b in zip(first, atomic):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@interp
+def test_op_registration():
+    """Schema, fake tensor, autograd registration and AOT dispatch of ssbsn::ss_attention."""
+    x = torch.randn(1, 16, 6, 5, requires_grad=True)
+    w = torch.randn(16, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.ssbsn.ss_attention.default, (x, w, 4, False, True))
+
+
+@interp
+def test_compile_fullgraph_triton_op():
+    """The Triton op inside torch.compile(fullgraph=True), forward and backward (the op is opaque
+    to the compiler, so the interpreter runs it; aot_eager keeps the test cheap)."""
+    x = torch.randn(1, 16, 13, 11, requires_grad=True)
+    w = torch.randn(16, 16, requires_grad=True)
+    fn = lambda a, b: kernels.ss_attention(a, b, 4, group_stats=True)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(x, w)
+    out.sum().backward()
+    grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref = fn(x, w)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], w.grad)
+
+
+def test_unsupported_inputs_are_named():
+    x = torch.randn(1, 8, 5, 5)
+    assert "dtype" in kernels.unsupported_reason(x.double(), torch.randn(8, 8).double(), 4)
+    assert "channels" in kernels.unsupported_reason(torch.randn(1, 300, 2, 2), torch.randn(300, 300), 4)
+    assert "does not fit" in kernels.unsupported_reason(x, torch.randn(7, 8), 4)
+    with pytest.raises(RuntimeError, match="dtype"):
+        kernels.ss_attention(x.double(), torch.randn(8, 8).double(), 4)
+
+
+def test_fused_backend_on_cpu_is_sdpa_without_warning():
+    import warnings
+
+    from ssbsn.attention import ss_attention
+    from ssbsn.attention.functional import BACKENDS
+    assert set(BACKENDS) == {"reference", "sdpa", "triton", "fused"}
+    x, w = torch.randn(1, 16, 9, 7), torch.randn(16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ss_attention(x, w, 4, backend="fused")
+    torch.testing.assert_close(out, ss_attention(x, w, 4, backend="sdpa"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown"):
+        ss_attention(x, w, 4, backend="nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+GPU_SHAPES = [  # (shape, grid): the SPEC's shapes
+    ((4, 128, 140, 140), 6),   # training, g = 6: N = 576
+    ((4, 128, 140, 140), 4),   # training, g = 4: N = 1225
+    ((1, 128, 264, 264), 4),   # SIDD validation: N = 4356
+    ((1, 128, 532, 532), 4),   # 512 crops: N = 17 689
+]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("shape,grid", GPU_SHAPES, ids=["N576", "N1225", "N4356", "N17689"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group_stats", [False, True])
+def test_gpu_matches_reference(shape, grid, dtype, group_stats):
+    x64, w64 = _inputs(shape, device="cuda")
+    big = shape[-1] * shape[-2] // grid ** 2 > 5000
+    _compare(x64, w64, grid, group_stats, dtype, CL, per_group=big)
+    if shape[0] == 4 and not group_stats and dtype == torch.float16:  # NCHW too, once
+        _compare(x64, w64, grid, group_stats, dtype, NCHW)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_deterministic_bitwise(dtype):
+    x64, w64 = _inputs((4, 128, 140, 140), device="cuda")
+    x = x64.to(dtype).contiguous(memory_format=CL)
+    w, go = w64.to(dtype), torch.randn_like(x)
+    fn = lambda a, b: kernels.ss_attention(a, b, 4, deterministic=True)  # noqa: E731
+    first = _run(fn, x, w, go)
+    for _ in range(3):
+        for a, b in zip(first, _run(fn, x, w, go)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_fused_backend_and_fallback_warning():
+    from ssbsn.attention import ss_attention
+    x, w = torch.randn(1, 16, 20, 20, device="cuda"), torch.randn(16, 16, device="cuda")
+    torch.testing.assert_close(ss_attention(x, w, 4, backend="fused"),
+                               ss_attention(x, w, 4, backend="reference"), rtol=1e-4, atol=1e-4)
+    with pytest.warns(RuntimeWarning, match="dtype"):
+        ss_attention(x.double(), w.double(), 4, backend="fused")
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_ssbsn_training_step_fused_vs_reference():
+    """One full SS-BSN training step (L1 self-supervised loss, Adam): fused vs reference."""
+    from ssbsn import SSBSN
+    torch.manual_seed(0)
+    noisy = torch.rand(4, 3, 120, 120, device="cuda") * 255
+    ref = SSBSN(fused=False).cuda()
+    fused = SSBSN(fused=True).cuda()
+    fused.load_state_dict(ref.state_dict())
+    losses = []
+    for model in (ref, fused):
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        opt.zero_grad()
+        torch.manual_seed(1)  # same PD/crop randomness, if any
+        loss = (model(noisy) - noisy).abs().mean()
+        loss.backward()
+        losses.append(loss.detach())
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-3)
+    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+        g_ref, g_fused = p_ref.grad, p_fused.grad
+        rel = ((g_fused - g_ref).norm() / g_ref.norm().clamp_min(1e-12)).item()
+        assert rel < 1e-3, f"{name}: relative gradient difference {rel:.2e}"
