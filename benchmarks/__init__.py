@@ -1,0 +1,1 @@
+"""Benchmarks of SS-BSN (``pytest benchmarks/``). See benchmarks/README.md."""
