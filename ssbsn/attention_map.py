@@ -1,0 +1,157 @@
+"""Where SS-Attention looks: one pixel's attention weights in every SS-Block (paper Fig. 1/7).
+
+At inference the image goes through PD with stride b = ``pd_test``: it is split into b²
+sub-images (pixels sharing row/column phase mod b), each zero-padded by p, tiled into one map.
+An SS-Block attends within grid groups of that map (tokens sharing row and column phase mod g).
+For the chosen image pixel we
+
+1. capture the input of every ``SSAttention`` with a forward hook during the PD-b forward,
+2. recompute the chosen token's attention row from the reference math for its group only —
+   LayerNorm (image-wide or per group, as the module does), q = y·W, q̂ = q/(‖q‖+1e-8),
+   softmax((1 + q̂·q̂ᵀ)/√E) over the group's tokens, zero-padded tokens included as keys with
+   q̂ = 0 — which costs O(N), not O(N²),
+3. map every key's map position back to the image pixel it holds (keys on the PD padding hold
+   no image pixel; their total weight is reported as ``pad_share``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention.module import SSAttention
+from .attention.reference import NORM_EPS, layer_norm, padded_size
+from .pd import pd_down
+
+
+def image_to_map(y: int, x: int, height: int, width: int, f: int, pad: int) -> tuple[int, int]:
+    """Position in the PD-f map (:func:`ssbsn.pd.pd_down`) of image pixel (y, x); the image is
+    (height, width), multiples of f."""
+    hs, ws = height // f + 2 * pad, width // f + 2 * pad
+    return (y % f) * hs + pad + y // f, (x % f) * ws + pad + x // f
+
+
+def map_to_image(r, c, height: int, width: int, f: int, pad: int):
+    """Inverse of :func:`image_to_map` for arrays of map positions: (y, x, valid) where
+    ``valid`` is False on the PD padding."""
+    r, c = np.asarray(r), np.asarray(c)
+    h, w = height // f, width // f
+    hs, ws = h + 2 * pad, w + 2 * pad
+    lr, lc = r % hs - pad, c % ws - pad
+    valid = (lr >= 0) & (lr < h) & (lc >= 0) & (lc < w)
+    return lr * f + r // hs, lc * f + c // ws, valid
+
+
+def attention_row(x: torch.Tensor, attn: SSAttention, r: int, c: int):
+    """Attention weights of the token at map position (r, c) over its grid group.
+
+    ``x``: the module's input (1, C, H, W). Returns (rows, cols, weights, pad_share): the map
+    positions of the group's real tokens, their weights (float64), and the total weight of the
+    zero-padded tokens.
+    """
+    g = attn.grid
+    _, C, H, W = x.shape
+    y = layer_norm(x.double(), g, attn.group_stats)
+    rows = torch.arange(r % g, H, g)
+    cols = torch.arange(c % g, W, g)
+    tokens = y[0][:, rows][:, :, cols].reshape(C, -1).T  # (n, C), row-major over (rows, cols)
+    w = attn.wqk.detach().double()
+    q = tokens @ w
+    qh = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + NORM_EPS)
+    qi = int(((r - r % g) // g) * len(cols) + (c - c % g) // g)
+    scale = 1.0 / math.sqrt(w.shape[1])
+    logits = (1.0 + qh @ qh[qi]) * scale
+    n_total = (padded_size(H, g) // g) * (padded_size(W, g) // g)
+    n_pad = n_total - logits.numel()
+    # padded keys: q̂ = 0, logit 1/√E
+    all_logits = torch.cat([logits, torch.full((n_pad,), scale, dtype=logits.dtype)])
+    weights = torch.softmax(all_logits, dim=0)
+    rr, cc = torch.meshgrid(rows, cols, indexing="ij")
+    return (rr.reshape(-1).numpy(), cc.reshape(-1).numpy(), weights[:logits.numel()].numpy(),
+            float(weights[logits.numel():].sum()))
+
+
+@torch.no_grad()
+def attention_maps(model, image: np.ndarray, pixel: tuple[int, int]) -> list[dict]:
+    """For image pixel ``pixel`` = (y, x) of ``image`` (H, W, C) floats in 0..255, one entry
+    per SS-Block (branch order, then depth): branch dilation, block index, grid, and the keys'
+    image coordinates ``ys``, ``xs`` with their ``weights``, plus ``pad_share``."""
+    y0, x0 = pixel
+    H, W = image.shape[:2]
+    b, p = model.pd_test, model.pd_pad
+    dev = next(model.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))[None]
+    Hp, Wp = H + (-H) % b, W + (-W) % b
+    xp = F.pad(x, (0, Wp - W, 0, Hp - H)).to(dev)
+    blocks = []
+    for branch in model.bsn.branches():
+        for i, layer in enumerate(branch.body):
+            if isinstance(getattr(layer, "attn", None), SSAttention):
+                blocks.append((branch.dilation, i, layer.attn))
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [a.register_forward_hook(lambda mod, inp, out, k=k: captured.__setitem__(k, inp[0]))
+             for k, (_, _, a) in enumerate(blocks)]
+    try:
+        model.bsn(pd_down(xp, b, p))
+    finally:
+        for h in hooks:
+            h.remove()
+    r, c = image_to_map(y0, x0, Hp, Wp, b, p)
+    out = []
+    for k, (d, i, attn) in enumerate(blocks):
+        rows, cols, w, pad_share = attention_row(captured[k].cpu(), attn, r, c)
+        ys, xs, valid = map_to_image(rows, cols, Hp, Wp, b, p)
+        valid &= (ys < H) & (xs < W)  # the bottom/right padding to a multiple of b
+        pad_share += float(w[~valid].sum())
+        out.append(dict(dilation=d, block=i, grid=attn.grid, ys=ys[valid], xs=xs[valid],
+                        weights=w[valid], pad_share=pad_share))
+    return out
+
+
+def plot_attention(image: np.ndarray, pixel, maps: list[dict], path, top: int = 16) -> None:
+    """Draw one panel per SS-Block: the image (dimmed), every key of the pixel's group coloured
+    by its weight relative to uniform attention, the ``top`` heaviest outlined in red, the
+    query pixel as a cyan cross. Written atomically as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(maps)
+    cols = min(n, 3)
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
+    shown = np.clip(image / 255.0, 0, 1)
+    shown = shown[..., 0] if shown.shape[-1] == 1 else shown
+    for ax, m in zip(axes.flat, maps):
+        ax.imshow(shown, cmap="gray", alpha=0.45, vmin=0, vmax=1)
+        w = m["weights"]
+        rel = w * (len(w) / max(w.sum(), 1e-30))  # 1 = uniform attention
+        sc = ax.scatter(m["xs"], m["ys"], c=rel, s=6, cmap="inferno", linewidths=0)
+        if top > 0 and len(w):
+            k = np.argsort(w)[::-1][:top]
+            ax.scatter(m["xs"][k], m["ys"][k], s=40, facecolors="none", edgecolors="red",
+                       linewidths=1.0)
+        ax.plot(pixel[1], pixel[0], marker="+", color="cyan", markersize=14, mew=2)
+        ax.set_title(f"d={m['dilation']} block {m['block']} (grid {m['grid']})", fontsize=9)
+        ax.set_axis_off()
+        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02, label="weight / uniform")
+    for ax in list(axes.flat)[n:]:
+        ax.set_axis_off()
+    fig.suptitle(f"SS-Attention of pixel (y={pixel[0]}, x={pixel[1]})", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)

@@ -1,0 +1,121 @@
+"""SIDD: the Medium sRGB training set, the validation/benchmark block files, and the
+benchmark submission.
+
+* Medium sRGB: ``Data/<scene-instance>/<prefix>_{NOISY,GT}_SRGB_{010,011}.PNG`` where
+  ``<prefix>`` is the first ``_``-separated field of the folder name (e.g. ``0001``).
+* Blocks: ``ValidationNoisyBlocksSrgb.mat`` / ``ValidationGtBlocksSrgb.mat`` /
+  ``BenchmarkNoisyBlocksSrgb.mat``; MATLAB files whose variable is the file stem, uint8 of
+  shape (40, 32, 256, 256, 3) (images × blocks × H × W × RGB).
+* Submission: ``SubmitSrgb.mat`` with ``DenoisedBlocksSrgb`` (a 40×32 cell array of uint8
+  256×256×3 blocks), ``TimeMPSrgb`` (seconds per megapixel) and ``OptionalData``, as the
+  SIDD benchmark kit saves it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..imageio import ImageError
+
+SIDD_SRGB_BLOCKS = (40, 32, 256, 256, 3)
+
+
+class DataError(ValueError):
+    """A dataset file or folder that is not in the expected layout."""
+
+
+def scan_sidd_medium(root) -> list[tuple[Path, Path]]:
+    """(noisy, ground truth) PNG pairs of SIDD Medium sRGB; ``root`` is the folder holding
+    ``Data/`` or ``Data/`` itself."""
+    root = Path(root)
+    data = root / "Data" if (root / "Data").is_dir() else root
+    if not data.is_dir():
+        raise DataError(f"{root}: not a folder")
+    pairs = []
+    for scene in sorted(p for p in data.iterdir() if p.is_dir()):
+        prefix = scene.name.split("_")[0]
+        for idx in ("010", "011"):
+            noisy = scene / f"{prefix}_NOISY_SRGB_{idx}.PNG"
+            gt = scene / f"{prefix}_GT_SRGB_{idx}.PNG"
+            if noisy.is_file():
+                pairs.append((noisy, gt))
+    if not pairs:
+        raise DataError(f"{root}: no SIDD Medium images "
+                        "(expected Data/<scene>/<prefix>_NOISY_SRGB_010.PNG, ...)")
+    return pairs
+
+
+def is_sidd_medium(root) -> bool:
+    try:
+        scan_sidd_medium(root)
+        return True
+    except DataError:
+        return False
+
+
+def load_sidd_blocks(path, key: str | None = None) -> np.ndarray:
+    """The uint8 (images, blocks, H, W, 3) array of a SIDD block file; ``key`` defaults to the
+    file stem (``ValidationNoisyBlocksSrgb`` ...)."""
+    import scipy.io
+    path = Path(path)
+    key = key or path.stem
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        mat = scipy.io.loadmat(path, variable_names=[key])
+        arr = mat.get(key)
+        names = [k for k in scipy.io.whosmat(path)] if arr is None else None
+    except NotImplementedError:  # MATLAB v7.3 = HDF5; stored with the axes reversed
+        import h5py
+        with h5py.File(path, "r") as f:
+            arr = np.asarray(f[key]).transpose() if key in f else None
+            names = [(k,) for k in f.keys()] if arr is None else None
+    except Exception as e:  # scipy raises ValueError, TypeError, ... on a damaged file
+        raise DataError(f"{path}: cannot read MATLAB file ({str(e).splitlines()[0]})") from None
+    if arr is None:
+        found = ", ".join(n[0] for n in names) or "none"
+        raise DataError(f"{path}: no variable {key!r} in this .mat file (found: {found})")
+    arr = np.asarray(arr)
+    if arr.ndim != 5 or arr.shape[-1] not in (1, 3) or arr.dtype != np.uint8:
+        raise DataError(f"{path}: {key!r} should be uint8 (images, blocks, H, W, 3), "
+                        f"got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def _savemat_atomic(path: Path, data: dict) -> None:
+    import scipy.io
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        scipy.io.savemat(tmp, data, do_compression=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_sidd_submission(path, blocks, time_mp: float = 0.0, optional: dict | None = None):
+    """Write ``SubmitSrgb.mat``: ``blocks`` is uint8 (images, blocks, H, W, 3) (any array or
+    nested sequence of that shape); the cells hold one uint8 block each."""
+    blocks = np.asarray(blocks)
+    if blocks.ndim != 5 or blocks.dtype != np.uint8:
+        raise DataError(f"SIDD submission needs uint8 (images, blocks, H, W, 3), got "
+                        f"{blocks.dtype} {blocks.shape}")
+    n, m = blocks.shape[:2]
+    cells = np.empty((n, m), dtype=object)
+    for i in range(n):
+        for j in range(m):
+            cells[i, j] = np.ascontiguousarray(blocks[i, j])
+    info = {"MethodName": "SS-BSN", "Authors": "", "PaperTitle":
+            "SS-BSN: Attentive Blind-Spot Network for Self-Supervised Denoising with Nonlocal "
+            "Self-Similarity", "Venue": "IJCAI 2023"}
+    info.update(optional or {})
+    try:
+        _savemat_atomic(Path(path), {"DenoisedBlocksSrgb": cells, "TimeMPSrgb": float(time_mp),
+                                     "OptionalData": info})
+    except OSError as e:
+        raise ImageError(f"{path}: cannot write ({e.strerror or e})") from None

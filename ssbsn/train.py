@@ -1,0 +1,450 @@
+"""Self-supervised training (the paper's recipe) with exact resume and multi-GPU.
+
+Recipe: L1 between the PD-5 BSN output and the noisy input itself, random crops (120 by
+default) with flips and 90° rotations, Adam (lr 1e-4), learning rate ×0.1 at 80 % of the run
+(the paper's epoch 16 of 20), batch 4.
+
+A run lives in one folder::
+
+    config.yaml                    the configuration (``ssbsn train --config`` repeats the run)
+    log.jsonl                      one JSON line per logged step: step, epoch, loss, lr, img/s
+    ckpt/step_00001000.safetensors model weights + model configuration (``SSBSN.load``)
+    ckpt/step_00001000.state.pt    optimizer, step, schedule and RNG state: tensors and plain
+                                   containers only, read back with ``torch.load(weights_only=True)``
+    model.safetensors              the final weights
+
+Every file is written to a temporary name and renamed, and the state file of a checkpoint is
+written after its weights, so a run killed at any moment leaves complete checkpoints only;
+``resume`` picks the newest complete one.
+
+Exact resume: the data order and every crop/flip are pure functions of (seed, epoch, index)
+(:mod:`ssbsn.data.patches`), the step fixes the epoch and the position in it, and the
+optimizer state is restored; a resumed run follows the same loss trajectory as an
+uninterrupted one.
+
+Multi-GPU: launch with ``torchrun --nproc_per_node=N -m ssbsn train ...``; each process trains
+on its share of every batch (DistributedDataParallel + DistributedSampler; ``batch`` is per
+process). Rank 0 writes logs and checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .model import SSBSN
+
+MODEL_KEYS = ("in_channels", "base_channels", "num_modules", "ss_blocks", "gamma", "pd_train",
+              "pd_test", "pd_pad", "fused", "group_stats")
+RUNTIME_KEYS = ("device", "workers", "progress")  # may change on resume
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as config.yaml)."""
+    data: list = field(default_factory=list)
+    data_kind: str = "auto"
+    out: str = "runs/ssbsn"
+    # model
+    in_channels: int = 3
+    base_channels: int = 128
+    num_modules: int = 9
+    ss_blocks: int = 3
+    gamma: int = 2
+    pd_train: int = 5
+    pd_test: int = 2
+    pd_pad: int = 2
+    fused: bool = False
+    group_stats: bool = False
+    # optimisation
+    crop: int = 120
+    batch: int = 4
+    epochs: int = 20
+    steps: int | None = None  # overrides epochs
+    lr: float = 1e-4
+    lr_decay_at: float = 0.8  # fraction of the run
+    lr_gamma: float = 0.1
+    warmup: int = 0  # steps of linear learning-rate warm-up (the authors' code has it, off)
+    repeat: int = 1  # crops per image per epoch
+    augment: bool = True
+    seed: int = 0
+    init_bias: bool = False  # start the output bias at the data's mean (short runs)
+    # runtime
+    amp: str = "off"  # "off" or "bf16"
+    channels_last: bool = False
+    device: str = "auto"
+    workers: int = 0
+    save_every: int | None = None  # steps; default: every epoch
+    log_every: int = 10
+    keep: int = 2  # checkpoints kept
+    progress: bool = True
+
+    def model_kwargs(self) -> dict:
+        return {k: getattr(self, k) for k in MODEL_KEYS}
+
+    def validate(self) -> None:
+        if self.crop < self.pd_train or self.crop % self.pd_train:
+            raise ValueError(f"--crop {self.crop} must be a positive multiple of the training PD "
+                             f"stride {self.pd_train}")
+        for name in ("batch", "epochs", "repeat", "log_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError("--steps must be at least 1")
+        if self.warmup < 0:
+            raise ValueError("--warmup must not be negative")
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError("--save-every must be at least 1")
+        if self.amp not in ("off", "bf16"):
+            raise ValueError(f"--amp must be 'off' or 'bf16', got {self.amp!r}")
+        if not 0.0 < self.lr_decay_at <= 1.0:
+            raise ValueError("--lr-decay-at must lie in (0, 1]")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["data"] = [str(p) for p in self.data]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+# ------------------------------------------------------------------ files
+
+def write_config(path, cfg: TrainConfig) -> None:
+    import yaml
+    _atomic_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def read_config(path) -> TrainConfig:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such configuration file")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping of configuration keys")
+    return TrainConfig.from_dict(d)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+CKPT_RE = re.compile(r"^step_(\d{8})\.state\.pt$")
+
+
+def checkpoint_paths(run_dir, step: int) -> tuple[Path, Path]:
+    d = Path(run_dir) / "ckpt"
+    return d / f"step_{step:08d}.safetensors", d / f"step_{step:08d}.state.pt"
+
+
+def save_checkpoint(run_dir, model: SSBSN, optimizer, state: dict, keep: int = 2) -> Path:
+    """Weights (safetensors, :meth:`SSBSN.save`) then training state (``torch.save`` of
+    tensors and plain containers), each atomically; older checkpoints beyond ``keep`` are
+    removed once the new one is complete."""
+    step = int(state["step"])
+    weights, st = checkpoint_paths(run_dir, step)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    model.save(weights)
+    _fsync(weights)
+    payload = dict(state, optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state())
+    if torch.cuda.is_available():
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = st.with_name(st.name + ".tmp")
+    torch.save(payload, tmp)
+    _fsync(tmp)
+    os.replace(tmp, st)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        for p in checkpoint_paths(run_dir, old):
+            p.unlink(missing_ok=True)
+    return weights
+
+
+def list_checkpoints(run_dir) -> list[int]:
+    """Steps of the checkpoints whose state file (written last) exists, oldest first."""
+    d = Path(run_dir) / "ckpt"
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in d.iterdir() if (m := CKPT_RE.match(p.name)))
+
+
+def load_latest_checkpoint(run_dir):
+    """(model, state) of the newest checkpoint that loads completely, or None."""
+    for step in reversed(list_checkpoints(run_dir)):
+        weights, st = checkpoint_paths(run_dir, step)
+        try:
+            state = torch.load(st, map_location="cpu", weights_only=True)
+            model = SSBSN.load(weights)
+        except Exception:  # an incomplete or damaged checkpoint: try the one before
+            continue
+        if int(state.get("step", -1)) == step:
+            return model, state
+    return None
+
+
+def clean_temporaries(run_dir) -> None:
+    """Remove the temporary files a killed run may have left."""
+    for p in list(Path(run_dir).glob("*.tmp")) + list(Path(run_dir).glob("ckpt/*.tmp")):
+        p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ distributed
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+class _ListSampler(torch.utils.data.Sampler):
+    def __init__(self, indices):
+        self.indices = list(indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+# ------------------------------------------------------------------ training
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Step decay: ``lr`` until ``lr_decay_at``·total steps, then ``lr``·``lr_gamma``; with
+    ``warmup``, the first steps ramp up linearly (step 0 gets lr/warmup)."""
+    lr = cfg.lr * (cfg.lr_gamma if step >= math.floor(cfg.lr_decay_at * total) else 1.0)
+    if step < cfg.warmup:
+        lr *= (step + 1) / cfg.warmup
+    return lr
+
+
+def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
+    run = Path(cfg.out)
+    if not resume:
+        if (run / "config.yaml").exists() or list_checkpoints(run):
+            raise ValueError(f"{run} already holds a run; continue it with "
+                             f"'ssbsn train --resume {run}' or choose another --out")
+        try:
+            (run / "ckpt").mkdir(parents=True, exist_ok=True)
+            probe = run / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"{run}: cannot write the run folder ({e.strerror or e})") from None
+        write_config(run / "config.yaml", cfg)
+    return run
+
+
+def init_output_bias(model: SSBSN, dataset, samples: int = 16) -> None:
+    """Set the last layer's bias to the mean pixel value of the first crops (epoch 0), so a
+    short run does not spend its first hundreds of steps learning the image mean. The same on
+    every process."""
+    n = min(samples, len(dataset))
+    mean = torch.stack([dataset[i].mean() for i in range(n)]).mean()
+    with torch.no_grad():
+        model.bsn.tail[-1].bias.fill_(float(mean))
+
+
+def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
+    """Train (or continue, with ``resume``) the run described by ``cfg``.
+
+    ``source`` (optional) replaces ``cfg.data`` with an in-memory image source. Returns a
+    summary: steps, final loss, run folder, path of the final weights.
+    """
+    from .data import PatchDataset, open_training_source
+
+    cfg.validate()
+    rank, world, local_rank = dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available()
+                                else "gloo")
+    device = pick_device(cfg.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    main = rank == 0
+
+    run = Path(cfg.out)
+    if main:
+        prepare_run_dir(cfg, resume)
+        clean_temporaries(run)
+    if world > 1:
+        dist.barrier()
+
+    # data
+    if source is None:
+        if not cfg.data:
+            raise ValueError("no training data given")
+        source, description = open_training_source(cfg.data, cfg.data_kind)
+    else:
+        description = f"{len(source)} in-memory images"
+    dataset = PatchDataset(source, cfg.crop, cfg.in_channels, cfg.augment, cfg.repeat, cfg.seed)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // cfg.batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} crops per epoch are fewer than one batch of "
+                         f"{cfg.batch}×{world}; use --repeat to draw more crops per image")
+    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    save_every = cfg.save_every or steps_per_epoch
+
+    # model and optimizer (fresh or from the newest checkpoint)
+    torch.manual_seed(cfg.seed)
+    model = SSBSN(**cfg.model_kwargs())
+    start, elapsed, state = 0, 0.0, None
+    if resume:
+        found = load_latest_checkpoint(run)
+        if found is not None:
+            loaded, state = found
+            model.load_state_dict(loaded.state_dict())
+            start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+            torch.set_rng_state(state["torch_rng"])
+            if "cuda_rng" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+    elif cfg.init_bias:
+        init_output_bias(model, dataset)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    log_path = run / "log.jsonl"
+    if main:
+        _truncate_log(log_path, start)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+               disable=not (main and cfg.progress), desc="train")
+    if main and cfg.progress:
+        bar.write(f"ssbsn train: {description}; {steps_per_epoch} steps/epoch, {total} steps, "
+                  f"batch {cfg.batch}×{world}, crop {cfg.crop}, device {device}")
+
+    step, loss_sum, loss_n = start, 0.0, 0
+    last_loss = float(state.get("loss", float("nan"))) if state is not None else float("nan")
+    t_log, imgs_since = time.perf_counter(), 0
+    t_start = time.perf_counter() - elapsed
+    net.train()
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        indices = list(sampler)[offset * cfg.batch:]
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch, sampler=_ListSampler(indices), drop_last=True,
+            num_workers=cfg.workers, pin_memory=device.type == "cuda")
+        for x in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step, total)
+            x = x.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with amp:
+                y = net(x)
+            loss = torch.nn.functional.l1_loss(y.float(), x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item()
+            loss_n += 1
+            imgs_since += x.shape[0] * world
+
+            if step % cfg.log_every == 0 or step == total:
+                mean = _all_mean(loss_sum / loss_n, world, device)
+                now = time.perf_counter()
+                rate = imgs_since / max(now - t_log, 1e-9)
+                last_loss = mean
+                if main:
+                    _append_log(log_path, dict(step=step, epoch=epoch, loss=mean,
+                                               lr=optimizer.param_groups[0]["lr"],
+                                               img_per_s=round(rate, 3),
+                                               elapsed=round(now - t_start, 3)))
+                bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{rate:.1f}")
+                loss_sum, loss_n, t_log, imgs_since = 0.0, 0, now, 0
+            bar.update(1)
+            if main and (step % save_every == 0 or step == total):
+                save_checkpoint(run, model, optimizer, dict(
+                    step=step, epoch=epoch, total_steps=total,
+                    elapsed=time.perf_counter() - t_start, loss=last_loss), keep=cfg.keep)
+            if step >= total:
+                break
+    bar.close()
+    final = run / "model.safetensors"
+    if main:
+        model.save(final)
+    if world > 1:
+        dist.barrier()
+    return dict(steps=step, loss=last_loss, run=str(run), weights=str(final),
+                seconds=time.perf_counter() - t_start)
+
+
+def _all_mean(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines up to ``step`` (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue  # a line cut short by a kill
+    _atomic_text(path, "".join(k + "\n" for k in keep))
+
+
+def read_log(run_dir) -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,203 @@
+"""Training: exact resume after SIGKILL, DDP equals single-process, schedule, checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssbsn import SSBSN
+from ssbsn.imageio import write_image
+from ssbsn.train import (TrainConfig, checkpoint_paths, list_checkpoints, lr_at, read_config,
+                         read_log, train)
+
+TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
+
+
+@pytest.fixture
+def one_thread():
+    """Same thread count in this process and the subprocesses, so float sums agree."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        base = rng.integers(40, 200, (1, 1, 3))
+        img = np.clip(base + rng.normal(0, 25, (24, 26, 3)), 0, 255).astype(np.uint8)
+        write_image(d / f"{i}.png", img)
+    return d
+
+
+def _cfg(images, out, **kw):
+    d = dict(data=[str(images)], out=str(out), crop=10, batch=2, repeat=2, lr=1e-3,
+             log_every=1, save_every=3, progress=False, seed=3, **TINY)
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def _cli_args(cfg: TrainConfig):
+    return [*cfg.data, "--out", cfg.out, "--channels", str(cfg.base_channels),
+            "--modules", str(cfg.num_modules), "--ss-blocks", str(cfg.ss_blocks),
+            "--crop", str(cfg.crop), "--batch", str(cfg.batch), "--repeat", str(cfg.repeat),
+            "--lr", str(cfg.lr), "--steps", str(cfg.steps), "--log-every", str(cfg.log_every),
+            "--save-every", str(cfg.save_every), "--seed", str(cfg.seed), "--no-progress",
+            "--device", "cpu"]
+
+
+def _weights(path):
+    return SSBSN.load(path).state_dict()
+
+
+def test_lr_schedule_steps_down_at_80_percent():
+    cfg = TrainConfig(lr=1e-4)
+    lrs = [lr_at(cfg, s, 20) for s in range(20)]
+    assert lrs[:16] == [1e-4] * 16
+    assert lrs[16:] == pytest.approx([1e-5] * 4)
+    warm = TrainConfig(lr=1e-2, warmup=4)
+    assert [lr_at(warm, s, 10) for s in range(10)] == pytest.approx(
+        [2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2, 1e-3, 1e-3])
+
+
+def test_killed_run_resumes_on_the_same_trajectory(images, tmp_path, one_thread):
+    steps = 150
+    ref = _cfg(images, tmp_path / "ref", steps=steps)
+    train(ref)
+    ref_log = read_log(ref.out)
+    assert [r["step"] for r in ref_log] == list(range(1, steps + 1))
+    assert ref_log[-1]["lr"] == pytest.approx(1e-4)  # decayed ×0.1 at step 120
+
+    run = _cfg(images, tmp_path / "killed", steps=steps)
+    proc = subprocess.Popen([sys.executable, "-m", "ssbsn", "train", *_cli_args(run)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if any(s >= 24 for s in list_checkpoints(run.out)):
+            break
+        time.sleep(0.01)
+    still_running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert still_running, "the run finished before it could be killed: " + proc.stderr.read().decode()
+    done = list_checkpoints(run.out)
+    assert done and max(done) < steps
+    # nothing under a final name is damaged: every checkpoint file loads
+    for f in sorted(Path(run.out, "ckpt").iterdir()):
+        if f.name.endswith(".safetensors"):
+            SSBSN.load(f)
+        elif f.name.endswith(".state.pt"):
+            torch.load(f, weights_only=True)
+    # resume from inside an epoch (4 steps each here): if the newest checkpoint closes an
+    # epoch, drop it, as if the kill had come just before it was written
+    mid = max(s for s in done if s % 4)
+    for s in done:
+        if s > mid:
+            for f in checkpoint_paths(run.out, s):
+                f.unlink()
+    killed_at = mid
+
+    from ssbsn.cli import main
+    assert main(["train", "--resume", run.out, "--no-progress"]) == 0
+    log = read_log(run.out)
+    assert [r["step"] for r in log] == list(range(1, steps + 1))
+    np.testing.assert_allclose([r["loss"] for r in log], [r["loss"] for r in ref_log],
+                               rtol=1e-5, atol=1e-5)
+    a, b = _weights(Path(ref.out, "model.safetensors")), _weights(Path(run.out, "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert not list(Path(run.out).rglob("*.tmp"))
+    assert killed_at < steps
+
+
+def test_checkpoint_files_are_safe_to_load(images, tmp_path, one_thread):
+    cfg = _cfg(images, tmp_path / "run", steps=7, keep=2)
+    summary = train(cfg)
+    assert summary["steps"] == 7
+    assert list_checkpoints(cfg.out) == [6, 7]  # every 3 steps and at the end, keep 2
+    w, st = checkpoint_paths(cfg.out, 7)
+    state = torch.load(st, weights_only=True)  # tensors and plain containers only
+    assert state["step"] == 7 and state["total_steps"] == 7
+    assert set(state["optimizer"]["state"]) == set(range(len(list(SSBSN(**TINY).parameters()))))
+    torch.testing.assert_close(SSBSN.load(w).state_dict(), _weights(Path(cfg.out, "model.safetensors")))
+    saved = read_config(Path(cfg.out, "config.yaml"))
+    assert saved == cfg
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg)
+
+
+def test_repeat_from_saved_config_gives_identical_run(images, tmp_path, one_thread):
+    from ssbsn.cli import main
+    first = _cfg(images, tmp_path / "a", steps=5)
+    train(first)
+    assert main(["train", "--config", str(tmp_path / "a" / "config.yaml"),
+                 "--out", str(tmp_path / "b")]) == 0
+    assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
+
+
+def test_ddp_two_processes_equal_one_process_with_double_batch(images, tmp_path, one_thread):
+    single = _cfg(images, tmp_path / "single", steps=6, batch=4, lr=3e-3)
+    train(single)
+    ddp = _cfg(images, tmp_path / "ddp", steps=6, batch=2, lr=3e-3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ssbsn", "train", *_cli_args(ddp)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    np.testing.assert_allclose([x["loss"] for x in read_log(ddp.out)],
+                               [x["loss"] for x in read_log(single.out)], rtol=1e-5)
+    a = _weights(Path(single.out, "model.safetensors"))
+    b = _weights(Path(ddp.out, "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert a["bsn.head.0.weight"].ne(SSBSN(**TINY).state_dict()["bsn.head.0.weight"]).any()
+
+
+def test_amp_bf16_channels_last_and_fused_train(images, tmp_path, one_thread):
+    cfg = _cfg(images, tmp_path / "amp", steps=3, amp="bf16", channels_last=True, fused=True)
+    s = train(cfg)
+    assert np.isfinite(s["loss"])
+    assert SSBSN.load(s["weights"]).config["fused"] is True
+
+
+def test_training_lowers_the_self_supervised_loss(tmp_path, one_thread):
+    # smooth images + white noise: the blind-spot loss can drop well below its start
+    d = tmp_path / "smooth"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:30, 0:30]
+    for i in range(4):
+        clean = 128 + 60 * np.sin(xx / (4 + i) + i)[..., None] * np.ones(3)
+        write_image(d / f"{i}.png", np.clip(clean + rng.normal(0, 10, clean.shape), 0, 255).astype(np.uint8))
+    cfg = TrainConfig(data=[str(d)], out=str(tmp_path / "run"), crop=20, batch=4, repeat=4,
+                      lr=3e-3, steps=60, log_every=10, progress=False, **TINY)
+    train(cfg)
+    losses = [r["loss"] for r in read_log(cfg.out)]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_config_validation(images, tmp_path):
+    with pytest.raises(ValueError, match="multiple of the training PD"):
+        train(_cfg(images, tmp_path / "x", crop=12))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(_cfg(images, tmp_path / "y", batch=64, repeat=1, steps=2))
+    with pytest.raises(ValueError, match="unknown configuration keys: bogus"):
+        TrainConfig.from_dict({"bogus": 1})
+    (tmp_path / "c.yaml").write_text(json.dumps({"crop": 10, "batch": 2}))
+    assert read_config(tmp_path / "c.yaml").crop == 10
