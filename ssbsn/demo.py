@@ -7,7 +7,8 @@
    real sRGB noise. Both are quantised to 8 bits and written as PNG.
 3. Trains a small SS-BSN on the noisy PNGs alone (``ssbsn train``; the clean images are never
    seen), within a step and time budget.
-4. Denoises the noisy photos (PD-2 + R3) and prints PSNR of noisy and denoised against clean.
+4. Denoises the noisy photos (PD-2; R3 with ``r3=True``, which pays off only for a
+   well-trained model) and prints PSNR of noisy and denoised against clean.
 
 The run folder (``OUT/run``) is an ordinary training run: ``ssbsn train --config
 OUT/run/config.yaml`` repeats it, and ``ssbsn denoise ... -w OUT/run/model.safetensors`` uses it.
@@ -22,8 +23,8 @@ import numpy as np
 
 DEMO_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
 
-# Tuned on a 2-core CPU (see docs/usage.md): +2.2 to +3.0 dB over seeds 0-5 after 1200 steps,
-# about two minutes in all. PD stride 3 in training (the paper: 5) is enough here because
+# Tuned on a 2-core CPU (one thread): +2.2 to +3.4 dB over seeds 0-5 after 1200 steps, about
+# two minutes in all. PD stride 3 in training (the paper: 5) is enough here because
 # bilinear demosaicking correlates the synthetic noise over at most two pixels, and it learns
 # faster; higher learning rates (1e-2) learn faster still but can kill a branch's ReLUs.
 DEMO = dict(size=256, shot=0.01, base_channels=16, num_modules=2, ss_blocks=1, pd_train=3,
@@ -60,13 +61,8 @@ def make_pairs(size: int, shot: float, seed: int):
     return pairs
 
 
-def calibrate(cfg, device: str, pick_threads: bool = True, log=print) -> float:
-    """Seconds per training step of the demo model (median of 3 after a warm-up).
-
-    On CPU with ``pick_threads``, also compares one thread with PyTorch's default (one per
-    core) and keeps the faster: a model this small gains little from a second thread, and
-    on a busy machine OpenMP threads that wait for each other can make it many times slower.
-    """
+def seconds_per_step(cfg, device: str) -> float:
+    """Seconds per training step of the demo model (median of 3, after a warm-up step)."""
     import torch
 
     from .model import SSBSN
@@ -76,34 +72,15 @@ def calibrate(cfg, device: str, pick_threads: bool = True, log=print) -> float:
     model = SSBSN(**cfg.model_kwargs()).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
     x = torch.rand(cfg.batch, cfg.in_channels, cfg.crop, cfg.crop, device=dev) * 255
-
-    def timed(n: int, give_up: float | None = None) -> float:
-        times = []
-        for i in range(n + 1):  # the first is a warm-up
-            t = time.perf_counter()
-            loss = (model(x) - x).abs().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i:
-                times.append(time.perf_counter() - t)
-            if give_up is not None and time.perf_counter() - t > give_up:
-                return float("inf") if not times else float(np.median(times))
-        return float(np.median(times))
-
-    default = torch.get_num_threads()
-    if dev.type != "cpu" or not pick_threads or default == 1:
-        return timed(3)
-    torch.set_num_threads(1)
-    one = timed(3)
-    torch.set_num_threads(default)
-    many = timed(3, give_up=2 * one)
-    if many < one:
-        return many
-    torch.set_num_threads(1)
-    log(f"demo: using 1 CPU thread ({one:.2f} s/step; {default} threads: "
-        f"{'much slower' if many == float('inf') else f'{many:.2f} s/step'})")
-    return one
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        loss = (model(x) - x).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[1:]))
 
 
 def run_demo(out="demo_out", steps: int | None = None, minutes: float | None = None,
@@ -113,13 +90,16 @@ def run_demo(out="demo_out", steps: int | None = None, minutes: float | None = N
     import torch
 
     threads_before = torch.get_num_threads()
+    # One thread unless told otherwise: a model this small gains little from a second one,
+    # and on a busy machine OpenMP threads waiting for each other make it many times slower.
+    torch.set_num_threads(threads or 1)
     try:
-        return _run_demo(out, steps, minutes, quick, seed, device, r3, threads, overwrite, log)
+        return _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_demo(out, steps, minutes, quick, seed, device, r3, threads, overwrite, log) -> dict:
+def _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log) -> dict:
     import torch
 
     from .cli import CLIError, _check_writable_dir, denoise_array, load_model
@@ -164,7 +144,7 @@ def _run_demo(out, steps, minutes, quick, seed, device, r3, threads, overwrite, 
                       device=device, log_every=10 if not quick else 1, keep=1,
                       progress=not quick)
     if p["minutes"] is not None:
-        per_step = calibrate(cfg, device, pick_threads=threads is None, log=log)
+        per_step = seconds_per_step(cfg, device)
         budget = max(int(p["minutes"] * 60 / per_step), p["min_steps"], 1)
         if budget < cfg.steps:
             log(f"demo: {per_step:.2f} s per training step on this machine; {budget} steps "
