@@ -66,6 +66,14 @@ def from_groups(t: torch.Tensor, batch: int, height: int, width: int, grid: int)
     return t.reshape(batch, C, Hp, Wp)[:, :, :height, :width]
 
 
+def check_inputs(x: torch.Tensor, w: torch.Tensor) -> None:
+    """One clear error for inputs SS-Attention cannot take."""
+    if x.dim() != 4:
+        raise ValueError(f"SS-Attention expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if w.dim() != 2 or w.shape[0] != x.shape[1]:
+        raise ValueError(f"Q/K matrix of shape {tuple(w.shape)} does not fit {x.shape[1]} channels")
+
+
 def ss_attention_reference(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -74,10 +82,7 @@ def ss_attention_reference(
     group_stats: bool = False,
 ) -> torch.Tensor:
     """Return ``x + attention(x)`` for x of shape (B, C, H, W) and the shared Q/K matrix w (C, E)."""
-    if x.dim() != 4:
-        raise ValueError(f"SS-Attention expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if w.dim() != 2 or w.shape[0] != x.shape[1]:
-        raise ValueError(f"Q/K matrix of shape {tuple(w.shape)} does not fit {x.shape[1]} channels")
+    check_inputs(x, w)
     B, C, H, W = x.shape
     y = layer_norm(x, grid, group_stats)
     q = to_groups(y, grid) @ w.to(y.dtype)

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import NORM_EPS, from_groups, layer_norm, to_groups
+from .reference import NORM_EPS, check_inputs, from_groups, layer_norm, to_groups
 
 
 def _normalized_queries(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool
@@ -41,10 +41,7 @@ def _normalized_queries(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats
 def ss_attention_sdpa(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool = False
                       ) -> torch.Tensor:
     """Return ``x + attention(x)`` (SPEC.md steps 1-6), differentiable in x and w."""
-    if x.dim() != 4:
-        raise ValueError(f"SS-Attention expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if w.dim() != 2 or w.shape[0] != x.shape[1]:
-        raise ValueError(f"Q/K matrix of shape {tuple(w.shape)} does not fit {x.shape[1]} channels")
+    check_inputs(x, w)
     B, C, H, W = x.shape
     E = w.shape[1]
     g2 = grid * grid
