@@ -16,14 +16,12 @@ For the chosen image pixel we
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_path
 from .attention.module import SSAttention
 from .attention.reference import NORM_EPS, layer_norm, padded_size
 from .pd import pd_down
@@ -144,14 +142,8 @@ def plot_attention(image: np.ndarray, pixel, maps: list[dict], path, top: int = 
         ax.set_axis_off()
     fig.suptitle(f"SS-Attention of pixel (y={pixel[0]}, x={pixel[1]})", fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path, ".tmp.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)

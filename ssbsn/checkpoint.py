@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
+
 CONFIG_KEY = "ssbsn_config"
 
 
@@ -131,11 +133,9 @@ def from_official(path_or_checkpoint, cls=None, **overrides):
 def save_model(model, path) -> None:
     """Atomically write ``model`` (weights + configuration) to a safetensors file."""
     from safetensors.torch import save_file
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config)})
 
 
 def load_model(path, cls=None, **overrides):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .atomic import write_text_atomic
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -417,10 +418,7 @@ def cmd_eval(args) -> int:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     except OSError as e:
         raise CLIError(f"{path}: cannot write ({e.strerror or e})") from None
 

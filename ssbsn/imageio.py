@@ -11,11 +11,11 @@ a crash never leaves a half-written image under the final name.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -204,21 +204,11 @@ def write_image(path, arr: np.ndarray, quality: int = 95) -> None:
     if arr.ndim == 2:
         arr = arr[..., None]
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix,
-                                   dir=path.parent)
+        with atomic_path(path, ".tmp" + suffix) as tmp:
+            _encode(tmp, arr, suffix, quality)
+    except ImageError:
+        raise
     except OSError as e:
         raise ImageError(f"{path}: cannot write image ({e.strerror or e})") from None
-    os.close(fd)
-    try:
-        _encode(Path(tmp), arr, suffix, quality)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, (ImageError, KeyboardInterrupt, SystemExit)):
-            raise
-        if isinstance(e, OSError):
-            raise ImageError(f"{path}: cannot write image ({e.strerror or e})") from None
+    except Exception as e:
         raise ImageError(f"{path}: cannot write image ({e})") from None

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .atomic import atomic_path, write_text_atomic
 from .model import SSBSN
 
 MODEL_KEYS = ("in_channels", "base_channels", "num_modules", "ss_blocks", "gamma", "pd_train",
@@ -126,7 +127,7 @@ class TrainConfig:
 
 def write_config(path, cfg: TrainConfig) -> None:
     import yaml
-    _atomic_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def read_config(path) -> TrainConfig:
@@ -141,12 +142,6 @@ def read_config(path) -> TrainConfig:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of configuration keys")
     return TrainConfig.from_dict(d)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:
@@ -174,10 +169,9 @@ def save_checkpoint(run_dir, model: SSBSN, optimizer, state: dict, keep: int = 2
     payload = dict(state, optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state())
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = st.with_name(st.name + ".tmp")
-    torch.save(payload, tmp)
-    _fsync(tmp)
-    os.replace(tmp, st)
+    with atomic_path(st) as tmp:
+        torch.save(payload, tmp)
+        _fsync(tmp)
     for old in list_checkpoints(run_dir)[:-keep]:
         for p in checkpoint_paths(run_dir, old):
             p.unlink(missing_ok=True)
@@ -442,7 +436,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError):
             continue  # a line cut short by a kill
-    _atomic_text(path, "".join(k + "\n" for k in keep))
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 def read_log(run_dir) -> list[dict]:

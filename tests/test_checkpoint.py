@@ -120,4 +120,4 @@ def test_round_trip_of_our_file(tmp_path):
                        model.bsn.branch1.body[7].attn.wqk)
     x = torch.rand(1, 3, 16, 16) * 255
     torch.testing.assert_close(again.denoise(x), model.denoise(x))
-    assert not (tmp_path / "m.safetensors.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporaries

@@ -12,12 +12,11 @@ benchmark submission.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..imageio import ImageError
 
 SIDD_SRGB_BLOCKS = (40, 32, 256, 256, 3)
@@ -87,15 +86,8 @@ def load_sidd_blocks(path, key: str | None = None) -> np.ndarray:
 
 def _savemat_atomic(path: Path, data: dict) -> None:
     import scipy.io
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        scipy.io.savemat(tmp, data, do_compression=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        scipy.io.savemat(str(tmp), data, do_compression=True)
 
 
 def write_sidd_submission(path, blocks, time_mp: float = 0.0, optional: dict | None = None):
