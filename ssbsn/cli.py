@@ -196,18 +196,20 @@ def _train_parser(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import RUNTIME_KEYS, TrainConfig, read_config, train
+    from .train import LENGTH_KEYS, RUNTIME_KEYS, TrainConfig, read_config, train
     given = {k: v for k, v in vars(args).items()
              if k in {f for f in TrainConfig.__dataclass_fields__}}
     if args.resume:
         run = Path(args.resume)
         cfg = read_config(run / "config.yaml")
-        changed = sorted(k for k in given if k not in RUNTIME_KEYS and k != "out"
-                         and given[k] != getattr(cfg, k))
+        changed = sorted(k for k in given if k not in RUNTIME_KEYS + LENGTH_KEYS
+                         and k != "out" and given[k] != getattr(cfg, k))
         if changed:
             raise CLIError(f"--resume continues {run} with its saved configuration; these "
                            f"options differ from it: {', '.join(changed)}")
-        for k in RUNTIME_KEYS:
+        if "epochs" in given and "steps" not in given:
+            given["steps"] = None  # --epochs sets the length when --steps is not given
+        for k in RUNTIME_KEYS + LENGTH_KEYS:
             if k in given:
                 setattr(cfg, k, given[k])
         cfg.out = str(run)

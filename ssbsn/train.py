@@ -46,6 +46,7 @@ from .model import SSBSN
 MODEL_KEYS = ("in_channels", "base_channels", "num_modules", "ss_blocks", "gamma", "pd_train",
               "pd_test", "pd_pad", "fused", "group_stats")
 RUNTIME_KEYS = ("device", "workers", "progress")  # may change on resume
+LENGTH_KEYS = ("steps", "epochs")  # may grow on resume: extends a finished or stopped run
 
 
 @dataclass
@@ -106,6 +107,10 @@ class TrainConfig:
             raise ValueError("--save-every must be at least 1")
         if self.amp not in ("off", "bf16"):
             raise ValueError(f"--amp must be 'off' or 'bf16', got {self.amp!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
+            raise ValueError(f"lr_gamma must be a positive number, got {self.lr_gamma}")
         if not 0.0 < self.lr_decay_at <= 1.0:
             raise ValueError("--lr-decay-at must lie in (0, 1]")
 
@@ -249,7 +254,9 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     run = Path(cfg.out)
     if not resume:
-        if (run / "config.yaml").exists() or list_checkpoints(run):
+        # a folder with a config but no checkpoint is a run that failed before its first
+        # checkpoint: not a run, so the same command may start it again
+        if list_checkpoints(run) or (run / "model.safetensors").exists():
             raise ValueError(f"{run} already holds a run; continue it with "
                              f"'ssbsn train --resume {run}' or choose another --out")
         try:
@@ -261,6 +268,20 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
             raise ValueError(f"{run}: cannot write the run folder ({e.strerror or e})") from None
         write_config(run / "config.yaml", cfg)
     return run
+
+
+def _record_extension(run: Path, cfg: TrainConfig, done: int, total: int) -> None:
+    """On resume with a new length (``--steps``/``--epochs``): refuse a length the run has
+    already passed, and save the new one in config.yaml. The learning-rate schedule follows the
+    new total (its drop moves to ``lr_decay_at`` of it)."""
+    if total < done:
+        raise ValueError(f"{run} has already trained {done} steps; to extend it give --steps "
+                         f"larger than {done}")
+    saved = read_config(run / "config.yaml")
+    if any(getattr(saved, k) != getattr(cfg, k) for k in LENGTH_KEYS):
+        for k in LENGTH_KEYS:
+            setattr(saved, k, getattr(cfg, k))
+        write_config(run / "config.yaml", saved)
 
 
 def init_output_bias(model: SSBSN, dataset, samples: int = 16) -> None:
@@ -291,14 +312,8 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
         torch.cuda.set_device(device)
     main = rank == 0
 
-    run = Path(cfg.out)
-    if main:
-        prepare_run_dir(cfg, resume)
-        clean_temporaries(run)
-    if world > 1:
-        dist.barrier()
-
-    # data
+    # data: opened and checked before the run folder exists, so bad input leaves nothing
+    # behind that would block the retry
     if source is None:
         if not cfg.data:
             raise ValueError("no training data given")
@@ -315,6 +330,13 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     save_every = cfg.save_every or steps_per_epoch
 
+    run = Path(cfg.out)
+    if main:
+        prepare_run_dir(cfg, resume)
+        clean_temporaries(run)
+    if world > 1:
+        dist.barrier()
+
     # model and optimizer (fresh or from the newest checkpoint)
     torch.manual_seed(cfg.seed)
     model = SSBSN(**cfg.model_kwargs())
@@ -325,6 +347,8 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
             loaded, state = found
             model.load_state_dict(loaded.state_dict())
             start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+            if main:
+                _record_extension(run, cfg, start, total)
             torch.set_rng_state(state["torch_rng"])
             if "cuda_rng" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
