@@ -64,6 +64,9 @@ def denoise_array(model, img: np.ndarray, r3: bool = True, self_ensemble: bool =
                       overlap=overlap, seed=seed)[0].float().cpu().numpy().transpose(1, 2, 0)
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
+    if not np.isfinite(y).all():
+        raise CLIError("the model's output holds NaN or Inf (its weights do not work on this "
+                       "image); nothing is written for it")
     return y
 
 

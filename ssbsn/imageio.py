@@ -167,6 +167,8 @@ def from_model_range(x: np.ndarray, dtype) -> np.ndarray:
     """Float 0..255 → ``dtype`` (rounded and clipped for integer types, 0..1 for float)."""
     dtype = np.dtype(dtype)
     scaled = np.asarray(x, dtype=np.float64) * (max_value(dtype) / 255.0)
+    if not np.isfinite(scaled).all():
+        raise ImageError("refusing to write an image holding NaN or Inf samples")
     if dtype.kind == "f":
         return np.clip(scaled, 0.0, 1.0).astype(dtype)
     return np.clip(np.floor(scaled + 0.5), 0, max_value(dtype)).astype(dtype)

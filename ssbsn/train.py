@@ -49,6 +49,10 @@ RUNTIME_KEYS = ("device", "workers", "progress")  # may change on resume
 LENGTH_KEYS = ("steps", "epochs")  # may grow on resume: extends a finished or stopped run
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or Inf; the run stops, its checkpoints stay good."""
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved as config.yaml)."""
@@ -399,11 +403,14 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
             with amp:
                 y = net(x)
             loss = torch.nn.functional.l1_loss(y.float(), x)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                _diverged(run, cfg, step + 1, f"the loss is {loss_value}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            loss_sum += loss.item()
+            loss_sum += loss_value
             loss_n += 1
             imgs_since += x.shape[0] * world
 
@@ -421,6 +428,7 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
                 loss_sum, loss_n, t_log, imgs_since = 0.0, 0, now, 0
             bar.update(1)
             if main and (step % save_every == 0 or step == total):
+                _check_weights(run, cfg, model, step)
                 save_checkpoint(run, model, optimizer, dict(
                     step=step, epoch=epoch, total_steps=total,
                     elapsed=time.perf_counter() - t_start, loss=last_loss), keep=cfg.keep)
@@ -429,11 +437,27 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     bar.close()
     final = run / "model.safetensors"
     if main:
+        _check_weights(run, cfg, model, step)
         model.save(final)
     if world > 1:
         dist.barrier()
     return dict(steps=step, loss=last_loss, run=str(run), weights=str(final),
                 seconds=time.perf_counter() - t_start)
+
+
+def _diverged(run: Path, cfg: TrainConfig, step: int, what: str):
+    done = list_checkpoints(run)
+    kept = (f"the last good checkpoint (step {done[-1]}) is kept in {run / 'ckpt'}" if done
+            else "no checkpoint was written")
+    raise TrainingDiverged(f"training diverged at step {step} ({what}); {kept}; start again "
+                           f"with a lower --lr (this run: {cfg.lr:g})")
+
+
+def _check_weights(run: Path, cfg: TrainConfig, model, step: int) -> None:
+    """Never save weights holding NaN or Inf (a step can blow them up with a finite loss)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            _diverged(run, cfg, step, f"non-finite weights in {name}")
 
 
 def _all_mean(value: float, world: int, device) -> float:
@@ -445,8 +469,11 @@ def _all_mean(value: float, world: int, device) -> float:
 
 
 def _append_log(path: Path, record: dict) -> None:
+    # strict JSON: a non-finite number is written as null, never as a bare NaN
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+              for k, v in record.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:

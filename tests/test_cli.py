@@ -392,3 +392,20 @@ def test_demo_quick(tmp_path, capsys):
     assert (out / "run" / "model.safetensors").is_file()
     assert main(["demo", "--quick", "-o", str(out)]) == 1  # never overwrites an earlier demo
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_non_finite_output_is_never_written(tmp_path, capsys):
+    torch.manual_seed(0)
+    m = SSBSN(**TINY)
+    with torch.no_grad():  # finite weights whose output overflows float32
+        for p in m.parameters():
+            p.fill_(1e20)
+    w = tmp_path / "huge.safetensors"
+    m.save(w)
+    img = tmp_path / "x.png"
+    write_image(img, _img((16, 16, 3)))
+    out = tmp_path / "o"
+    assert main(["denoise", str(img), "-o", str(out), "-w", str(w), "--no-r3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ssbsn: error: ") and "NaN or Inf" in err and err.count("\n") == 1, err
+    assert not out.exists() or not any(out.iterdir())

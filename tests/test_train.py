@@ -274,3 +274,45 @@ def test_finished_run_can_be_extended(images, tmp_path, capsys, one_thread):
     assert code == 1 and "7 steps" in err, err
     code, err = _train_cli(capsys, ["--resume", cfg.out, "--lr", "0.5", "--no-progress"])
     assert code == 1 and "lr" in err
+
+
+def _strict_json(line):
+    def refuse(name):
+        raise ValueError(f"bare {name} in log.jsonl")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(images, tmp_path,
+                                                                      monkeypatch, one_thread):
+    import ssbsn.train as T
+    from ssbsn.checkpoint import CheckpointError
+    # a sane learning rate for 3 steps, then one that blows the weights up
+    monkeypatch.setattr(T, "lr_at", lambda cfg, step, total: 1e-3 if step < 3 else 1e30)
+    cfg = _cfg(images, tmp_path / "run", steps=20, save_every=1, keep=2)
+    with pytest.raises(T.TrainingDiverged, match=r"diverged at step \d+.*--lr") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+    import re
+    at = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    kept = list_checkpoints(cfg.out)
+    assert 3 <= max(kept) < at < 20
+    assert f"step {max(kept)}" in str(e.value)  # names the checkpoint it kept
+    for s in kept:  # every checkpoint left behind is good
+        w, _ = checkpoint_paths(cfg.out, s)
+        assert all(torch.isfinite(v).all() for v in SSBSN.load(w).state_dict().values())
+    assert not Path(cfg.out, "model.safetensors").exists()
+    lines = Path(cfg.out, "log.jsonl").read_text().splitlines()
+    assert all(np.isfinite(_strict_json(x)["loss"]) for x in lines)
+
+
+def test_divergence_through_the_command(images, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    code, err = _train_cli(capsys, [str(images), "--out", str(out), "--crop", "10", "--steps",
+                                    "6", "--batch", "2", "--lr", "1e6", "--no-progress",
+                                    "--device", "cpu", "--channels", "8", "--modules", "2",
+                                    "--ss-blocks", "1", "--log-every", "1"])
+    assert code == 1 and err.startswith("ssbsn: error: training diverged"), err
+    assert err.count("\n") == 1
+    for line in Path(out, "log.jsonl").read_text().splitlines():
+        _strict_json(line)
+    assert not Path(out, "model.safetensors").exists()
