@@ -409,3 +409,19 @@ def test_non_finite_output_is_never_written(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ssbsn: error: ") and "NaN or Inf" in err and err.count("\n") == 1, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_overwrite_keeps_a_normal_files_permissions(tmp_path, weights):
+    old = os.umask(0o022)
+    try:
+        src = tmp_path / "x.png"
+        write_image(src, _img((16, 16, 3)))
+        assert main(["denoise", str(src), "-o", str(tmp_path / "y.png"), "-w", str(weights),
+                     "--no-r3"]) == 0
+        assert os.stat(tmp_path / "y.png").st_mode & 0o777 == 0o644
+        os.chmod(src, 0o644)
+        assert main(["denoise", str(src), "-o", str(src), "-w", str(weights), "--no-r3",
+                     "--overwrite"]) == 0
+        assert os.stat(src).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)

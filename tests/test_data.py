@@ -1,4 +1,6 @@
 """Image I/O, metrics and dataset loaders, each on tiny files written here in the exact layout."""
+import os
+import stat
 import struct
 import zlib
 
@@ -354,3 +356,45 @@ def test_patch_dataset_channels_and_sizes():
         PatchDataset(ArraySource([_rand((12, 12, 3))]), crop=10, channels=1)
     with pytest.raises(DataError):
         PatchDataset(ArraySource([]), crop=10)
+
+
+# ------------------------------------------------------------------ file permissions
+
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+def _mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_written_files_get_the_permissions_of_a_plain_write(tmp_path, umask):
+    from ssbsn import SSBSN
+    from ssbsn.atomic import write_text_atomic
+    for mask in (0o022, 0o027, 0o002):
+        umask(mask)
+        d = tmp_path / f"m{mask:o}"
+        d.mkdir()
+        (d / "plain").write_text("x")  # what open() gives under this umask
+        want = _mode(d / "plain")
+        assert want == 0o666 & ~mask
+        write_image(d / "a.png", _rand((8, 8, 3)))
+        write_image(d / "a.tif", _rand((8, 8, 3), np.uint16))
+        write_text_atomic(d / "c.yaml", "a: 1\n")
+        SSBSN(base_channels=8, num_modules=1, ss_blocks=1).save(d / "m.safetensors")
+        write_sidd_submission(d / "SubmitSrgb.mat", _rand((1, 2, 8, 8, 3)))
+        write_dnd_bundle(d / "bundle", {1: [np.zeros((4, 4, 3), np.float32)]})
+        for name in ("a.png", "a.tif", "c.yaml", "m.safetensors", "SubmitSrgb.mat",
+                     "bundle/0001.mat"):
+            assert _mode(d / name) == want, (name, oct(_mode(d / name)))
+        assert _mode(d / "bundle") == 0o777 & ~mask
+    # replacing a file keeps its mode, as writing into it would
+    umask(0o022)
+    p = tmp_path / "keep.png"
+    write_image(p, _rand((8, 8, 3)))
+    os.chmod(p, 0o604)
+    write_image(p, _rand((8, 8, 3), seed=1))
+    assert _mode(p) == 0o604
