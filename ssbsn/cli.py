@@ -281,7 +281,7 @@ def _plan_outputs(inputs: list[str], output: str) -> list[tuple[Path, Path]]:
 def cmd_denoise(args) -> int:
     from tqdm import tqdm
 
-    from .imageio import (check_size, from_model_range, read_image, split_alpha,
+    from .imageio import (check_size, from_model_range, icc_profile, read_image, split_alpha,
                           to_model_range, write_image)
     kwargs = _infer_kwargs(args)
     plan = _plan_outputs(args.inputs, args.output)
@@ -307,7 +307,7 @@ def cmd_denoise(args) -> int:
         out = from_model_range(y, colour.dtype)
         if alpha is not None:
             out = np.concatenate([out, alpha], axis=-1)
-        write_image(dst, out)
+        write_image(dst, out, icc_profile=icc_profile(src))  # upright, same colour profile
         print(f"{src} -> {dst}")
     return 0
 

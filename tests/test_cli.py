@@ -425,3 +425,23 @@ def test_overwrite_keeps_a_normal_files_permissions(tmp_path, weights):
         assert os.stat(src).st_mode & 0o777 == 0o644
     finally:
         os.umask(old)
+
+
+def test_denoise_keeps_orientation_and_colour_profile(tmp_path, weights, model):
+    from PIL import Image, ImageCms
+    from ssbsn.imageio import icc_profile
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    a = _img((16, 24, 3), seed=4)
+    src = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(src, exif=exif, icc_profile=icc, quality=95)
+    out = tmp_path / "o"
+    assert main(["denoise", str(src), "-o", str(out), "-w", str(weights), "--no-r3"]) == 0
+    got = read_image(out / "photo.jpg")
+    assert got.shape == (24, 16, 3)  # upright, and no tag left to turn it again
+    with Image.open(out / "photo.jpg") as im:
+        assert im.getexif().get(0x0112, 1) == 1
+    assert icc_profile(out / "photo.jpg") == icc
+    y = _denoise(model, read_image(src).astype(np.float64), r3=False)
+    assert psnr(got, np.clip(y, 0, 255)) > 30

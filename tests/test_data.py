@@ -398,3 +398,51 @@ def test_written_files_get_the_permissions_of_a_plain_write(tmp_path, umask):
     os.chmod(p, 0o604)
     write_image(p, _rand((8, 8, 3), seed=1))
     assert _mode(p) == 0o604
+
+
+# ------------------------------------------------------------------ orientation and colour profile
+
+def _srgb_icc():
+    ImageCms = pytest.importorskip("PIL.ImageCms")
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_exif_orientation_is_applied_on_read(tmp_path, orientation):
+    from PIL import Image, ImageOps
+    a = np.zeros((16, 24, 3), np.uint8)
+    a[:8, :8] = 255  # a corner marker, so every orientation differs
+    a[..., 1] = np.arange(24, dtype=np.uint8) * 10
+    p = tmp_path / "o.png"  # PNG keeps the pixels exact (its eXIf chunk holds the tag)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(a).save(p, exif=exif)
+    with Image.open(p) as im:
+        upright = np.asarray(ImageOps.exif_transpose(im))  # Pillow as the oracle
+    got = read_image(p)
+    np.testing.assert_array_equal(got, upright)
+    assert image_shape(p) == got.shape
+
+
+def test_jpeg_orientation_6_and_icc_profile_survive_a_round_trip(tmp_path):
+    from PIL import Image
+    from ssbsn.imageio import icc_profile
+    icc = _srgb_icc()
+    yy, xx = np.mgrid[0:16, 0:24]
+    a = np.stack([yy * 12, xx * 9, (yy + xx) * 5], -1).astype(np.uint8)
+    p = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: a viewer rotates 90° clockwise
+    Image.fromarray(a).save(p, exif=exif, icc_profile=icc, quality=98)
+    got = read_image(p)
+    assert got.shape == (24, 16, 3)
+    assert psnr(got, np.rot90(a, -1)) > 30  # upright pixels
+    assert icc_profile(p) == icc
+    for name in ("out.jpg", "out.png", "out.tif"):
+        write_image(tmp_path / name, got, icc_profile=icc)
+        assert icc_profile(tmp_path / name) == icc
+        with Image.open(tmp_path / name) as im:
+            assert im.getexif().get(0x0112, 1) == 1  # written upright, without a turn
+    tifffile.imwrite(tmp_path / "t.tif", a, photometric="rgb", iccprofile=icc)
+    assert icc_profile(tmp_path / "t.tif") == icc
+    assert icc_profile(tmp_path / "out.png") == icc
