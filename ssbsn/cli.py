@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,45 @@ def load_model(weights, device: str = "auto", backend: str = "fused"):
     return model.to(_device(device)).eval()
 
 
+def _network_passes(model, shape, r3: bool, self_ensemble: bool, tile: int | None) -> int:
+    """How many times ``model.denoise`` runs the BSN on an (H, W) image: per tile, one pass
+    plus one per R3 round, for each of the 8 flips/rotations with self-ensemble."""
+    from .inference import tile_starts
+    windows = 1
+    if tile is not None:
+        t = -(-tile // model.pd_test) * model.pd_test  # as inference.tiled rounds it
+        windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
+    return windows * (8 if self_ensemble else 1) * (1 + model.r3_T if r3 else 1)
+
+
+@contextmanager
+def network_progress(model, total: int, desc: str, progress: bool | None):
+    """A tqdm bar on stderr (with ETA) that advances with every pass through ``model.bsn``
+    (a forward hook: the library itself prints nothing). ``progress``: True shows it, False
+    hides it, None shows it on a terminal once the work takes more than a second."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True,
+               disable=None if progress is None else not progress,
+               delay=1.0 if progress is None else 0.0)
+
+    def tick(*_):  # a forward hook that returns None leaves the output alone
+        bar.update(1)
+    handle = model.bsn.register_forward_hook(tick)
+    try:
+        yield bar
+    finally:
+        handle.remove()
+        bar.close()
+
+
 def denoise_array(model, img: np.ndarray, r3: bool = True, self_ensemble: bool = False,
-                  tile: int | None = None, overlap: int = 64, seed: int = 0) -> np.ndarray:
+                  tile: int | None = None, overlap: int = 64, seed: int = 0,
+                  progress: bool | None = False, desc: str = "denoise") -> np.ndarray:
     """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C).
 
     A grey image given to a 3-channel model is replicated to 3 channels and the result
-    averaged back to one; an RGB image cannot go through a 1-channel model.
+    averaged back to one; an RGB image cannot go through a 1-channel model. ``progress``:
+    see :func:`network_progress` (per tile and R3 round).
     """
     import torch
     c = img.shape[-1]
@@ -60,8 +94,10 @@ def denoise_array(model, img: np.ndarray, r3: bool = True, self_ensemble: bool =
         raise CLIError(f"the model takes {m}-channel images; this image has {c} channels")
     dev = next(model.parameters()).device
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
-    y = model.denoise(t.to(dev), r3=r3, self_ensemble=self_ensemble, tile=tile,
-                      overlap=overlap, seed=seed)[0].float().cpu().numpy().transpose(1, 2, 0)
+    total = _network_passes(model, img.shape, r3, self_ensemble, tile)
+    with network_progress(model, total, desc, progress):
+        y = model.denoise(t.to(dev), r3=r3, self_ensemble=self_ensemble, tile=tile,
+                          overlap=overlap, seed=seed)[0].float().cpu().numpy().transpose(1, 2, 0)
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
     if not np.isfinite(y).all():
@@ -100,6 +136,18 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
     g.add_argument("--backend", choices=("fused", "reference"), default="fused",
                    help="SS-Attention implementation: fused (memory-efficient, default) or "
                         "reference (materialises the attention matrix)")
+    _add_progress_option(p)
+
+
+def _add_progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars with ETA on stderr, per image and per tile/R3 round "
+                        "(default: on a terminal, for work over a second)")
+
+
+def _bars_off(args) -> bool:
+    """tqdm's ``disable`` for the per-file bars: off with --no-progress, else on a terminal."""
+    return True if args.progress is False else None
 
 
 def _infer_kwargs(args) -> dict:
@@ -300,10 +348,12 @@ def cmd_denoise(args) -> int:
                            f"{model.in_channels}-channel images")
     for folder in sorted({dst.parent for _, dst in plan}):
         _check_writable_dir(folder)
-    for src, dst in tqdm(plan, desc="denoise", unit="img", disable=len(plan) < 2):
+    for src, dst in tqdm(plan, desc="denoise", unit="img",
+                         disable=True if len(plan) < 2 else _bars_off(args)):
         img = read_image(src)
         colour, alpha = split_alpha(img)
-        y = denoise_array(model, to_model_range(colour), **kwargs)
+        y = denoise_array(model, to_model_range(colour), progress=args.progress,
+                          desc=src.name, **kwargs)
         out = from_model_range(y, colour.dtype)
         if alpha is not None:
             out = np.concatenate([out, alpha], axis=-1)
@@ -395,11 +445,13 @@ def cmd_eval(args) -> int:
     rows = []
     t0 = time.perf_counter()
     print(f"{'image':<40} {'PSNR in':>8} {'PSNR out':>9} {'SSIM in':>8} {'SSIM out':>9}")
-    for i in tqdm(range(len(names)), desc="eval", unit="img", leave=False):
+    for i in tqdm(range(len(names)), desc="eval", unit="img", leave=False,
+                  disable=_bars_off(args)):
         noisy, clean = load(i)
         check_size(noisy, names[i])
         x, ref = to_model_range(noisy), to_model_range(clean)
-        out = quantize(denoise_array(model, x, **kwargs))
+        out = quantize(denoise_array(model, x, progress=args.progress,
+                                     desc=Path(names[i]).name, **kwargs))
         row = dict(image=names[i], psnr_noisy=psnr(x, ref), psnr=psnr(out, ref),
                    ssim_noisy=ssim(x, ref), ssim=ssim(out, ref))
         rows.append(row)
@@ -467,7 +519,7 @@ def cmd_submit(args) -> int:
         result = np.empty_like(blocks)
         t0 = time.perf_counter()
         n, m = blocks.shape[:2]
-        for i in tqdm(range(n * m), desc="SIDD", unit="block"):
+        for i in tqdm(range(n * m), desc="SIDD", unit="block", disable=_bars_off(args)):
             result[i // m, i % m] = quantize(
                 denoise_array(model, blocks[i // m, i % m].astype(np.float32), **kwargs))
         mp = n * m * blocks.shape[2] * blocks.shape[3] / 1e6
@@ -480,7 +532,7 @@ def cmd_submit(args) -> int:
     _check_writable_dir(out.resolve().parent)
     model = load_model(args.weights, args.device, args.backend)
     results: dict[int, list] = {}
-    for idx in tqdm(range(len(dnd)), desc="DND", unit="box"):
+    for idx in tqdm(range(len(dnd)), desc="DND", unit="box", disable=_bars_off(args)):
         i, _, _, _ = dnd.entries[idx]
         y = denoise_array(model, dnd.load(idx) * np.float32(255.0), **kwargs)
         results.setdefault(i, []).append(quantize(y).astype(np.float32) / 255.0)
@@ -578,6 +630,7 @@ def _prep_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--overlap", type=int, default=128)
+    _add_progress_option(p)
     p.set_defaults(func=cmd_prep)
 
 
@@ -603,7 +656,7 @@ def cmd_prep(args) -> int:
     out = Path(args.output)
     _check_writable_dir(out)
     count = 0
-    for f in tqdm(files, desc="prep", unit="img"):
+    for f in tqdm(files, desc="prep", unit="img", disable=_bars_off(args)):
         img = split_alpha(read_image(f))[0]
         h, w = img.shape[:2]
         if min(h, w) < args.size:

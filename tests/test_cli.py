@@ -445,3 +445,23 @@ def test_denoise_keeps_orientation_and_colour_profile(tmp_path, weights, model):
     assert icc_profile(out / "photo.jpg") == icc
     y = _denoise(model, read_image(src).astype(np.float64), r3=False)
     assert psnr(got, np.clip(y, 0, 255)) > 30
+
+
+def test_progress_per_tile_and_r3_round(tmp_path, weights, model, capsys):
+    src = tmp_path / "big.png"
+    write_image(src, _img((16, 24, 3), seed=6))
+    base = ["denoise", str(src), "-w", str(weights), "--tile", "8", "--overlap", "2"]
+    assert main(base + ["-o", str(tmp_path / "a.png"), "--progress"]) == 0
+    err = capsys.readouterr().err
+    # 2×3 tiles, each one pass plus T=8 R3 rounds = 54 passes through the network
+    assert "/54 [" in err and "big.png" in err and "<" in err, err  # total and ETA
+    calls = []
+    h = model.bsn.register_forward_hook(lambda *_: calls.append(1) and None)
+    try:
+        _denoise(model, read_image(src).astype(np.float64), tile=8, overlap=2)
+    finally:
+        h.remove()
+    assert len(calls) == 54  # the bar's total is the work done
+    assert main(base + ["-o", str(tmp_path / "b.png"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), read_image(tmp_path / "b.png"))
