@@ -1,7 +1,9 @@
 """The ``ssbsn`` command: train, denoise, eval, attention-map, demo, submit, prep.
 
-Every command reports a problem as one line on stderr (``ssbsn: error: ...``) and a non-zero
-exit status; ``--debug`` (before the command) shows the traceback instead.
+Every command reports a problem as one line on stderr (``ssbsn: error: ...``): exit status 2
+for a command line that cannot be parsed, 1 for everything else; ``--debug`` (before the
+command) shows the traceback instead. PyTorch is imported only by the commands that need it,
+so ``ssbsn --help`` is quick.
 """
 from __future__ import annotations
 
@@ -25,6 +27,14 @@ EXIT_USAGE = 2
 
 class CLIError(ValueError):
     """A problem with what the user asked for."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``ssbsn: error: ...`` and exit status 2."""
+
+    def error(self, message):
+        hint = f" (see '{self.prog} --help')"
+        self.exit(EXIT_USAGE, f"ssbsn: error: {message}{hint}\n")
 
 
 # ================================================================== shared helpers
@@ -161,9 +171,7 @@ def _infer_kwargs(args) -> dict:
 
 # ================================================================== train
 
-def _train_parser(sub) -> None:
-    from .train import TrainConfig
-    d = TrainConfig()
+def _train_parser(sub, full: bool = True) -> None:
     S = argparse.SUPPRESS
     p = sub.add_parser(
         "train", help="self-supervised training on noisy images",
@@ -179,6 +187,10 @@ def _train_parser(sub) -> None:
                "  ssbsn train photos/ --out runs/mine --steps 20000 --amp bf16\n"
                "  ssbsn train --resume runs/sidd          # continue a stopped run\n"
                "  ssbsn train --config runs/sidd/config.yaml --out runs/again  # repeat it")
+    if not full:  # its options need the training module (and PyTorch): only for 'train'
+        return
+    from .train import TrainConfig
+    d = TrainConfig()
     p.add_argument("data", nargs="*", default=S, metavar="DATA", help="training data (see above)")
     p.add_argument("--kind", dest="data_kind", default=S,
                    choices=("auto", "folder", "sidd-medium", "sidd-mat", "dnd"),
@@ -389,19 +401,31 @@ def _eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _sidd_clean_file(noisy: Path, clean: str | None) -> Path:
+    """CLEAN if given, else the SIDD clean-block file beside the noisy one."""
+    if clean:
+        return Path(clean)
+    for name in (noisy.name.replace("Noisy", "Gt"), "ValidationGtBlocksSrgb.mat"):
+        c = noisy.with_name(name)
+        if c != noisy and c.is_file():
+            return c
+    raise CLIError(f"{noisy}: no clean blocks to compare with (no ValidationGtBlocksSrgb.mat "
+                   "beside it); give CLEAN, the .mat file of the clean blocks")
+
+
 def open_pairs(noisy: str, clean: str | None):
     """(names, loader) for a paired dataset; ``loader(i)`` → (noisy, clean) uint8/16 arrays."""
     from .data import load_sidd_blocks, paired_images
+    from .data.sidd import SIDD_GT_KEYS, SIDD_NOISY_KEYS
     from .data.sidd import is_sidd_medium, scan_sidd_medium
     from .imageio import read_image, split_alpha
     n = Path(noisy)
     if n.is_dir() and (n / "ValidationNoisyBlocksSrgb.mat").is_file() and clean is None:
         n = n / "ValidationNoisyBlocksSrgb.mat"
     if n.suffix.lower() == ".mat":
-        c = Path(clean) if clean else n.with_name(n.name.replace("Noisy", "Gt"))
-        if c == n or not c.is_file():
-            raise CLIError(f"{n}: no clean blocks found (expected {c}; give CLEAN)")
-        nb, cb = load_sidd_blocks(n), load_sidd_blocks(c)
+        nb = load_sidd_blocks(n, (n.stem,) + SIDD_NOISY_KEYS)
+        cb = load_sidd_blocks(_sidd_clean_file(n, clean), (Path(clean).stem,) + SIDD_GT_KEYS
+                              if clean else SIDD_GT_KEYS)
         if nb.shape != cb.shape:
             raise CLIError(f"noisy blocks {nb.shape} and clean blocks {cb.shape} differ in shape")
         names = [f"{i:02d}_{k:02d}" for i in range(nb.shape[0]) for k in range(nb.shape[1])]
@@ -674,8 +698,10 @@ def cmd_prep(args) -> int:
 
 # ================================================================== entry point
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The ``ssbsn`` parser. Given ``argv``, the train options (which import PyTorch) are
+    built only when ``argv`` names the train command."""
+    p = _Parser(
         prog="ssbsn",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SS-BSN: self-supervised denoising of real camera noise, trained on noisy "
@@ -690,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for PyTorch (default: one per core)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _demo_parser(sub)
-    _train_parser(sub)
+    _train_parser(sub, full=argv is None or "train" in argv)
     _denoise_parser(sub)
     _eval_parser(sub)
     _attention_parser(sub)
@@ -707,8 +733,17 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text
+                                            or "can't allocate memory" in text)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -723,8 +758,23 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ssbsn: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError, KeyError) as e:  # CheckpointError, ImageError, ...
+    except (MemoryError, RuntimeError) as e:
+        if args.debug:
+            raise
+        if _out_of_memory(e):
+            print(f"ssbsn: error: out of memory ({_one_line(e)}); try --tile N (e.g. --tile 256) "
+                  "to denoise in tiles, or a smaller --batch/--crop to train", file=sys.stderr)
+        else:
+            print(f"ssbsn: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, OSError, KeyError) as e:  # CLIError, CheckpointError, ImageError, ...
         if args.debug:
             raise
         print(f"ssbsn: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # a bug: still one line; --debug shows where
+        if args.debug:
+            raise
+        print(f"ssbsn: error: internal error ({type(e).__name__}: {_one_line(e)}); run "
+              "'ssbsn --debug ...' for the traceback and please report it", file=sys.stderr)
         return EXIT_ERROR

@@ -2,7 +2,8 @@
 
 Images are numpy arrays of shape (H, W, C), C = 1 (grey) or 3 (RGB), optionally followed by an
 alpha channel (C = 2 or 4) that :func:`split_alpha` sets aside. Supported sample types:
-uint8, uint16 (16-bit PNG for grey, 16-bit TIFF for grey and RGB) and float TIFF (values 0..1).
+uint8, uint16 (16-bit PNG for grey, 16-bit TIFF for grey and RGB) and float TIFF (values 0..1;
+a float image with samples outside 0..1 is refused rather than clipped).
 The model works on floats 0..255: :func:`to_model_range` / :func:`from_model_range` convert
 and restore the original bit depth (16-bit: ×255/65535 and back, rounded).
 
@@ -171,6 +172,10 @@ def _validate(arr: np.ndarray, path) -> np.ndarray:
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise ImageError(f"{path}: contains NaN or Inf samples")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:  # never clip silently: the output would not be the input's
+            raise ImageError(f"{path}: float samples outside 0..1 (min {lo:g}, max {hi:g}); "
+                             "float images must hold values in 0..1 — rescale it first")
         arr = arr.astype(np.float32)
     elif arr.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"{path}: unsupported sample type {arr.dtype} "

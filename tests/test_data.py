@@ -446,3 +446,22 @@ def test_jpeg_orientation_6_and_icc_profile_survive_a_round_trip(tmp_path):
     tifffile.imwrite(tmp_path / "t.tif", a, photometric="rgb", iccprofile=icc)
     assert icc_profile(tmp_path / "t.tif") == icc
     assert icc_profile(tmp_path / "out.png") == icc
+
+
+def test_sidd_blocks_found_in_a_renamed_file(tmp_path):
+    blocks = _rand((1, 2, 8, 8, 3))
+    scipy.io.savemat(tmp_path / "val.mat", {"ValidationNoisyBlocksSrgb": blocks})
+    np.testing.assert_array_equal(load_sidd_blocks(tmp_path / "val.mat"), blocks)
+    write_mat73(tmp_path / "bench.mat", "BenchmarkNoisyBlocksSrgb", blocks)
+    np.testing.assert_array_equal(load_sidd_blocks(tmp_path / "bench.mat"), blocks)
+    with pytest.raises(DataError, match="no variable 'ValidationGtBlocksSrgb'.*found: "
+                                        "ValidationNoisyBlocksSrgb"):
+        load_sidd_blocks(tmp_path / "val.mat", ("ValidationGtBlocksSrgb",))
+
+
+def test_float_image_outside_0_1_is_refused_not_clipped(tmp_path):
+    a = np.full((8, 8, 3), 0.25, np.float32)
+    a[0, 0, 0] = -0.5
+    tifffile.imwrite(tmp_path / "f.tif", a, photometric="rgb")
+    with pytest.raises(ImageError, match=r"outside 0\.\.1 \(min -0\.5"):
+        read_image(tmp_path / "f.tif")
