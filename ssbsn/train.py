@@ -129,7 +129,33 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+        d = dict(d)
+        for f in dataclasses.fields(cls):  # the annotation's type (a string here)
+            if str(f.type) == "float" and isinstance(d.get(f.name), str):
+                try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                    d[f.name] = float(d[f.name])
+                except ValueError:
+                    pass
+            if f.name in d and not _has_type(d[f.name], str(f.type)):
+                raise ValueError(f"configuration key {f.name}: {d[f.name]!r} is not "
+                                 f"{_TYPE_WORDS.get(str(f.type), f.type)}")
         return cls(**d)
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
+               "str": "a string", "list": "a list", "int | None": "an integer or null"}
+
+
+def _has_type(value, annotation: str) -> bool:
+    if value is None:
+        return annotation.endswith("| None")
+    kind = annotation.split(" |")[0]
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)),
+            "str": isinstance(value, str), "list": isinstance(value, list)}.get(kind, True)
 
 
 # ------------------------------------------------------------------ files
@@ -150,7 +176,10 @@ def read_config(path) -> TrainConfig:
         raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of configuration keys")
-    return TrainConfig.from_dict(d)
+    try:
+        return TrainConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _fsync(path: Path) -> None:

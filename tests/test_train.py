@@ -316,3 +316,14 @@ def test_divergence_through_the_command(images, tmp_path, capsys, one_thread):
     for line in Path(out, "log.jsonl").read_text().splitlines():
         _strict_json(line)
     assert not Path(out, "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("text,msg", [("crop: abc\n", "crop"), ("lr: [1]\n", "lr"),
+                                      ("augment: 3\n", "augment"), ("data: x.png\n", "data")])
+def test_saved_config_with_wrong_types_is_one_clear_error(tmp_path, text, msg):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=msg) as e:
+        read_config(tmp_path / "c.yaml")
+    assert "c.yaml" in str(e.value)
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\n")  # YAML 1.1 reads this as a string
+    assert read_config(tmp_path / "c.yaml").lr == 1e-4
