@@ -155,9 +155,10 @@ def _add_progress_option(p: argparse.ArgumentParser) -> None:
                         "(default: on a terminal, for work over a second)")
 
 
-def _bars_off(args) -> bool:
-    """tqdm's ``disable`` for the per-file bars: off with --no-progress, else on a terminal."""
-    return True if args.progress is False else None
+def _bars_off(args) -> bool | None:
+    """tqdm's ``disable`` for the per-file bars: --progress on, --no-progress off, else on a
+    terminal only."""
+    return None if args.progress is None else not args.progress
 
 
 def _infer_kwargs(args) -> dict:
