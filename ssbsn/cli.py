@@ -763,8 +763,8 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         if _out_of_memory(e):
-            print(f"ssbsn: error: out of memory ({_one_line(e)}); try --tile N (e.g. --tile 256) "
-                  "to denoise in tiles, or a smaller --batch/--crop to train", file=sys.stderr)
+            print("ssbsn: error: out of memory: try --tile N (e.g. --tile 256) to denoise in "
+                  f"tiles, or a smaller --batch/--crop to train ({_one_line(e)})", file=sys.stderr)
         else:
             print(f"ssbsn: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
