@@ -671,7 +671,7 @@ def cmd_prep(args) -> int:
 
     from .data import list_images, scan_sidd_medium
     from .data.sidd import is_sidd_medium
-    from .imageio import read_image, split_alpha, write_image
+    from .imageio import icc_profile, read_image, split_alpha, write_image
     if args.size < 8 or not 0 <= args.overlap < args.size:
         raise CLIError("--size must be ≥ 8 and 0 ≤ --overlap < --size")
     if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir() and is_sidd_medium(args.inputs[0]):
@@ -688,10 +688,11 @@ def cmd_prep(args) -> int:
             raise CLIError(f"{f}: {h}×{w} is smaller than --size {args.size}")
         step = args.size - args.overlap
         suffix = ".tif" if img.dtype != np.uint8 else ".png"
+        icc = icc_profile(f)
         for y in _tile_starts(h, args.size, step):
             for x in _tile_starts(w, args.size, step):
                 write_image(out / f"{f.stem}_{y:05d}_{x:05d}{suffix}",
-                            img[y:y + args.size, x:x + args.size])
+                            img[y:y + args.size, x:x + args.size], icc_profile=icc)
                 count += 1
     print(f"wrote {count} tiles to {out}")
     return 0

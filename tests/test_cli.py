@@ -354,8 +354,9 @@ def test_submit_dnd(tmp_path, weights, model):
 # ------------------------------------------------------------------ prep, attention map, demo
 
 def test_prep_tiles(tmp_path):
+    from ssbsn.imageio import icc_profile
     a = _img((30, 41, 3))
-    write_image(tmp_path / "big.png", a)
+    write_image(tmp_path / "big.png", a, icc_profile=b"not really a profile")
     assert main(["prep", str(tmp_path / "big.png"), "-o", str(tmp_path / "t"), "--size", "16",
                  "--overlap", "4"]) == 0
     tiles = sorted((tmp_path / "t").iterdir())
@@ -363,6 +364,7 @@ def test_prep_tiles(tmp_path):
     assert len(tiles) == 3 * 4
     np.testing.assert_array_equal(read_image(tmp_path / "t" / "big_00014_00025.png"),
                                   a[14:30, 25:41])
+    assert icc_profile(tmp_path / "t" / "big_00014_00025.png") == b"not really a profile"
 
 
 def test_attention_map_command(tmp_path, weights, capsys):
