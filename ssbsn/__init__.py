@@ -4,11 +4,25 @@
     >>> model = SSBSN()                       # the paper's configuration
     >>> loss = (model(noisy) - noisy).abs().mean()   # self-supervised training forward
     >>> clean = model.denoise(noisy)          # PD-2 + R3 inference
+
+The names below are imported on first use, so that ``ssbsn --help`` does not load PyTorch.
 """
-from .attention import SSAttention, ss_attention
-from .checkpoint import CheckpointError
-from .model import SSBSN
-from .nn import BSN
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["BSN", "CheckpointError", "SSAttention", "SSBSN", "ss_attention"]
+
+_WHERE = {"BSN": ".nn", "CheckpointError": ".checkpoint", "SSAttention": ".attention",
+          "SSBSN": ".model", "ss_attention": ".attention"}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ssbsn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -2,21 +2,40 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path, default: int = 0o666) -> int:
+    """The permissions a plain write of ``path`` would leave: those of the file it replaces,
+    else ``default`` (0o666 for files, 0o777 for folders) less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return default & ~current_umask()
 
 
 @contextmanager
 def atomic_path(path, suffix: str = ".tmp"):
     """Yield a temporary path in ``path``'s folder; when the block succeeds it is renamed onto
     ``path``, when it fails it is removed. ``path`` is never left half-written. ``suffix`` ends
-    the temporary name (writers that pick a format from the extension need it)."""
+    the temporary name (writers that pick a format from the extension need it). The result
+    has the permissions a plain write would give it (not mkstemp's 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, plain_mode(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

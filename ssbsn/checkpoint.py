@@ -9,6 +9,7 @@ constructor's configuration as JSON metadata. Nothing is ever unpickled: ``torch
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -120,10 +121,11 @@ def from_official(path_or_checkpoint, cls=None, **overrides):
     """SSBSN from the authors' checkpoint layout or a bare state dict (path or dict)."""
     if cls is None:
         from .model import SSBSN as cls
-    ckpt = path_or_checkpoint
+    ckpt, where = path_or_checkpoint, "checkpoint"
     if isinstance(ckpt, (str, os.PathLike)):
-        ckpt = _read(ckpt)
+        ckpt, where = _read(ckpt), str(ckpt)
     state = official_to_ours(_unwrap(ckpt))
+    check_finite(state, where)
     config = {**infer_config(state), **overrides}
     model = cls(**config)
     load_bsn_state(model, state)
@@ -138,22 +140,115 @@ def save_model(model, path) -> None:
         save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config)})
 
 
+# the constructor's arguments a file may carry: (type check, range check, what is expected)
+_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_NUM = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        "a number")
+_CONFIG_SCHEMA = {
+    "in_channels": (_INT, lambda v: 1 <= v <= 4, "1..4"),
+    "base_channels": (_INT, lambda v: 2 <= v <= 4096 and v % 2 == 0, "an even number 2..4096"),
+    "num_modules": (_INT, lambda v: 1 <= v <= 256, "1..256"),
+    "ss_blocks": (_INT, lambda v: 0 <= v <= 256, "0..num_modules"),
+    "gamma": (_INT, lambda v: 1 <= v <= 64, "1..64"),
+    "pd_train": (_INT, lambda v: 1 <= v <= 64, "1..64"),
+    "pd_test": (_INT, lambda v: 1 <= v <= 64, "1..64"),
+    "pd_pad": (_INT, lambda v: 0 <= v <= 64, "0..64"),
+    "r3_T": (_INT, lambda v: 1 <= v <= 1000, "1..1000"),
+    "r3_p": (_NUM, lambda v: 0.0 <= v <= 1.0, "0..1"),
+    "fused": (_BOOL, lambda v: True, ""),
+    "group_stats": (_BOOL, lambda v: True, ""),
+    "conv_backend": ((lambda v: isinstance(v, str), "a string"),
+                     lambda v: v in ("torch", "cuda"), "'torch' or 'cuda'"),
+}
+
+
+def validate_config(config, where) -> dict:
+    """Check a model configuration read from a file: a JSON object of known constructor
+    arguments with the right types and ranges. Raises :class:`CheckpointError` naming
+    ``where``."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: the model configuration ({CONFIG_KEY}) must be a JSON "
+                              f"object, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(_CONFIG_SCHEMA))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown key(s) in the model configuration: "
+                              f"{', '.join(map(str, unknown))}")
+    for key, value in config.items():
+        (is_type, type_name), in_range, range_name = _CONFIG_SCHEMA[key]
+        if not is_type(value):
+            raise CheckpointError(f"{where}: model configuration {key}={value!r} must be "
+                                  f"{type_name}")
+        if not in_range(value):
+            raise CheckpointError(f"{where}: model configuration {key}={value!r} out of range "
+                                  f"(expected {range_name})")
+    if config.get("ss_blocks", 3) > config.get("num_modules", 9):
+        raise CheckpointError(f"{where}: model configuration ss_blocks={config.get('ss_blocks')} "
+                              f"exceeds num_modules={config.get('num_modules', 9)}")
+    return config
+
+
+def _check_against_shapes(config: dict, shapes: dict, where) -> None:
+    """The configuration must describe the weights: compare with what their shapes say
+    (keys it leaves out are filled in from the shapes)."""
+    bsn = {k[len("bsn."):] if k.startswith("bsn.") else k: v for k, v in shapes.items()}
+    if "head.0.weight" not in bsn or len(bsn["head.0.weight"]) != 4:
+        raise CheckpointError(f"{where}: not an SS-BSN checkpoint (no bsn.head.0.weight)")
+    found = infer_config({k: _Shape(v) for k, v in bsn.items()})
+    for key, value in found.items():
+        claimed = config.setdefault(key, value)  # a key left out: what the weights say
+        if claimed != value:
+            raise CheckpointError(f"{where}: model configuration says {key}={claimed} but the "
+                                  f"weights have {key}={value}")
+
+
+class _Shape:
+    """Stands for a tensor where only ``.shape`` is needed (shapes from a file header)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def check_finite(state: dict, where) -> None:
+    """Refuse weights holding NaN or Inf (a diverged run): they would only produce garbage."""
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{where}: non-finite weights (NaN or Inf) in {key}; the run "
+                                  "that wrote it diverged — use an earlier checkpoint")
+
+
 def load_model(path, cls=None, **overrides):
-    """Load a model written by :func:`save_model`; falls back to :func:`from_official`."""
+    """Load a model written by :func:`save_model`; falls back to :func:`from_official`.
+
+    The configuration stored with the weights is validated (known keys, types, ranges) and
+    checked against the weights' shapes, read from the file header, before anything is built;
+    weights holding NaN or Inf are refused."""
     if cls is None:
         from .model import SSBSN as cls
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
         except Exception as e:  # safetensors raises several types for a bad header
-            raise CheckpointError(f"cannot read safetensors checkpoint {path}: {e}") from None
+            raise CheckpointError(f"cannot read safetensors checkpoint {path}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
+                                  ) from None
         if CONFIG_KEY in meta:
-            config = {**json.loads(meta[CONFIG_KEY]), **overrides}
+            try:
+                stored = json.loads(meta[CONFIG_KEY])
+            except ValueError as e:
+                raise CheckpointError(f"{path}: the model configuration ({CONFIG_KEY}) is not "
+                                      f"valid JSON ({e})") from None
+            config = {**validate_config(stored, path), **overrides}
+            _check_against_shapes(config, shapes, path)
             state = {k[len("bsn."):] if k.startswith("bsn.") else k: v
                      for k, v in _read(path).items()}
+            check_finite(state, path)
             model = cls(**config)
             load_bsn_state(model, state)
             return model

@@ -1,7 +1,9 @@
 """The ``ssbsn`` command: train, denoise, eval, attention-map, demo, submit, prep.
 
-Every command reports a problem as one line on stderr (``ssbsn: error: ...``) and a non-zero
-exit status; ``--debug`` (before the command) shows the traceback instead.
+Every command reports a problem as one line on stderr (``ssbsn: error: ...``): exit status 2
+for a command line that cannot be parsed, 1 for everything else; ``--debug`` (before the
+command) shows the traceback instead. PyTorch is imported only by the commands that need it,
+so ``ssbsn --help`` is quick.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,14 @@ EXIT_USAGE = 2
 
 class CLIError(ValueError):
     """A problem with what the user asked for."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``ssbsn: error: ...`` and exit status 2."""
+
+    def error(self, message):
+        hint = f" (see '{self.prog} --help')"
+        self.exit(EXIT_USAGE, f"ssbsn: error: {message}{hint}\n")
 
 
 # ================================================================== shared helpers
@@ -42,12 +53,45 @@ def load_model(weights, device: str = "auto", backend: str = "fused"):
     return model.to(_device(device)).eval()
 
 
+def _network_passes(model, shape, r3: bool, self_ensemble: bool, tile: int | None) -> int:
+    """How many times ``model.denoise`` runs the BSN on an (H, W) image: per tile, one pass
+    plus one per R3 round, for each of the 8 flips/rotations with self-ensemble."""
+    from .inference import tile_starts
+    windows = 1
+    if tile is not None:
+        t = -(-tile // model.pd_test) * model.pd_test  # as inference.tiled rounds it
+        windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
+    return windows * (8 if self_ensemble else 1) * (1 + model.r3_T if r3 else 1)
+
+
+@contextmanager
+def network_progress(model, total: int, desc: str, progress: bool | None):
+    """A tqdm bar on stderr (with ETA) that advances with every pass through ``model.bsn``
+    (a forward hook: the library itself prints nothing). ``progress``: True shows it, False
+    hides it, None shows it on a terminal once the work takes more than a second."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True,
+               disable=None if progress is None else not progress,
+               delay=1.0 if progress is None else 0.0)
+
+    def tick(*_):  # a forward hook that returns None leaves the output alone
+        bar.update(1)
+    handle = model.bsn.register_forward_hook(tick)
+    try:
+        yield bar
+    finally:
+        handle.remove()
+        bar.close()
+
+
 def denoise_array(model, img: np.ndarray, r3: bool = True, self_ensemble: bool = False,
-                  tile: int | None = None, overlap: int = 64, seed: int = 0) -> np.ndarray:
+                  tile: int | None = None, overlap: int = 64, seed: int = 0,
+                  progress: bool | None = False, desc: str = "denoise") -> np.ndarray:
     """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C).
 
     A grey image given to a 3-channel model is replicated to 3 channels and the result
-    averaged back to one; an RGB image cannot go through a 1-channel model.
+    averaged back to one; an RGB image cannot go through a 1-channel model. ``progress``:
+    see :func:`network_progress` (per tile and R3 round).
     """
     import torch
     c = img.shape[-1]
@@ -60,10 +104,15 @@ def denoise_array(model, img: np.ndarray, r3: bool = True, self_ensemble: bool =
         raise CLIError(f"the model takes {m}-channel images; this image has {c} channels")
     dev = next(model.parameters()).device
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
-    y = model.denoise(t.to(dev), r3=r3, self_ensemble=self_ensemble, tile=tile,
-                      overlap=overlap, seed=seed)[0].float().cpu().numpy().transpose(1, 2, 0)
+    total = _network_passes(model, img.shape, r3, self_ensemble, tile)
+    with network_progress(model, total, desc, progress):
+        y = model.denoise(t.to(dev), r3=r3, self_ensemble=self_ensemble, tile=tile,
+                          overlap=overlap, seed=seed)[0].float().cpu().numpy().transpose(1, 2, 0)
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
+    if not np.isfinite(y).all():
+        raise CLIError("the model's output holds NaN or Inf (its weights do not work on this "
+                       "image); nothing is written for it")
     return y
 
 
@@ -97,6 +146,19 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
     g.add_argument("--backend", choices=("fused", "reference"), default="fused",
                    help="SS-Attention implementation: fused (memory-efficient, default) or "
                         "reference (materialises the attention matrix)")
+    _add_progress_option(p)
+
+
+def _add_progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars with ETA on stderr, per image and per tile/R3 round "
+                        "(default: on a terminal, for work over a second)")
+
+
+def _bars_off(args) -> bool | None:
+    """tqdm's ``disable`` for the per-file bars: --progress on, --no-progress off, else on a
+    terminal only."""
+    return None if args.progress is None else not args.progress
 
 
 def _infer_kwargs(args) -> dict:
@@ -110,9 +172,7 @@ def _infer_kwargs(args) -> dict:
 
 # ================================================================== train
 
-def _train_parser(sub) -> None:
-    from .train import TrainConfig
-    d = TrainConfig()
+def _train_parser(sub, full: bool = True) -> None:
     S = argparse.SUPPRESS
     p = sub.add_parser(
         "train", help="self-supervised training on noisy images",
@@ -128,6 +188,10 @@ def _train_parser(sub) -> None:
                "  ssbsn train photos/ --out runs/mine --steps 20000 --amp bf16\n"
                "  ssbsn train --resume runs/sidd          # continue a stopped run\n"
                "  ssbsn train --config runs/sidd/config.yaml --out runs/again  # repeat it")
+    if not full:  # its options need the training module (and PyTorch): only for 'train'
+        return
+    from .train import TrainConfig
+    d = TrainConfig()
     p.add_argument("data", nargs="*", default=S, metavar="DATA", help="training data (see above)")
     p.add_argument("--kind", dest="data_kind", default=S,
                    choices=("auto", "folder", "sidd-medium", "sidd-mat", "dnd"),
@@ -196,18 +260,20 @@ def _train_parser(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import RUNTIME_KEYS, TrainConfig, read_config, train
+    from .train import LENGTH_KEYS, RUNTIME_KEYS, TrainConfig, read_config, train
     given = {k: v for k, v in vars(args).items()
              if k in {f for f in TrainConfig.__dataclass_fields__}}
     if args.resume:
         run = Path(args.resume)
         cfg = read_config(run / "config.yaml")
-        changed = sorted(k for k in given if k not in RUNTIME_KEYS and k != "out"
-                         and given[k] != getattr(cfg, k))
+        changed = sorted(k for k in given if k not in RUNTIME_KEYS + LENGTH_KEYS
+                         and k != "out" and given[k] != getattr(cfg, k))
         if changed:
             raise CLIError(f"--resume continues {run} with its saved configuration; these "
                            f"options differ from it: {', '.join(changed)}")
-        for k in RUNTIME_KEYS:
+        if "epochs" in given and "steps" not in given:
+            given["steps"] = None  # --epochs sets the length when --steps is not given
+        for k in RUNTIME_KEYS + LENGTH_KEYS:
             if k in given:
                 setattr(cfg, k, given[k])
         cfg.out = str(run)
@@ -276,7 +342,7 @@ def _plan_outputs(inputs: list[str], output: str) -> list[tuple[Path, Path]]:
 def cmd_denoise(args) -> int:
     from tqdm import tqdm
 
-    from .imageio import (check_size, from_model_range, read_image, split_alpha,
+    from .imageio import (check_size, from_model_range, icc_profile, read_image, split_alpha,
                           to_model_range, write_image)
     kwargs = _infer_kwargs(args)
     plan = _plan_outputs(args.inputs, args.output)
@@ -295,14 +361,16 @@ def cmd_denoise(args) -> int:
                            f"{model.in_channels}-channel images")
     for folder in sorted({dst.parent for _, dst in plan}):
         _check_writable_dir(folder)
-    for src, dst in tqdm(plan, desc="denoise", unit="img", disable=len(plan) < 2):
+    for src, dst in tqdm(plan, desc="denoise", unit="img",
+                         disable=True if len(plan) < 2 else _bars_off(args)):
         img = read_image(src)
         colour, alpha = split_alpha(img)
-        y = denoise_array(model, to_model_range(colour), **kwargs)
+        y = denoise_array(model, to_model_range(colour), progress=args.progress,
+                          desc=src.name, **kwargs)
         out = from_model_range(y, colour.dtype)
         if alpha is not None:
             out = np.concatenate([out, alpha], axis=-1)
-        write_image(dst, out)
+        write_image(dst, out, icc_profile=icc_profile(src))  # upright, same colour profile
         print(f"{src} -> {dst}")
     return 0
 
@@ -334,19 +402,31 @@ def _eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _sidd_clean_file(noisy: Path, clean: str | None) -> Path:
+    """CLEAN if given, else the SIDD clean-block file beside the noisy one."""
+    if clean:
+        return Path(clean)
+    for name in (noisy.name.replace("Noisy", "Gt"), "ValidationGtBlocksSrgb.mat"):
+        c = noisy.with_name(name)
+        if c != noisy and c.is_file():
+            return c
+    raise CLIError(f"{noisy}: no clean blocks to compare with (no ValidationGtBlocksSrgb.mat "
+                   "beside it); give CLEAN, the .mat file of the clean blocks")
+
+
 def open_pairs(noisy: str, clean: str | None):
     """(names, loader) for a paired dataset; ``loader(i)`` → (noisy, clean) uint8/16 arrays."""
     from .data import load_sidd_blocks, paired_images
+    from .data.sidd import SIDD_GT_KEYS, SIDD_NOISY_KEYS
     from .data.sidd import is_sidd_medium, scan_sidd_medium
     from .imageio import read_image, split_alpha
     n = Path(noisy)
     if n.is_dir() and (n / "ValidationNoisyBlocksSrgb.mat").is_file() and clean is None:
         n = n / "ValidationNoisyBlocksSrgb.mat"
     if n.suffix.lower() == ".mat":
-        c = Path(clean) if clean else n.with_name(n.name.replace("Noisy", "Gt"))
-        if c == n or not c.is_file():
-            raise CLIError(f"{n}: no clean blocks found (expected {c}; give CLEAN)")
-        nb, cb = load_sidd_blocks(n), load_sidd_blocks(c)
+        nb = load_sidd_blocks(n, (n.stem,) + SIDD_NOISY_KEYS)
+        cb = load_sidd_blocks(_sidd_clean_file(n, clean), (Path(clean).stem,) + SIDD_GT_KEYS
+                              if clean else SIDD_GT_KEYS)
         if nb.shape != cb.shape:
             raise CLIError(f"noisy blocks {nb.shape} and clean blocks {cb.shape} differ in shape")
         names = [f"{i:02d}_{k:02d}" for i in range(nb.shape[0]) for k in range(nb.shape[1])]
@@ -390,11 +470,13 @@ def cmd_eval(args) -> int:
     rows = []
     t0 = time.perf_counter()
     print(f"{'image':<40} {'PSNR in':>8} {'PSNR out':>9} {'SSIM in':>8} {'SSIM out':>9}")
-    for i in tqdm(range(len(names)), desc="eval", unit="img", leave=False):
+    for i in tqdm(range(len(names)), desc="eval", unit="img", leave=False,
+                  disable=_bars_off(args)):
         noisy, clean = load(i)
         check_size(noisy, names[i])
         x, ref = to_model_range(noisy), to_model_range(clean)
-        out = quantize(denoise_array(model, x, **kwargs))
+        out = quantize(denoise_array(model, x, progress=args.progress,
+                                     desc=Path(names[i]).name, **kwargs))
         row = dict(image=names[i], psnr_noisy=psnr(x, ref), psnr=psnr(out, ref),
                    ssim_noisy=ssim(x, ref), ssim=ssim(out, ref))
         rows.append(row)
@@ -462,7 +544,7 @@ def cmd_submit(args) -> int:
         result = np.empty_like(blocks)
         t0 = time.perf_counter()
         n, m = blocks.shape[:2]
-        for i in tqdm(range(n * m), desc="SIDD", unit="block"):
+        for i in tqdm(range(n * m), desc="SIDD", unit="block", disable=_bars_off(args)):
             result[i // m, i % m] = quantize(
                 denoise_array(model, blocks[i // m, i % m].astype(np.float32), **kwargs))
         mp = n * m * blocks.shape[2] * blocks.shape[3] / 1e6
@@ -475,7 +557,7 @@ def cmd_submit(args) -> int:
     _check_writable_dir(out.resolve().parent)
     model = load_model(args.weights, args.device, args.backend)
     results: dict[int, list] = {}
-    for idx in tqdm(range(len(dnd)), desc="DND", unit="box"):
+    for idx in tqdm(range(len(dnd)), desc="DND", unit="box", disable=_bars_off(args)):
         i, _, _, _ = dnd.entries[idx]
         y = denoise_array(model, dnd.load(idx) * np.float32(255.0), **kwargs)
         results.setdefault(i, []).append(quantize(y).astype(np.float32) / 255.0)
@@ -573,6 +655,7 @@ def _prep_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--overlap", type=int, default=128)
+    _add_progress_option(p)
     p.set_defaults(func=cmd_prep)
 
 
@@ -588,7 +671,7 @@ def cmd_prep(args) -> int:
 
     from .data import list_images, scan_sidd_medium
     from .data.sidd import is_sidd_medium
-    from .imageio import read_image, split_alpha, write_image
+    from .imageio import icc_profile, read_image, split_alpha, write_image
     if args.size < 8 or not 0 <= args.overlap < args.size:
         raise CLIError("--size must be ≥ 8 and 0 ≤ --overlap < --size")
     if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir() and is_sidd_medium(args.inputs[0]):
@@ -598,17 +681,18 @@ def cmd_prep(args) -> int:
     out = Path(args.output)
     _check_writable_dir(out)
     count = 0
-    for f in tqdm(files, desc="prep", unit="img"):
+    for f in tqdm(files, desc="prep", unit="img", disable=_bars_off(args)):
         img = split_alpha(read_image(f))[0]
         h, w = img.shape[:2]
         if min(h, w) < args.size:
             raise CLIError(f"{f}: {h}×{w} is smaller than --size {args.size}")
         step = args.size - args.overlap
         suffix = ".tif" if img.dtype != np.uint8 else ".png"
+        icc = icc_profile(f)
         for y in _tile_starts(h, args.size, step):
             for x in _tile_starts(w, args.size, step):
                 write_image(out / f"{f.stem}_{y:05d}_{x:05d}{suffix}",
-                            img[y:y + args.size, x:x + args.size])
+                            img[y:y + args.size, x:x + args.size], icc_profile=icc)
                 count += 1
     print(f"wrote {count} tiles to {out}")
     return 0
@@ -616,8 +700,10 @@ def cmd_prep(args) -> int:
 
 # ================================================================== entry point
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The ``ssbsn`` parser. Given ``argv``, the train options (which import PyTorch) are
+    built only when ``argv`` names the train command."""
+    p = _Parser(
         prog="ssbsn",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SS-BSN: self-supervised denoising of real camera noise, trained on noisy "
@@ -632,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for PyTorch (default: one per core)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _demo_parser(sub)
-    _train_parser(sub)
+    _train_parser(sub, full=argv is None or "train" in argv)
     _denoise_parser(sub)
     _eval_parser(sub)
     _attention_parser(sub)
@@ -649,8 +735,17 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text
+                                            or "can't allocate memory" in text)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -665,8 +760,23 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ssbsn: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError, KeyError) as e:  # CheckpointError, ImageError, ...
+    except (MemoryError, RuntimeError) as e:
+        if args.debug:
+            raise
+        if _out_of_memory(e):
+            print("ssbsn: error: out of memory: try --tile N (e.g. --tile 256) to denoise in "
+                  f"tiles, or a smaller --batch/--crop to train ({_one_line(e)})", file=sys.stderr)
+        else:
+            print(f"ssbsn: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, OSError, KeyError) as e:  # CLIError, CheckpointError, ImageError, ...
         if args.debug:
             raise
         print(f"ssbsn: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # a bug: still one line; --debug shows where
+        if args.debug:
+            raise
+        print(f"ssbsn: error: internal error ({type(e).__name__}: {_one_line(e)}); run "
+              "'ssbsn --debug ...' for the traceback and please report it", file=sys.stderr)
         return EXIT_ERROR

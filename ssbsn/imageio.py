@@ -2,9 +2,14 @@
 
 Images are numpy arrays of shape (H, W, C), C = 1 (grey) or 3 (RGB), optionally followed by an
 alpha channel (C = 2 or 4) that :func:`split_alpha` sets aside. Supported sample types:
-uint8, uint16 (16-bit PNG for grey, 16-bit TIFF for grey and RGB) and float TIFF (values 0..1).
+uint8, uint16 (16-bit PNG for grey, 16-bit TIFF for grey and RGB) and float TIFF (values 0..1;
+a float image with samples outside 0..1 is refused rather than clipped).
 The model works on floats 0..255: :func:`to_model_range` / :func:`from_model_range` convert
 and restore the original bit depth (16-bit: ×255/65535 and back, rounded).
+
+Orientation and colour: an EXIF orientation tag (JPEG, PNG) is applied on read, so the pixels
+are upright and outputs are written without the tag; :func:`icc_profile` reads an image's
+embedded ICC colour profile and :func:`write_image` embeds one (PNG, JPEG, TIFF).
 
 Every write goes to a temporary file in the destination folder that is renamed into place, so
 a crash never leaves a half-written image under the final name.
@@ -20,6 +25,8 @@ from .atomic import atomic_path
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 MIN_SIDE = 8
+ORIENTATION_TAG = 0x0112  # EXIF/TIFF Orientation
+ICC_TAG = 34675  # TIFF InterColorProfile
 
 
 class ImageError(ValueError):
@@ -46,6 +53,43 @@ def _refuse_png16_colour(path: Path) -> None:
                          "(Pillow reduces it to 8 bits); convert it to a 16-bit TIFF")
 
 
+def _exif_orientation(path: Path) -> int:
+    """The EXIF Orientation (1..8) of a JPEG/PNG/BMP file; 1 (upright) when absent."""
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            value = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # no readable EXIF: the decoder reports real damage
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn (H, W, ...) pixels stored with EXIF ``orientation`` upright (what a viewer shows)."""
+    if orientation in (5, 6, 7, 8):
+        arr = np.swapaxes(arr, 0, 1)  # transpose, then the flip that completes the turn
+        flip = {5: None, 6: 1, 7: (0, 1), 8: 0}[orientation]
+    else:
+        flip = {1: None, 2: 1, 3: (0, 1), 4: 0}[orientation]
+    return np.flip(arr, flip) if flip is not None else arr
+
+
+def icc_profile(path) -> bytes | None:
+    """The ICC colour profile embedded in an image file (PNG, JPEG, TIFF), or None."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+            with tifffile.TiffFile(path) as tif:
+                tag = tif.pages[0].tags.get(ICC_TAG)
+                return bytes(tag.value) if tag is not None else None
+        from PIL import Image
+        with Image.open(path) as im:
+            return im.info.get("icc_profile") or None
+    except Exception:
+        return None
+
+
 def read_image(path) -> np.ndarray:
     """Read an image as (H, W, C) uint8, uint16 or float32 (float only from TIFF).
 
@@ -70,7 +114,7 @@ def read_image(path) -> np.ndarray:
         else:
             _refuse_png16_colour(path)
             import skimage.io
-            arr = skimage.io.imread(path)
+            arr = orient(np.asarray(skimage.io.imread(path)), _exif_orientation(path))
     except ImageError:
         raise
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ...
@@ -98,7 +142,9 @@ def image_shape(path) -> tuple[int, int, int]:
         else:
             _refuse_png16_colour(path)
             import imageio.v3 as iio
-            shape = iio.improps(path).shape
+            shape = tuple(iio.improps(path).shape)
+            if _exif_orientation(path) >= 5 and len(shape) >= 2:  # turned by 90°
+                shape = (shape[1], shape[0]) + shape[2:]
     except ImageError:
         raise
     except Exception as e:
@@ -126,6 +172,10 @@ def _validate(arr: np.ndarray, path) -> np.ndarray:
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all():
             raise ImageError(f"{path}: contains NaN or Inf samples")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:  # never clip silently: the output would not be the input's
+            raise ImageError(f"{path}: float samples outside 0..1 (min {lo:g}, max {hi:g}); "
+                             "float images must hold values in 0..1 — rescale it first")
         arr = arr.astype(np.float32)
     elif arr.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"{path}: unsupported sample type {arr.dtype} "
@@ -167,18 +217,21 @@ def from_model_range(x: np.ndarray, dtype) -> np.ndarray:
     """Float 0..255 → ``dtype`` (rounded and clipped for integer types, 0..1 for float)."""
     dtype = np.dtype(dtype)
     scaled = np.asarray(x, dtype=np.float64) * (max_value(dtype) / 255.0)
+    if not np.isfinite(scaled).all():
+        raise ImageError("refusing to write an image holding NaN or Inf samples")
     if dtype.kind == "f":
         return np.clip(scaled, 0.0, 1.0).astype(dtype)
     return np.clip(np.floor(scaled + 0.5), 0, max_value(dtype)).astype(dtype)
 
 
-def _encode(path: Path, arr: np.ndarray, suffix: str, quality: int) -> None:
+def _encode(path: Path, arr: np.ndarray, suffix: str, quality: int, icc: bytes | None) -> None:
     if suffix in TIFF_SUFFIXES:
         import tifffile
         data = arr[..., 0] if arr.shape[-1] == 1 else arr
         photometric = "minisblack" if data.ndim == 2 or data.shape[-1] == 2 else "rgb"
         extras = ["unassalpha"] if arr.shape[-1] in (2, 4) else None
-        tifffile.imwrite(path, data, photometric=photometric, extrasamples=extras)
+        tifffile.imwrite(path, data, photometric=photometric, extrasamples=extras,
+                         iccprofile=icc)
         return
     if arr.dtype.kind == "f":
         raise ImageError(f"{path}: float images can only be written as TIFF")
@@ -188,13 +241,17 @@ def _encode(path: Path, arr: np.ndarray, suffix: str, quality: int) -> None:
     import imageio.v3 as iio
     data = arr[..., 0] if arr.shape[-1] == 1 else arr
     kwargs = {"quality": quality} if suffix in (".jpg", ".jpeg") else {}
+    if icc and suffix in (".png", ".jpg", ".jpeg"):
+        kwargs["icc_profile"] = icc
     if suffix in (".jpg", ".jpeg") and arr.shape[-1] in (2, 4):
         data = arr[..., :-1] if arr.shape[-1] == 4 else arr[..., 0]
     iio.imwrite(path, data, extension=suffix, **kwargs)
 
 
-def write_image(path, arr: np.ndarray, quality: int = 95) -> None:
-    """Write (H, W, C) ``arr`` atomically (temp file in the same folder, then rename)."""
+def write_image(path, arr: np.ndarray, quality: int = 95, icc_profile: bytes | None = None) -> None:
+    """Write (H, W, C) ``arr`` atomically (temp file in the same folder, then rename), upright
+    (no orientation tag), with ``icc_profile`` embedded where the format holds one (PNG, JPEG,
+    TIFF)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
@@ -205,7 +262,7 @@ def write_image(path, arr: np.ndarray, quality: int = 95) -> None:
         arr = arr[..., None]
     try:
         with atomic_path(path, ".tmp" + suffix) as tmp:
-            _encode(tmp, arr, suffix, quality)
+            _encode(tmp, arr, suffix, quality, icc_profile)
     except ImageError:
         raise
     except OSError as e:

@@ -46,6 +46,11 @@ from .model import SSBSN
 MODEL_KEYS = ("in_channels", "base_channels", "num_modules", "ss_blocks", "gamma", "pd_train",
               "pd_test", "pd_pad", "fused", "group_stats")
 RUNTIME_KEYS = ("device", "workers", "progress")  # may change on resume
+LENGTH_KEYS = ("steps", "epochs")  # may grow on resume: extends a finished or stopped run
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or Inf; the run stops, its checkpoints stay good."""
 
 
 @dataclass
@@ -106,6 +111,10 @@ class TrainConfig:
             raise ValueError("--save-every must be at least 1")
         if self.amp not in ("off", "bf16"):
             raise ValueError(f"--amp must be 'off' or 'bf16', got {self.amp!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
+            raise ValueError(f"lr_gamma must be a positive number, got {self.lr_gamma}")
         if not 0.0 < self.lr_decay_at <= 1.0:
             raise ValueError("--lr-decay-at must lie in (0, 1]")
 
@@ -120,7 +129,33 @@ class TrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+        d = dict(d)
+        for f in dataclasses.fields(cls):  # the annotation's type (a string here)
+            if str(f.type) == "float" and isinstance(d.get(f.name), str):
+                try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                    d[f.name] = float(d[f.name])
+                except ValueError:
+                    pass
+            if f.name in d and not _has_type(d[f.name], str(f.type)):
+                raise ValueError(f"configuration key {f.name}: {d[f.name]!r} is not "
+                                 f"{_TYPE_WORDS.get(str(f.type), f.type)}")
         return cls(**d)
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
+               "str": "a string", "list": "a list", "int | None": "an integer or null"}
+
+
+def _has_type(value, annotation: str) -> bool:
+    if value is None:
+        return annotation.endswith("| None")
+    kind = annotation.split(" |")[0]
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)),
+            "str": isinstance(value, str), "list": isinstance(value, list)}.get(kind, True)
 
 
 # ------------------------------------------------------------------ files
@@ -141,7 +176,10 @@ def read_config(path) -> TrainConfig:
         raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping of configuration keys")
-    return TrainConfig.from_dict(d)
+    try:
+        return TrainConfig.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _fsync(path: Path) -> None:
@@ -249,7 +287,9 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     run = Path(cfg.out)
     if not resume:
-        if (run / "config.yaml").exists() or list_checkpoints(run):
+        # a folder with a config but no checkpoint is a run that failed before its first
+        # checkpoint: not a run, so the same command may start it again
+        if list_checkpoints(run) or (run / "model.safetensors").exists():
             raise ValueError(f"{run} already holds a run; continue it with "
                              f"'ssbsn train --resume {run}' or choose another --out")
         try:
@@ -261,6 +301,20 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
             raise ValueError(f"{run}: cannot write the run folder ({e.strerror or e})") from None
         write_config(run / "config.yaml", cfg)
     return run
+
+
+def _record_extension(run: Path, cfg: TrainConfig, done: int, total: int) -> None:
+    """On resume with a new length (``--steps``/``--epochs``): refuse a length the run has
+    already passed, and save the new one in config.yaml. The learning-rate schedule follows the
+    new total (its drop moves to ``lr_decay_at`` of it)."""
+    if total < done:
+        raise ValueError(f"{run} has already trained {done} steps; to extend it give --steps "
+                         f"larger than {done}")
+    saved = read_config(run / "config.yaml")
+    if any(getattr(saved, k) != getattr(cfg, k) for k in LENGTH_KEYS):
+        for k in LENGTH_KEYS:
+            setattr(saved, k, getattr(cfg, k))
+        write_config(run / "config.yaml", saved)
 
 
 def init_output_bias(model: SSBSN, dataset, samples: int = 16) -> None:
@@ -291,14 +345,8 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
         torch.cuda.set_device(device)
     main = rank == 0
 
-    run = Path(cfg.out)
-    if main:
-        prepare_run_dir(cfg, resume)
-        clean_temporaries(run)
-    if world > 1:
-        dist.barrier()
-
-    # data
+    # data: opened and checked before the run folder exists, so bad input leaves nothing
+    # behind that would block the retry
     if source is None:
         if not cfg.data:
             raise ValueError("no training data given")
@@ -315,6 +363,13 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     save_every = cfg.save_every or steps_per_epoch
 
+    run = Path(cfg.out)
+    if main:
+        prepare_run_dir(cfg, resume)
+        clean_temporaries(run)
+    if world > 1:
+        dist.barrier()
+
     # model and optimizer (fresh or from the newest checkpoint)
     torch.manual_seed(cfg.seed)
     model = SSBSN(**cfg.model_kwargs())
@@ -325,6 +380,8 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
             loaded, state = found
             model.load_state_dict(loaded.state_dict())
             start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+            if main:
+                _record_extension(run, cfg, start, total)
             torch.set_rng_state(state["torch_rng"])
             if "cuda_rng" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -375,11 +432,14 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
             with amp:
                 y = net(x)
             loss = torch.nn.functional.l1_loss(y.float(), x)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                _diverged(run, cfg, step + 1, f"the loss is {loss_value}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            loss_sum += loss.item()
+            loss_sum += loss_value
             loss_n += 1
             imgs_since += x.shape[0] * world
 
@@ -397,6 +457,7 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
                 loss_sum, loss_n, t_log, imgs_since = 0.0, 0, now, 0
             bar.update(1)
             if main and (step % save_every == 0 or step == total):
+                _check_weights(run, cfg, model, step)
                 save_checkpoint(run, model, optimizer, dict(
                     step=step, epoch=epoch, total_steps=total,
                     elapsed=time.perf_counter() - t_start, loss=last_loss), keep=cfg.keep)
@@ -405,11 +466,27 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     bar.close()
     final = run / "model.safetensors"
     if main:
+        _check_weights(run, cfg, model, step)
         model.save(final)
     if world > 1:
         dist.barrier()
     return dict(steps=step, loss=last_loss, run=str(run), weights=str(final),
                 seconds=time.perf_counter() - t_start)
+
+
+def _diverged(run: Path, cfg: TrainConfig, step: int, what: str):
+    done = list_checkpoints(run)
+    kept = (f"the last good checkpoint (step {done[-1]}) is kept in {run / 'ckpt'}" if done
+            else "no checkpoint was written")
+    raise TrainingDiverged(f"training diverged at step {step} ({what}); {kept}; start again "
+                           f"with a lower --lr (this run: {cfg.lr:g})")
+
+
+def _check_weights(run: Path, cfg: TrainConfig, model, step: int) -> None:
+    """Never save weights holding NaN or Inf (a step can blow them up with a finite loss)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            _diverged(run, cfg, step, f"non-finite weights in {name}")
 
 
 def _all_mean(value: float, world: int, device) -> float:
@@ -421,8 +498,11 @@ def _all_mean(value: float, world: int, device) -> float:
 
 
 def _append_log(path: Path, record: dict) -> None:
+    # strict JSON: a non-finite number is written as null, never as a bare NaN
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+              for k, v in record.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:

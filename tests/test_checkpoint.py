@@ -121,3 +121,58 @@ def test_round_trip_of_our_file(tmp_path):
     x = torch.rand(1, 3, 16, 16) * 255
     torch.testing.assert_close(again.denoise(x), model.denoise(x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporaries
+
+
+# ------------------------------------------------------------------ metadata validation
+
+def _with_metadata(path, model, text):
+    """Our file layout with ``text`` as the ssbsn_config metadata."""
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"ssbsn_config": text})
+    return path
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('{"base_channels": 8, "num_modules": 2, "ss_blocks": 1, "bogus": 3}', "unknown key.*bogus"),
+    ('{"base_channels": "8", "num_modules": 2, "ss_blocks": 1}', "base_channels.*integer"),
+    ('[8, 2, 1]', "JSON object"),
+    ('{"base_channels": 8, "num_modules": 2', "not valid JSON"),
+    ('{"base_channels": 8, "num_modules": 2, "ss_blocks": 1, "fused": "yes"}', "fused.*true or false"),
+    ('{"base_channels": 8, "num_modules": 2, "ss_blocks": 1, "r3_p": 1.5}', "r3_p"),
+    ('{"base_channels": 8, "num_modules": 2, "ss_blocks": 1, "pd_test": 0}', "pd_test"),
+    ('{"base_channels": 8, "num_modules": 2, "ss_blocks": 1, "conv_backend": "x"}', "conv_backend"),
+    ('{"base_channels": 200000, "num_modules": 2, "ss_blocks": 1}', "base_channels=200000"),
+    ('{"base_channels": 16, "num_modules": 2, "ss_blocks": 1}', "base_channels=16.*weights.*=8"),
+    ('{"base_channels": 8, "num_modules": 5, "ss_blocks": 1}', "num_modules.*weights.*2"),
+    ('{"base_channels": 8, "num_modules": 2, "ss_blocks": 1, "in_channels": 1}', "in_channels"),
+])
+def test_bad_metadata_is_refused_before_building(tmp_path, monkeypatch, text, msg):
+    model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1)
+    path = _with_metadata(tmp_path / "m.safetensors", model, text)
+    built = []
+    orig = SSBSN.__init__
+
+    def spy(self, *a, **kw):
+        built.append(kw)
+        orig(self, *a, **kw)
+    monkeypatch.setattr(SSBSN, "__init__", spy)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        SSBSN.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert built == []  # refused before any model (or allocation) was made
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1)
+    with torch.no_grad():
+        model.bsn.tail[2].weight[0, 0, 0, 0] = float("nan")
+    model.save(tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match=r"non-finite.*tail\.2\.weight"):
+        SSBSN.load(tmp_path / "nan.safetensors")
+    sd = authors_state_dict()
+    sd["bsn.head.0.bias"][1] = float("inf")
+    torch.save({"model_weight": {"denoiser": sd}}, tmp_path / "inf.pth")
+    with pytest.raises(CheckpointError, match=r"non-finite.*head\.0\.bias") as e:
+        SSBSN.from_official(tmp_path / "inf.pth")
+    assert "inf.pth" in str(e.value)

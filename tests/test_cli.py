@@ -354,8 +354,9 @@ def test_submit_dnd(tmp_path, weights, model):
 # ------------------------------------------------------------------ prep, attention map, demo
 
 def test_prep_tiles(tmp_path):
+    from ssbsn.imageio import icc_profile
     a = _img((30, 41, 3))
-    write_image(tmp_path / "big.png", a)
+    write_image(tmp_path / "big.png", a, icc_profile=b"not really a profile")
     assert main(["prep", str(tmp_path / "big.png"), "-o", str(tmp_path / "t"), "--size", "16",
                  "--overlap", "4"]) == 0
     tiles = sorted((tmp_path / "t").iterdir())
@@ -363,6 +364,7 @@ def test_prep_tiles(tmp_path):
     assert len(tiles) == 3 * 4
     np.testing.assert_array_equal(read_image(tmp_path / "t" / "big_00014_00025.png"),
                                   a[14:30, 25:41])
+    assert icc_profile(tmp_path / "t" / "big_00014_00025.png") == b"not really a profile"
 
 
 def test_attention_map_command(tmp_path, weights, capsys):
@@ -392,3 +394,171 @@ def test_demo_quick(tmp_path, capsys):
     assert (out / "run" / "model.safetensors").is_file()
     assert main(["demo", "--quick", "-o", str(out)]) == 1  # never overwrites an earlier demo
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_non_finite_output_is_never_written(tmp_path, capsys):
+    torch.manual_seed(0)
+    m = SSBSN(**TINY)
+    with torch.no_grad():  # finite weights whose output overflows float32
+        for p in m.parameters():
+            p.fill_(1e20)
+    w = tmp_path / "huge.safetensors"
+    m.save(w)
+    img = tmp_path / "x.png"
+    write_image(img, _img((16, 16, 3)))
+    out = tmp_path / "o"
+    assert main(["denoise", str(img), "-o", str(out), "-w", str(w), "--no-r3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ssbsn: error: ") and "NaN or Inf" in err and err.count("\n") == 1, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_overwrite_keeps_a_normal_files_permissions(tmp_path, weights):
+    old = os.umask(0o022)
+    try:
+        src = tmp_path / "x.png"
+        write_image(src, _img((16, 16, 3)))
+        assert main(["denoise", str(src), "-o", str(tmp_path / "y.png"), "-w", str(weights),
+                     "--no-r3"]) == 0
+        assert os.stat(tmp_path / "y.png").st_mode & 0o777 == 0o644
+        os.chmod(src, 0o644)
+        assert main(["denoise", str(src), "-o", str(src), "-w", str(weights), "--no-r3",
+                     "--overwrite"]) == 0
+        assert os.stat(src).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_denoise_keeps_orientation_and_colour_profile(tmp_path, weights, model):
+    from PIL import Image, ImageCms
+    from ssbsn.imageio import icc_profile
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    a = _img((16, 24, 3), seed=4)
+    src = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(src, exif=exif, icc_profile=icc, quality=95)
+    out = tmp_path / "o"
+    assert main(["denoise", str(src), "-o", str(out), "-w", str(weights), "--no-r3"]) == 0
+    got = read_image(out / "photo.jpg")
+    assert got.shape == (24, 16, 3)  # upright, and no tag left to turn it again
+    with Image.open(out / "photo.jpg") as im:
+        assert im.getexif().get(0x0112, 1) == 1
+    assert icc_profile(out / "photo.jpg") == icc
+    y = _denoise(model, read_image(src).astype(np.float64), r3=False)
+    assert psnr(got, np.clip(y, 0, 255)) > 30
+
+
+def test_progress_per_tile_and_r3_round(tmp_path, weights, model, capsys):
+    src = tmp_path / "big.png"
+    write_image(src, _img((16, 24, 3), seed=6))
+    base = ["denoise", str(src), "-w", str(weights), "--tile", "8", "--overlap", "2"]
+    assert main(base + ["-o", str(tmp_path / "a.png"), "--progress"]) == 0
+    err = capsys.readouterr().err
+    # 2×3 tiles, each one pass plus T=8 R3 rounds = 54 passes through the network
+    assert "/54 [" in err and "big.png" in err and "<" in err, err  # total and ETA
+    calls = []
+    h = model.bsn.register_forward_hook(lambda *_: calls.append(1) and None)
+    try:
+        _denoise(model, read_image(src).astype(np.float64), tile=8, overlap=2)
+    finally:
+        h.remove()
+    assert len(calls) == 54  # the bar's total is the work done
+    assert main(base + ["-o", str(tmp_path / "b.png"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), read_image(tmp_path / "b.png"))
+
+
+# ------------------------------------------------------------------ start-up, usage errors, crashes
+
+def test_help_does_not_import_torch():
+    code = ("import sys\nfrom ssbsn.cli import main\n"
+            "for argv in (['--help'], ['denoise', '--help'], ['eval', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("NO-TORCH")
+
+
+@pytest.mark.parametrize("argv", [["train", "--lr", "x"], ["denoise"], ["bogus"],
+                                  ["denoise", "a.png", "-o", "b", "-w", "c", "--tile"]])
+def test_usage_errors_are_one_line_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ssbsn: error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("exc,msg", [
+    (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1440000 bytes."),
+     "out of memory"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory"),
+    (MemoryError("Unable to allocate 3.1 GiB for an array"), "out of memory"),
+    (TypeError("unsupported operand"), "internal error"),
+])
+def test_crashes_are_one_line_without_debug(tmp_path, weights, monkeypatch, capsys, exc, msg):
+    import ssbsn.cli as cli
+    src = tmp_path / "x.png"
+    write_image(src, _img((16, 16, 3)))
+
+    def boom(*a, **k):
+        raise exc
+    monkeypatch.setattr(cli, "denoise_array", boom)
+    argv = ["denoise", str(src), "-o", str(tmp_path / "o"), "-w", str(weights)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ssbsn: error: {msg}") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    if msg == "out of memory":
+        assert err.startswith("ssbsn: error: out of memory: try --tile N")
+    with pytest.raises(type(exc)):
+        main(["--debug"] + argv)
+
+
+def test_float_tiff_outside_0_1_is_refused(tmp_path, weights, capsys):
+    a = np.full((16, 16, 3), 0.5, np.float32)
+    a[3, 4, 1] = 1.7
+    tifffile.imwrite(tmp_path / "f.tif", a, photometric="rgb")
+    out = tmp_path / "o"
+    assert main(["denoise", str(tmp_path / "f.tif"), "-o", str(out), "-w", str(weights)]) == 1
+    err = capsys.readouterr().err
+    assert "outside 0..1" in err and err.count("\n") == 1, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_eval_finds_sidd_variables_in_renamed_files(tmp_path, weights, model, capsys):
+    rng = np.random.default_rng(1)
+    gt = rng.integers(50, 200, (1, 2, 16, 16, 3)).astype(np.uint8)
+    noisy = np.clip(gt + rng.normal(0, 10, gt.shape), 0, 255).astype(np.uint8)
+    scipy.io.savemat(tmp_path / "val_n.mat", {"ValidationNoisyBlocksSrgb": noisy})
+    scipy.io.savemat(tmp_path / "val_c.mat", {"ValidationGtBlocksSrgb": gt})
+    report = tmp_path / "r.json"
+    assert main(["eval", str(tmp_path / "val_n.mat"), str(tmp_path / "val_c.mat"), "-w",
+                 str(weights), "--json", str(report), "--no-r3"]) == 0
+    rows = json.loads(report.read_text())["images"]
+    den = quantize(_denoise(model, noisy[0, 1].astype(np.float64), r3=False))
+    assert rows[1]["psnr"] == pytest.approx(psnr(den, gt[0, 1]), abs=0.05)
+    # without CLEAN: the SIDD clean file beside it is found by name
+    scipy.io.savemat(tmp_path / "ValidationGtBlocksSrgb.mat", {"ValidationGtBlocksSrgb": gt})
+    assert main(["eval", str(tmp_path / "val_n.mat"), "-w", str(weights), "--no-r3"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("case", ["text", "no_sidd_variable", "no_clean"])
+def test_eval_mat_messages_say_what_is_wrong(tmp_path, weights, capsys, case):
+    p = tmp_path / "blocks.mat"
+    if case == "text":
+        p.write_text("this is a text file, not MATLAB\n")
+        expect = "cannot read MATLAB file"
+    elif case == "no_sidd_variable":
+        scipy.io.savemat(p, {"x": np.zeros((1, 1, 8, 8, 3), np.uint8)})
+        expect = "ValidationNoisyBlocksSrgb"
+    else:
+        scipy.io.savemat(p, {"ValidationNoisyBlocksSrgb": np.zeros((1, 1, 8, 8, 3), np.uint8)})
+        expect = "give CLEAN"
+    assert main(["eval", str(p), "-w", str(weights)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ssbsn: error: ") and expect in err and err.count("\n") == 1, err
+    assert "expected " + str(p) not in err  # never "expected <the same file>"

@@ -1,4 +1,6 @@
 """Image I/O, metrics and dataset loaders, each on tiny files written here in the exact layout."""
+import os
+import stat
 import struct
 import zlib
 
@@ -354,3 +356,112 @@ def test_patch_dataset_channels_and_sizes():
         PatchDataset(ArraySource([_rand((12, 12, 3))]), crop=10, channels=1)
     with pytest.raises(DataError):
         PatchDataset(ArraySource([]), crop=10)
+
+
+# ------------------------------------------------------------------ file permissions
+
+@pytest.fixture
+def umask():
+    old = os.umask(0o022)
+    yield lambda m: os.umask(m)
+    os.umask(old)
+
+
+def _mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_written_files_get_the_permissions_of_a_plain_write(tmp_path, umask):
+    from ssbsn import SSBSN
+    from ssbsn.atomic import write_text_atomic
+    for mask in (0o022, 0o027, 0o002):
+        umask(mask)
+        d = tmp_path / f"m{mask:o}"
+        d.mkdir()
+        (d / "plain").write_text("x")  # what open() gives under this umask
+        want = _mode(d / "plain")
+        assert want == 0o666 & ~mask
+        write_image(d / "a.png", _rand((8, 8, 3)))
+        write_image(d / "a.tif", _rand((8, 8, 3), np.uint16))
+        write_text_atomic(d / "c.yaml", "a: 1\n")
+        SSBSN(base_channels=8, num_modules=1, ss_blocks=1).save(d / "m.safetensors")
+        write_sidd_submission(d / "SubmitSrgb.mat", _rand((1, 2, 8, 8, 3)))
+        write_dnd_bundle(d / "bundle", {1: [np.zeros((4, 4, 3), np.float32)]})
+        for name in ("a.png", "a.tif", "c.yaml", "m.safetensors", "SubmitSrgb.mat",
+                     "bundle/0001.mat"):
+            assert _mode(d / name) == want, (name, oct(_mode(d / name)))
+        assert _mode(d / "bundle") == 0o777 & ~mask
+    # replacing a file keeps its mode, as writing into it would
+    umask(0o022)
+    p = tmp_path / "keep.png"
+    write_image(p, _rand((8, 8, 3)))
+    os.chmod(p, 0o604)
+    write_image(p, _rand((8, 8, 3), seed=1))
+    assert _mode(p) == 0o604
+
+
+# ------------------------------------------------------------------ orientation and colour profile
+
+def _srgb_icc():
+    ImageCms = pytest.importorskip("PIL.ImageCms")
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_exif_orientation_is_applied_on_read(tmp_path, orientation):
+    from PIL import Image, ImageOps
+    a = np.zeros((16, 24, 3), np.uint8)
+    a[:8, :8] = 255  # a corner marker, so every orientation differs
+    a[..., 1] = np.arange(24, dtype=np.uint8) * 10
+    p = tmp_path / "o.png"  # PNG keeps the pixels exact (its eXIf chunk holds the tag)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(a).save(p, exif=exif)
+    with Image.open(p) as im:
+        upright = np.asarray(ImageOps.exif_transpose(im))  # Pillow as the oracle
+    got = read_image(p)
+    np.testing.assert_array_equal(got, upright)
+    assert image_shape(p) == got.shape
+
+
+def test_jpeg_orientation_6_and_icc_profile_survive_a_round_trip(tmp_path):
+    from PIL import Image
+    from ssbsn.imageio import icc_profile
+    icc = _srgb_icc()
+    yy, xx = np.mgrid[0:16, 0:24]
+    a = np.stack([yy * 12, xx * 9, (yy + xx) * 5], -1).astype(np.uint8)
+    p = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: a viewer rotates 90° clockwise
+    Image.fromarray(a).save(p, exif=exif, icc_profile=icc, quality=98)
+    got = read_image(p)
+    assert got.shape == (24, 16, 3)
+    assert psnr(got, np.rot90(a, -1)) > 30  # upright pixels
+    assert icc_profile(p) == icc
+    for name in ("out.jpg", "out.png", "out.tif"):
+        write_image(tmp_path / name, got, icc_profile=icc)
+        assert icc_profile(tmp_path / name) == icc
+        with Image.open(tmp_path / name) as im:
+            assert im.getexif().get(0x0112, 1) == 1  # written upright, without a turn
+    tifffile.imwrite(tmp_path / "t.tif", a, photometric="rgb", iccprofile=icc)
+    assert icc_profile(tmp_path / "t.tif") == icc
+    assert icc_profile(tmp_path / "out.png") == icc
+
+
+def test_sidd_blocks_found_in_a_renamed_file(tmp_path):
+    blocks = _rand((1, 2, 8, 8, 3))
+    scipy.io.savemat(tmp_path / "val.mat", {"ValidationNoisyBlocksSrgb": blocks})
+    np.testing.assert_array_equal(load_sidd_blocks(tmp_path / "val.mat"), blocks)
+    write_mat73(tmp_path / "bench.mat", "BenchmarkNoisyBlocksSrgb", blocks)
+    np.testing.assert_array_equal(load_sidd_blocks(tmp_path / "bench.mat"), blocks)
+    with pytest.raises(DataError, match="no variable 'ValidationGtBlocksSrgb'.*found: "
+                                        "ValidationNoisyBlocksSrgb"):
+        load_sidd_blocks(tmp_path / "val.mat", ("ValidationGtBlocksSrgb",))
+
+
+def test_float_image_outside_0_1_is_refused_not_clipped(tmp_path):
+    a = np.full((8, 8, 3), 0.25, np.float32)
+    a[0, 0, 0] = -0.5
+    tifffile.imwrite(tmp_path / "f.tif", a, photometric="rgb")
+    with pytest.raises(ImageError, match=r"outside 0\.\.1 \(min -0\.5"):
+        read_image(tmp_path / "f.tif")

@@ -201,3 +201,129 @@ def test_config_validation(images, tmp_path):
         TrainConfig.from_dict({"bogus": 1})
     (tmp_path / "c.yaml").write_text(json.dumps({"crop": 10, "batch": 2}))
     assert read_config(tmp_path / "c.yaml").crop == 10
+
+
+# ------------------------------------------------------------------ failed runs, retries, extension
+
+def _train_cli(capsys, argv):
+    from ssbsn.cli import main
+    code = main(["train", *argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("case", ["big_crop", "empty_folder", "one_pixel", "kind_dnd", "lr",
+                                  "lr_nan", "missing"])
+def test_bad_training_input_leaves_no_run_folder(images, tmp_path, capsys, case):
+    data, extra = str(images), []
+    if case == "big_crop":
+        extra = ["--crop", "60"]
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        data = str(tmp_path / "empty")
+    elif case == "one_pixel":
+        (tmp_path / "tiny").mkdir()
+        write_image(tmp_path / "tiny" / "a.png", np.zeros((1, 1, 3), np.uint8))
+        data = str(tmp_path / "tiny")
+    elif case == "kind_dnd":
+        extra = ["--kind", "dnd"]
+    elif case == "lr":
+        extra = ["--lr", "-1"]
+    elif case == "lr_nan":
+        extra = ["--lr", "nan"]
+    elif case == "missing":
+        data = str(tmp_path / "nothing_here")
+    out = tmp_path / "run"
+    argv = [data, "--out", str(out), "--crop", "10", "--steps", "2", "--batch", "2",
+            "--no-progress", "--device", "cpu", "--channels", "8", "--modules", "2",
+            "--ss-blocks", "1", *extra]
+    code, err = _train_cli(capsys, argv)
+    assert code == 1 and err.startswith("ssbsn: error: ") and err.count("\n") == 1, err
+    assert not out.exists()  # nothing to block the retry
+
+
+def test_failed_run_does_not_block_its_retry(images, tmp_path, capsys, one_thread):
+    bad = images / "4.png"
+    write_image(bad, np.random.default_rng(5).integers(0, 256, (24, 26, 3)).astype(np.uint8))
+    good = bad.read_bytes()
+    bad.write_bytes(good[:len(good) // 2])  # the header reads, the pixels do not: fails in training
+    out = tmp_path / "run"
+    argv = [str(images), "--out", str(out), "--crop", "10", "--steps", "3", "--batch", "5",
+            "--no-progress", "--device", "cpu", "--channels", "8", "--modules", "2",
+            "--ss-blocks", "1", "--seed", "1", "--log-every", "1"]
+    code, err = _train_cli(capsys, argv)
+    assert code == 1 and "4.png" in err and err.count("\n") == 1, err
+    assert list_checkpoints(out) == []
+    bad.write_bytes(good)
+    code, err = _train_cli(capsys, argv)  # the same command again: not "already holds a run"
+    assert code == 0, err
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    code, err = _train_cli(capsys, argv)  # now it is a run
+    assert code == 1 and "--resume" in err
+
+
+def test_finished_run_can_be_extended(images, tmp_path, capsys, one_thread):
+    cfg = _cfg(images, tmp_path / "run", steps=4, save_every=2)
+    train(cfg)
+    code, err = _train_cli(capsys, ["--resume", cfg.out, "--steps", "7", "--no-progress"])
+    assert code == 0, err
+    assert [r["step"] for r in read_log(cfg.out)] == list(range(1, 8))
+    assert max(list_checkpoints(cfg.out)) == 7
+    assert read_config(Path(cfg.out, "config.yaml")).steps == 7
+    code, err = _train_cli(capsys, ["--resume", cfg.out, "--steps", "5", "--no-progress"])
+    assert code == 1 and "7 steps" in err, err
+    code, err = _train_cli(capsys, ["--resume", cfg.out, "--lr", "0.5", "--no-progress"])
+    assert code == 1 and "lr" in err
+
+
+def _strict_json(line):
+    def refuse(name):
+        raise ValueError(f"bare {name} in log.jsonl")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(images, tmp_path,
+                                                                      monkeypatch, one_thread):
+    import ssbsn.train as T
+    from ssbsn.checkpoint import CheckpointError
+    # a sane learning rate for 3 steps, then one that blows the weights up
+    monkeypatch.setattr(T, "lr_at", lambda cfg, step, total: 1e-3 if step < 3 else 1e30)
+    cfg = _cfg(images, tmp_path / "run", steps=20, save_every=1, keep=2)
+    with pytest.raises(T.TrainingDiverged, match=r"diverged at step \d+.*--lr") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+    import re
+    at = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    kept = list_checkpoints(cfg.out)
+    assert 3 <= max(kept) < at < 20
+    assert f"step {max(kept)}" in str(e.value)  # names the checkpoint it kept
+    for s in kept:  # every checkpoint left behind is good
+        w, _ = checkpoint_paths(cfg.out, s)
+        assert all(torch.isfinite(v).all() for v in SSBSN.load(w).state_dict().values())
+    assert not Path(cfg.out, "model.safetensors").exists()
+    lines = Path(cfg.out, "log.jsonl").read_text().splitlines()
+    assert all(np.isfinite(_strict_json(x)["loss"]) for x in lines)
+
+
+def test_divergence_through_the_command(images, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    code, err = _train_cli(capsys, [str(images), "--out", str(out), "--crop", "10", "--steps",
+                                    "6", "--batch", "2", "--lr", "1e6", "--no-progress",
+                                    "--device", "cpu", "--channels", "8", "--modules", "2",
+                                    "--ss-blocks", "1", "--log-every", "1"])
+    assert code == 1 and err.startswith("ssbsn: error: training diverged"), err
+    assert err.count("\n") == 1
+    for line in Path(out, "log.jsonl").read_text().splitlines():
+        _strict_json(line)
+    assert not Path(out, "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("text,msg", [("crop: abc\n", "crop"), ("lr: [1]\n", "lr"),
+                                      ("augment: 3\n", "augment"), ("data: x.png\n", "data")])
+def test_saved_config_with_wrong_types_is_one_clear_error(tmp_path, text, msg):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=msg) as e:
+        read_config(tmp_path / "c.yaml")
+    assert "c.yaml" in str(e.value)
+    (tmp_path / "c.yaml").write_text("lr: 1e-4\n")  # YAML 1.1 reads this as a string
+    assert read_config(tmp_path / "c.yaml").lr == 1e-4

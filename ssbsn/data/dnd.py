@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import plain_mode
 from .sidd import DataError, _savemat_atomic
 
 
@@ -128,6 +129,7 @@ def write_dnd_bundle(out_dir, results: dict) -> list[Path]:
             _savemat_atomic(tmp / name, {"Idenoised": cells, "israw": False,
                                          "eval_version": "1.0"})
             written.append(out_dir / name)
+        os.chmod(tmp, plain_mode(out_dir, 0o777))  # not mkdtemp's 0700
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

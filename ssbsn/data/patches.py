@@ -94,6 +94,11 @@ def open_training_source(path, kind: str = "auto"):
             kind = "sidd-medium"
         else:
             kind = "folder"
+    if kind == "dnd" and not is_dnd(first):
+        raise DataError(f"{first}: not a DND root (--kind dnd expects info.mat and "
+                        "images_srgb/ in it)")
+    if kind == "sidd-mat" and not (first.is_file() and first.suffix.lower() == ".mat"):
+        raise DataError(f"{first}: not a SIDD block .mat file (--kind sidd-mat)")
     if kind == "sidd-mat":
         blocks = load_sidd_blocks(first)
         flat = blocks.reshape((-1,) + blocks.shape[2:])

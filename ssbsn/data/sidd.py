@@ -4,8 +4,9 @@ benchmark submission.
 * Medium sRGB: ``Data/<scene-instance>/<prefix>_{NOISY,GT}_SRGB_{010,011}.PNG`` where
   ``<prefix>`` is the first ``_``-separated field of the folder name (e.g. ``0001``).
 * Blocks: ``ValidationNoisyBlocksSrgb.mat`` / ``ValidationGtBlocksSrgb.mat`` /
-  ``BenchmarkNoisyBlocksSrgb.mat``; MATLAB files whose variable is the file stem, uint8 of
-  shape (40, 32, 256, 256, 3) (images × blocks × H × W × RGB).
+  ``BenchmarkNoisyBlocksSrgb.mat``; MATLAB files whose variable has the file's original stem
+  as its name (found in a renamed file too), uint8 of shape (40, 32, 256, 256, 3)
+  (images × blocks × H × W × RGB).
 * Submission: ``SubmitSrgb.mat`` with ``DenoisedBlocksSrgb`` (a 40×32 cell array of uint8
   256×256×3 blocks), ``TimeMPSrgb`` (seconds per megapixel) and ``OptionalData``, as the
   SIDD benchmark kit saves it.
@@ -20,6 +21,8 @@ from ..atomic import atomic_path
 from ..imageio import ImageError
 
 SIDD_SRGB_BLOCKS = (40, 32, 256, 256, 3)
+SIDD_NOISY_KEYS = ("ValidationNoisyBlocksSrgb", "BenchmarkNoisyBlocksSrgb")
+SIDD_GT_KEYS = ("ValidationGtBlocksSrgb",)
 
 
 class DataError(ValueError):
@@ -55,28 +58,44 @@ def is_sidd_medium(root) -> bool:
         return False
 
 
-def load_sidd_blocks(path, key: str | None = None) -> np.ndarray:
-    """The uint8 (images, blocks, H, W, 3) array of a SIDD block file; ``key`` defaults to the
-    file stem (``ValidationNoisyBlocksSrgb`` ...)."""
+def load_sidd_blocks(path, key=None) -> np.ndarray:
+    """The uint8 (images, blocks, H, W, 3) array of a SIDD block file.
+
+    ``key``: the variable's name, or a tuple of names to look for in this order; by default
+    the file stem, then the SIDD names (:data:`SIDD_NOISY_KEYS`, :data:`SIDD_GT_KEYS`), so a
+    renamed SIDD file still loads."""
     import scipy.io
     path = Path(path)
-    key = key or path.stem
+    if key is None:
+        key = (path.stem,) + SIDD_NOISY_KEYS + SIDD_GT_KEYS
+    wanted = (key,) if isinstance(key, str) else tuple(key)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        mat = scipy.io.loadmat(path, variable_names=[key])
-        arr = mat.get(key)
-        names = [k for k in scipy.io.whosmat(path)] if arr is None else None
-    except NotImplementedError:  # MATLAB v7.3 = HDF5; stored with the axes reversed
-        import h5py
-        with h5py.File(path, "r") as f:
-            arr = np.asarray(f[key]).transpose() if key in f else None
-            names = [(k,) for k in f.keys()] if arr is None else None
+        try:
+            names = [n[0] for n in scipy.io.whosmat(path)]
+            hdf5 = False
+        except NotImplementedError:  # MATLAB v7.3 = HDF5; stored with the axes reversed
+            import h5py
+            with h5py.File(path, "r") as f:
+                names = list(f.keys())
+            hdf5 = True
+        key = next((k for k in wanted if k in names), None)
+        if key is None:
+            expected = " or ".join(repr(k) for k in dict.fromkeys(wanted))
+            raise DataError(f"{path}: no variable {expected} in this .mat file "
+                            f"(found: {', '.join(names) or 'none'})")
+        if hdf5:
+            import h5py
+            with h5py.File(path, "r") as f:
+                arr = np.asarray(f[key]).transpose()
+        else:
+            arr = scipy.io.loadmat(path, variable_names=[key]).get(key)
+    except DataError:
+        raise
     except Exception as e:  # scipy raises ValueError, TypeError, ... on a damaged file
-        raise DataError(f"{path}: cannot read MATLAB file ({str(e).splitlines()[0]})") from None
-    if arr is None:
-        found = ", ".join(n[0] for n in names) or "none"
-        raise DataError(f"{path}: no variable {key!r} in this .mat file (found: {found})")
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot read MATLAB file ({msg})") from None
     arr = np.asarray(arr)
     if arr.ndim != 5 or arr.shape[-1] not in (1, 3) or arr.dtype != np.uint8:
         raise DataError(f"{path}: {key!r} should be uint8 (images, blocks, H, W, 3), "
