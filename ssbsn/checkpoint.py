@@ -19,6 +19,7 @@ import torch
 from .atomic import atomic_path
 
 CONFIG_KEY = "ssbsn_config"
+INFERENCE_KEY = "ssbsn_inference"  # the model's inference settings (SSBSN.inference), JSON
 
 
 class CheckpointError(ValueError):
@@ -135,7 +136,10 @@ def save_model(model, path) -> None:
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config)})
+        meta = {CONFIG_KEY: json.dumps(model.config)}
+        if getattr(model, "inference", None) is not None:
+            meta[INFERENCE_KEY] = json.dumps(model.inference)
+        save_file(state, str(tmp), metadata=meta)
 
 
 def load_model(path, cls=None, **overrides):
@@ -151,7 +155,14 @@ def load_model(path, cls=None, **overrides):
         except Exception as e:  # safetensors raises several types for a bad header
             raise CheckpointError(f"cannot read safetensors checkpoint {path}: {e}") from None
         if CONFIG_KEY in meta:
-            config = {**json.loads(meta[CONFIG_KEY]), **overrides}
+            saved = json.loads(meta[CONFIG_KEY])
+            # the attention backend is a runtime choice (same weights): the memory-efficient
+            # path unless the caller asks otherwise, whatever the run that wrote the file used
+            saved.pop("fused", None)
+            if INFERENCE_KEY in meta:
+                saved["inference"] = {**json.loads(meta[INFERENCE_KEY]),
+                                      **(overrides.pop("inference", None) or {})}
+            config = {**saved, **overrides}
             state = {k[len("bsn."):] if k.startswith("bsn.") else k: v
                      for k, v in _read(path).items()}
             model = cls(**config)

@@ -38,13 +38,16 @@ def load_model(weights, device: str = "auto", backend: str = "fused"):
     mode. ``backend``: "fused" (memory-efficient SS-Attention: SDPA on CPU, Triton on CUDA) or
     "reference" (the N×N matrix; slow and memory-hungry at full resolution)."""
     from .model import SSBSN
-    model = SSBSN.load(weights, fused=backend == "fused")
+    model = SSBSN.load(weights, backend=backend)
     return model.to(_device(device)).eval()
 
 
-def denoise_array(model, img: np.ndarray, r3: bool = True, self_ensemble: bool = False,
-                  tile: int | None = None, overlap: int = 64, seed: int = 0) -> np.ndarray:
-    """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C).
+def denoise_array(model, img: np.ndarray, r3: bool | None = None,
+                  self_ensemble: bool | None = None, tile: int | None = None,
+                  overlap: int | None = None, seed: int = 0, shifts: bool | None = None,
+                  pd: int | None = None) -> np.ndarray:
+    """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C). Options
+    left at None take the model's own inference settings (``model.inference``, ``pd_test``).
 
     A grey image given to a 3-channel model is replicated to 3 channels and the result
     averaged back to one; an RGB image cannot go through a 1-channel model.
@@ -61,7 +64,8 @@ def denoise_array(model, img: np.ndarray, r3: bool = True, self_ensemble: bool =
     dev = next(model.parameters()).device
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
     y = model.denoise(t.to(dev), r3=r3, self_ensemble=self_ensemble, tile=tile,
-                      overlap=overlap, seed=seed)[0].float().cpu().numpy().transpose(1, 2, 0)
+                      overlap=overlap, seed=seed, shifts=shifts,
+                      pd=pd)[0].float().cpu().numpy().transpose(1, 2, 0)
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
     return y
@@ -83,15 +87,22 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
     g.add_argument("--weights", "-w", required=weights_required, metavar="CKPT",
                    help="checkpoint: ours (.safetensors from 'ssbsn train') or the authors' "
                         "(.pth)")
-    g.add_argument("--no-r3", dest="r3", action="store_false",
-                   help="skip R3 (random-replacing refinement, T=8, p=0.16); faster, a little "
-                        "worse")
-    g.add_argument("--self-ensemble", action="store_true",
-                   help="average the 8 flips/rotations (8× slower, about +0.7 dB)")
+    g.add_argument("--r3", dest="r3", action=argparse.BooleanOptionalAction, default=None,
+                   help="R3 (random-replacing refinement, T=8, p=0.16); default: the model's "
+                        "setting (on for the paper's models)")
+    g.add_argument("--self-ensemble", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the 8 flips/rotations (8× slower, about +0.7 dB); default: "
+                        "the model's setting")
+    g.add_argument("--shifts", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over the PD stride² pixel shifts (no PD checkerboard; "
+                        "stride² slower); default: the model's setting")
+    g.add_argument("--pd-test", dest="pd_test", type=int, default=None, metavar="N",
+                   help="PD stride at inference (default: the model's)")
     g.add_argument("--tile", type=int, default=None, metavar="N",
-                   help="process in N×N tiles to bound memory (default: whole image)")
-    g.add_argument("--overlap", type=int, default=64, metavar="N",
-                   help="context pixels around each tile (default 64)")
+                   help="process in N×N tiles to bound memory; 0 = whole image (default: the "
+                        "model's setting, whole image for the paper's)")
+    g.add_argument("--overlap", type=int, default=None, metavar="N",
+                   help="context pixels around each tile (default: the model's, 64)")
     g.add_argument("--seed", type=int, default=0, help="seed of R3's random replacement")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     g.add_argument("--backend", choices=("fused", "reference"), default="fused",
@@ -100,12 +111,15 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
 
 
 def _infer_kwargs(args) -> dict:
-    if args.tile is not None and args.tile < 1:
-        raise CLIError("--tile must be positive")
-    if args.overlap < 0:
+    """Inference options as given; None = the model's own setting."""
+    if args.tile is not None and args.tile < 0:
+        raise CLIError("--tile must not be negative (0 = the whole image)")
+    if args.overlap is not None and args.overlap < 0:
         raise CLIError("--overlap must not be negative")
+    if args.pd_test is not None and args.pd_test < 1:
+        raise CLIError("--pd-test must be at least 1")
     return dict(r3=args.r3, self_ensemble=args.self_ensemble, tile=args.tile,
-                overlap=args.overlap, seed=args.seed)
+                overlap=args.overlap, seed=args.seed, shifts=args.shifts, pd=args.pd_test)
 
 
 # ================================================================== train
@@ -152,7 +166,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--pd-test", dest="pd_test", type=int, default=S, metavar="N",
                    help=f"PD stride at inference (default {d.pd_test})")
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=S,
-                   help="fused SS-Attention kernels (Triton on CUDA, SDPA on CPU; default off)")
+                   help="memory-efficient SS-Attention (Triton on CUDA, SDPA on CPU; default on; "
+                        "--no-fused: the N×N reference)")
     g.add_argument("--group-stats", dest="group_stats", action=argparse.BooleanOptionalAction,
                    default=S, help="per-group LayerNorm statistics (exact blind spot; "
                                    "default off, as the paper)")

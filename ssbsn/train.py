@@ -63,7 +63,7 @@ class TrainConfig:
     pd_train: int = 5
     pd_test: int = 2
     pd_pad: int = 2
-    fused: bool = False
+    fused: bool = True  # memory-efficient SS-Attention (SDPA on CPU, Triton on CUDA)
     group_stats: bool = False
     # optimisation
     crop: int = 120
