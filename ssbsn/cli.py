@@ -152,6 +152,16 @@ def _train_parser(sub) -> None:
                         "(configuration from RUN/config.yaml)")
     p.add_argument("--config", metavar="YAML", default=None,
                    help="start from a saved configuration; options given here override it")
+    p.add_argument("--preset", choices=("paper", "quick"), default=S,
+                   help="paper (default): the paper's recipe, for GPUs and large data; quick: "
+                        "the best quality for a handful of photos within --minutes (default "
+                        "8) on a CPU. Options given here override the preset's values")
+    p.add_argument("--minutes", type=float, default=S, metavar="M",
+                   help="train until M minutes are spent, with the learning-rate schedule laid "
+                        "over them (any preset; quick: 8)")
+    p.add_argument("--budget-clock", dest="budget_clock", choices=("wall", "cpu"), default=S,
+                   help="what --minutes counts: wall time (default) or this process's CPU "
+                        "time (robust to a busy machine)")
     g = p.add_argument_group("model")
     g.add_argument("--channels", dest="base_channels", type=int, default=S, metavar="N",
                    help=f"base channels (default {d.base_channels})")
@@ -181,6 +191,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--lr-decay-at", dest="lr_decay_at", type=float, default=S, metavar="X",
                    help=f"fraction of the run after which lr ×{d.lr_gamma} (default "
                         f"{d.lr_decay_at}, the paper's epoch 16 of 20)")
+    g.add_argument("--lr-schedule", dest="lr_schedule", choices=("step", "cosine"), default=S,
+                   help="step: ×gamma at --lr-decay-at (the paper's); cosine: to 0 at the end")
     g.add_argument("--warmup", type=int, default=S, metavar="N",
                    help="steps of linear learning-rate warm-up (default 0)")
     g.add_argument("--repeat", type=int, default=S, metavar="N",
@@ -229,6 +241,10 @@ def cmd_train(args) -> int:
         summary = train(cfg, resume=True)
     else:
         cfg = read_config(args.config) if args.config else TrainConfig()
+        if "preset" in given:
+            from .presets import preset_values
+            for k, v in preset_values(given["preset"]).items():
+                setattr(cfg, k, v)
         for k, v in given.items():
             setattr(cfg, k, v)
         if not cfg.data:
