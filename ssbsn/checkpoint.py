@@ -20,6 +20,7 @@ import torch
 from .atomic import atomic_path
 
 CONFIG_KEY = "ssbsn_config"
+INFERENCE_KEY = "ssbsn_inference"  # the model's inference settings (SSBSN.inference), JSON
 
 
 class CheckpointError(ValueError):
@@ -137,7 +138,10 @@ def save_model(model, path) -> None:
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(model.config)})
+        meta = {CONFIG_KEY: json.dumps(model.config)}
+        if getattr(model, "inference", None) is not None:
+            meta[INFERENCE_KEY] = json.dumps(model.inference)
+        save_file(state, str(tmp), metadata=meta)
 
 
 # the constructor's arguments a file may carry: (type check, range check, what is expected)
@@ -209,6 +213,24 @@ class _Shape:
         self.shape = tuple(shape)
 
 
+def _read_inference(text: str, where) -> dict:
+    """The inference settings stored with the weights (JSON object of known settings)."""
+    from .inference import INFERENCE_DEFAULTS, check_inference_settings
+    try:
+        settings = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: the inference settings ({INFERENCE_KEY}) are not valid "
+                              f"JSON ({e})") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{where}: the inference settings ({INFERENCE_KEY}) must be a JSON "
+                              f"object, got {type(settings).__name__}")
+    try:
+        check_inference_settings({**INFERENCE_DEFAULTS, **settings})
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return settings
+
+
 def check_finite(state: dict, where) -> None:
     """Refuse weights holding NaN or Inf (a diverged run): they would only produce garbage."""
     for key, value in state.items():
@@ -244,7 +266,14 @@ def load_model(path, cls=None, **overrides):
             except ValueError as e:
                 raise CheckpointError(f"{path}: the model configuration ({CONFIG_KEY}) is not "
                                       f"valid JSON ({e})") from None
-            config = {**validate_config(stored, path), **overrides}
+            saved = dict(validate_config(stored, path))
+            # the attention backend is a runtime choice (same weights): the memory-efficient
+            # path unless the caller asks otherwise, whatever the run that wrote the file used
+            saved.pop("fused", None)
+            if INFERENCE_KEY in meta:
+                saved["inference"] = {**_read_inference(meta[INFERENCE_KEY], path),
+                                      **(overrides.pop("inference", None) or {})}
+            config = {**saved, **overrides}
             _check_against_shapes(config, shapes, path)
             state = {k[len("bsn."):] if k.startswith("bsn.") else k: v
                      for k, v in _read(path).items()}

@@ -49,19 +49,28 @@ def load_model(weights, device: str = "auto", backend: str = "fused"):
     mode. ``backend``: "fused" (memory-efficient SS-Attention: SDPA on CPU, Triton on CUDA) or
     "reference" (the N×N matrix; slow and memory-hungry at full resolution)."""
     from .model import SSBSN
-    model = SSBSN.load(weights, fused=backend == "fused")
+    model = SSBSN.load(weights, backend=backend)
     return model.to(_device(device)).eval()
 
 
-def _network_passes(model, shape, r3: bool, self_ensemble: bool, tile: int | None) -> int:
+def _network_passes(model, shape, r3: bool | None, self_ensemble: bool | None, tile: int | None,
+                    shifts: bool | None = None, pd: int | None = None) -> int:
     """How many times ``model.denoise`` runs the BSN on an (H, W) image: per tile, one pass
-    plus one per R3 round, for each of the 8 flips/rotations with self-ensemble."""
+    plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
+    the PD stride's s² shifts with the shifted-PD ensemble. None: the model's own setting."""
     from .inference import tile_starts
+    s = model.inference
+    r3 = s["r3"] if r3 is None else r3
+    self_ensemble = s["self_ensemble"] if self_ensemble is None else self_ensemble
+    shifts = s["shifts"] if shifts is None else shifts
+    tile = s["tile"] if tile is None else tile
+    b = model.pd_test if pd is None else pd
     windows = 1
-    if tile is not None:
-        t = -(-tile // model.pd_test) * model.pd_test  # as inference.tiled rounds it
+    if tile:
+        t = -(-tile // b) * b  # as inference.tiled rounds it
         windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
-    return windows * (8 if self_ensemble else 1) * (1 + model.r3_T if r3 else 1)
+    return (windows * (8 if self_ensemble else 1) * (b * b if shifts else 1)
+            * (1 + model.r3_T if r3 else 1))
 
 
 @contextmanager
@@ -84,10 +93,13 @@ def network_progress(model, total: int, desc: str, progress: bool | None):
         bar.close()
 
 
-def denoise_array(model, img: np.ndarray, r3: bool = True, self_ensemble: bool = False,
-                  tile: int | None = None, overlap: int = 64, seed: int = 0,
-                  progress: bool | None = False, desc: str = "denoise") -> np.ndarray:
-    """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C).
+def denoise_array(model, img: np.ndarray, r3: bool | None = None,
+                  self_ensemble: bool | None = None, tile: int | None = None,
+                  overlap: int | None = None, seed: int = 0, shifts: bool | None = None,
+                  pd: int | None = None, progress: bool | None = False,
+                  desc: str = "denoise") -> np.ndarray:
+    """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C). Options
+    left at None take the model's own inference settings (``model.inference``, ``pd_test``).
 
     A grey image given to a 3-channel model is replicated to 3 channels and the result
     averaged back to one; an RGB image cannot go through a 1-channel model. ``progress``:
@@ -104,10 +116,11 @@ def denoise_array(model, img: np.ndarray, r3: bool = True, self_ensemble: bool =
         raise CLIError(f"the model takes {m}-channel images; this image has {c} channels")
     dev = next(model.parameters()).device
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
-    total = _network_passes(model, img.shape, r3, self_ensemble, tile)
+    total = _network_passes(model, img.shape, r3, self_ensemble, tile, shifts, pd)
     with network_progress(model, total, desc, progress):
         y = model.denoise(t.to(dev), r3=r3, self_ensemble=self_ensemble, tile=tile,
-                          overlap=overlap, seed=seed)[0].float().cpu().numpy().transpose(1, 2, 0)
+                          overlap=overlap, seed=seed, shifts=shifts,
+                          pd=pd)[0].float().cpu().numpy().transpose(1, 2, 0)
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
     if not np.isfinite(y).all():
@@ -132,15 +145,22 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
     g.add_argument("--weights", "-w", required=weights_required, metavar="CKPT",
                    help="checkpoint: ours (.safetensors from 'ssbsn train') or the authors' "
                         "(.pth)")
-    g.add_argument("--no-r3", dest="r3", action="store_false",
-                   help="skip R3 (random-replacing refinement, T=8, p=0.16); faster, a little "
-                        "worse")
-    g.add_argument("--self-ensemble", action="store_true",
-                   help="average the 8 flips/rotations (8× slower, about +0.7 dB)")
+    g.add_argument("--r3", dest="r3", action=argparse.BooleanOptionalAction, default=None,
+                   help="R3 (random-replacing refinement, T=8, p=0.16); default: the model's "
+                        "setting (on for the paper's models)")
+    g.add_argument("--self-ensemble", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the 8 flips/rotations (8× slower, about +0.7 dB); default: "
+                        "the model's setting")
+    g.add_argument("--shifts", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over the PD stride² pixel shifts (no PD checkerboard; "
+                        "stride² slower); default: the model's setting")
+    g.add_argument("--pd-test", dest="pd_test", type=int, default=None, metavar="N",
+                   help="PD stride at inference (default: the model's)")
     g.add_argument("--tile", type=int, default=None, metavar="N",
-                   help="process in N×N tiles to bound memory (default: whole image)")
-    g.add_argument("--overlap", type=int, default=64, metavar="N",
-                   help="context pixels around each tile (default 64)")
+                   help="process in N×N tiles to bound memory; 0 = whole image (default: the "
+                        "model's setting, whole image for the paper's)")
+    g.add_argument("--overlap", type=int, default=None, metavar="N",
+                   help="context pixels around each tile (default: the model's, 64)")
     g.add_argument("--seed", type=int, default=0, help="seed of R3's random replacement")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     g.add_argument("--backend", choices=("fused", "reference"), default="fused",
@@ -162,12 +182,15 @@ def _bars_off(args) -> bool | None:
 
 
 def _infer_kwargs(args) -> dict:
-    if args.tile is not None and args.tile < 1:
-        raise CLIError("--tile must be positive")
-    if args.overlap < 0:
+    """Inference options as given; None = the model's own setting."""
+    if args.tile is not None and args.tile < 0:
+        raise CLIError("--tile must not be negative (0 = the whole image)")
+    if args.overlap is not None and args.overlap < 0:
         raise CLIError("--overlap must not be negative")
+    if args.pd_test is not None and args.pd_test < 1:
+        raise CLIError("--pd-test must be at least 1")
     return dict(r3=args.r3, self_ensemble=args.self_ensemble, tile=args.tile,
-                overlap=args.overlap, seed=args.seed)
+                overlap=args.overlap, seed=args.seed, shifts=args.shifts, pd=args.pd_test)
 
 
 # ================================================================== train
@@ -202,6 +225,16 @@ def _train_parser(sub, full: bool = True) -> None:
                         "(configuration from RUN/config.yaml)")
     p.add_argument("--config", metavar="YAML", default=None,
                    help="start from a saved configuration; options given here override it")
+    p.add_argument("--preset", choices=("paper", "quick"), default=S,
+                   help="paper (default): the paper's recipe, for GPUs and large data; quick: "
+                        "the best quality for a handful of photos within --minutes (default "
+                        "8) on a CPU. Options given here override the preset's values")
+    p.add_argument("--minutes", type=float, default=S, metavar="M",
+                   help="train until M minutes are spent, with the learning-rate schedule laid "
+                        "over them (any preset; quick: 8)")
+    p.add_argument("--budget-clock", dest="budget_clock", choices=("wall", "cpu"), default=S,
+                   help="what --minutes counts: wall time (default) or this process's CPU "
+                        "time (robust to a busy machine)")
     g = p.add_argument_group("model")
     g.add_argument("--channels", dest="base_channels", type=int, default=S, metavar="N",
                    help=f"base channels (default {d.base_channels})")
@@ -216,7 +249,8 @@ def _train_parser(sub, full: bool = True) -> None:
     g.add_argument("--pd-test", dest="pd_test", type=int, default=S, metavar="N",
                    help=f"PD stride at inference (default {d.pd_test})")
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=S,
-                   help="fused SS-Attention kernels (Triton on CUDA, SDPA on CPU; default off)")
+                   help="memory-efficient SS-Attention (Triton on CUDA, SDPA on CPU; default on; "
+                        "--no-fused: the N×N reference)")
     g.add_argument("--group-stats", dest="group_stats", action=argparse.BooleanOptionalAction,
                    default=S, help="per-group LayerNorm statistics (exact blind spot; "
                                    "default off, as the paper)")
@@ -230,6 +264,8 @@ def _train_parser(sub, full: bool = True) -> None:
     g.add_argument("--lr-decay-at", dest="lr_decay_at", type=float, default=S, metavar="X",
                    help=f"fraction of the run after which lr ×{d.lr_gamma} (default "
                         f"{d.lr_decay_at}, the paper's epoch 16 of 20)")
+    g.add_argument("--lr-schedule", dest="lr_schedule", choices=("step", "cosine"), default=S,
+                   help="step: ×gamma at --lr-decay-at (the paper's); cosine: to 0 at the end")
     g.add_argument("--warmup", type=int, default=S, metavar="N",
                    help="steps of linear learning-rate warm-up (default 0)")
     g.add_argument("--repeat", type=int, default=S, metavar="N",
@@ -280,6 +316,10 @@ def cmd_train(args) -> int:
         summary = train(cfg, resume=True)
     else:
         cfg = read_config(args.config) if args.config else TrainConfig()
+        if "preset" in given:
+            from .presets import preset_values
+            for k, v in preset_values(given["preset"]).items():
+                setattr(cfg, k, v)
         for k, v in given.items():
             setattr(cfg, k, v)
         if not cfg.data:

@@ -13,6 +13,46 @@ import torch
 
 _M32 = 0xFFFFFFFF
 
+# What SSBSN.denoise does when not told otherwise (the paper's inference); a trained model
+# carries its own values in its checkpoint (metadata key "ssbsn_inference").
+INFERENCE_DEFAULTS = dict(r3=True, shifts=False, self_ensemble=False, tile=0, overlap=64)
+
+
+def check_inference_settings(s: dict) -> dict:
+    """The settings with their types checked; one clear error for a bad value."""
+    unknown = sorted(set(s) - set(INFERENCE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown inference settings: {', '.join(unknown)}")
+    out = dict(s)
+    for k in ("r3", "shifts", "self_ensemble"):
+        if not isinstance(out[k], bool):
+            raise ValueError(f"inference setting {k} must be true or false, got {out[k]!r}")
+    for k in ("tile", "overlap"):
+        v = out[k]
+        if v is None and k == "tile":
+            out[k] = v = 0
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"inference setting {k} must be a non-negative integer, got {v!r}")
+    return out
+
+
+def shift_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s: int
+                   ) -> torch.Tensor:
+    """Average of ``fn`` over the s² pixel shifts (dy, dx) in 0..s−1 of x (reflect-padded at the
+    top/left, cropped back): every pixel takes each of the s² PD phases once, which removes the
+    PD checkerboard and averages s² different blind-spot estimates."""
+    if s <= 1:
+        return fn(x)
+    H, W = x.shape[-2:]
+    mode = "reflect" if min(H, W) > s else "replicate"
+    acc = None
+    for dy in range(s):
+        for dx in range(s):
+            xs = torch.nn.functional.pad(x, (dx, 0, dy, 0), mode=mode) if dy or dx else x
+            y = fn(xs)[..., dy:dy + H, dx:dx + W]
+            acc = y if acc is None else acc + y
+    return acc / (s * s)
+
 
 def _hash32(v: torch.Tensor) -> torch.Tensor:
     """lowbias32 integer hash on int64 tensors holding 32-bit values."""

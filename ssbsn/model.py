@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inference import r3_uniform, self_ensemble as _self_ensemble, tiled, transform
+from .inference import (INFERENCE_DEFAULTS, check_inference_settings, r3_uniform,
+                        self_ensemble as _self_ensemble, shift_ensemble, tiled, transform)
 from .nn import BSN
 from .pd import pd_down, pd_up
 
@@ -16,17 +17,27 @@ class SSBSN(nn.Module):
     ``model(x)`` is the training forward (PD ``pd_train`` → BSN → inverse PD); the loss is L1
     against x itself. ``model.denoise(x)`` is inference (PD ``pd_test``, R3, optional
     self-ensemble and tiling). Pixel values are floats in 0..255.
+
+    ``model.inference`` holds the inference settings :meth:`denoise` uses when not told
+    otherwise (R3 on/off, shifted-PD ensemble, self-ensemble, tile, overlap; the test PD stride
+    is ``pd_test``). They travel with the weights (:meth:`save`), so a trained model carries
+    the settings that suit it. SS-Attention runs on the memory-efficient path by default
+    (SDPA on CPU, Triton on CUDA); ``backend="reference"`` (or ``fused=False``) selects the
+    N×N reference. The weights are the same either way.
     """
 
     def __init__(self, in_channels: int = 3, base_channels: int = 128, num_modules: int = 9,
                  ss_blocks: int = 3, gamma: int = 2, pd_train: int = 5, pd_test: int = 2,
-                 pd_pad: int = 2, r3_T: int = 8, r3_p: float = 0.16, fused: bool = False,
-                 group_stats: bool = False, conv_backend: str = "torch"):
+                 pd_pad: int = 2, r3_T: int = 8, r3_p: float = 0.16, fused: bool = True,
+                 group_stats: bool = False, conv_backend: str = "torch",
+                 backend: str | None = None, inference: dict | None = None):
         super().__init__()
         if pd_train < 1 or pd_test < 1 or pd_pad < 0:
             raise ValueError("PD strides must be ≥ 1 and the PD pad ≥ 0")
         if r3_T < 1 or not 0.0 <= r3_p <= 1.0:
             raise ValueError(f"R3 needs T ≥ 1 and 0 ≤ p ≤ 1, got T={r3_T}, p={r3_p}")
+        if backend is not None:
+            fused = backend != "reference"
         self.config = dict(in_channels=in_channels, base_channels=base_channels,
                            num_modules=num_modules, ss_blocks=ss_blocks, gamma=gamma,
                            pd_train=pd_train, pd_test=pd_test, pd_pad=pd_pad, r3_T=r3_T,
@@ -36,7 +47,9 @@ class SSBSN(nn.Module):
         self.pd_train, self.pd_test, self.pd_pad = pd_train, pd_test, pd_pad
         self.r3_T, self.r3_p = r3_T, r3_p
         self.bsn = BSN(in_channels, in_channels, base_channels, num_modules, ss_blocks, gamma,
-                       fused=fused, group_stats=group_stats, conv_backend=conv_backend)
+                       fused=fused, group_stats=group_stats, conv_backend=conv_backend,
+                       backend=backend)
+        self.inference = check_inference_settings({**INFERENCE_DEFAULTS, **(inference or {})})
 
     # ------------------------------------------------------------------ training forward
     def forward(self, x: torch.Tensor, pd: int | None = None) -> torch.Tensor:
@@ -63,15 +76,21 @@ class SSBSN(nn.Module):
         return r_pd + r_bsn + self.pd_pad
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, r3: bool = True, self_ensemble: bool = False,
-                tile: int | None = None, overlap: int = 64, seed: int = 0) -> torch.Tensor:
-        """Denoise x (B, C, H, W) of any size.
+    def denoise(self, x: torch.Tensor, r3: bool | None = None, self_ensemble: bool | None = None,
+                tile: int | None = None, overlap: int | None = None, seed: int = 0,
+                shifts: bool | None = None, pd: int | None = None) -> torch.Tensor:
+        """Denoise x (B, C, H, W) of any size. Every option left at None takes the model's
+        own setting from ``self.inference``.
 
         Args:
             r3: random-replacing refinement (T rounds, probability p).
             self_ensemble: average over the 8 flips/rotations.
+            shifts: shifted-PD ensemble: average the result over the ``pd_test``² pixel shifts
+                of the image (every pixel takes each PD phase once), which removes PD's
+                checkerboard; ``pd_test``² times slower.
             tile: process in tiles of this size (memory stays bounded), each with ``overlap``
-                pixels of context per side. For a model without SS-Blocks, exact wherever the
+                pixels of context per side; 0 = the whole image at once.
+            pd: PD stride at inference (default ``pd_test``). For a model without SS-Blocks, exact wherever the
                 overlap covers the receptive field (:meth:`receptive_radius`), except within that
                 radius of the image border, where PD's sub-images see each other's far edges.
                 SS-Attention and the image-wide LayerNorm make the paper model depend slightly
@@ -79,19 +98,30 @@ class SSBSN(nn.Module):
             seed: seed of R3's random replacement (a pure function of pixel position).
         """
         self._check_input(x)
+        s = check_inference_settings({k: v if v is not None else self.inference[k] for k, v in
+                                      dict(r3=r3, self_ensemble=self_ensemble, tile=tile,
+                                           overlap=overlap, shifts=shifts).items()})
+        r3, self_ensemble, tile, overlap = s["r3"], s["self_ensemble"], s["tile"], s["overlap"]
+        b = self.pd_test if pd is None else pd
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"the inference PD stride must be a positive integer, got {pd!r}")
 
         def run(window: torch.Tensor, origin) -> torch.Tensor:
             def member(img: torch.Tensor, k: int) -> torch.Tensor:
-                return self._denoise_once(img, r3, seed + 7919 * k, origin, k)
-            return _self_ensemble(member, window) if self_ensemble else member(window, 0)
+                return self._denoise_once(img, r3, seed + 7919 * k, origin, k, b)
 
-        if tile is None:
+            def one(img: torch.Tensor) -> torch.Tensor:
+                return _self_ensemble(member, img) if self_ensemble else member(img, 0)
+            return shift_ensemble(one, window, b) if s["shifts"] else one(window)
+
+        if not tile:
             return run(x, (0, 0))
-        return tiled(run, x, tile, overlap, multiple=self.pd_test)
+        return tiled(run, x, tile, overlap, multiple=b)
 
-    def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int) -> torch.Tensor:
+    def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int,
+                      b: int) -> torch.Tensor:
         """PD-b denoising and R3 of one image in orientation k (x is already transformed)."""
-        b, p = self.pd_test, self.pd_pad
+        p = self.pd_pad
         H, W = x.shape[-2:]
         xp = F.pad(x, (0, (-W) % b, 0, (-H) % b))
         first = self.forward(xp, pd=b)

@@ -68,7 +68,7 @@ class TrainConfig:
     pd_train: int = 5
     pd_test: int = 2
     pd_pad: int = 2
-    fused: bool = False
+    fused: bool = True  # memory-efficient SS-Attention (SDPA on CPU, Triton on CUDA)
     group_stats: bool = False
     # optimisation
     crop: int = 120
@@ -83,6 +83,11 @@ class TrainConfig:
     augment: bool = True
     seed: int = 0
     init_bias: bool = False  # start the output bias at the data's mean (short runs)
+    lr_schedule: str = "step"  # "step" (the paper's) or "cosine" (to 0 at the end of the run)
+    minutes: float | None = None  # time budget: train until spent (schedule laid over it)
+    budget_clock: str = "wall"  # "wall" or "cpu" (this process's CPU time; robust to load)
+    preset: str = "paper"  # the preset the run started from (ssbsn.presets), for the record
+    inference: dict | None = None  # inference settings the trained model carries
     # runtime
     amp: str = "off"  # "off" or "bf16"
     channels_last: bool = False
@@ -94,7 +99,10 @@ class TrainConfig:
     progress: bool = True
 
     def model_kwargs(self) -> dict:
-        return {k: getattr(self, k) for k in MODEL_KEYS}
+        kw = {k: getattr(self, k) for k in MODEL_KEYS}
+        if self.inference is not None:
+            kw["inference"] = dict(self.inference)
+        return kw
 
     def validate(self) -> None:
         if self.crop < self.pd_train or self.crop % self.pd_train:
@@ -117,6 +125,15 @@ class TrainConfig:
             raise ValueError(f"lr_gamma must be a positive number, got {self.lr_gamma}")
         if not 0.0 < self.lr_decay_at <= 1.0:
             raise ValueError("--lr-decay-at must lie in (0, 1]")
+        if self.lr_schedule not in ("step", "cosine"):
+            raise ValueError(f"--lr-schedule must be 'step' or 'cosine', got {self.lr_schedule!r}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ValueError("--minutes must be positive")
+        if self.budget_clock not in ("wall", "cpu"):
+            raise ValueError(f"--budget-clock must be 'wall' or 'cpu', got {self.budget_clock!r}")
+        if self.inference is not None:
+            from .inference import INFERENCE_DEFAULTS, check_inference_settings
+            check_inference_settings({**INFERENCE_DEFAULTS, **self.inference})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -284,6 +301,33 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     return lr
 
 
+def lr_at_progress(cfg: TrainConfig, step: int, progress: float) -> float:
+    """The learning rate at ``progress`` (0..1) of the run, in steps or in the time budget:
+    the paper's step decay at ``lr_decay_at`` or a cosine to 0; warm-up as :func:`lr_at`."""
+    if cfg.lr_schedule == "cosine":
+        lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    else:
+        lr = cfg.lr * (cfg.lr_gamma if progress >= cfg.lr_decay_at else 1.0)
+    if step < cfg.warmup:
+        lr *= (step + 1) / cfg.warmup
+    return lr
+
+
+class Budget:
+    """The ``--minutes`` clock: wall time, or this process's CPU time (all threads)."""
+
+    def __init__(self, cfg: TrainConfig, spent: float = 0.0):
+        self.seconds = None if cfg.minutes is None else cfg.minutes * 60.0
+        self._now = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
+        self._start = self._now() - spent
+
+    def spent(self) -> float:
+        return self._now() - self._start
+
+    def progress(self) -> float:
+        return self.spent() / self.seconds if self.seconds else 0.0
+
+
 def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     run = Path(cfg.out)
     if not resume:
@@ -361,6 +405,8 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
         raise ValueError(f"{len(dataset)} crops per epoch are fewer than one batch of "
                          f"{cfg.batch}×{world}; use --repeat to draw more crops per image")
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    if cfg.minutes is not None and cfg.steps is None:
+        total = 10 ** 12  # until the time budget is spent
     save_every = cfg.save_every or steps_per_epoch
 
     run = Path(cfg.out)
@@ -373,13 +419,14 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     # model and optimizer (fresh or from the newest checkpoint)
     torch.manual_seed(cfg.seed)
     model = SSBSN(**cfg.model_kwargs())
-    start, elapsed, state = 0, 0.0, None
+    start, elapsed, state, spent = 0, 0.0, None, 0.0
     if resume:
         found = load_latest_checkpoint(run)
         if found is not None:
             loaded, state = found
             model.load_state_dict(loaded.state_dict())
             start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+            spent = float(state.get("budget_spent", elapsed))
             if main:
                 _record_extension(run, cfg, start, total)
             torch.set_rng_state(state["torch_rng"])
@@ -404,7 +451,8 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
 
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+    budget = Budget(cfg, spent)
+    bar = tqdm(total=None if total == 10 ** 12 else total, initial=start, unit="step", dynamic_ncols=True,
                disable=not (main and cfg.progress), desc="train")
     if main and cfg.progress:
         bar.write(f"ssbsn train: {description}; {steps_per_epoch} steps/epoch, {total} steps, "
@@ -414,6 +462,7 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     last_loss = float(state.get("loss", float("nan"))) if state is not None else float("nan")
     t_log, imgs_since = time.perf_counter(), 0
     t_start = time.perf_counter() - elapsed
+    cpu_start = time.process_time()
     net.train()
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -424,8 +473,18 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
             dataset, batch_size=cfg.batch, sampler=_ListSampler(indices), drop_last=True,
             num_workers=cfg.workers, pin_memory=device.type == "cuda")
         for x in loader:
+            if budget.seconds is not None:
+                progress = budget.progress()
+                if progress >= 1.0:
+                    total = step  # the time budget is spent
+                    break
+                lr = lr_at_progress(cfg, step, max(progress, step / total))
+            elif cfg.lr_schedule != "step":
+                lr = lr_at_progress(cfg, step, step / total)
+            else:
+                lr = lr_at(cfg, step, total)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, step, total)
+                group["lr"] = lr
             x = x.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -460,9 +519,15 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
                 _check_weights(run, cfg, model, step)
                 save_checkpoint(run, model, optimizer, dict(
                     step=step, epoch=epoch, total_steps=total,
-                    elapsed=time.perf_counter() - t_start, loss=last_loss), keep=cfg.keep)
+                    elapsed=time.perf_counter() - t_start, loss=last_loss,
+                    budget_spent=budget.spent()), keep=cfg.keep)
             if step >= total:
                 break
+    if main and budget.seconds is not None and step > 0 and step % save_every:
+        save_checkpoint(run, model, optimizer, dict(
+            step=step, epoch=step // steps_per_epoch, total_steps=step,
+            elapsed=time.perf_counter() - t_start, loss=last_loss,
+            budget_spent=budget.spent()), keep=cfg.keep)
     bar.close()
     final = run / "model.safetensors"
     if main:
@@ -471,7 +536,8 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     if world > 1:
         dist.barrier()
     return dict(steps=step, loss=last_loss, run=str(run), weights=str(final),
-                seconds=time.perf_counter() - t_start)
+                seconds=time.perf_counter() - t_start, cpu_seconds=time.process_time() - cpu_start,
+                budget_spent=budget.spent())
 
 
 def _diverged(run: Path, cfg: TrainConfig, step: int, what: str):

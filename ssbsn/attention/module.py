@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import ss_attention
+from .functional import BACKENDS, ss_attention
 
 
 class SSAttention(nn.Module):
@@ -14,18 +14,25 @@ class SSAttention(nn.Module):
         channels: C, the number of input channels.
         grid: g, the period of the grid; pixels sharing row and column phase mod g attend
             to each other.
-        fused: use the fused kernels (Triton on CUDA, a memory-efficient path on CPU).
+        fused: the memory-efficient path (default): Triton kernels on CUDA, SDPA on CPU;
+            ``False`` selects the N×N reference (the oracle; memory grows as N²).
+        backend: any backend of :func:`ss_attention` ("reference", "sdpa", "triton",
+            "fused"); overrides ``fused`` when given.
         group_stats: LayerNorm statistics per attention group instead of per image, which makes
             the blind spot exact (the authors' checkpoints use per-image statistics).
         embed: width E of the shared Q/K projection (default C).
         deterministic: bitwise-repeatable gradients from the fused Triton kernels.
     """
 
-    def __init__(self, channels: int, grid: int, fused: bool = False, group_stats: bool = False,
-                 embed: int | None = None, deterministic: bool = False):
+    def __init__(self, channels: int, grid: int, fused: bool = True, group_stats: bool = False,
+                 embed: int | None = None, deterministic: bool = False,
+                 backend: str | None = None):
         super().__init__()
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"unknown SS-Attention backend {backend!r}; choose one of {BACKENDS}")
         self.channels, self.grid = channels, grid
-        self.fused, self.group_stats = fused, group_stats
+        self.backend = backend or ("fused" if fused else "reference")
+        self.fused, self.group_stats = self.backend != "reference", group_stats
         self.deterministic = deterministic
         self.wqk = nn.Parameter(torch.empty(channels, embed or channels))
         self.reset_parameters()
@@ -34,10 +41,10 @@ class SSAttention(nn.Module):
         nn.init.xavier_uniform_(self.wqk, gain=1.414)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = "fused" if self.fused else "reference"
-        return ss_attention(x, self.wqk, self.grid, group_stats=self.group_stats, backend=backend,
+        return ss_attention(x, self.wqk, self.grid, group_stats=self.group_stats,
+                            backend=self.backend,
                             deterministic=self.deterministic)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, grid={self.grid}, embed={self.wqk.shape[1]}, "
-                f"fused={self.fused}, group_stats={self.group_stats}")
+                f"backend={self.backend}, group_stats={self.group_stats}")

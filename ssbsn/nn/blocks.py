@@ -30,10 +30,12 @@ class DConvBlock(nn.Module):
 
 
 class SSBlock(DConvBlock):
-    def __init__(self, channels: int, dilation: int, grid: int, *, fused: bool = False,
-                 group_stats: bool = False, conv_backend: str = "torch"):
+    def __init__(self, channels: int, dilation: int, grid: int, *, fused: bool = True,
+                 group_stats: bool = False, conv_backend: str = "torch",
+                 backend: str | None = None):
         super().__init__(channels, dilation, conv_backend=conv_backend)
-        self.attn = SSAttention(channels, grid, fused=fused, group_stats=group_stats)
+        self.attn = SSAttention(channels, grid, fused=fused, group_stats=group_stats,
+                                backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(self.attn(x))
