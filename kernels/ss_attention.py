@@ -83,24 +83,74 @@ LOG2E = 1.4426950408889634
 NORM_EPS = 1e-8
 
 
-def _configs(entries):
-    """Autotuning list on GPU; the first entry only under the interpreter. The lists hold
-    configurations that compile without register spills for C = E = 128, fp16/bf16,
-    channels_last on sm_90 (checked with ptxas; the measured choice is left to autotuning)."""
-    cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in entries]
-    return cfgs[:1] if INTERPRET else cfgs
+def tune_bucket(n: int) -> int:
+    """The autotuning key of a token count: the next power of two. Images and tiles of mixed
+    sizes (training crops, ``ssbsn denoise`` over a folder) then share one tuning per bucket
+    instead of re-tuning 3 kernels for every new N; configurations differ by at most ~2× in
+    loop length within a bucket, which does not change their ranking."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and operand class,
+# chosen from the sm_90 compile table of ``python -m benchmarks.aot --all`` (C = E = 128):
+# every entry launches (shared memory ≤ 227 KB) and does not spill registers.
+# * "half" (fp16/bf16): BLOCK_M = 64 per warpgroup, so every product is a Hopper wgmma; the
+#   BLOCK_M = 32 entries (mma.sync) were dropped.
+# * "fp32": 3xTF32 splits each operand in two tf32 halves and issues three products, so the
+#   fp32 tiles are half the width and take fewer pipeline stages; the former fp32 lists (the
+#   half tiles) needed up to 256 KB of shared memory (2 of 4 forward/bwd_rows configurations
+#   could not launch) and spilled up to ~6 KB per thread in bwd_cols.
+# * "wide" (C or E above 128, up to 256): the smallest tiles.
+TILES = {
+    "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
+            "fp32": [(64, 32, 4, 2), (64, 32, 4, 1)],
+            "wide": [(64, 32, 4, 1)]},
+    "bwd_rows": {"half": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+                 "fp32": [(64, 32, 4, 2), (64, 32, 4, 1)],
+                 "wide": [(64, 32, 4, 1)]},
+    "bwd_cols": {"half": [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
+                 "fp32": [(64, 32, 8, 1), (64, 16, 8, 1)],
+                 "wide": [(64, 32, 8, 1)]},
+}
+
+
+def operand_class(dtype, block_c: int, block_e: int) -> str:
+    """Which tile list of TILES a launch uses."""
+    if max(block_c, block_e) > 128:
+        return "wide"
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def _autotune(kind: str):
+    """``triton.autotune`` over the union of TILES[kind], keyed on (C, E, bucket of N) — and the
+    dtypes of the tensor arguments, which Triton adds — and pruned before benchmarking to the
+    operand class of the launch. Under the interpreter, one configuration per class."""
+    tiles = TILES[kind]
+    union = []
+    for cls in tiles.values():
+        union += [t for t in cls if t not in union]
+
+    def prune(configs, nargs, **kw):
+        wanted = tiles[operand_class(nargs["X"].dtype, kw["BLOCK_C"], kw["BLOCK_E"])]
+        wanted = wanted[:1] if INTERPRET else wanted
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                       c.num_stages) in wanted]
+        return keep
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in union]
+    return triton.autotune(configs=configs, key=["C", "E", "NB_BUCKET"],
+                           prune_configs_by={"early_config_prune": prune})
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3),
-                                   (64, 32, 4, 2)]), key=["C", "E", "NB"])
-@triton.jit
+@_autotune("fwd")
+@triton.jit(do_not_specialize=["NB_BUCKET"])
 def _ss_attn_fwd_kernel(X, QH, OUT, L,
                         s_xb, s_xc, s_xh, s_xw, s_ob, s_oc, s_oh, s_ow,
-                        C, E, H, W, NB, qk_scale,
+                        C, E, H, W, NB, NB_BUCKET, qk_scale,
                         G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                         UPCAST: tl.constexpr):
@@ -122,7 +172,10 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
                 mask=m_mask[:, None] & e_mask[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    hi = tl.where(start_m < n_real, n_real, 0)  # programs past the group's queries skip the loop
+    # programs past the group's queries skip the loop: hi = n_real if start_m < n_real else 0,
+    # in scalar min/max (a tl.where bound is a 1-element array under Triton 3.6's interpreter,
+    # which numpy >= 2.4 refuses to turn into the int that range() needs)
+    hi = n_real * tl.minimum(tl.maximum(n_real - start_m, 0), 1)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
@@ -153,12 +206,11 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
 # ---------------------------------------------------------------------------------------------
 # Backward, kernel 1: the row half of dq̂ (and D = rowsum(dO ∘ O)) for a tile of queries
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs([(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3),
-                                   (32, 64, 4, 3)]), key=["C", "E", "NB"])
-@triton.jit
+@_autotune("bwd_rows")
+@triton.jit(do_not_specialize=["NB_BUCKET"])
 def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw,
-                             C, E, H, W, NB, qk_scale,
+                             C, E, H, W, NB, NB_BUCKET, qk_scale,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                              UPCAST: tl.constexpr):
@@ -191,7 +243,7 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
     acc1 = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     dsum = tl.zeros((BLOCK_M,), tl.float32)
-    hi = tl.where(start_m < n_real, n_real, 0)
+    hi = n_real * tl.minimum(tl.maximum(n_real - start_m, 0), 1)  # see the forward
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
@@ -223,12 +275,11 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
 # Backward, kernel 2: dV and the column half of dq̂ for a tile of keys; epilogue through the
 # normalisation q̂ = q/(‖q‖+ε) to dq, and dO + dV (the residual and value paths of dx)
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs([(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2),
-                                   (32, 32, 4, 3)]), key=["C", "E", "NB"])
-@triton.jit
+@_autotune("bwd_cols")
+@triton.jit(do_not_specialize=["NB_BUCKET"])
 def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
-                             C, E, H, W, NB, qk_scale, inv_sqrt_e,
+                             C, E, H, W, NB, NB_BUCKET, qk_scale, inv_sqrt_e,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                              UPCAST: tl.constexpr):
@@ -255,7 +306,7 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
     v = tl.load(X + x_off + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
     dv = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     dk = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    hi = tl.where(start_m < n_real, n_real, 0)
+    hi = n_real * tl.minimum(tl.maximum(n_real - start_m, 0), 1)  # see the forward
     for start_n in range(0, hi, BLOCK_N):  # tiles of queries
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
@@ -305,8 +356,9 @@ def _forward(x, w, grid, group_stats):
     l = torch.zeros(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # padded rows stay 0
     qk_scale = LOG2E / math.sqrt(geo.E)
     _ss_attn_fwd_kernel[lambda meta: (triton.cdiv(geo.NB, meta["BLOCK_M"]), geo.BG)](
-        x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, qk_scale,
-        G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC, UPCAST=geo.UPCAST)
+        x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB,
+        tune_bucket(geo.NB), qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
+        PREC=geo.PREC, UPCAST=geo.UPCAST)
     return out, l, mean, rstd
 
 
@@ -322,13 +374,13 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
     launch = lambda meta: (triton.cdiv(geo.NB, meta["BLOCK_M"]), geo.BG)  # noqa: E731
     _ss_attn_bwd_rows_kernel[launch](
         x, dout, qh, l, rows, dd, *x.stride(), *dout.stride(), geo.C, geo.E, geo.H, geo.W,
-        geo.NB, qk_scale, **consts)
+        geo.NB, tune_bucket(geo.NB), qk_scale, **consts)
     dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dxv = torch.empty(geo.BG, geo.NB, geo.C, **f32)
     _ss_attn_bwd_cols_kernel[launch](
         x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv, *x.stride(), *dout.stride(),
-        *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, qk_scale, 1.0 / math.sqrt(geo.E),
-        **consts)
+        *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, tune_bucket(geo.NB), qk_scale,
+        1.0 / math.sqrt(geo.E), **consts)
     del rows, dd, qh
     return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo, group_stats,
                                           deterministic)
