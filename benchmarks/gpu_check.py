@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import glob
 import json
 import math
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -76,46 +74,18 @@ def _say(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- cuda-env
-def real_cuda_home() -> tuple[str | None, str]:
-    """(CUDA_HOME, how it was found) of the real toolkit — the directory with bin/nvcc *and*
-    the CUDA runtime library to link against — even when the ``nvcc`` on PATH is a wrapper
-    script outside the toolkit (torch then guesses CUDA_HOME from the wrapper's folder and the
-    link fails on -lcudart)."""
-    def is_toolkit(d):
-        return bool(d) and os.path.isfile(os.path.join(d, "bin", "nvcc")) and any(
-            glob.glob(os.path.join(d, sub, "libcudart*")) for sub in ("lib64", "lib",
-                                                                      "targets/*/lib"))
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if is_toolkit(os.environ.get(var)):
-            return os.environ[var], f"${var}"
-    nvcc = shutil.which("nvcc")
-    cands = []
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        cands.append((os.path.dirname(os.path.dirname(real)), f"nvcc on PATH ({real})"))
-        try:  # a wrapper: nvcc -v prints the real toolkit's paths (#$ TOP=..., _HERE_=...)
-            out = subprocess.run([nvcc, "-v", "--version"], capture_output=True, text=True,
-                                 timeout=30)
-            text = out.stdout + out.stderr
-            for key in ("TOP", "_HERE_", "CUDA_HOME"):
-                for m in re.finditer(rf"#\$ {key}=(\S+)", text):
-                    d = os.path.realpath(m.group(1))
-                    cands.append((d if key != "_HERE_" else os.path.dirname(d),
-                                  f"`nvcc -v` {key}"))
-        except (OSError, subprocess.SubprocessError):
-            pass
-    cands += [(d, "standard location") for d in
-              ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
-    for d, how in cands:
-        if is_toolkit(d):
-            return d, how
-    return None, "no CUDA toolkit with bin/nvcc and libcudart found"
+def _cuda_env():
+    """csrc/cuda_env.py (shared with setup.py, which imports it by path)."""
+    sys.path.insert(0, str(ROOT / "csrc"))
+    import cuda_env
+    return cuda_env
 
 
 def step_cuda_env(a) -> dict:
     res = {"step": "cuda-env", "exports": {}}
+    ce = _cuda_env()
     if a.dry_run:
-        home, how = real_cuda_home()
+        home, how = ce.real_cuda_home()
         res.update(status="skipped", reason="dry run: no CUDA build", cuda_home=home, how=how)
         _say(f"  CUDA toolkit: {home or 'none'} ({how}); dry run: no build")
         return res
@@ -123,18 +93,15 @@ def step_cuda_env(a) -> dict:
     if not torch.version.cuda:
         res.update(status="skipped", reason="torch is a CPU build")
         return res
-    home, how = real_cuda_home()
+    home, how = ce.real_cuda_home()
     if home is None:
         res.update(status="skipped", reason=how)
         return res
-    res["exports"]["CUDA_HOME"] = home
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        if torch.cuda.is_available():
-            cc = torch.cuda.get_device_capability()
-            res["exports"]["TORCH_CUDA_ARCH_LIST"] = f"{cc[0]}.{cc[1]}"
-        else:  # torch cannot ask a device: build for Hopper (the target of this check)
-            res["exports"]["TORCH_CUDA_ARCH_LIST"] = "9.0"
+    gpu = torch.cuda.is_available()
+    res["exports"] = ce.build_env(gpu, torch.cuda.get_device_capability() if gpu else None)
     res.update(status="ok", cuda_home=home, how=how)
+    _say(f"  CUDA toolkit: {home} ({how}); " + ", ".join(f"{k}={v}" for k, v in
+                                                        res["exports"].items()))
     return res
 
 

@@ -76,7 +76,7 @@ import triton
 import triton.language as tl
 
 from .token_ops import (INTERPRET, MAX_CHANNELS, Geometry, group_geometry,
-                        layer_norm_projection_backward, layer_norm_stats, load_y, mma,
+                        layer_norm_projection_backward, layer_norm_stats, load_y, loop_bound, mma,
                         project_qhat, token_offsets)
 
 LOG2E = 1.4426950408889634
@@ -92,24 +92,29 @@ def tune_bucket(n: int) -> int:
 
 
 # Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and operand class,
-# chosen from the sm_90 compile table of ``python -m benchmarks.aot --all`` (C = E = 128):
-# every entry launches (shared memory ≤ 227 KB) and does not spill registers.
-# * "half" (fp16/bf16): BLOCK_M = 64 per warpgroup, so every product is a Hopper wgmma; the
-#   BLOCK_M = 32 entries (mma.sync) were dropped.
-# * "fp32": 3xTF32 splits each operand in two tf32 halves and issues three products, so the
-#   fp32 tiles are half the width and take fewer pipeline stages; the former fp32 lists (the
-#   half tiles) needed up to 256 KB of shared memory (2 of 4 forward/bwd_rows configurations
-#   could not launch) and spilled up to ~6 KB per thread in bwd_cols.
-# * "wide" (C or E above 128, up to 256): the smallest tiles.
+# chosen from the sm_90 compile table of ``python -m benchmarks.aot --all`` (C = E = 128; the
+# numbers are in benchmarks/README.md). Every entry launches (shared memory ≤ 227 KB).
+# * "half" (fp16/bf16): no register spills (tests/test_aot_compile.py holds them to that);
+#   BLOCK_M = 64 per warpgroup so the products can be Hopper wgmma — the BLOCK_M = 32 entries
+#   (mma.sync only, and the most registers) were dropped.
+# * "fp32": 3xTF32 (see ``fp32_precision``) splits every operand in a high and a low tf32 half
+#   and issues three products, so fp32 tiles are smaller. Measured with ptxas: the half tiles
+#   needed up to 324 KB of shared memory for fp32 (4 of 12 could not launch) and spilled up to
+#   1.9 KB (bwd_rows) and 4.5 KB (bwd_cols) per thread; these spill 0-24 B (fwd), 180-390 B
+#   (bwd_rows) and ~3.3 KB (bwd_cols, whose four products per step keep six [64, 128] fp32
+#   tiles live: a structural limit of 3xTF32 at C = 128, not of the tiles). FMA ("ieee") dots
+#   spill more (2-43 KB); plain tf32 misses the FA3 rule by ~200× against an fp32 reference.
+#   Models train fast in bf16 (autocast); fp32 is for exactness.
+# * "wide" (C or E above 128, up to 256): the smallest tiles that fit the shared memory.
 TILES = {
     "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
-            "fp32": [(64, 32, 4, 2), (64, 32, 4, 1)],
+            "fp32": [(64, 32, 4, 2), (32, 32, 4, 2)],
             "wide": [(64, 32, 4, 1)]},
     "bwd_rows": {"half": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
-                 "fp32": [(64, 32, 4, 2), (64, 32, 4, 1)],
-                 "wide": [(64, 32, 4, 1)]},
+                 "fp32": [(32, 16, 4, 2), (32, 32, 4, 2)],
+                 "wide": [(64, 32, 8, 1)]},
     "bwd_cols": {"half": [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
-                 "fp32": [(64, 32, 8, 1), (64, 16, 8, 1)],
+                 "fp32": [(64, 16, 8, 2), (64, 32, 8, 2)],
                  "wide": [(64, 32, 8, 1)]},
 }
 
@@ -139,8 +144,11 @@ def _autotune(kind: str):
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in union]
+    # the interpreter has a single configuration left after pruning and nothing to time (Triton
+    # 3.6 would still time it, through a GPU driver the interpreter does not have)
+    no_timing = (lambda kernel_call, quantiles=None: [0.0, 0.0, 0.0]) if INTERPRET else None
     return triton.autotune(configs=configs, key=["C", "E", "NB_BUCKET"],
-                           prune_configs_by={"early_config_prune": prune})
+                           prune_configs_by={"early_config_prune": prune}, do_bench=no_timing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,11 +180,8 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
                 mask=m_mask[:, None] & e_mask[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    # programs past the group's queries skip the loop: hi = n_real if start_m < n_real else 0,
-    # in scalar min/max (a tl.where bound is a 1-element array under Triton 3.6's interpreter,
-    # which numpy >= 2.4 refuses to turn into the int that range() needs)
-    hi = n_real * tl.minimum(tl.maximum(n_real - start_m, 0), 1)
-    for start_n in range(0, hi, BLOCK_N):
+    hi = tl.where(start_m < n_real, n_real, 0)  # programs past the group's queries skip the loop
+    for start_n in range(0, loop_bound(hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
         kt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
@@ -243,8 +248,8 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
     acc1 = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     dsum = tl.zeros((BLOCK_M,), tl.float32)
-    hi = n_real * tl.minimum(tl.maximum(n_real - start_m, 0), 1)  # see the forward
-    for start_n in range(0, hi, BLOCK_N):
+    hi = tl.where(start_m < n_real, n_real, 0)
+    for start_n in range(0, loop_bound(hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
         kt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
@@ -306,8 +311,8 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
     v = tl.load(X + x_off + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
     dv = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     dk = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    hi = n_real * tl.minimum(tl.maximum(n_real - start_m, 0), 1)  # see the forward
-    for start_n in range(0, hi, BLOCK_N):  # tiles of queries
+    hi = tl.where(start_m < n_real, n_real, 0)
+    for start_n in range(0, loop_bound(hi), BLOCK_N):  # tiles of queries
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
         qt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
