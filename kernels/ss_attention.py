@@ -105,7 +105,9 @@ def tune_bucket(n: int) -> int:
 #   tiles live: a structural limit of 3xTF32 at C = 128, not of the tiles). FMA ("ieee") dots
 #   spill more (2-43 KB); plain tf32 misses the FA3 rule by ~200× against an fp32 reference.
 #   Models train fast in bf16 (autocast); fp32 is for exactness.
-# * "wide" (C or E above 128, up to 256): the smallest tiles that fit the shared memory.
+# * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (spills 16 B fwd, 280 B
+#   bwd_rows, ~1 KB bwd_cols). fp32 with C or E above 128 cannot launch on sm_90 at all: the
+#   bwd_cols epilogue alone holds the [C, E] fp32 W tile (256 KB at 256 × 256).
 TILES = {
     "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
             "fp32": [(64, 32, 4, 2), (32, 32, 4, 2)],
@@ -120,10 +122,11 @@ TILES = {
 
 
 def operand_class(dtype, block_c: int, block_e: int) -> str:
-    """Which tile list of TILES a launch uses."""
-    if max(block_c, block_e) > 128:
-        return "wide"
-    return "fp32" if dtype == torch.float32 else "half"
+    """Which tile list of TILES a launch uses (fp32 has C, E ≤ 128 on a GPU: see
+    ``unsupported_reason``)."""
+    if dtype == torch.float32:
+        return "fp32"
+    return "wide" if max(block_c, block_e) > 128 else "half"
 
 
 def _autotune(kind: str):
@@ -473,6 +476,9 @@ def unsupported_reason(x: torch.Tensor, w: torch.Tensor, grid: int) -> str | Non
                     "is imported, or use backend='sdpa' (the CPU path)")
     elif x.device.type != "cuda":
         return f"device {x.device} is not supported"
+    elif x.dtype == torch.float32 and max(x.shape[1], w.shape[1]) > 128:
+        return (f"float32 with C={x.shape[1]}, E={w.shape[1]}: more than 128 channels in fp32 "
+                f"do not fit a GPU block's shared memory (use bfloat16/float16)")
     if sum((n - 1) * abs(s) for n, s in zip(x.shape[1:], x.stride()[1:])) >= 2 ** 31:
         return "one sample spans more than 2**31 elements (int32 offsets)"
     return None

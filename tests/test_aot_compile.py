@@ -59,9 +59,9 @@ def test_half_channels_last_configs_fit_sm90(tmp_path):
 @pytest.mark.skipif(os.environ.get("SSBSN_SLOW_TESTS") != "1",
                     reason="~3 min of compiling: set SSBSN_SLOW_TESTS=1")
 def test_fp32_and_wide_configs_fit_sm90(tmp_path):
-    """fp32 (3xTF32) tiles at C = 128 and the C = 256 ("wide") tiles launch; their spills stay
-    within the budgets stated in kernels/ss_attention.py (3xTF32's bwd_cols: ~3.3 KB)."""
+    """fp32 (3xTF32) tiles at C = 128 and the bf16 C = 256 ("wide") tiles launch; their spills
+    stay within the budgets stated in kernels/ss_attention.py (3xTF32's bwd_cols: ~3.3 KB)."""
     rows, _ = _aot(tmp_path, "--dtypes", "fp32", "--layouts", "cl")
     _check(rows, "fp32", spill_budget=4096)
-    rows, _ = _aot(tmp_path, "--dtypes", "bf16,fp32", "--layouts", "cl", "--channels", "256")
-    _check(rows, "wide", spill_budget=8192)
+    rows, _ = _aot(tmp_path, "--dtypes", "bf16", "--layouts", "cl", "--channels", "256")
+    _check(rows, "wide", spill_budget=2048)
