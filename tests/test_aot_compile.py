@@ -45,7 +45,7 @@ def _check(rows, tiles_class, spill_budget=None):
         for name, kind in kinds.items():
             got = [r["config"] for r in rows if r["kernel"] == name and r["dtype"] == dtype]
             want = [f"{m}x{n} w{w} s{s}" for m, n, w, s in K.TILES[kind][tiles_class]]
-            assert got == want, f"{name} {dtype}: compiled {got}, autotuning list {want}"
+            assert sorted(got) == sorted(want), f"{name} {dtype}: compiled {got}, tiles {want}"
 
 
 def test_half_channels_last_configs_fit_sm90(tmp_path):
