@@ -98,8 +98,7 @@ def configurations(obj, args, kw):
             cfgs = obj.early_config_prune(cfgs, obj.nargs, **kw)
             obj.nargs = None
         return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in cfgs]
-    meta = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
-    return [({}, kw.get("num_warps", 4), kw.get("num_stages", 3))] if meta is not None else []
+    return [({}, kw.get("num_warps", 4), kw.get("num_stages", 3))]
 
 
 def _signature(fn, args, kw, meta):
@@ -202,7 +201,9 @@ def _cuobjdump(cubin: bytes) -> dict:
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return {"regs": int(m.group(1)), "spill_stores": int(m.group(2)), "spill_loads": None} if m else {}
+    if not m:
+        return {}
+    return {"regs": int(m.group(1)), "spill_stores": int(m.group(2)), "spill_loads": None}
 
 
 def _config_name(meta, w, s) -> str:

@@ -131,7 +131,8 @@ def step_env(a) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown (no git)"
     info = {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name() if cuda
+                   else f"CPU ({platform.processor() or platform.machine()})"),
         "driver": driver, "torch": torch.__version__, "triton": tv,
         "cuda": torch.version.cuda or "none",
         "cudnn": str(torch.backends.cudnn.version()) if cuda else "none",
@@ -490,8 +491,9 @@ def step_train(a) -> dict:
             if dev.type == "cuda":
                 figures[f"train_{crop_big}_{label}_peak_gib"] = \
                     torch.cuda.max_memory_allocated() / 2 ** 30
+            peak = figures.get(f"train_{crop_big}_{label}_peak_gib", float("nan"))
             _say(f"  train step bf16 {batch}×3×{crop_big}×{crop_big} {label}: runs "
-                 f"(peak {figures.get(f'train_{crop_big}_{label}_peak_gib', float('nan')):.1f} GiB)")
+                 f"(peak {peak:.1f} GiB)")
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
                 raise
@@ -526,10 +528,12 @@ def step_conv(a) -> dict:
         _say(f"  skipped: {why}")
         return {"step": "conv", "status": "skipped", "reason": why}
     B, C, H, W = 4, 128, 140, 140
-    ops = [("masked 3×3", lambda x, w, b, be: conv.masked_conv2d(x, w, b, relu=True, backend=be), 3),
-           ("masked 5×5", lambda x, w, b, be: conv.masked_conv2d(x, w, b, relu=True, backend=be), 5),
-           ("dilated 3×3 d=2", lambda x, w, b, be: conv.dilated_conv2d(x, w, b, dilation=2,
-                                                                       relu=True, backend=be), 3)]
+    def masked(x, w, b, be):
+        return conv.masked_conv2d(x, w, b, relu=True, backend=be)
+
+    def dilated(x, w, b, be):
+        return conv.dilated_conv2d(x, w, b, dilation=2, relu=True, backend=be)
+    ops = [("masked 3×3", masked, 3), ("masked 5×5", masked, 5), ("dilated 3×3 d=2", dilated, 3)]
     checks, figures = [], {}
     gen = torch.Generator().manual_seed(0)
     for name, fn, k in ops:
