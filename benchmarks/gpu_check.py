@@ -266,7 +266,54 @@ def fa3_errors(ours, same, oracle, slack=2e-6):
     return rows
 
 
+def correctness_plan(a) -> dict:
+    """{shape name: [(dtype, layout), ...]}: bf16 and fp16 × channels_last and NCHW at every
+    shape (the dry run: each dtype and each layout once per shape, the interpreter is slow);
+    fp32 at the training shapes — channels_last at g = 4, and NCHW at g = 4 and 6, which are
+    also the launches of the fp32 model in the train step (their compiles happen here, in
+    parallel, and land in Triton's cache)."""
+    plan = {}
+    for name in _shapes(a):
+        cases = ([("bf16", "cl"), ("fp16", "nchw")] if a.dry_run else
+                 [(d, lay) for d in ("bf16", "fp16") for lay in ("cl", "nchw")])
+        if name == FP32_SHAPE:
+            cases.append(("fp32", "cl"))
+        if not a.dry_run and name in ("train-g4", "train-g6"):
+            cases.append(("fp32", "nchw"))
+        plan[name] = cases
+    return plan
+
+
 def step_correctness(a) -> dict:
+    plan = correctness_plan(a)
+    groups = sorted({c for cases in plan.values() for c in cases})
+    if a.only:
+        keep = {tuple(o.split(":")) for o in a.only.split(",")}
+        plan = {k: [c for c in v if c in keep] for k, v in plan.items()}
+        return _correctness_cases(a, plan)
+    if a.jobs <= 1 or len(groups) <= 1:
+        return _correctness_cases(a, plan)
+    # one process per (dtype, layout): Triton compiles each kernel variant on first launch, one
+    # at a time per process; in parallel they take the time of the slowest group
+    procs = []
+    for dt, lay in groups:
+        sub = Path(a.out) / "sub" / f"correctness-{dt}-{lay}"
+        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "correctness", "--out", str(sub),
+               "--only", f"{dt}:{lay}"] + (["--dry-run"] if a.dry_run else [])
+        procs.append(((dt, lay), sub, subprocess.Popen(cmd, cwd=ROOT)))
+    checks = []
+    for (dt, lay), sub, proc in procs:
+        rc = proc.wait()
+        try:
+            checks += json.loads((sub / "parts" / "correctness.json").read_text())["checks"]
+        except (OSError, ValueError, KeyError):
+            checks.append({"name": f"attention {dt} {lay}", "dtype": dt, "layout": lay,
+                           "ok": False, "errors": {}, "reason": f"process exited {rc}"})
+    status = "ok" if all(c["ok"] for c in checks) else "failed"
+    return {"step": "correctness", "status": status, "checks": checks, "jobs": len(procs)}
+
+
+def _correctness_cases(a, plan) -> dict:
     import torch
 
     import ssbsn.kernels as kernels
@@ -274,20 +321,18 @@ def step_correctness(a) -> dict:
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     layouts = {"cl": torch.channels_last, "nchw": torch.contiguous_format}
     checks = []
-    for name, shape in _shapes(a).items():
+    for name, cases in plan.items():
+        if not cases:
+            continue
+        shape = _shapes(a)[name]
         B, C, H, W, g = shape
         per_group = (-(-H // g)) * (-(-W // g)) > 5000
         x64, w64, go64 = _inputs(shape, dev)
         oracle = _fwd_bwd(lambda p, q: reference_attention(p, q, g, per_group), x64, w64, go64)
-        cases = [(d, lay) for d in ("bf16", "fp16") for lay in ("cl", "nchw")]
-        if a.dry_run:  # the interpreter is slow: each dtype and each layout once per shape
-            cases = [("bf16", "cl"), ("fp16", "nchw")]
-        if name == FP32_SHAPE:
-            cases.append(("fp32", "cl"))
         for dt, lay in cases:
             t0 = time.perf_counter()
             x = x64.to(dtypes[dt]).contiguous(memory_format=layouts[lay])
-            w, go = w64.to(dtypes[dt]), go64.to(dtypes[dt])
+            w, go = w64.to(dtypes[dt]), go64.to(dtypes[dt]).contiguous(memory_format=layouts[lay])
             try:
                 same = _fwd_bwd(lambda p, q: reference_attention(p, q, g, per_group), x, w, go)
                 ours = _fwd_bwd(lambda p, q: kernels.ss_attention(p, q, g), x, w, go)
@@ -308,10 +353,20 @@ def step_correctness(a) -> dict:
                         default=float("nan"))
             _say(f"  {'ok  ' if ok else 'FAIL'} {chk['name']}: worst err/ref_err {worst:.2f}"
                  f" ({chk['seconds']} s){' — ' + why if why else ''}")
+            _checkpoint(a, {"step": "correctness", "status": "running", "checks": checks})
         del x64, w64, go64, oracle
         _free()
     status = "ok" if all(c["ok"] for c in checks) else "failed"
     return {"step": "correctness", "status": status, "checks": checks}
+
+
+def _checkpoint(a, res: dict) -> None:
+    """The step's results so far (status "running"): a step stopped by its timeout still
+    leaves what it measured for the report."""
+    path = Path(a.out) / "parts" / f"{res['step']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, default=str))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -331,58 +386,79 @@ def _flops_fwd(shape) -> float:
 def step_timing(a) -> dict:
     import torch
 
-    from .impls import IMPL_BY_NAME, availability, build, package_backend
+    from .impls import IMPL_BY_NAME, availability, build
     dev = _device()
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # CPU: no bf16 SDPA backward
     reps = (3, 10) if dev.type == "cuda" else (0, 1)
     figures, rows = {}, []
-    for name in TIMED_SHAPES:
+    res = {"step": "timing", "status": "running", "figures": figures, "rows": rows,
+           "dtype": str(dt)[6:]}
+    # the slow-to-build compiled chain last, so that a timeout only loses it
+    plan = [(n, i) for n in TIMED_SHAPES for i in ("triton", "triton[nchw]", "authors")
+            + UNFUSED[:-1]] + [(n, "gather+sdpa+compile") for n in COMPILED_SHAPES]
+    times = {}
+    for pos, (name, impl) in enumerate(plan):
         shape = _shapes(a)[name]
-        B, C, H, W, g = shape
+        g = shape[-1]
+        base = impl.split("[nchw]")[0]
+        fmt = torch.contiguous_format if impl.endswith("[nchw]") else torch.channels_last
+        why = availability(IMPL_BY_NAME[base], dev)
+        if base == "triton" and dev.type == "cpu":
+            why = None  # the interpreter runs them (dry run)
+        if base == "gather+sdpa+compile" and a.dry_run:
+            why = "dry run: torch.compile's CPU build alone takes longer than the dry run"
+        row = {"shape": name, "impl": impl, "dtype": str(dt)[6:], "mode": "fwd+bwd"}
+        rows.append(row)
+        if why:
+            row.update(status="skipped", reason=why)
+            _say(f"  skip {name} {impl}: {why}")
+            continue
+        fn = kernels_attn_g if base == "triton" else build(IMPL_BY_NAME[base])
         x64, w64, go64 = _inputs(shape, dev)
-        impls = ["triton", "triton[nchw]", "authors"] + [
-            u for u in UNFUSED if u != "gather+sdpa+compile" or name in COMPILED_SHAPES]
-        times = {}
-        for impl in impls:
-            base = impl.split("[nchw]")[0]
-            fmt = torch.contiguous_format if impl.endswith("[nchw]") else torch.channels_last
-            why = availability(IMPL_BY_NAME[base], dev)
-            if base == "triton" and dev.type == "cpu":
-                why = None  # the interpreter runs them (dry run)
-            if base == "gather+sdpa+compile" and a.dry_run:
-                why = "dry run: torch.compile's CPU build alone takes longer than the dry run"
-            row = {"shape": name, "impl": impl, "dtype": str(dt)[6:], "mode": "fwd+bwd"}
-            if why:
-                row.update(status="skipped", reason=why)
-                rows.append(row)
-                _say(f"  skip {name} {impl}: {why}")
-                continue
-            fn = (lambda p, q, gg: kernels_attn(p, q, gg)) if base == "triton" else build(
-                IMPL_BY_NAME[base])
-            x = x64.to(dt).contiguous(memory_format=fmt).requires_grad_()
-            w = w64.to(dt).requires_grad_()
-            go = go64.to(dt).contiguous(memory_format=fmt)
-            try:
-                ms = bench_ms(_attn_fwd_bwd(fn, x, w, g, go), *reps)
-                times[impl] = ms
-                tf = 3.5 * _flops_fwd(shape) / (ms * 1e-3) / 1e12
-                row.update(status="ok", ms=ms, tflops=tf)
-                _say(f"  {name} {impl}: {ms:.3f} ms fwd+bwd ({tf:.1f} TFLOP/s)")
-            except Exception as e:  # noqa: BLE001
-                st = "OOM" if _is_oom(e) else "failed"
-                row.update(status=st, reason=f"{type(e).__name__}: {str(e)[:200]}")
-                _say(f"  {st} {name} {impl}: {row['reason']}")
-            rows.append(row)
-            del x, w, go
-            _free()
-        unfused = {k: v for k, v in times.items() if k in UNFUSED}
-        if "triton" in times and unfused:
+        x = x64.to(dt).contiguous(memory_format=fmt).requires_grad_()
+        w = w64.to(dt).requires_grad_()
+        go = go64.to(dt).contiguous(memory_format=fmt)
+        del x64, w64, go64
+        try:
+            ms = bench_ms(_attn_fwd_bwd(fn, x, w, g, go), *reps)
+            times[(name, impl)] = ms
+            tf = 3.5 * _flops_fwd(shape) / (ms * 1e-3) / 1e12
+            row.update(status="ok", ms=ms, tflops=tf)
+            _say(f"  {name} {impl}: {ms:.3f} ms fwd+bwd ({tf:.1f} TFLOP/s)")
+        except Exception as e:  # noqa: BLE001
+            st = "OOM" if _is_oom(e) else "failed"
+            row.update(status=st, reason=f"{type(e).__name__}: {str(e)[:200]}")
+            _say(f"  {st} {name} {impl}: {row['reason']}")
+        del x, w, go
+        _free()
+        _speedups(times, figures)
+        _checkpoint(a, res)
+        if pos + 1 < len(plan) and plan[pos + 1][1] == "gather+sdpa+compile" and \
+                impl != "gather+sdpa+compile":
+            _tflops(a, dev, dt, reps, figures, rows)  # before the compiled chain
+            _checkpoint(a, res)
+    if "fwd_tflops_N16k" not in figures:
+        _tflops(a, dev, dt, reps, figures, rows)
+    failed = [r for r in rows if r["impl"].startswith("triton") and r["status"] != "ok"]
+    res["status"] = "failed" if failed else "ok"
+    return res
+
+
+def _speedups(times: dict, figures: dict) -> None:
+    for name in TIMED_SHAPES:
+        fused = times.get((name, "triton"))
+        unfused = {i: t for (n, i), t in times.items() if n == name and i in UNFUSED}
+        if fused and unfused:
             best = min(unfused, key=unfused.get)
-            figures[f"speedup_vs_unfused_{name}"] = unfused[best] / times["triton"]
+            figures[f"speedup_vs_unfused_{name}"] = unfused[best] / fused
             figures[f"best_unfused_{name}"] = best
-        if "triton" in times and "authors" in times:
-            figures[f"speedup_vs_authors_{name}"] = times["authors"] / times["triton"]
-    # forward and backward TFLOP/s at N ≥ 16k (the dry run: its "large" tiny shape)
+        if fused and times.get((name, "authors")):
+            figures[f"speedup_vs_authors_{name}"] = times[(name, "authors")] / fused
+
+
+def _tflops(a, dev, dt, reps, figures, rows) -> None:
+    """Forward and backward TFLOP/s of the fused kernels at N ≥ 16k (dry run: its tiny shape)."""
+    import torch
     shape = _shapes(a)[TFLOPS_SHAPE]
     g = shape[-1]
     x64, w64, go64 = _inputs(shape, dev)
@@ -404,9 +480,13 @@ def step_timing(a) -> dict:
         rows.append({"shape": TFLOPS_SHAPE, "impl": "triton", "status": "failed",
                      "reason": f"{type(e).__name__}: {str(e)[:200]}"})
         _say(f"  FAIL {TFLOPS_SHAPE} TFLOP/s: {rows[-1]['reason']}")
-    failed = [r for r in rows if r["impl"].startswith("triton") and r["status"] != "ok"]
-    return {"step": "timing", "status": "failed" if failed else "ok", "figures": figures,
-            "rows": rows, "dtype": str(dt)[6:]}
+    finally:
+        del x, w, go
+        _free()
+
+
+def kernels_attn_g(x, w, g):
+    return kernels_attn(x, w, g)
 
 
 def kernels_attn(x, w, g):
@@ -585,11 +665,15 @@ def _load_parts(out: Path) -> dict:
             parts[p.stem] = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             parts[p.stem] = {"step": p.stem, "status": "failed", "reason": f"unreadable: {e}"}
-    for p in sorted((out / "parts").glob("*.rc")):  # steps that died before writing JSON
+    for p in sorted((out / "parts").glob("*.rc")):  # steps that were stopped or died
         rc = p.read_text().strip()
-        if p.stem not in parts and rc != "0":
-            parts[p.stem] = {"step": p.stem, "status": "failed",
-                             "reason": "timed out" if rc in ("124", "137") else f"exit {rc}"}
+        if rc == "0":
+            continue
+        why = "timed out" if rc in ("124", "137") else f"exit {rc}"
+        if p.stem not in parts:
+            parts[p.stem] = {"step": p.stem, "status": "failed", "reason": why}
+        elif parts[p.stem].get("status") == "running":  # what it measured before it stopped
+            parts[p.stem].update(status="failed", reason=why + " (partial results kept)")
     return parts
 
 
@@ -673,6 +757,9 @@ def main(argv=None) -> int:
     ap.add_argument("step", choices=sorted(STEPS))
     ap.add_argument("--out", required=True)
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--jobs", type=int, default=8,
+                    help="correctness: processes, one per (dtype, layout) (default 8)")
+    ap.add_argument("--only", help="correctness: only these DTYPE:LAYOUT[,...] (a sub-process)")
     a = ap.parse_args(argv)
     parts = Path(a.out) / "parts"
     parts.mkdir(parents=True, exist_ok=True)
