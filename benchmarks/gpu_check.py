@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -773,7 +774,7 @@ def main(argv=None) -> int:
     (parts / f"{a.step}.json").write_text(json.dumps(res, indent=1, default=str))
     if a.step == "cuda-env":
         for k, v in res.get("exports", {}).items():
-            print(f"export {k}={v}")
+            print(f"export {k}={shlex.quote(str(v))}")
     if a.step == "report":
         missed = res.get("missed", [])
         return 1 if res["status"] != "ok" else (2 if missed else 0)

@@ -50,7 +50,8 @@ if [ -z "$OUT" ]; then
   OUT=benchmarks/results/$(echo "$dev" | tr '[:upper:]' '[:lower:]' | sed 's/nvidia //; s/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
 fi
 mkdir -p "$OUT/parts" "$OUT/logs"
-rm -f "$OUT"/parts/* "$OUT"/logs/*
+rm -rf "$OUT/parts" "$OUT/logs" "$OUT/sub"
+mkdir -p "$OUT/parts" "$OUT/logs"
 echo "gpu_check: results in $OUT$([ "$DRY" = 1 ] && echo ' (dry run: CPU, tiny shapes, interpreter)')"
 
 # step NAME LIMIT_S [CMD...]: run CMD (default: gpu_check.py's step NAME) under a timeout, log
