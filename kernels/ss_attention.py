@@ -63,7 +63,11 @@ are rounded to the input dtype for the tensor-core products, as in FlashAttentio
 the input dtype. tf32 policy: fp32 inputs use plain tf32 only if torch allows it
 (``torch.get_float32_matmul_precision() != "highest"``); by default they use 3xTF32
 (``input_precision="tf32x3"``: fp32-level accuracy on tensor cores; the FMA "ieee" dots spill
-heavily at C = 128). The fp32 epilogue products of half inputs (dq·Wᵀ, yᵀ·dq) use tf32.
+heavily at C = 128). Measured: with the products' operands rounded to tf32 (an emulation on
+CPU, 1×128×40×40, g = 4) the output's error against fp64 is ~200× that of fp32 products, far
+outside the FA3 rule's 2× of an fp32 reference — so plain tf32 only when the user asked for it.
+Autotuning: keyed on (C, E, next power of two of N) and the dtypes, over per-dtype tile lists
+(``TILES``: what compiles for sm_90 within shared memory, see ``benchmarks/aot.py``). The fp32 epilogue products of half inputs (dq·Wᵀ, yᵀ·dq) use tf32.
 Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) bf16 dot operands are upcast to
 fp32 (the interpreter's bf16 tl.dot is wrong).
 """
