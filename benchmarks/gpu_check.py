@@ -287,29 +287,32 @@ def correctness_plan(a) -> dict:
 
 def step_correctness(a) -> dict:
     plan = correctness_plan(a)
-    groups = sorted({c for cases in plan.values() for c in cases})
+    # process groups: (dtype, layout) over all shapes; fp32 (slow 3xTF32 compiles) per shape
+    groups = sorted({c + ((name,) if c[0] == "fp32" else ()) for name, cases in plan.items()
+                     for c in cases})
     if a.only:
         keep = {tuple(o.split(":")) for o in a.only.split(",")}
-        plan = {k: [c for c in v if c in keep] for k, v in plan.items()}
+        plan = {k: [c for c in v if c in keep or c + (k,) in keep] for k, v in plan.items()}
         return _correctness_cases(a, plan)
     if a.jobs <= 1 or len(groups) <= 1:
         return _correctness_cases(a, plan)
     # one process per (dtype, layout): Triton compiles each kernel variant on first launch, one
     # at a time per process; in parallel they take the time of the slowest group
     procs = []
-    for dt, lay in groups:
-        sub = Path(a.out) / "sub" / f"correctness-{dt}-{lay}"
+    for grp in groups:
+        sub = Path(a.out) / "sub" / ("correctness-" + "-".join(grp))
         cmd = [sys.executable, "-m", "benchmarks.gpu_check", "correctness", "--out", str(sub),
-               "--only", f"{dt}:{lay}"] + (["--dry-run"] if a.dry_run else [])
-        procs.append(((dt, lay), sub, subprocess.Popen(cmd, cwd=ROOT)))
+               "--only", ":".join(grp)] + (["--dry-run"] if a.dry_run else [])
+        procs.append((grp, sub, subprocess.Popen(cmd, cwd=ROOT)))
     checks = []
-    for (dt, lay), sub, proc in procs:
+    for grp, sub, proc in procs:
         rc = proc.wait()
         try:
             checks += json.loads((sub / "parts" / "correctness.json").read_text())["checks"]
         except (OSError, ValueError, KeyError):
-            checks.append({"name": f"attention {dt} {lay}", "dtype": dt, "layout": lay,
-                           "ok": False, "errors": {}, "reason": f"process exited {rc}"})
+            checks.append({"name": "attention " + " ".join(grp), "dtype": grp[0],
+                           "layout": grp[1], "ok": False, "errors": {},
+                           "reason": f"process exited {rc}"})
     status = "ok" if all(c["ok"] for c in checks) else "failed"
     return {"step": "correctness", "status": status, "checks": checks, "jobs": len(procs)}
 
@@ -760,7 +763,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--jobs", type=int, default=8,
                     help="correctness: processes, one per (dtype, layout) (default 8)")
-    ap.add_argument("--only", help="correctness: only these DTYPE:LAYOUT[,...] (a sub-process)")
+    ap.add_argument("--only", help="correctness: only DTYPE:LAYOUT[:SHAPE][,...] (a sub-process)")
     a = ap.parse_args(argv)
     parts = Path(a.out) / "parts"
     parts.mkdir(parents=True, exist_ok=True)

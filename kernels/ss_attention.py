@@ -104,23 +104,24 @@ def tune_bucket(n: int) -> int:
 # * "fp32": 3xTF32 (see ``fp32_precision``) splits every operand in a high and a low tf32 half
 #   and issues three products, so fp32 tiles are smaller. Measured with ptxas: the half tiles
 #   needed up to 324 KB of shared memory for fp32 (4 of 12 could not launch) and spilled up to
-#   1.9 KB (bwd_rows) and 4.5 KB (bwd_cols) per thread; these spill 0-24 B (fwd), 180-390 B
-#   (bwd_rows) and ~3.3 KB (bwd_cols, whose four products per step keep six [64, 128] fp32
-#   tiles live: a structural limit of 3xTF32 at C = 128, not of the tiles). FMA ("ieee") dots
-#   spill more (2-43 KB); plain tf32 misses the FA3 rule by ~200× against an fp32 reference.
-#   Models train fast in bf16 (autocast); fp32 is for exactness.
+#   1.9 KB (bwd_rows) and 4.5 KB (bwd_cols) per thread. One tile each, the least spilling of
+#   the candidates compiled (fwd 0 B, bwd_rows 232 B, bwd_cols ~3.3 KB: its four products per
+#   step keep six [64, 128] fp32 tiles live, a limit of 3xTF32 at C = 128 that no tile shape
+#   removed); one, because a 3xTF32 kernel takes 5-20 s to compile and the fp32 path is for
+#   exactness — models train fast in bf16 (autocast). FMA ("ieee") dots spill more (2-43 KB);
+#   plain tf32 misses the FA3 rule by ~200× against an fp32 reference.
 # * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (spills 16 B fwd, 280 B
 #   bwd_rows, ~1 KB bwd_cols). fp32 with C or E above 128 cannot launch on sm_90 at all: the
 #   bwd_cols epilogue alone holds the [C, E] fp32 W tile (256 KB at 256 × 256).
 TILES = {
     "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
-            "fp32": [(64, 32, 4, 2), (32, 32, 4, 2)],
+            "fp32": [(32, 32, 4, 2)],
             "wide": [(64, 32, 4, 1)]},
     "bwd_rows": {"half": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
-                 "fp32": [(32, 16, 4, 2), (32, 32, 4, 2)],
+                 "fp32": [(32, 16, 4, 2)],
                  "wide": [(64, 32, 8, 1)]},
     "bwd_cols": {"half": [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
-                 "fp32": [(64, 16, 8, 2), (64, 32, 8, 2)],
+                 "fp32": [(64, 16, 8, 2)],
                  "wide": [(64, 32, 8, 1)]},
 }
 
