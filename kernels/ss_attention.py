@@ -90,14 +90,14 @@ NORM_EPS = 1e-8
 def tune_bucket(n: int) -> int:
     """The autotuning key of a token count: the next power of two. Images and tiles of mixed
     sizes (training crops, ``ssbsn denoise`` over a folder) then share one tuning per bucket
-    instead of re-tuning 3 kernels for every new N; configurations differ by at most ~2× in
-    loop length within a bucket, which does not change their ranking."""
+    instead of re-tuning 3 kernels for every new N. Within a bucket N differs by less than 2×;
+    the tiles' ranking is assumed to hold over that range (not yet measured on a GPU)."""
     return triton.next_power_of_2(max(int(n), 1))
 
 
 # Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and operand class,
 # chosen from the sm_90 compile table of ``python -m benchmarks.aot --all`` (C = E = 128; the
-# numbers are in benchmarks/README.md). Every entry launches (shared memory ≤ 227 KB).
+# tables are in benchmarks/results/sm90-aot/). Every entry launches (shared memory ≤ 227 KB).
 # * "half" (fp16/bf16): no register spills (tests/test_aot_compile.py holds them to that);
 #   BLOCK_M = 64 per warpgroup so the products can be Hopper wgmma — the BLOCK_M = 32 entries
 #   (mma.sync only, and the most registers) were dropped.
