@@ -220,32 +220,11 @@ def _inputs(shape, device, seed=0):
 
 def reference_attention(x, w, g, per_group: bool):
     """SS-Attention in plain PyTorch in x's dtype (the FA3 rule's yardstick, and in fp64 the
-    oracle): q̂'s normalisation in ≥ fp32 (in fp16, 1e-8 rounds to 0: 0/0 at padded tokens),
-    padded tokens without gradient; per_group: one group at a time under activation
+    oracle): ``ssbsn.attention.common.materialised_attention`` (q̂ normalised in ≥ fp32,
+    padded tokens without gradient); per_group: one group at a time under activation
     checkpointing (N = 17.7k tokens: 2.5 GB per fp64 N×N matrix)."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    from ssbsn.attention.reference import NORM_EPS, from_groups, layer_norm, to_groups
-
-    def one(q, v, scale):
-        return torch.softmax((1.0 + q @ q.transpose(-1, -2)) * scale, dim=-1) @ v
-
-    B, C, H, W = x.shape
-    y = layer_norm(x, g, False)
-    q = to_groups(y, g) @ w.to(y.dtype)
-    qf = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
-    q = (qf / (torch.linalg.vector_norm(qf, dim=-1, keepdim=True) + NORM_EPS)).to(q.dtype)
-    real = to_groups(torch.ones(1, 1, H, W, dtype=q.dtype, device=q.device), g)
-    q = (q.view(B, g * g, -1, q.shape[-1]) * real).view_as(q)
-    v = to_groups(x, g)
-    scale = 1.0 / math.sqrt(w.shape[1])
-    if per_group:
-        out = torch.stack([checkpoint(one, q[i], v[i], scale, use_reentrant=False)
-                           for i in range(q.shape[0])])
-    else:
-        out = one(q, v, scale)
-    return x + from_groups(out, B, H, W, g)
+    from ssbsn.attention.common import materialised_attention
+    return materialised_attention(x, w, g, per_group=per_group)
 
 
 def _fwd_bwd(fn, x, w, go):

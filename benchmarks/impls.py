@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ssbsn.attention.reference import from_groups, padded_size, to_groups
+from ssbsn.attention.common import (from_groups, normalized_queries, padded_size, softmax_scale,
+                                   to_groups)
 
 from .authors import authors_ss_attention
 
@@ -35,8 +36,6 @@ try:
     from ssbsn.attention import functional as _functional
 except Exception:  # noqa: BLE001
     _functional = None
-
-LN_EPS, NORM_EPS = 1e-5, 1e-8
 
 
 # --------------------------------------------------------------------------- shapes
@@ -125,22 +124,17 @@ def msa_heads(C: int) -> int:
 
 
 # --------------------------------------------------------------------------- SS-Attention impls
-def _q_hat(x: torch.Tensor, w: torch.Tensor, g: int) -> torch.Tensor:
-    y = F.layer_norm(x, x.shape[-3:], eps=LN_EPS)
-    q = to_groups(y, g) @ w.to(y.dtype)
-    return q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + NORM_EPS)
-
-
 def gather_attend_scatter(x: torch.Tensor, w: torch.Tensor, g: int,
                           attend: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]):
-    """Gather tokens into (B, g², N, ·), attend(q̂, v, scale) per group, scatter back.
-    The "+1" of the logits is dropped (softmax is shift-invariant)."""
+    """Gather tokens into (B, g², N, ·), attend(q̂, v, scale) per group, scatter back; q̂ and
+    the grouping are the package's shared ones (``ssbsn.attention.common``). The "+1" of the
+    logits is dropped (softmax is shift-invariant)."""
     B, C, H, W = x.shape
-    q = _q_hat(x, w, g)
+    q = normalized_queries(x, w, g)
     v = to_groups(x, g)
     G = g * g
     o = attend(q.view(B, G, q.shape[1], q.shape[2]), v.view(B, G, v.shape[1], C),
-               1.0 / math.sqrt(w.shape[1]))
+               softmax_scale(w.shape[1]))
     return x + from_groups(o.reshape(B * G, -1, C), B, H, W, g)
 
 

@@ -13,7 +13,7 @@ Algorithm
 Forward (3 launches + a few tiny host reductions):
   1. ``_ln_partials_kernel``: per token tile (count, mean, M2) → per-sample (or per-group, with
      ``group_stats``) mean and rstd, combined on the host in float64 (Chan's formula).
-  2. ``_qhat_kernel``: q̂ = q/(‖q‖+1e-8), q = ((x−μ)·rstd)·W, for every real token, into a
+  2. ``_qhat_kernel``: q̂ = q/(‖q‖+NORM_EPS), q = ((x−μ)·rstd)·W, for every real token, into a
      (B·g², NB, E) buffer in the input dtype. The projection is done once per token rather than
      once per (query tile, key tile) pair: recomputing it inside the attention loop would add
      C·E/(BLOCK_M·(C+E)) ≈ 50 % to the attention FLOPs at C = E = 128, BLOCK_M = 64.
@@ -79,12 +79,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention.common import NORM_EPS
 from .token_ops import (INTERPRET, MAX_CHANNELS, Geometry, group_geometry,
                         layer_norm_projection_backward, layer_norm_stats, load_y, loop_bound, mma,
                         project_qhat, token_offsets)
 
 LOG2E = 1.4426950408889634
-NORM_EPS = 1e-8
 
 
 def tune_bucket(n: int) -> int:
@@ -295,7 +295,7 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
                              C, E, H, W, NB, NB_BUCKET, qk_scale, inv_sqrt_e,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
-                             UPCAST: tl.constexpr):
+                             UPCAST: tl.constexpr, NORM_EPS: tl.constexpr):
     pid_m = tl.program_id(0)  # tile of keys
     pid_bg = tl.program_id(1)
     b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
@@ -352,9 +352,9 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
                 mask=c_mask[:, None] & e_mask[None, :], other=0.0)
     q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_M, BLOCK_E), tl.float32), PREC, UPCAST)
     nrm = tl.sqrt(tl.sum(q * q, 1))
-    qh = q / (nrm + 1e-8)[:, None]
+    qh = q / (nrm + NORM_EPS)[:, None]
     proj = tl.sum(qh * dqh, 1) / tl.where(nrm > 0, nrm, 1.0)
-    dq = dqh / (nrm + 1e-8)[:, None] - qh * proj[:, None]
+    dq = dqh / (nrm + NORM_EPS)[:, None] - qh * proj[:, None]
     tl.store(DQ + row_base * E + offs_m[:, None] * E + offs_e[None, :], dq, mask=e2)
 
 
@@ -393,7 +393,7 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
     _ss_attn_bwd_cols_kernel[launch](
         x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv, *x.stride(), *dout.stride(),
         *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, tune_bucket(geo.NB), qk_scale,
-        1.0 / math.sqrt(geo.E), **consts)
+        1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS, **consts)
     del rows, dd, qh
     return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo, group_stats,
                                           deterministic)

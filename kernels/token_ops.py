@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..attention.common import LN_EPS, NORM_EPS
+
 
 def _interpreting() -> bool:
     try:
@@ -45,8 +47,6 @@ def _interpreting() -> bool:
 #: import time). They then run on CPU tensors; without it they need CUDA tensors.
 INTERPRET = _interpreting()
 
-LN_EPS = 1e-5
-NORM_EPS = 1e-8
 MAX_CHANNELS = 256  # C and E up to this are supported by the fused kernels
 
 
@@ -151,8 +151,9 @@ def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, NBLK,
 @triton.jit
 def _qhat_kernel(X, Wm, MEAN, RSTD, QH, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E, H, W, NB,
                  G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_E: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """q̂ = q / (‖q‖ + 1e-8), q = y · W, for one token tile; stored in the input dtype."""
+                 BLOCK_E: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 NORM_EPS: tl.constexpr):
+    """q̂ = q / (‖q‖ + NORM_EPS), q = y · W, for one token tile; stored in the input dtype."""
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
@@ -165,7 +166,7 @@ def _qhat_kernel(X, Wm, MEAN, RSTD, QH, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E
     w = tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
                 mask=(offs_c < C)[:, None] & (offs_e < E)[None, :], other=0.0)
     q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_T, BLOCK_E), tl.float32), PREC, UPCAST)
-    qh = q / (tl.sqrt(tl.sum(q * q, 1)) + 1e-8)[:, None]
+    qh = q / (tl.sqrt(tl.sum(q * q, 1)) + NORM_EPS)[:, None]
     ptrs = QH + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :]
     tl.store(ptrs, qh.to(QH.dtype.element_ty), mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :])
 
@@ -354,7 +355,7 @@ def project_qhat(x, w, mean, rstd, geo: Geometry) -> torch.Tensor:
     _qhat_kernel[(triton.cdiv(geo.NB, BT), geo.BG)](
         x, w, mean, rstd, qh, *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB,
         G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
-        UPCAST=geo.UPCAST, num_warps=_warps(geo))
+        UPCAST=geo.UPCAST, NORM_EPS=NORM_EPS, num_warps=_warps(geo))
     return qh
 
 

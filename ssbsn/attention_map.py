@@ -6,8 +6,9 @@ An SS-Block attends within grid groups of that map (tokens sharing row and colum
 For the chosen image pixel we
 
 1. capture the input of every ``SSAttention`` with a forward hook during the PD-b forward,
-2. recompute the chosen token's attention row from the reference math for its group only —
-   LayerNorm (image-wide or per group, as the module does), q = y·W, q̂ = q/(‖q‖+1e-8),
+2. recompute the chosen token's attention row for its group only, with the shared pieces of
+   ``ssbsn/attention/common.py`` — LayerNorm (image-wide or per group, as the module does),
+   q = y·W, q̂ = q/(‖q‖ + NORM_EPS),
    softmax((1 + q̂·q̂ᵀ)/√E) over the group's tokens, zero-padded tokens included as keys with
    q̂ = 0 — which costs O(N), not O(N²),
 3. map every key's map position back to the image pixel it holds (keys on the PD padding hold
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from .atomic import atomic_path
 from .attention.module import SSAttention
-from .attention.reference import NORM_EPS, layer_norm, padded_size
+from .attention.common import layer_norm, normalize, softmax_scale, tokens_per_group
 from .pd import pd_down
 
 
@@ -60,12 +61,11 @@ def attention_row(x: torch.Tensor, attn: SSAttention, r: int, c: int):
     tokens = y[0][:, rows][:, :, cols].reshape(C, -1).T  # (n, C), row-major over (rows, cols)
     w = attn.wqk.detach().double()
     q = tokens @ w
-    qh = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + NORM_EPS)
+    qh = normalize(q)
     qi = int(((r - r % g) // g) * len(cols) + (c - c % g) // g)
-    scale = 1.0 / math.sqrt(w.shape[1])
+    scale = softmax_scale(w.shape[1])
     logits = (1.0 + qh @ qh[qi]) * scale
-    n_total = (padded_size(H, g) // g) * (padded_size(W, g) // g)
-    n_pad = n_total - logits.numel()
+    n_pad = tokens_per_group(H, W, g) - logits.numel()
     # padded keys: q̂ = 0, logit 1/√E
     all_logits = torch.cat([logits, torch.full((n_pad,), scale, dtype=logits.dtype)])
     weights = torch.softmax(all_logits, dim=0)

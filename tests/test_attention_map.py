@@ -8,6 +8,7 @@ import torch
 
 from ssbsn import SSBSN
 from ssbsn.attention.module import SSAttention
+from ssbsn.attention.common import NORM_EPS
 from ssbsn.attention.reference import layer_norm, padded_size, to_groups
 from ssbsn.attention_map import attention_maps, attention_row, image_to_map, map_to_image
 from ssbsn.pd import pd_down
@@ -32,7 +33,7 @@ def _full_attention(x, attn):
     g = attn.grid
     y = layer_norm(x, g, attn.group_stats)
     q = to_groups(y, g) @ attn.wqk.detach().double()
-    q = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + 1e-8)
+    q = q / (torch.linalg.vector_norm(q, dim=-1, keepdim=True) + NORM_EPS)
     return torch.softmax((1 + q @ q.transpose(1, 2)) / math.sqrt(q.shape[-1]), dim=-1)
 
 

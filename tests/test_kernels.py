@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from ssbsn.attention.reference import (NORM_EPS, from_groups, layer_norm, ss_attention_reference,
-                                       to_groups)
+from ssbsn.attention.common import materialised_attention
+from ssbsn.attention.reference import ss_attention_reference
 
 pytest.importorskip("triton")
 import ssbsn.kernels as kernels  # noqa: E402
@@ -64,37 +64,13 @@ def _fa3_check(ours, same, oracle, names=("out", "dx", "dw"), factor=2.0, slack=
             f"{name}: kernel error {err:.3e} > {factor}× reference error {base:.3e} (scale {scale:.3g})"
 
 
-def _normalize(q):
-    """q/(‖q‖ + 1e-8), in fp32 for fp16/bf16 q (in fp16 1e-8 rounds to 0: 0/0 at padded tokens)."""
-    qf = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
-    return (qf / (torch.linalg.vector_norm(qf, dim=-1, keepdim=True) + NORM_EPS)).to(q.dtype)
-
-
 def _same_dtype_reference(grid, group_stats, per_group=False):
-    """The error yardstick of the FA3 rule: the reference's PyTorch math in the input dtype,
-    except that q̂'s normalisation runs in fp32 and padded tokens get no gradient (the plain
-    reference is NaN in fp16 on ragged shapes: 1e-8 rounds to 0 there). per_group: one group at a time under activation checkpointing, so that large N
+    """The error yardstick of the FA3 rule: SS-Attention's PyTorch math in the input dtype
+    (``ssbsn.attention.common.materialised_attention``: q̂'s normalisation in fp32, padded tokens
+    without gradient — the plain reference is NaN in fp16 on ragged shapes, where 1e-8 rounds
+    to 0). per_group: one group at a time under activation checkpointing, so that large N
     (17.7k tokens: 2.5 GB per fp64 N×N matrix) fits."""
-    from torch.utils.checkpoint import checkpoint
-
-    def one_group(q, v, scale):
-        return torch.softmax((1.0 + q @ q.transpose(-1, -2)) * scale, dim=-1) @ v
-
-    def fn(x, w):
-        B, C, H, W = x.shape
-        y = layer_norm(x, grid, group_stats)
-        q = _normalize(to_groups(y, grid) @ w.to(y.dtype))
-        real = to_groups(torch.ones(1, 1, H, W, dtype=q.dtype, device=q.device), grid)
-        q = (q.view(B, grid * grid, -1, q.shape[-1]) * real).view_as(q)  # no gradient to padding
-        v = to_groups(x, grid)
-        scale = 1.0 / math.sqrt(w.shape[1])
-        if per_group:
-            out = torch.stack([checkpoint(one_group, q[i], v[i], scale, use_reentrant=False)
-                               for i in range(q.shape[0])])
-        else:
-            out = one_group(q, v, scale)
-        return x + from_groups(out, B, H, W, grid)
-    return fn
+    return lambda x, w: materialised_attention(x, w, grid, group_stats, per_group)
 
 
 def _compare(x64, w64, grid, group_stats, dtype, memory_format, *, deterministic=False,

@@ -5,6 +5,11 @@ exactly: image-wide LayerNorm (no affine, eps 1e-5), zero padding to a multiple 
 *after* normalisation (padded tokens are keys with q̂ = 0 and value 0), one shared Q=K
 projection, cosine logits (1 + cos) / sqrt(E), softmax per grid group, A·V with V the raw input.
 It materialises the N×N matrix of every group, as the authors' code does.
+
+The oracle is self-contained on purpose: it takes only the two constants (LN_EPS, NORM_EPS)
+from ``common.py``; the grouping, the LayerNorm and q̂ are stated here again, independently of
+the helpers the other backends share (``common.py``), so that a mistake there shows up as a
+disagreement with this file.
 """
 from __future__ import annotations
 
@@ -13,8 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-LN_EPS = 1e-5
-NORM_EPS = 1e-8
+from .common import LN_EPS, NORM_EPS
 
 
 def padded_size(n: int, grid: int) -> int:

@@ -1,0 +1,143 @@
+"""SS-Attention's shared pieces: the constants and the grouped view, said once.
+
+Everything that computes SS-Attention outside the oracle uses this module: the SDPA backend
+(``sdpa.py``), the fused kernels (``ssbsn.kernels``: the eps values reach the kernels as
+``tl.constexpr`` arguments from here), the attention maps (``ssbsn/attention_map.py``), the
+benchmarks and the tests' yardsticks. The oracle, ``reference.py``, states the math again on
+its own (it takes only the two constants from here), and the tests hold a third, loop-by-loop
+reading (tests/test_attention_reference.py), so that a mistake here cannot hide in both.
+
+Math (per sample, per grid group of tokens sharing row and column phase mod g):
+    y = LayerNorm(x)          no affine, eps LN_EPS, over (C, H, W) or over the group
+    q = y·W,  q̂ = q/(‖q‖ + NORM_EPS)
+    out = x + softmax((1 + q̂ q̂ᵀ)/√E) · x
+Padding: the map is zero-padded bottom/right to multiples of g *after* the LayerNorm; padded
+tokens are keys with q̂ = 0 (logit 1/√E) and value 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: LayerNorm's variance epsilon (the authors' ``nn.LayerNorm`` default).
+LN_EPS = 1e-5
+#: Added to ‖q‖ in q̂ = q/(‖q‖ + NORM_EPS); keeps padded tokens (q = 0) at q̂ = 0.
+NORM_EPS = 1e-8
+
+
+def padded_size(n: int, grid: int) -> int:
+    """n rounded up to a multiple of the grid."""
+    return -(-n // grid) * grid
+
+
+def tokens_per_group(height: int, width: int, grid: int) -> int:
+    """N: tokens of one grid group, padded ones included."""
+    return (padded_size(height, grid) // grid) * (padded_size(width, grid) // grid)
+
+
+def softmax_scale(embed: int) -> float:
+    """1/√E, the logits' scale."""
+    return 1.0 / math.sqrt(embed)
+
+
+def check_inputs(x: torch.Tensor, w: torch.Tensor) -> None:
+    """One clear error for inputs SS-Attention cannot take."""
+    if x.dim() != 4:
+        raise ValueError(f"SS-Attention expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if w.dim() != 2 or w.shape[0] != x.shape[1]:
+        raise ValueError(f"Q/K matrix of shape {tuple(w.shape)} does not fit {x.shape[1]} channels")
+
+
+def group_layer_norm(x: torch.Tensor, grid: int, eps: float = LN_EPS) -> torch.Tensor:
+    """LayerNorm with one mean/variance per attention group (sample, row phase, column phase),
+    over the group's real pixels and all channels (exact blind spot)."""
+    B, C, H, W = x.shape
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    Hp, Wp = padded_size(H, grid), padded_size(W, grid)
+    xp = F.pad(xf, (0, Wp - W, 0, Hp - H))
+    ones = F.pad(torch.ones(1, 1, H, W, device=x.device, dtype=xf.dtype), (0, Wp - W, 0, Hp - H))
+    xg = xp.view(B, C, Hp // grid, grid, Wp // grid, grid)  # phases: dims 3 and 5
+    mg = ones.view(1, 1, Hp // grid, grid, Wp // grid, grid)
+    count = (mg.sum(dim=(1, 2, 4)) * C).clamp_min(1)  # (1, g, g)
+    m = (xg.sum(dim=(1, 2, 4)) / count)[:, None, None, :, None, :]
+    var = (((xg - m) * mg) ** 2).sum(dim=(1, 2, 4)) / count
+    y = (xg - m) * torch.rsqrt(var[:, None, None, :, None, :] + eps)
+    return y.reshape(B, C, Hp, Wp)[:, :, :H, :W].to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, grid: int, group_stats: bool = False, eps: float = LN_EPS):
+    """Image-wide LayerNorm over (C, H, W), or with per-group statistics."""
+    if group_stats:
+        return group_layer_norm(x, grid, eps)
+    return F.layer_norm(x, x.shape[-3:], eps=eps)
+
+
+def to_groups(t: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, H, W) → (B·g², N, C), zero-padded bottom/right; group (a, b) holds (a+g·i, b+g·j)."""
+    B, C, H, W = t.shape
+    Hp, Wp = padded_size(H, grid), padded_size(W, grid)
+    t = F.pad(t, (0, Wp - W, 0, Hp - H))
+    t = t.view(B, C, Hp // grid, grid, Wp // grid, grid).permute(0, 3, 5, 2, 4, 1)
+    return t.reshape(B * grid * grid, (Hp // grid) * (Wp // grid), C)
+
+
+def from_groups(t: torch.Tensor, batch: int, height: int, width: int, grid: int) -> torch.Tensor:
+    """Inverse of :func:`to_groups`, cropping the padding."""
+    C = t.shape[-1]
+    Hp, Wp = padded_size(height, grid), padded_size(width, grid)
+    t = t.view(batch, grid, grid, Hp // grid, Wp // grid, C).permute(0, 5, 3, 1, 4, 2)
+    return t.reshape(batch, C, Hp, Wp)[:, :, :height, :width]
+
+
+def real_token_mask(height: int, width: int, grid: int, device=None, dtype=torch.float32
+                    ) -> torch.Tensor:
+    """(g², N, 1): 1 at real tokens, 0 at the padded ones."""
+    return to_groups(torch.ones(1, 1, height, width, device=device, dtype=dtype), grid)
+
+
+def normalize(q: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """q̂ = q/(‖q‖ + eps) over the last dim, computed in at least fp32 (in fp16, 1e-8 rounds to
+    0 and a zero q would give 0/0) and returned in q's dtype."""
+    qf = q.to(torch.promote_types(q.dtype, torch.float32))
+    return (qf / (torch.linalg.vector_norm(qf, dim=-1, keepdim=True) + eps)).to(q.dtype)
+
+
+def normalized_queries(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool = False
+                       ) -> torch.Tensor:
+    """q̂ of every token, grouped (B·g², N, E); padded tokens are exactly 0.
+
+    The padded rows are multiplied by the real-token mask, which changes nothing in value but
+    gives those constants no gradient (dq = dq̂/(0 + 1e-8) would overflow fp16 and turn into
+    0·inf = NaN in dW)."""
+    B, C, H, W = x.shape
+    y = layer_norm(x, grid, group_stats)
+    qh = normalize(to_groups(y, grid) @ w.to(y.dtype))
+    if H % grid or W % grid:
+        mask = real_token_mask(H, W, grid, x.device, qh.dtype)
+        qh = (qh.view(B, grid * grid, -1, qh.shape[-1]) * mask).view_as(qh)
+    return qh
+
+
+def materialised_attention(x: torch.Tensor, w: torch.Tensor, grid: int,
+                           group_stats: bool = False, per_group: bool = False) -> torch.Tensor:
+    """``x + attention(x)`` with the N×N matrices in x's dtype, from :func:`normalized_queries`:
+    the same-dtype yardstick of the kernels' accuracy rule (tests and ``benchmarks/gpu_check``).
+    per_group: one group at a time under activation checkpointing (N = 17.7k tokens: 2.5 GB
+    per fp64 N×N matrix)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def one(q, v, scale):
+        return torch.softmax((1.0 + q @ q.transpose(-1, -2)) * scale, dim=-1) @ v
+
+    B, C, H, W = x.shape
+    q = normalized_queries(x, w, grid, group_stats)
+    v = to_groups(x, grid)
+    scale = softmax_scale(w.shape[1])
+    if per_group:
+        out = torch.stack([checkpoint(one, q[i], v[i], scale, use_reentrant=False)
+                           for i in range(q.shape[0])])
+    else:
+        out = one(q, v, scale)
+    return x + from_groups(out, B, H, W, grid)
