@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from . import harness as H
+from . import measure, tables
 
 MARKERS = {
     "smoke": "tiny CI subset of the benchmarks (seconds)",
@@ -62,32 +63,34 @@ def _ram_bytes() -> int:
 def pytest_configure(config):
     for name, doc in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {doc}")
+    ctx = H.BenchContext()
+    config.stash[H.CONTEXT_KEY] = ctx
     size = config.getoption("--bench-size", "auto")
     if size == "auto":
         size = "full" if torch.cuda.is_available() else "small"
-    H.CONFIG["size"] = size
+    ctx.size = size
     target = config.getoption("--bench-target-s", None)
-    H.CONFIG["target_s"] = target if target is not None else (0.5 if torch.cuda.is_available()
+    ctx.target_s = target if target is not None else (0.5 if torch.cuda.is_available()
                                                               else 0.1)
     max_call = config.getoption("--bench-max-call-s", None)
     if max_call is not None:
-        H.CONFIG["max_call_s"] = H.CONFIG["max_call_s_cuda"] = max_call
+        ctx.max_call_s = ctx.max_call_s_cuda = max_call
     threads = str(config.getoption("--bench-threads", "auto"))
     if threads == "auto":
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         if not torch.cuda.is_available() and load >= 1.0 and torch.get_num_threads() > 1:
             torch.set_num_threads(1)
-            H.CONFIG["threads_policy"] = f"auto: 1 thread (load average {load:.2f} at start)"
+            ctx.threads_policy = f"auto: 1 thread (load average {load:.2f} at start)"
         else:
-            H.CONFIG["threads_policy"] = f"auto: torch default ({torch.get_num_threads()})"
+            ctx.threads_policy = f"auto: torch default ({torch.get_num_threads()})"
     elif int(threads) > 0:
         torch.set_num_threads(int(threads))
-        H.CONFIG["threads_policy"] = f"--bench-threads {threads}"
+        ctx.threads_policy = f"--bench-threads {threads}"
     else:
-        H.CONFIG["threads_policy"] = f"torch default ({torch.get_num_threads()})"
+        ctx.threads_policy = f"torch default ({torch.get_num_threads()})"
     lim = config.getoption("--bench-cpu-mem-limit", None)
-    H.CONFIG["cpu_mem_limit"] = int(lim * 2**30) if lim else _ram_bytes() // 2
-    H.CONFIG["enforce_targets"] = config.getoption("--bench-enforce-targets", False)
+    ctx.cpu_mem_limit = int(lim * 2**30) if lim else _ram_bytes() // 2
+    ctx.enforce_targets = config.getoption("--bench-enforce-targets", False)
     # pytest-benchmark's own table: fewer columns unless the user chose some
     opt = config.option
     if getattr(opt, "benchmark_columns", None) == ["min", "max", "mean", "stddev", "median", "iqr",
@@ -96,9 +99,10 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    env = H.env_info()
-    lines = [f"ssbsn benchmarks: size={H.CONFIG['size']} device={env['device']} "
-             f"threads: {H.CONFIG.get('threads_policy')}",
+    ctx = H.context(config)
+    env = ctx.env_info()
+    lines = [f"ssbsn benchmarks: size={ctx.size} device={env['device']} "
+             f"threads: {ctx.threads_policy}, timer: {measure.TIMER}",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
              f"cuDNN {env['cudnn']}, {env['date']}"]
     load = env.get("loadavg_1m")
@@ -110,20 +114,27 @@ def pytest_report_header(config):
     return lines
 
 
+@pytest.fixture(scope="session")
+def bench_ctx(request) -> H.BenchContext:
+    """The run's context: options, rows, notes (see harness.BenchContext)."""
+    return H.context(request.config)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_free():
     torch.manual_seed(0)
     yield
-    H.free_memory()
+    measure.free_memory()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["ssbsn"] = H.env_info()
+    machine_info["ssbsn"] = H.context(config).env_info()
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["ssbsn"] = {"env": H.env_info(), "config": {k: v for k, v in H.CONFIG.items()},
-                            "rows": [_clean(r) for r in H.ROWS], "notes": dict(H.NOTES)}
+    ctx = H.context(config)
+    output_json["ssbsn"] = {"env": ctx.env_info(), "config": ctx.options(),
+                            "rows": [_clean(r) for r in ctx.rows], "notes": dict(ctx.notes)}
 
 
 def _clean(row: dict) -> dict:
@@ -132,26 +143,27 @@ def _clean(row: dict) -> dict:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    rows = H.ROWS
+    ctx = H.context(config)
+    rows = ctx.rows
     tr = terminalreporter
-    if H.NOTES:
+    if ctx.notes:
         tr.section("ssbsn benchmark notes")
-        for key, text in H.NOTES.items():
+        for key, text in ctx.notes.items():
             tr.write_line(f"[{key}]")
             tr.write_line(text)
             tr.write_line("")
     if not rows:
         return
     tr.section("ssbsn benchmark summary")
-    env = H.env_info()
+    env = ctx.env_info()
     tr.write_line(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | "
-                  f"CUDA {env['cuda']} | size={H.CONFIG['size']} | {env['date']}")
+                  f"CUDA {env['cuda']} | size={ctx.size} | {env['date']}")
     shown = [r for r in rows if r["status"] != "skip"]
     for suite in dict.fromkeys(r["suite"] for r in shown):
         tr.write_line("")
         tr.write_line(f"[{suite}]")
-        tr.write_line(H.text_table([r for r in shown if r["suite"] == suite]))
-    skipped = H.skip_groups(rows)
+        tr.write_line(tables.text_table([r for r in shown if r["suite"] == suite]))
+    skipped = tables.skip_groups(rows)
     if skipped:
         tr.write_line("")
         tr.write_line(f"skipped cases ({sum(n for _, _, n, _ in skipped)}), by implementation "
@@ -161,5 +173,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     path = os.environ.get("SSBSN_BENCH_ROWS")
     if path:
         with open(path, "w") as f:
-            json.dump({"env": env, "rows": [_clean(r) for r in rows], "notes": dict(H.NOTES)},
+            json.dump({"env": env, "rows": [_clean(r) for r in rows], "notes": dict(ctx.notes)},
                       f, indent=1)

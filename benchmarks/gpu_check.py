@@ -109,11 +109,9 @@ def step_cuda_env(a) -> dict:
 # ----------------------------------------------------------------------------- env
 def step_env(a) -> dict:
     import torch
-    try:
-        import triton
-        tv = triton.__version__
-    except Exception as e:  # noqa: BLE001
-        tv = f"not importable ({type(e).__name__})"
+
+    from . import env
+    tv = env.triton_version()
     cuda = torch.cuda.is_available()
     driver = "none"
     if shutil.which("nvidia-smi"):
@@ -132,8 +130,7 @@ def step_env(a) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown (no git)"
     info = {
-        "device": (torch.cuda.get_device_name() if cuda
-                   else f"CPU ({platform.processor() or platform.machine()})"),
+        "device": env.device_name(),
         "driver": driver, "torch": torch.__version__, "triton": tv,
         "cuda": torch.version.cuda or "none",
         "cudnn": str(torch.backends.cudnn.version()) if cuda else "none",
@@ -161,48 +158,28 @@ def _shapes(a) -> dict:
     return DRY_SHAPES if a.dry_run else GPU_SHAPES
 
 
+def _measure():
+    """benchmarks/measure.py (imported late: the cuda-env step runs before anything is built)."""
+    from . import measure
+    return measure
+
+
 def _sync():
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _measure().sync()
 
 
 def bench_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of fn() after warm-up: CUDA events on a GPU, wall clock on CPU."""
-    import torch
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    if torch.cuda.is_available():
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    """Median milliseconds of fn() after warm-up: ``measure.bench_ms`` (CUDA events on a GPU,
+    perf_counter on CPU), the timer of every benchmark of this folder."""
+    return _measure().bench_ms(fn, warmup, reps)
 
 
 def _is_oom(e: BaseException) -> bool:
-    import torch
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+    return _measure().is_oom(e)
 
 
 def _free():
-    import gc
-
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _measure().free_memory()
 
 
 # ----------------------------------------------------------------------------- correctness

@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import TABLE_COLUMNS, markdown_table, skip_groups  # noqa: E402
+from benchmarks.tables import TABLE_COLUMNS, markdown_table, skip_groups  # noqa: E402
 
 KEY = ("suite", "name", "impl", "mode", "dtype", "B", "C", "H", "W", "g")
 IMPL_ORDER = ["authors", "reference", "sdpa", "fused", "triton", "gather+sdpa[flash]",
@@ -29,7 +29,7 @@ IMPL_ORDER = ["authors", "reference", "sdpa", "fused", "triton", "gather+sdpa[fl
 MODE_ORDER = {"fwd": 0, "bwd": 1, "fwdbwd": 2}
 DTYPE_ORDER = {"fp32": 0, "bf16": 1, "fp16": 2}
 COLUMN_HELP = """\
-Columns: **median ms** — median wall time of one call (pytest-benchmark, CUDA-synchronised);
+Columns: **median ms** — median time of one call (CUDA events on a GPU, perf_counter on CPU);
 **Mtok/s** — pixels (tokens) processed per second, millions; **TFLOP/s** — kernel FLOPs / time
 with forward = 4·N²·C per group (QKᵀ and A·V; MSA: one group of H·W tokens), backward = 2.5×
 forward, fwd+bwd = 3.5× (conv rows: 2·C²·taps per pixel); **% peak** — TFLOP/s / the device's

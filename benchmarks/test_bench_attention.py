@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from . import harness as H
+from . import env, measure
 from .impls import (IMPLS, AttnShape, Impl, availability, base_name, build, gather_scatter_bytes,
                     gather_sdpa, mode_unsupported, msa_params, reference_fn, shapes,
                     smoke_shape, unsupported_input)
@@ -38,12 +39,12 @@ UNSUPPORTED_MARKERS = ("no available kernel", "no viable backend", "not supporte
                        "does not support", "not implemented", "unsupported")
 
 
-def _small_matrix(s: AttnShape):
+def _small_matrix(s: AttnShape, size: str):
     """(dtypes, modes) of a shape. The small (CPU) size trims the matrix to stay within a few
     minutes on 2 cores: bf16 and the bwd mode only where they say something new."""
     if "smoke" in s.tags:
         return ("fp32",), SMOKE_MODES
-    if H.CONFIG["size"] == "small":
+    if size == "small":
         if s.name == "train-g4":
             return ("fp32", "bf16"), H.MODES
         if "train" in s.tags:
@@ -54,11 +55,11 @@ def _small_matrix(s: AttnShape):
     return ("fp32", "bf16"), H.MODES
 
 
-def _params():
+def _params(size: str):
     params = []
-    all_shapes = shapes(H.CONFIG["size"]) + [smoke_shape()]
+    all_shapes = shapes(size) + [smoke_shape()]
     for s in all_shapes:
-        dtypes, modes = _small_matrix(s)
+        dtypes, modes = _small_matrix(s, size)
         for dt in dtypes:
             for mode in modes:
                 for impl in IMPLS:
@@ -68,7 +69,7 @@ def _params():
                         continue
                     if impl.family == "layout" and mode != "fwd":
                         continue
-                    if (impl.compiled and H.CONFIG["size"] == "small" and dt != "fp32"
+                    if (impl.compiled and size == "small" and dt != "fp32"
                             and "smoke" not in s.tags):
                         continue            # CPU compile time: one dtype is enough
                     marks = [pytest.mark.attention]
@@ -83,7 +84,7 @@ def _params():
 
 def pytest_generate_tests(metafunc):
     if "acase" in metafunc.fixturenames:
-        metafunc.parametrize("acase", _params())
+        metafunc.parametrize("acase", _params(H.context(metafunc.config).size))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -94,7 +95,7 @@ def make_inputs(s: AttnShape, dtype: str, family: str, grad: bool, layout: str |
     gen = torch.Generator().manual_seed(1234 + s.H * 7 + s.W * 13 + s.C + s.g)
     x = torch.randn(s.B, s.C, s.H, s.W, generator=gen) + 2 * torch.randn(1, s.C, 1, 1, generator=gen)
     gout = torch.randn(s.B, s.C, s.H, s.W, generator=gen)
-    dev, dt = H.device(), H.DTYPES[dtype]
+    dev, dt = env.device(), measure.DTYPES[dtype]
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = x.to(dev, dt).contiguous(memory_format=fmt).requires_grad_(grad)
     gout = gout.to(dev, dt).contiguous(memory_format=fmt)
@@ -160,11 +161,11 @@ def _reduced(s: AttnShape, family: str) -> AttnShape:
                                W=min(s.W, side))
 
 
-def _oracle_fits(s: AttnShape, family: str) -> bool:
+def _oracle_fits(s: AttnShape, family: str, cpu_mem_limit: int) -> bool:
     need = 5 * s.nxn_bytes(family, 4)
-    if H.on_cuda():
+    if env.on_cuda():
         return need < 0.5 * torch.cuda.get_device_properties(0).total_memory
-    return need < H.CONFIG["cpu_mem_limit"] / 2
+    return need < cpu_mem_limit / 2
 
 
 def _compare(got: dict, ref: dict) -> dict:
@@ -180,12 +181,13 @@ def _compare(got: dict, ref: dict) -> dict:
     return errs
 
 
-def check(impl: Impl, fn, s: AttnShape, dtype: str, kind: str) -> tuple[float, str]:
+def check(impl: Impl, fn, s: AttnShape, dtype: str, kind: str, cpu_mem_limit: int
+          ) -> tuple[float, str]:
     """(max relative error, where it was checked); raises on a mismatch."""
     key = (impl.name, s, dtype, kind)
     if key in _CHECKS:
         return _CHECKS[key]
-    cs = s if _oracle_fits(s, impl.family) else _reduced(s, impl.family)
+    cs = s if _oracle_fits(s, impl.family, cpu_mem_limit) else _reduced(s, impl.family)
     if impl.family == "layout":
         x, _, _ = make_inputs(cs, dtype, "ss", grad=False)
         err = (fn(x, None, cs.g) - x).abs().max().item()
@@ -195,10 +197,10 @@ def check(impl: Impl, fn, s: AttnShape, dtype: str, kind: str) -> tuple[float, s
     try:
         ref = _reference(impl, cs, dtype, kind)
     except Exception as e:  # noqa: BLE001
-        if not H.is_oom(e) or cs is not s:
+        if not measure.is_oom(e) or cs is not s:
             raise
     if ref is None:            # the oracle ran out of memory: check at a reduced shape
-        H.free_memory()
+        measure.free_memory()
         cs = _reduced(s, impl.family)
         ref = _reference(impl, cs, dtype, kind)
     with warnings.catch_warnings(record=True) as caught:
@@ -214,7 +216,7 @@ def check(impl: Impl, fn, s: AttnShape, dtype: str, kind: str) -> tuple[float, s
         # SDPA (no N×N matrix; the same math), so that size-dependent bugs (indexing, tiling,
         # split-K) cannot hide
         del got
-        H.free_memory()
+        measure.free_memory()
         full = _results(fn, s, dtype, impl.family, kind, layout=impl.extra.get("layout"))
         big = _results_cached(("sdpa-oracle", s, dtype, kind), lambda: _results(
             gather_sdpa, s, dtype, impl.family, kind, compute_dtype=torch.float32))
@@ -234,15 +236,15 @@ def _results_cached(key, compute):
 
 
 # --------------------------------------------------------------------------- the benchmark
-def test_attention(benchmark, acase):
+def test_attention(benchmark, bench_ctx, acase):
     s, dtype, mode, impl = acase
-    dev = H.device()
+    dev = env.device()
     family = impl.family
-    case = H.Case(suite="attention", name=s.name, impl=impl.name, mode=mode, dtype=dtype,
+    case = H.Case(ctx=bench_ctx, suite="attention", name=s.name, impl=impl.name, mode=mode, dtype=dtype,
                   B=s.B, C=s.C, H=s.H, W=s.W, g=s.g if family != "msa" else None,
                   N=s.N if family != "msa" else s.H * s.W, tokens=s.tokens,
                   flops_fwd=s.flops_fwd(family) if family != "layout" else 0.0,
-                  bytes_moved=(gather_scatter_bytes(s, H.DTYPES[dtype].itemsize)
+                  bytes_moved=(gather_scatter_bytes(s, measure.DTYPES[dtype].itemsize)
                                if family == "layout" else 0.0),
                   extra={"tags": ",".join(s.tags), "family": family})
     benchmark.group = f"attention {s.name} {dtype} {mode}"
@@ -251,17 +253,17 @@ def test_attention(benchmark, acase):
         H.skip_case(case, reason)
 
     # memory guard on CPU (a real OOM there means the OOM killer, not an exception)
-    elt = H.DTYPES[dtype].itemsize
-    if impl.materialises and not H.on_cuda():
+    elt = measure.DTYPES[dtype].itemsize
+    if impl.materialises and not env.on_cuda():
         need = (4 if mode != "fwd" else 2) * s.nxn_bytes(family, elt)
-        if need > H.CONFIG["cpu_mem_limit"]:
+        if need > bench_ctx.cpu_mem_limit:
             H.oom_case(case, f"needs ~{need / 2**30:.1f} GiB for the N×N matrices "
                              f"(> --bench-cpu-mem-limit)", estimated=True)
     overhead = 3.0 if impl.materialises else 2.0
     if impl.name == "msa[sdpa]" and mode != "fwd":
         overhead = 20.0     # CPU flash backward parallelises over batch × heads only (here 1-2)
-    slow = H.too_slow_reason(case.flops_fwd * H.MODE_FLOP_FACTOR[mode], dtype, overhead=overhead)
-    if slow and H.on_cuda() and family != "msa" and base_name(impl) in ("triton", "fused", "sdpa"):
+    slow = H.too_slow_reason(bench_ctx, case.flops_fwd * H.MODE_FLOP_FACTOR[mode], dtype, overhead=overhead)
+    if slow and env.on_cuda() and family != "msa" and base_name(impl) in ("triton", "fused", "sdpa"):
         slow = None           # the project's own kernels are always measured on a GPU
     if slow and "smoke" not in s.tags:
         H.skip_case(case, slow)
@@ -277,11 +279,11 @@ def test_attention(benchmark, acase):
     kind = "fwd" if mode == "fwd" else "grad"
     problem = None
     try:
-        checked = check(impl, fn, s, dtype, kind)
+        checked = check(impl, fn, s, dtype, kind, bench_ctx.cpu_mem_limit)
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}" if str(e) else repr(e)
-        if H.is_oom(e):
-            problem = ("oom", H.oom_message(e))
+        if measure.is_oom(e):
+            problem = ("oom", measure.oom_message(e))
         elif impl.compiled or impl.name.startswith("gather+sdpa[") or any(
                 m in str(e).lower() for m in UNSUPPORTED_MARKERS):
             problem = ("skip", f"not supported here: {msg}")
@@ -335,7 +337,7 @@ def test_attention(benchmark, acase):
         def setup():
             zero_grads()
             out = call()
-            H.sync()
+            measure.sync()
             return (out,)
 
         def work(out):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from . import harness as H
+from . import env, measure
 
 pytestmark = [pytest.mark.conv]
 
@@ -26,16 +27,16 @@ BACKENDS = ("torch", "cuda")
 TOL = {"fp32": 1e-3, "bf16": 3e-2}
 
 
-def conv_shapes():
-    if H.CONFIG["size"] == "full":
+def conv_shapes(size: str):
+    if size == "full":
         return [("train", 4, 128, 140, 140), ("sidd", 1, 128, 264, 264)]
     return [("small", 2, 32, 60, 60)]
 
 
-def _params():
+def _params(size: str):
     out = []
-    full = H.CONFIG["size"] == "full"
-    for shp in conv_shapes():
+    full = size == "full"
+    for shp in conv_shapes(size):
         for op, d in OPS:
             for dt in (("fp32", "bf16") if full else ("fp32",)):
                 for mode in ("fwd", "fwdbwd"):
@@ -47,7 +48,7 @@ def _params():
 
 def pytest_generate_tests(metafunc):
     if "conv_case" in metafunc.fixturenames:
-        metafunc.parametrize("conv_case", _params())
+        metafunc.parametrize("conv_case", _params(H.context(metafunc.config).size))
 
 
 def _availability(backend: str) -> str | None:
@@ -70,7 +71,7 @@ def _fn(op: str, d: int, backend: str):
 
 def _inputs(B, C, Hh, W, k, dtype, grad):
     gen = torch.Generator().manual_seed(B * 1000 + C + Hh + k)
-    dev, dt = H.device(), H.DTYPES[dtype]
+    dev, dt = env.device(), measure.DTYPES[dtype]
     x = torch.randn(B, C, Hh, W, generator=gen).to(dev, dt).requires_grad_(grad)
     w = (torch.randn(C, C, k, k, generator=gen) / (3 * C) ** 0.5).to(dev, dt).requires_grad_(grad)
     b = (0.1 * torch.randn(C, generator=gen)).to(dev, dt).requires_grad_(grad)
@@ -88,11 +89,11 @@ def _run(fn, x, w, b, gout, grad: bool):
     return [out.detach().float(), x.grad.float(), w.grad.float(), b.grad.float()]
 
 
-def test_conv(benchmark, conv_case):
+def test_conv(benchmark, bench_ctx, conv_case):
     (name, B, C, Hh, W), op, d, dtype, mode, backend = conv_case
     k = 2 * d - 1 if op == "masked" else 3
     taps = k * k - 1 if op == "masked" else 9
-    case = H.Case(suite="conv", name=f"{name}-{op}{k}x{k}-d{d}", impl=backend, mode=mode,
+    case = H.Case(ctx=bench_ctx, suite="conv", name=f"{name}-{op}{k}x{k}-d{d}", impl=backend, mode=mode,
                   dtype=dtype, B=B, C=C, H=Hh, W=W, tokens=B * Hh * W,
                   flops_fwd=2.0 * B * C * C * taps * Hh * W,
                   extra={"op": op, "kernel": k, "dilation": d})

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from . import harness as H
+from . import env, measure
 from .impls import package_backends
 
 pytestmark = [pytest.mark.e2e]
@@ -27,37 +28,38 @@ except Exception as _e:  # noqa: BLE001
 IMPLS = ("reference", "fused")
 
 
-def model_config() -> dict:
-    if H.CONFIG["size"] == "full":
+def model_config(size: str) -> dict:
+    if size == "full":
         return {}
     return dict(base_channels=16, num_modules=3, ss_blocks=2)
 
 
-def train_params():
-    if H.CONFIG["size"] == "full":
+def train_params(size: str):
+    if size == "full":
         crops, batch = (120, 255, 510), 4    # PD-5 needs multiples of 5: 256 → 255, 512 → 510
     else:
         crops, batch = (20, 40), 2
     out = []
     for crop in crops:
         for impl in IMPLS:
-            marks = [pytest.mark.smoke] if (crop == crops[0] and H.CONFIG["size"] == "small") else []
+            marks = [pytest.mark.smoke] if (crop == crops[0] and size == "small") else []
             out.append(pytest.param(crop, batch, impl, id=f"crop{crop}-b{batch}-{impl}", marks=marks))
     return out
 
 
-def infer_params():
-    if H.CONFIG["size"] == "full":
+def infer_params(size: str):
+    if size == "full":
         return [pytest.param((3000, 4000), t, impl, id=f"12MP-tile{t}-{impl}")
                 for t in (256, 1024) for impl in IMPLS]
     return [pytest.param((48, 64), 32, impl, id=f"48x64-tile32-{impl}") for impl in IMPLS]
 
 
 def pytest_generate_tests(metafunc):
+    size = H.context(metafunc.config).size
     if metafunc.function.__name__ == "test_train_step":
-        metafunc.parametrize("crop,batch,impl", train_params())
+        metafunc.parametrize("crop,batch,impl", train_params(size))
     elif metafunc.function.__name__ == "test_inference_r3_tiled":
-        metafunc.parametrize("size,tile,impl", infer_params())
+        metafunc.parametrize("size,tile,impl", infer_params(size))
 
 
 def _availability(impl: str) -> str | None:
@@ -69,12 +71,12 @@ def _availability(impl: str) -> str | None:
     return None
 
 
-def _models(impl: str, dev):
+def _models(impl: str, dev, size: str):
     torch.manual_seed(0)
-    ref = SSBSN(**model_config()).to(dev)
+    ref = SSBSN(**model_config(size)).to(dev)
     if impl == "reference":
         return ref, ref
-    model = SSBSN(**model_config(), fused=True).to(dev)
+    model = SSBSN(**model_config(size), fused=True).to(dev)
     model.load_state_dict(ref.state_dict())
     return model, ref
 
@@ -105,17 +107,17 @@ def _check_train(model, ref, batch, crop, dev) -> tuple[float, str]:
                 m.zero_grad(set_to_none=True)
             return max(e_out, e_grad), f"{x.shape[0]}×3×{c}×{c}"
         except Exception as e:  # noqa: BLE001
-            if not H.is_oom(e) or c == 40:
+            if not measure.is_oom(e) or c == 40:
                 raise
-        H.free_memory()        # (after the except block: the traceback is gone)
+        measure.free_memory()        # (after the except block: the traceback is gone)
     raise AssertionError("unreachable")
 
 
-def test_train_step(benchmark, crop, batch, impl):
-    dev = H.device()
-    cfg = model_config()
+def test_train_step(benchmark, bench_ctx, crop, batch, impl):
+    dev = env.device()
+    cfg = model_config(bench_ctx.size)
     C = cfg.get("base_channels", 128)
-    case = H.Case(suite="e2e", name=f"train-crop{crop}", impl=impl, mode="step", dtype="fp32",
+    case = H.Case(ctx=bench_ctx, suite="e2e", name=f"train-crop{crop}", impl=impl, mode="step", dtype="fp32",
                   B=batch, C=C, H=crop, W=crop, tokens=batch * crop * crop,
                   extra={"what": "fwd+bwd+Adam", "model": str(cfg or "paper")})
     benchmark.group = f"e2e train crop {crop}"
@@ -124,12 +126,12 @@ def test_train_step(benchmark, crop, batch, impl):
         H.skip_case(case, reason)
     oom = None
     try:
-        model, ref = _models(impl, dev)
+        model, ref = _models(impl, dev, bench_ctx.size)
         err, where = _check_train(model, ref, batch, crop, dev)
     except Exception as e:  # noqa: BLE001
-        if not H.is_oom(e):
+        if not measure.is_oom(e):
             raise
-        oom = H.oom_message(e)
+        oom = measure.oom_message(e)
     if oom is not None:
         H.oom_case(case, oom)
     case.extra.update(max_err=err, checked_at=where)
@@ -149,11 +151,11 @@ def test_train_step(benchmark, crop, batch, impl):
     H.run_case(benchmark, case, step)
 
 
-def test_inference_r3_tiled(benchmark, size, tile, impl):
-    dev = H.device()
-    cfg = model_config()
+def test_inference_r3_tiled(benchmark, bench_ctx, size, tile, impl):
+    dev = env.device()
+    cfg = model_config(bench_ctx.size)
     Hh, W = size
-    case = H.Case(suite="e2e", name=f"denoise-{Hh}x{W}-tile{tile}", impl=impl, mode="infer",
+    case = H.Case(ctx=bench_ctx, suite="e2e", name=f"denoise-{Hh}x{W}-tile{tile}", impl=impl, mode="infer",
                   dtype="fp32", B=1, C=cfg.get("base_channels", 128), H=Hh, W=W,
                   tokens=Hh * W, extra={"what": "denoise(r3=True, tiled)",
                                         "model": str(cfg or "paper")})
@@ -161,10 +163,10 @@ def test_inference_r3_tiled(benchmark, size, tile, impl):
     reason = _availability(impl)
     if reason:
         H.skip_case(case, reason)
-    overlap = 64 if H.CONFIG["size"] == "full" else 8
+    overlap = 64 if bench_ctx.size == "full" else 8
     oom = None
     try:
-        model, ref = _models(impl, dev)
+        model, ref = _models(impl, dev, bench_ctx.size)
         model.eval()
         ref.eval()
         if model is not ref:     # check on a crop of at most two tiles
@@ -178,9 +180,9 @@ def test_inference_r3_tiled(benchmark, size, tile, impl):
                 pytest.fail(f"fused denoise disagrees with the reference: {err:.3e}")
         del ref
     except Exception as e:  # noqa: BLE001
-        if not H.is_oom(e):
+        if not measure.is_oom(e):
             raise
-        oom = H.oom_message(e)
+        oom = measure.oom_message(e)
     if oom is not None:
         H.oom_case(case, oom)
     x = torch.rand(1, 3, Hh, W, device=dev) * 255

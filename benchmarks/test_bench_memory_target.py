@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from . import harness as H
+from . import env, measure
 from .impls import package_backends
 
 pytestmark = [pytest.mark.memtarget]
@@ -40,13 +41,13 @@ def _probe(impl: str, repeats: int = 1) -> dict:
     return json.loads(lines[-1])
 
 
-def test_cpu_memory_target():
-    if H.on_cuda():
+def test_cpu_memory_target(bench_ctx):
+    if env.on_cuda():
         pytest.skip("the issue-3 memory target is a CPU target (run on a CPU-only machine)")
     B, C, Hh, W = SHAPE
     fused = "fused" if "fused" in package_backends() else None
     candidate = fused or "gather+sdpa[flash]"
-    base = H.Case(suite="memtarget", name="cpu-264", impl="", mode="fwdbwd", dtype="fp32",
+    base = H.Case(ctx=bench_ctx, suite="memtarget", name="cpu-264", impl="", mode="fwdbwd", dtype="fp32",
                   B=B, C=C, H=Hh, W=W, g=GRID, N=(Hh // GRID) * (W // GRID), tokens=B * Hh * W,
                   flops_fwd=4.0 * ((Hh // GRID) * (W // GRID)) ** 2 * C * B * GRID * GRID)
     results = {}
@@ -64,15 +65,15 @@ def test_cpu_memory_target():
     speed_ratio = a["median_s"] / f["median_s"]
     ok = mem_ratio >= 8.0 and speed_ratio >= 1.0
     label = "fused=True" if fused else "gather+sdpa[flash] (stand-in: ssbsn backend 'fused' not available yet)"
-    verdict = (f"1×128×264×264, g=4, fp32, fwd+bwd, {H.env_info()['cpu_threads']} threads:\n"
+    verdict = (f"1×128×264×264, g=4, fp32, fwd+bwd, {bench_ctx.env_info()['cpu_threads']} threads:\n"
                f"  authors' formulation: peak RSS +{a['peak_rss_delta_mib']:,.0f} MiB, "
                f"{a['median_s']:.2f} s (first call {a['first_s']:.2f} s)\n"
                f"  {label}: peak RSS +{f['peak_rss_delta_mib']:,.0f} MiB, {f['median_s']:.2f} s "
                f"(first call {f['first_s']:.2f} s)\n"
                f"  memory ratio {mem_ratio:.1f}× (target ≥ 8×), speed ratio {speed_ratio:.2f}× "
                f"(target ≥ 1×): {'MET' if ok else 'NOT MET'}")
-    H.NOTES["memtarget"] = verdict
+    bench_ctx.notes["memtarget"] = verdict
     print(verdict)
-    if H.CONFIG["enforce_targets"]:
+    if bench_ctx.enforce_targets:
         assert fused, "ssbsn backend 'fused' is not available"
         assert ok, verdict
