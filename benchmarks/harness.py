@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import pytest
@@ -51,9 +51,11 @@ class BenchContext:
     rows: list = field(default_factory=list)   # every case, including OOM / skipped / failed
     notes: dict = field(default_factory=dict)  # free-text results (FLOPs, memory target)
     cpu_speed: measure.CpuSpeed = field(default_factory=measure.CpuSpeed)
+    memo: dict = field(default_factory=dict)   # per-suite caches (e.g. the correctness gate's)
 
     def options(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("rows", "notes", "cpu_speed")}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("rows", "notes", "cpu_speed", "memo")}
 
     def env_info(self) -> dict:
         return env.env_info(self.size)

@@ -20,6 +20,7 @@ Implementations (``IMPLS``), all computing SS-Attention's ``x + attention(x)`` u
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -164,9 +165,6 @@ def pinned_sdpa(kernel: str):
     return fn
 
 
-_COMPILED: dict = {}
-
-
 def _raise_recompile_limits() -> None:
     import torch._dynamo as dynamo
     for name in ("recompile_limit", "cache_size_limit"):
@@ -177,26 +175,26 @@ def _raise_recompile_limits() -> None:
             dynamo.config.accumulated_recompile_limit, 4096)
 
 
+@functools.cache
 def compiled_gather_sdpa():
-    if "sdpa" not in _COMPILED:
-        _raise_recompile_limits()
-        _COMPILED["sdpa"] = torch.compile(gather_sdpa, dynamic=False)
-    return _COMPILED["sdpa"]
+    """gather_sdpa under torch.compile (built once per process)."""
+    _raise_recompile_limits()
+    return torch.compile(gather_sdpa, dynamic=False)
 
 
+@functools.cache
 def compiled_gather_flex():
-    if "flex" not in _COMPILED:
-        from torch.nn.attention.flex_attention import flex_attention
-        _raise_recompile_limits()
-        flex = torch.compile(flex_attention, dynamic=False)
+    """gather + compiled flex_attention (built once per process)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    _raise_recompile_limits()
+    flex = torch.compile(flex_attention, dynamic=False)
 
-        def attend(q, v, scale):
-            return flex(q, q, v, scale=scale)
+    def attend(q, v, scale):
+        return flex(q, q, v, scale=scale)
 
-        def fn(x, w, g):
-            return gather_attend_scatter(x, w, g, attend)
-        _COMPILED["flex"] = fn
-    return _COMPILED["flex"]
+    def fn(x, w, g):
+        return gather_attend_scatter(x, w, g, attend)
+    return fn
 
 
 def package_backend(name: str):

@@ -113,9 +113,25 @@ def _call(fn, x, params, g, family):
 
 
 # --------------------------------------------------------------------------- correctness
-_CHECKS: dict = {}
-_FALLBACKS: dict = {}     # "fused" that fell back to sdpa (with the warning's reason)
-_REF_CACHE: "OrderedDict" = OrderedDict()
+@dataclasses.dataclass
+class CheckMemo:
+    """What the correctness gate remembers during one run (kept in the run's BenchContext):
+    verdicts per (impl, shape, dtype, kind), "fused" cases that fell back to sdpa (with the
+    warning's reason), and the last two oracle results."""
+    verdicts: dict = dataclasses.field(default_factory=dict)
+    fallbacks: dict = dataclasses.field(default_factory=dict)
+    oracle: OrderedDict = dataclasses.field(default_factory=OrderedDict)
+
+    def cached(self, key, compute):
+        if key not in self.oracle:
+            self.oracle[key] = compute()
+            while len(self.oracle) > 2:
+                self.oracle.popitem(last=False)
+        return self.oracle[key]
+
+
+def check_memo(ctx: H.BenchContext) -> CheckMemo:
+    return ctx.memo.setdefault("attention-checks", CheckMemo())
 
 
 def _results(fn, s: AttnShape, dtype: str, family: str, kind: str, compute_dtype=None,
@@ -142,17 +158,13 @@ def _results(fn, s: AttnShape, dtype: str, family: str, kind: str, compute_dtype
     return res
 
 
-def _reference(impl: Impl, s: AttnShape, dtype: str, kind: str):
-    key = (impl.family, impl.name == "reference", s, dtype, kind)
-    if key not in _REF_CACHE:
-        oracle = authors_ss_attention if impl.name == "reference" else reference_fn(impl)
-        if impl.family == "msa":
-            oracle = reference_fn(impl)
-        _REF_CACHE[key] = _results(oracle, s, dtype, impl.family, kind,
-                                   compute_dtype=torch.float32)
-        while len(_REF_CACHE) > 2:
-            _REF_CACHE.popitem(last=False)
-    return _REF_CACHE[key]
+def _reference(impl: Impl, s: AttnShape, dtype: str, kind: str, memo: CheckMemo):
+    oracle = authors_ss_attention if impl.name == "reference" else reference_fn(impl)
+    if impl.family == "msa":
+        oracle = reference_fn(impl)
+    return memo.cached((impl.family, impl.name == "reference", s, dtype, kind),
+                       lambda: _results(oracle, s, dtype, impl.family, kind,
+                                        compute_dtype=torch.float32))
 
 
 def _reduced(s: AttnShape, family: str) -> AttnShape:
@@ -181,34 +193,35 @@ def _compare(got: dict, ref: dict) -> dict:
     return errs
 
 
-def check(impl: Impl, fn, s: AttnShape, dtype: str, kind: str, cpu_mem_limit: int
+def check(impl: Impl, fn, s: AttnShape, dtype: str, kind: str, ctx: H.BenchContext
           ) -> tuple[float, str]:
     """(max relative error, where it was checked); raises on a mismatch."""
+    memo, cpu_mem_limit = check_memo(ctx), ctx.cpu_mem_limit
     key = (impl.name, s, dtype, kind)
-    if key in _CHECKS:
-        return _CHECKS[key]
+    if key in memo.verdicts:
+        return memo.verdicts[key]
     cs = s if _oracle_fits(s, impl.family, cpu_mem_limit) else _reduced(s, impl.family)
     if impl.family == "layout":
         x, _, _ = make_inputs(cs, dtype, "ss", grad=False)
         err = (fn(x, None, cs.g) - x).abs().max().item()
-        _CHECKS[key] = (err, cs.id())
-        return _CHECKS[key]
+        memo.verdicts[key] = (err, cs.id())
+        return memo.verdicts[key]
     ref = None
     try:
-        ref = _reference(impl, cs, dtype, kind)
+        ref = _reference(impl, cs, dtype, kind, memo)
     except Exception as e:  # noqa: BLE001
         if not measure.is_oom(e) or cs is not s:
             raise
     if ref is None:            # the oracle ran out of memory: check at a reduced shape
         measure.free_memory()
         cs = _reduced(s, impl.family)
-        ref = _reference(impl, cs, dtype, kind)
+        ref = _reference(impl, cs, dtype, kind, memo)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         got = _results(fn, cs, dtype, impl.family, kind, layout=impl.extra.get("layout"))
     fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
     if fallback:
-        _FALLBACKS[key] = fallback[0][:200]
+        memo.fallbacks[key] = fallback[0][:200]
     errs = _compare(got, ref)
     where = cs.id()
     if cs is not s and impl.family == "ss" and not impl.materialises and impl.name != "sdpa":
@@ -218,21 +231,13 @@ def check(impl: Impl, fn, s: AttnShape, dtype: str, kind: str, cpu_mem_limit: in
         del got
         measure.free_memory()
         full = _results(fn, s, dtype, impl.family, kind, layout=impl.extra.get("layout"))
-        big = _results_cached(("sdpa-oracle", s, dtype, kind), lambda: _results(
+        big = memo.cached(("sdpa-oracle", s, dtype, kind), lambda: _results(
             gather_sdpa, s, dtype, impl.family, kind, compute_dtype=torch.float32))
         errs.update({f"{k}@full": v for k, v in _compare(full, big).items()})
         where = f"{cs.id()} (+ {s.id()} vs fp32 SDPA)"
     worst = max(errs.values())
-    _CHECKS[key] = (worst, where, errs)
-    return _CHECKS[key]
-
-
-def _results_cached(key, compute):
-    if key not in _REF_CACHE:
-        _REF_CACHE[key] = compute()
-        while len(_REF_CACHE) > 2:
-            _REF_CACHE.popitem(last=False)
-    return _REF_CACHE[key]
+    memo.verdicts[key] = (worst, where, errs)
+    return memo.verdicts[key]
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -279,7 +284,7 @@ def test_attention(benchmark, bench_ctx, acase):
     kind = "fwd" if mode == "fwd" else "grad"
     problem = None
     try:
-        checked = check(impl, fn, s, dtype, kind, bench_ctx.cpu_mem_limit)
+        checked = check(impl, fn, s, dtype, kind, bench_ctx)
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}" if str(e) else repr(e)
         if measure.is_oom(e):
@@ -298,8 +303,9 @@ def test_attention(benchmark, bench_ctx, acase):
     errs = checked[2] if len(checked) > 2 else {"out": err}
     case.extra.update(max_err=err, checked_at=where,
                       **{f"err_{k.replace('@', '_')}": v for k, v in errs.items()})
-    if (impl.name, s, dtype, kind) in _FALLBACKS:
-        case.extra["note"] = "fell back to sdpa: " + _FALLBACKS[(impl.name, s, dtype, kind)]
+    fell_back = check_memo(bench_ctx).fallbacks.get((impl.name, s, dtype, kind))
+    if fell_back:
+        case.extra["note"] = "fell back to sdpa: " + fell_back
     if family == "layout":
         bad = {k: v for k, v in errs.items() if v != 0.0}
     else:

@@ -1,8 +1,8 @@
 """SS-Attention through ``torch.nn.functional.scaled_dot_product_attention``: the memory-efficient
 CPU path (and the loud fallback of the fused backend), with the reference's numerics.
 
-The grouped view and q̂ come from ``common.py`` (pad, pixel-unshuffle by phase, tokens), with the groups of
-a sample as the heads of a (B, g², N, ·) batch. Differences from the reference are only the ones
+The grouped view (pad, pixel-unshuffle by phase, tokens) and q̂ come from ``common.py``, with the
+groups of a sample as the heads of a (B, g², N, ·) batch. Differences from the reference are only the ones
 that leave the result unchanged: the softmax's "+1" is dropped (shift invariance) and the logits
 are scaled by ``scale=1/√E`` inside SDPA. Padded tokens have y = 0, hence q = 0 and q̂ = 0/(0+ε) = 0:
 as keys they get logit 0 (the reference's 1/√E minus the dropped 1/√E) and value 0, exactly as
