@@ -171,7 +171,8 @@ def run_case(benchmark, case: Case, work: Callable[..., Any],
                                                    ctx.max_rounds)
         if setup is not None:
             iterations = 1
-        if getattr(benchmark, "disabled", False):  # --benchmark-disable: our own estimate
+        if getattr(benchmark, "disabled", False):  # --benchmark-disable: one untimed call
+            benchmark.pedantic(once)                 # and our own estimate
             samples, rounds = [t0], 0
         else:
             samples = measure.time_rounds(work, rounds, iterations, setup)
