@@ -277,6 +277,7 @@ def _correctness_cases(a, plan) -> dict:
     import torch
 
     import ssbsn.kernels as kernels
+    from ssbsn.attention.common import tokens_per_group
     dev = _device()
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     layouts = {"cl": torch.channels_last, "nchw": torch.contiguous_format}
@@ -286,7 +287,7 @@ def _correctness_cases(a, plan) -> dict:
             continue
         shape = _shapes(a)[name]
         B, C, H, W, g = shape
-        per_group = (-(-H // g)) * (-(-W // g)) > 5000
+        per_group = tokens_per_group(H, W, g) > 5000
         x64, w64, go64 = _inputs(shape, dev)
         oracle = _fwd_bwd(lambda p, q: reference_attention(p, q, g, per_group), x64, w64, go64)
         for dt, lay in cases:
@@ -338,8 +339,9 @@ def _attn_fwd_bwd(fn, x, w, g, go):
 
 
 def _flops_fwd(shape) -> float:
+    from ssbsn.attention.common import tokens_per_group
     B, C, H, W, g = shape
-    n = (-(-H // g)) * (-(-W // g))
+    n = tokens_per_group(H, W, g)
     return 4.0 * n * n * C * B * g * g
 
 

@@ -79,7 +79,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention.common import NORM_EPS
+from ..attention.common import NORM_EPS, tokens_per_group
 from .token_ops import (INTERPRET, MAX_CHANNELS, Geometry, group_geometry,
                         layer_norm_projection_backward, layer_norm_stats, load_y, loop_bound, mma,
                         project_qhat, token_offsets)
@@ -404,7 +404,7 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
 # ---------------------------------------------------------------------------------------------
 def _fake_sizes(x, w, grid):
     B, C, H, W = x.shape
-    return B * grid * grid, (-(-H // grid)) * (-(-W // grid))
+    return B * grid * grid, tokens_per_group(H, W, grid)
 
 
 @torch.library.custom_op("ssbsn::ss_attention", mutates_args=())

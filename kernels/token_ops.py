@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention.common import LN_EPS, NORM_EPS
+from ..attention.common import LN_EPS, NORM_EPS, tokens_per_group
 
 
 def _interpreting() -> bool:
@@ -297,8 +297,7 @@ class Geometry:
         self.B, self.C, self.H, self.W = x.shape
         self.E = w.shape[1]
         self.G = grid
-        self.Hg, self.Wg = -(-self.H // grid), -(-self.W // grid)
-        self.NB = self.Hg * self.Wg  # tokens per group, padding included
+        self.NB = tokens_per_group(self.H, self.W, grid)  # padding included
         self.BG = self.B * grid * grid
         self.BLOCK_C, self.BLOCK_E = block_dim(self.C), block_dim(self.E)
         dt = x.dtype
