@@ -70,8 +70,7 @@ def pytest_configure(config):
         size = "full" if torch.cuda.is_available() else "small"
     ctx.size = size
     target = config.getoption("--bench-target-s", None)
-    ctx.target_s = target if target is not None else (0.5 if torch.cuda.is_available()
-                                                              else 0.1)
+    ctx.target_s = target if target is not None else (0.5 if torch.cuda.is_available() else 0.1)
     max_call = config.getoption("--bench-max-call-s", None)
     if max_call is not None:
         ctx.max_call_s = ctx.max_call_s_cuda = max_call
