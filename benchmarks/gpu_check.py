@@ -29,11 +29,9 @@ speed targets are then "not applicable" and do not decide the exit status.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -108,11 +106,10 @@ def step_cuda_env(a) -> dict:
 
 # ----------------------------------------------------------------------------- env
 def step_env(a) -> dict:
+    """``benchmarks/env.py``'s facts, plus the driver and the dry-run flag."""
     import torch
 
     from . import env
-    tv = env.triton_version()
-    cuda = torch.cuda.is_available()
     driver = "none"
     if shutil.which("nvidia-smi"):
         try:
@@ -121,28 +118,9 @@ def step_env(a) -> dict:
                                     timeout=20).stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError, IndexError):
             driver = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, cwd=ROOT).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, cwd=ROOT).stdout
-        commit = (commit + (" + uncommitted changes" if dirty.strip() else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown (no git)"
-    info = {
-        "device": env.device_name(),
-        "driver": driver, "torch": torch.__version__, "triton": tv,
-        "cuda": torch.version.cuda or "none",
-        "cudnn": str(torch.backends.cudnn.version()) if cuda else "none",
-        "python": platform.python_version(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git_commit": commit, "dry_run": bool(a.dry_run),
-        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
-    }
-    if cuda:
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu_memory_gib=round(p.total_memory / 2 ** 30, 1),
-                    capability=".".join(map(str, torch.cuda.get_device_capability())))
+    info = {**env.env_info(), "driver": driver, "dry_run": bool(a.dry_run)}
+    if torch.cuda.is_available():
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     for k, v in info.items():
         _say(f"  {k}: {v}")
     return {"step": "env", "status": "ok", "env": info}

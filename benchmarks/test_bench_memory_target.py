@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from . import harness as H
-from . import env, measure
+from . import env
 from .impls import package_backends
 
 pytestmark = [pytest.mark.memtarget]
@@ -31,9 +31,9 @@ def _probe(impl: str, repeats: int = 1) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.memprobe", "--impl", impl,
            "--shape", ",".join(map(str, SHAPE)), "--grid", str(GRID), "--mode", "fwdbwd",
            "--repeats", str(repeats), "--threads", str(torch.get_num_threads())]
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=1800)
+    environ = dict(os.environ)
+    environ.pop("TRITON_INTERPRET", None)
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=environ, timeout=1800)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
