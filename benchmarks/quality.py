@@ -204,6 +204,21 @@ def run_training(task: dict) -> dict:
                 inference=dict(model.inference, pd_test=model.pd_test))
 
 
+def _save_run(path: Path, r: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    d = {k: v for k, v in r.items() if k != "images"}
+    np.savez_compressed(path.with_suffix(".npz"),
+                        **{f"{n}@{s!r}": v for (n, s), v in r["images"].items()})
+    path.write_text(json.dumps(d))
+
+
+def _load_run(path: Path) -> dict:
+    r = json.loads(path.read_text())
+    with np.load(path.with_suffix(".npz"), allow_pickle=False) as z:
+        r["images"] = {(k.split("@")[0], float(k.split("@")[1])): z[k] for k in z.files}
+    return r
+
+
 # ------------------------------------------------------------------ report
 
 def _fmt(v, digits=2):
@@ -341,7 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("--main-minutes", type=float, default=None)
     ap.add_argument("--per-level", action="store_true",
                     help="one training run per noise level (default: one run on all levels)")
-    ap.add_argument("--no-apbsn", action="store_true", help="skip the AP-BSN runs")
+    ap.add_argument("--methods", default="ssbsn,apbsn",
+                    help="which trained models: ssbsn (the recipe), apbsn (ss_blocks=0)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "quality"))
@@ -374,7 +390,7 @@ def main(argv=None) -> int:
     tasks = []
     for m in budgets:
         for method, extra in (("ssbsn", {}), ("apbsn", {"ss_blocks": 0})):
-            if method == "apbsn" and args.no_apbsn:
+            if method not in args.methods.split(","):
                 continue
             for gi, group in enumerate(groups):
                 tasks.append(dict(kind="train", method=method, minutes=m, items=group,
@@ -384,10 +400,18 @@ def main(argv=None) -> int:
     if args.baselines_only:
         tasks = []
     cache = None
+    run_cached: dict = {}
     if args.cache:
-        key = f"base_{args.photos and Path(args.photos).name}_{args.size}_{args.seed}_" + \
+        key = f"{args.photos and Path(args.photos).name}_{args.size}_{args.seed}_" + \
               "_".join(f"{s:g}" for s in shots)
-        cache = Path(args.cache) / f"{key}.npz"
+        cache = Path(args.cache) / f"base_{key}.npz"
+        for t in tasks:
+            t["cache"] = str(Path(args.cache) / (
+                f"run_{t['method']}_{t['minutes']:g}_{args.preset}_"
+                f"{'lvl' + str(t['seed']) if args.per_level else 'all'}_{key}.json"))
+            if Path(t["cache"]).is_file():
+                run_cached[id(t)] = _load_run(Path(t["cache"]))
+                print(f"quality: {t['method']} {t['minutes']:g} min from {t['cache']}", flush=True)
     cached = None
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
@@ -404,6 +428,10 @@ def main(argv=None) -> int:
           f"({', '.join(f'{m:g}' for m in budgets)} CPU-min), baselines; {args.jobs} jobs",
           flush=True)
     results = []
+    todo = [t for t in tasks if id(t) not in run_cached]
+    done_runs = {}
+    order = tasks
+    tasks = todo
     if args.jobs > 1:
         import multiprocessing as mp
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
@@ -416,7 +444,11 @@ def main(argv=None) -> int:
     else:
         for t in tasks + base_tasks:
             results.append((run_training if t["kind"] == "train" else run_baselines)(t))
-    trained_parts = results[:len(tasks)]
+    for t, r in zip(tasks, results[:len(tasks)]):
+        done_runs[id(t)] = r
+        if t.get("cache"):
+            _save_run(Path(t["cache"]), r)
+    trained_parts = [run_cached.get(id(t)) or done_runs[id(t)] for t in order]
     base_parts = results[len(tasks):]
     base = cached or dict(rows=[r for p in base_parts for r in p["rows"]],
                           images={k: v for p in base_parts for k, v in p["images"].items()})
