@@ -661,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SS-BSN: self-supervised denoising of real camera noise, trained on noisy "
                     "images alone (Han & Yu, IJCAI-23).",
-        epilog="start with:  ssbsn demo        (about 2 minutes on a laptop CPU)\n"
+        epilog="start with:  ssbsn demo        (about 5 minutes on a laptop CPU)\n"
                "then:        ssbsn train DATA --out runs/mine\n"
                "             ssbsn denoise photo.png -o clean.png -w runs/mine/model.safetensors\n"
                "'ssbsn COMMAND --help' explains each command.")
