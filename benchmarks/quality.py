@@ -308,7 +308,7 @@ def crops_figure(path, photos, shot, base_imgs, items, ss_imgs, crop: int = 96) 
                 continue
             ax.imshow(img[y:y + c, x:x + c], interpolation="nearest")
             t = label if label == "clean" else f"{label} {psnr(img, it['clean']):.2f} dB"
-            ax.set_title(t if i else t, fontsize=8)
+            ax.set_title(t, fontsize=8)
         axes[i, 0].text(-4, c / 2, it["name"], rotation=90, va="center", ha="right", fontsize=8)
     fig.suptitle(f"camera noise shot {shot:g}; centre {crop}×{crop} crops (PSNR of the "
                  f"whole image)", fontsize=9)
