@@ -246,16 +246,17 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
     head = ["photo", "shot", "σ true/blind"] + [
         {"noisy": "noisy", "ssbsn": "SS-BSN", "apbsn": "AP-BSN", "nlm_blind": "NLM blind",
          "nlm_true": "NLM true σ", "bm3d_blind": "BM3D blind", "bm3d_true": "BM3D true σ"}[c]
-        for c in cols] + ["shift SS-BSN", "shift AP-BSN"]
+        for c in cols] + ["shift noisy", "shift SS-BSN", "shift AP-BSN"]
     md = [f"PSNR (dB) / SSIM against the clean photo; SS-BSN and AP-BSN after {main_minutes:g} "
-          "CPU-minutes of training (one thread); shift = mean(output − clean) in grey levels.",
+          "CPU-minutes of training (one thread); shift = mean(output − clean) in grey levels (the "
+          "noisy images' own shift comes from the camera pipeline's clipping).",
           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"], f"{r['shot']:g}", f"{r['sigma_true']:.1f}/{r['sigma_blind']:.1f}"]
         for c in cols:
             v = r[c]
             cells.append("—" if v is None else f"{v['psnr']:.2f} / {v['ssim']:.3f}")
-        for c in ("ssbsn", "apbsn"):
+        for c in ("noisy", "ssbsn", "apbsn"):
             cells.append("—" if r[c] is None else f"{r[c]['shift']:+.2f}")
         md.append("| " + " | ".join(cells) + " |")
     md += ["", "Mean gain over the noisy input (dB) per level:", "",
