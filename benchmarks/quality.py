@@ -24,7 +24,7 @@ What it does:
    deviation of noisy − clean).
 6. Per image: PSNR/SSIM (:mod:`ssbsn.metrics`, outputs rounded to 8 bits), the brightness shift
    mean(output − clean) in grey levels; the tables ``results.md`` and ``results.json`` (with
-   device, versions, date, steps and CPU/wall minutes of every run) and ``crops.png`` (noisy |
+   device, versions, date, steps and CPU/wall minutes of every run) and ``crops.jpg`` (noisy |
    SS-BSN | BM3D with the true σ | clean, with their PSNR) in ``--out``.
 """
 from __future__ import annotations
@@ -314,8 +314,19 @@ def crops_figure(path, photos, shot, base_imgs, items, ss_imgs, crop: int = 96) 
     fig.suptitle(f"camera noise shot {shot:g}; centre {crop}×{crop} crops (PSNR of the "
                  f"whole image)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, pil_kwargs={"quality": 85})
     plt.close(fig)
+
+
+def _public_args(argv) -> list[str]:
+    """The command line without this machine's paths (values of --cache, --out, --photos)."""
+    out, hide = [], False
+    for a in argv:
+        out.append(a.split("=")[0] + "=PATH" if hide is False and "=" in a and
+                   a.split("=")[0] in ("--cache", "--out", "--photos") else
+                   ("PATH" if hide else a))
+        hide = a in ("--cache", "--out", "--photos")
+    return out
 
 
 def environment() -> dict:
@@ -481,7 +492,7 @@ def main(argv=None) -> int:
     rows, md = build_tables(photos, shots, base, trained_list, main_minutes)
     ss_main = trained.get(("ssbsn", main_minutes))
     fig_shot = 4e-3 if 4e-3 in shots else shots[-1]
-    crops_figure(out / "crops.png", photos, fig_shot, base["images"], items,
+    crops_figure(out / "crops.jpg", photos, fig_shot, base["images"], items,
                  ss_main["images"] if ss_main else {})
     env = environment()
     report = dict(
@@ -490,8 +501,8 @@ def main(argv=None) -> int:
         per_level=args.per_level, smoke=args.smoke, seed=args.seed,
         runs=[{k: v for k, v in t.items() if k not in ("rows", "images")} for t in trained_list],
         images=rows, seconds=round(time.perf_counter() - t0, 1),
-        command="python benchmarks/quality.py " + " ".join(argv if argv is not None
-                                                           else sys.argv[1:]))
+        command="python benchmarks/quality.py " + " ".join(_public_args(
+            argv if argv is not None else sys.argv[1:])))
     header = (f"# Quality benchmark (issue 9)\n\n{env['device']}; torch {env['torch']}, "
               f"scikit-image {env['skimage']}, bm3d {env['bm3d']}; {env['date']}.\n"
               f"Photos: {', '.join(report['photos'])} (centre {args.size}²); preset "
@@ -502,7 +513,7 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(header + md)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     print(md)
-    print(f"quality: wrote {out}/results.md, results.json, crops.png "
+    print(f"quality: wrote {out}/results.md, results.json, crops.jpg "
           f"({report['seconds'] / 60:.1f} min)")
     return 0
 

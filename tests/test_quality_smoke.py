@@ -30,7 +30,7 @@ def test_quality_smoke(tmp_path):
     assert quality.main(["--smoke", "--out", str(out), "--jobs", "1"]) == 0
     report = json.loads((out / "results.json").read_text())
     assert (out / "results.md").read_text().count("|") > 20
-    assert (out / "crops.png").stat().st_size > 1000
+    assert (out / "crops.jpg").stat().st_size > 1000
     assert report["smoke"] and report["environment"]["torch"] == torch.__version__
     assert {r["method"] for r in report["runs"]} == {"ssbsn", "apbsn"}
     assert all(r["steps"] == 3 for r in report["runs"])
