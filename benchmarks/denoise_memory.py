@@ -26,14 +26,6 @@ import time
 LIMIT_GB = 1.5
 
 
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
@@ -44,6 +36,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from benchmarks.measure import proc_kib
     from ssbsn import SSBSN
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -57,7 +50,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         y = model.denoise(x, r3=args.r3)
     seconds = time.perf_counter() - t0
-    peak_gb = _kib("VmHWM") / 2**20
+    peak_gb = proc_kib("VmHWM") / 2**20
     # the reference's attention matrices: per SS-Block, g² groups of N×N fp32 logits + softmax
     side = args.size + 2 * model.pd_test * model.pd_pad
     ref_gb = max(2 * side * side / g ** 2 * side * side * 4 for g in (4, 6)) / 2**30

@@ -5,8 +5,8 @@ Timing: on CUDA each round is bracketed by CUDA events (device time of the queue
 host synchronisation inside the round); on CPU by ``time.perf_counter``. Memory: CUDA's
 ``max_memory_allocated`` above what was allocated before, or on CPU the allocator's
 high-water mark reconstructed from ``torch.profiler``'s memory events (tracemalloc does not
-see torch's allocator); the third method, peak RSS of an isolated process, is
-``benchmarks/memprobe.py``'s.
+see torch's allocator); or, for a whole process (``memprobe.py``, ``denoise_memory.py``), its
+resident-memory high-water mark from /proc (:func:`proc_kib`, :func:`reset_peak_rss`).
 """
 from __future__ import annotations
 
@@ -93,6 +93,25 @@ def peak_memory(fn: Callable[[], Any]) -> tuple[float | None, str]:
         return float(_profiler_peak_bytes(fn)), "cpu profiler (allocator high-water mark)"
     except Exception as e:  # noqa: BLE001 - the profiler is optional, the timing is not
         return None, f"n/a ({type(e).__name__})"
+
+
+def proc_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB ("VmRSS", "VmHWM": the peak resident memory)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: ``echo 5 > clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- timing

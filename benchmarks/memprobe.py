@@ -18,23 +18,6 @@ import sys
 import time
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", required=True)
@@ -51,6 +34,7 @@ def main(argv=None) -> int:
 
     from benchmarks.authors import authors_ss_attention
     from benchmarks.impls import pinned_sdpa
+    from benchmarks.measure import proc_kib, reset_peak_rss
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -86,12 +70,12 @@ def main(argv=None) -> int:
     run(*inputs(1, C, 8 * g, 8 * g))          # warm-up at a small size
     x, w, gout = inputs(B, C, Hh, W)
     gc.collect()
-    reset_ok = _reset_peak()
-    base = _status_kib("VmRSS")
+    reset_ok = reset_peak_rss()
+    base = proc_kib("VmRSS")
     t = time.perf_counter()
     run(x, w, gout)
     first = time.perf_counter() - t
-    peak = _status_kib("VmHWM")
+    peak = proc_kib("VmHWM")
     times = [first]
     for _ in range(a.repeats):
         t = time.perf_counter()

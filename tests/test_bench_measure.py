@@ -48,6 +48,16 @@ def test_peak_memory_sees_an_allocation():
     assert peak >= 4 << 20, (peak, method)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_process_peak_rss_sees_an_allocation():
+    measure.reset_peak_rss()
+    base = measure.proc_kib("VmRSS")
+    buf = bytearray(64 << 20)  # touched: counted in RSS
+    peak = measure.proc_kib("VmHWM")
+    del buf
+    assert peak - base >= 60 << 10, (base, peak)
+
+
 def test_tables_and_report_load_without_pytest_or_torch():
     code = ("import sys; import benchmarks.report, benchmarks.tables; "
             "bad = [m for m in ('pytest', 'torch') if m in sys.modules]; "
