@@ -245,13 +245,14 @@ def test_attention(benchmark, bench_ctx, acase):
     s, dtype, mode, impl = acase
     dev = env.device()
     family = impl.family
-    case = H.Case(ctx=bench_ctx, suite="attention", name=s.name, impl=impl.name, mode=mode, dtype=dtype,
-                  B=s.B, C=s.C, H=s.H, W=s.W, g=s.g if family != "msa" else None,
-                  N=s.N if family != "msa" else s.H * s.W, tokens=s.tokens,
-                  flops_fwd=s.flops_fwd(family) if family != "layout" else 0.0,
-                  bytes_moved=(gather_scatter_bytes(s, measure.DTYPES[dtype].itemsize)
-                               if family == "layout" else 0.0),
-                  extra={"tags": ",".join(s.tags), "family": family})
+    case = H.Case(
+        ctx=bench_ctx, suite="attention", name=s.name, impl=impl.name, mode=mode, dtype=dtype,
+        B=s.B, C=s.C, H=s.H, W=s.W, g=s.g if family != "msa" else None,
+        N=s.N if family != "msa" else s.H * s.W, tokens=s.tokens,
+        flops_fwd=s.flops_fwd(family) if family != "layout" else 0.0,
+        bytes_moved=(gather_scatter_bytes(s, measure.DTYPES[dtype].itemsize)
+                     if family == "layout" else 0.0),
+        extra={"tags": ",".join(s.tags), "family": family})
     benchmark.group = f"attention {s.name} {dtype} {mode}"
     reason = availability(impl, dev) or mode_unsupported(impl, mode, dev)
     if reason:

@@ -93,10 +93,11 @@ def test_conv(benchmark, bench_ctx, conv_case):
     (name, B, C, Hh, W), op, d, dtype, mode, backend = conv_case
     k = 2 * d - 1 if op == "masked" else 3
     taps = k * k - 1 if op == "masked" else 9
-    case = H.Case(ctx=bench_ctx, suite="conv", name=f"{name}-{op}{k}x{k}-d{d}", impl=backend, mode=mode,
-                  dtype=dtype, B=B, C=C, H=Hh, W=W, tokens=B * Hh * W,
-                  flops_fwd=2.0 * B * C * C * taps * Hh * W,
-                  extra={"op": op, "kernel": k, "dilation": d})
+    case = H.Case(
+        ctx=bench_ctx, suite="conv", name=f"{name}-{op}{k}x{k}-d{d}", impl=backend, mode=mode,
+        dtype=dtype, B=B, C=C, H=Hh, W=W, tokens=B * Hh * W,
+        flops_fwd=2.0 * B * C * C * taps * Hh * W,
+        extra={"op": op, "kernel": k, "dilation": d})
     benchmark.group = f"conv {name} {op} d{d} {dtype} {mode}"
     reason = _availability(backend)
     if reason:

@@ -117,9 +117,10 @@ def test_train_step(benchmark, bench_ctx, crop, batch, impl):
     dev = env.device()
     cfg = model_config(bench_ctx.size)
     C = cfg.get("base_channels", 128)
-    case = H.Case(ctx=bench_ctx, suite="e2e", name=f"train-crop{crop}", impl=impl, mode="step", dtype="fp32",
-                  B=batch, C=C, H=crop, W=crop, tokens=batch * crop * crop,
-                  extra={"what": "fwd+bwd+Adam", "model": str(cfg or "paper")})
+    case = H.Case(
+        ctx=bench_ctx, suite="e2e", name=f"train-crop{crop}", impl=impl, mode="step", dtype="fp32",
+        B=batch, C=C, H=crop, W=crop, tokens=batch * crop * crop,
+        extra={"what": "fwd+bwd+Adam", "model": str(cfg or "paper")})
     benchmark.group = f"e2e train crop {crop}"
     reason = _availability(impl)
     if reason:
@@ -155,10 +156,11 @@ def test_inference_r3_tiled(benchmark, bench_ctx, size, tile, impl):
     dev = env.device()
     cfg = model_config(bench_ctx.size)
     Hh, W = size
-    case = H.Case(ctx=bench_ctx, suite="e2e", name=f"denoise-{Hh}x{W}-tile{tile}", impl=impl, mode="infer",
-                  dtype="fp32", B=1, C=cfg.get("base_channels", 128), H=Hh, W=W,
-                  tokens=Hh * W, extra={"what": "denoise(r3=True, tiled)",
-                                        "model": str(cfg or "paper")})
+    case = H.Case(
+        ctx=bench_ctx, suite="e2e", name=f"denoise-{Hh}x{W}-tile{tile}", impl=impl, mode="infer",
+        dtype="fp32", B=1, C=cfg.get("base_channels", 128), H=Hh, W=W,
+        tokens=Hh * W, extra={"what": "denoise(r3=True, tiled)",
+                              "model": str(cfg or "paper")})
     benchmark.group = f"e2e denoise {Hh}x{W}"
     reason = _availability(impl)
     if reason:

@@ -47,9 +47,10 @@ def test_cpu_memory_target(bench_ctx):
     B, C, Hh, W = SHAPE
     fused = "fused" if "fused" in package_backends() else None
     candidate = fused or "gather+sdpa[flash]"
-    base = H.Case(ctx=bench_ctx, suite="memtarget", name="cpu-264", impl="", mode="fwdbwd", dtype="fp32",
-                  B=B, C=C, H=Hh, W=W, g=GRID, N=(Hh // GRID) * (W // GRID), tokens=B * Hh * W,
-                  flops_fwd=4.0 * ((Hh // GRID) * (W // GRID)) ** 2 * C * B * GRID * GRID)
+    base = H.Case(
+        ctx=bench_ctx, suite="memtarget", name="cpu-264", impl="", mode="fwdbwd", dtype="fp32",
+        B=B, C=C, H=Hh, W=W, g=GRID, N=(Hh // GRID) * (W // GRID), tokens=B * Hh * W,
+        flops_fwd=4.0 * ((Hh // GRID) * (W // GRID)) ** 2 * C * B * GRID * GRID)
     results = {}
     for impl in ("authors", candidate):
         r = _probe(impl)
