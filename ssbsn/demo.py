@@ -102,8 +102,10 @@ def run_demo(out="demo_out", steps: int | None = None, minutes: float | None = N
 def _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log) -> dict:
     import torch
 
-    from .cli import CLIError, _check_writable_dir, denoise_array, load_model
-    from .imageio import write_image
+    from .api import denoise_array, load_model
+    from .atomic import check_writable_dir as _check_writable_dir
+    from .errors import UserError as CLIError
+    from .images import write_image
     from .metrics import psnr, quantize
     from .train import TrainConfig, train
 

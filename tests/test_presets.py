@@ -10,7 +10,7 @@ import yaml
 
 from ssbsn import SSBSN
 from ssbsn.cli import main
-from ssbsn.imageio import write_image
+from ssbsn.images import write_image
 from ssbsn.presets import PRESETS, QUICK, preset_values
 from ssbsn.train import TrainConfig, lr_at_progress, read_log, train
 
