@@ -409,10 +409,11 @@ def _demo_parser(sub) -> None:
                     "trains a small SS-BSN on the noisy photos alone, denoises them and prints "
                     "the PSNR gain. Writes noisy/denoised/clean PNGs and the model to OUT.")
     p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 300; "
-                                                          "fewer if --minutes runs out first)")
+    steps, minutes = _demo_budget()
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default {steps}; fewer if --minutes runs out first)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training time budget in minutes (default 1.6)")
+                   help=f"training time budget in minutes (default {minutes})")
     p.add_argument("--quick", action="store_true", help="a few seconds, for tests (no gain "
                                                         "expected)")
     p.add_argument("--r3", action="store_true",
@@ -422,6 +423,13 @@ def _demo_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
     p.set_defaults(func=cmd_demo)
+
+
+def _demo_budget():
+    """The demo's default step count and time budget, as the demo sets them."""
+    from . import demo
+    d = getattr(demo, "DEMO", {})
+    return d.get("steps", "the demo's"), d.get("minutes", "the demo's")
 
 
 def cmd_demo(args) -> int:

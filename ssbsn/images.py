@@ -112,7 +112,7 @@ def read_image(path) -> np.ndarray:
         else:
             _refuse_png16_colour(path)
             import imageio.v3 as iio
-            arr = orient(np.asarray(iio.imread(path)), _exif_orientation(path))
+            arr = orient(np.asarray(iio.imread(path, plugin="pillow")), _exif_orientation(path))
     except ImageError:
         raise
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ...
@@ -140,7 +140,7 @@ def image_shape(path) -> tuple[int, int, int]:
         else:
             _refuse_png16_colour(path)
             import imageio.v3 as iio
-            shape = tuple(iio.improps(path).shape)
+            shape = tuple(iio.improps(path, plugin="pillow").shape)
             if _exif_orientation(path) >= 5 and len(shape) >= 2:  # turned by 90°
                 shape = (shape[1], shape[0]) + shape[2:]
     except ImageError:
@@ -243,7 +243,7 @@ def _encode(path: Path, arr: np.ndarray, suffix: str, quality: int, icc: bytes |
         kwargs["icc_profile"] = icc
     if suffix in (".jpg", ".jpeg") and arr.shape[-1] in (2, 4):
         data = arr[..., :-1] if arr.shape[-1] == 4 else arr[..., 0]
-    iio.imwrite(path, data, extension=suffix, **kwargs)
+    iio.imwrite(path, data, plugin="pillow", extension=suffix, **kwargs)
 
 
 def write_image(path, arr: np.ndarray, quality: int = 95, icc_profile: bytes | None = None) -> None:
