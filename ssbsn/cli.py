@@ -176,39 +176,10 @@ def _train_parser(sub, full: bool = True) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import LENGTH_KEYS, RUNTIME_KEYS, TrainConfig, read_config, train
-    given = {k: v for k, v in vars(args).items()
-             if k in {f for f in TrainConfig.__dataclass_fields__}}
-    fused = given.pop("fused", None)
-    if fused is not None and "backend" not in given:
-        given["backend"] = "fused" if fused else "reference"
-    if args.resume:
-        run = Path(args.resume)
-        cfg = read_config(run / "config.yaml")
-        changed = sorted(k for k in given if k not in RUNTIME_KEYS + LENGTH_KEYS
-                         and k != "out" and given[k] != getattr(cfg, k))
-        if changed:
-            raise UserError(f"--resume continues {run} with its saved configuration; these "
-                           f"options differ from it: {', '.join(changed)}")
-        if "epochs" in given and "steps" not in given:
-            given["steps"] = None  # --epochs sets the length when --steps is not given
-        for k in RUNTIME_KEYS + LENGTH_KEYS:
-            if k in given:
-                setattr(cfg, k, given[k])
-        cfg.out = str(run)
-        summary = train(cfg, resume=True)
-    else:
-        cfg = read_config(args.config) if args.config else TrainConfig()
-        if "preset" in given:
-            from .presets import preset_values
-            for k, v in preset_values(given["preset"]).items():
-                setattr(cfg, k, v)
-        for k, v in given.items():
-            setattr(cfg, k, v)
-        if not cfg.data:
-            raise UserError("no training data: give DATA (a folder, SIDD root, .mat or DND root)")
-        cfg.data = [str(Path(d).resolve()) for d in cfg.data]  # --resume from anywhere
-        summary = train(cfg)
+    from .train import TrainConfig, run_config, train
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = run_config(given, resume=args.resume, config=args.config)
+    summary = train(cfg, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {summary['steps']} steps, final loss {summary['loss']:.4f}; "
               f"weights: {summary['weights']}")

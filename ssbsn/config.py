@@ -177,4 +177,10 @@ def add_model_options(parser, names=None, default=None, prefix_help: str = "") -
         else:
             kw["type"] = _FIELD_TYPES[str(f.type)]
         parser.add_argument(meta["flag"], dest=f.name, default=default,
-                            help=f"{prefix_help}{meta['help']} (default {f.default})", **kw)
+                            help=f"{prefix_help}{option_help(f)}", **kw)
+
+
+def option_help(f: dataclasses.Field) -> str:
+    """A field's help text with its default (on/off for switches)."""
+    shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+    return f"{f.metadata['help']} (default {shown})"

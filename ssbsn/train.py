@@ -207,6 +207,46 @@ def read_config(path) -> TrainConfig:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def run_config(given: dict, resume=None, config=None) -> TrainConfig:
+    """The configuration of a run from the options ``given`` (TrainConfig keys; ``fused`` is
+    the older spelling of ``backend``).
+
+    ``resume``: the run folder to continue: its config.yaml, where only the runtime options and
+    the length (steps/epochs) may differ. Otherwise ``config`` (a saved config.yaml) or the
+    defaults, then the preset's values (``given["preset"]``), then the options given."""
+    from .errors import UserError
+    given = dict(given)
+    fused = given.pop("fused", None)
+    if fused is not None and "backend" not in given:
+        given["backend"] = "fused" if fused else "reference"
+    if resume:
+        run = Path(resume)
+        cfg = read_config(run / "config.yaml")
+        changed = sorted(k for k in given if k not in RUNTIME_KEYS + LENGTH_KEYS
+                         and k != "out" and given[k] != getattr(cfg, k))
+        if changed:
+            raise UserError(f"--resume continues {run} with its saved configuration; these "
+                            f"options differ from it: {', '.join(changed)}")
+        if "epochs" in given and "steps" not in given:
+            given["steps"] = None  # --epochs sets the length when --steps is not given
+        for k in RUNTIME_KEYS + LENGTH_KEYS:
+            if k in given:
+                setattr(cfg, k, given[k])
+        cfg.out = str(run)
+        return cfg
+    cfg = read_config(config) if config else TrainConfig()
+    if "preset" in given:
+        from .presets import preset_values
+        for k, v in preset_values(given["preset"]).items():
+            setattr(cfg, k, v)
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    if not cfg.data:
+        raise UserError("no training data: give DATA (a folder, SIDD root, .mat or DND root)")
+    cfg.data = [str(Path(d).resolve()) for d in cfg.data]  # --resume from anywhere
+    return cfg
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

@@ -134,7 +134,8 @@ def test_model_config_is_the_model_the_checkpoint_and_the_options():
     ssbsn.config.add_model_options(p)
     helps = {a.dest: a.help for a in p._actions}
     for f in ssbsn.config.model_fields():
-        assert helps[f.name] == f"{f.metadata['help']} (default {f.default})"
+        default = {True: "on", False: "off"}.get(f.default, f.default)
+        assert helps[f.name] == f"{f.metadata['help']} (default {default})"
     args = p.parse_args(["--channels", "16", "--deterministic", "--backend", "sdpa"])
     assert (args.base_channels, args.deterministic, args.backend) == (16, True, "sdpa")
 
