@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from . import __version__
 from .atomic import check_writable_dir, write_text_atomic
@@ -347,25 +346,15 @@ def _attention_parser(sub) -> None:
 
 def cmd_attention(args) -> int:
     from .api import load_model
-    from .attention_map import attention_maps, plot_attention
-    from .images import check_size, read_image, split_alpha, to_model_range
+    from .attention_map import attention_map_of_file
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the attention map is written as PNG (use a .png name)")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; use --overwrite to replace it")
     check_writable_dir(out.resolve().parent)
-    img = split_alpha(read_image(args.image))[0]
-    check_size(img, args.image)
-    y, x = args.pixel
-    if not (0 <= y < img.shape[0] and 0 <= x < img.shape[1]):
-        raise UserError(f"--pixel {y} {x} lies outside the {img.shape[0]}×{img.shape[1]} image")
     model = load_model(args.weights, args.device, "fused")
-    x255 = to_model_range(img)
-    if x255.shape[-1] == 1 and model.in_channels == 3:
-        x255 = np.repeat(x255, 3, axis=-1)
-    maps = attention_maps(model, x255, (y, x))
-    plot_attention(x255, (y, x), maps, out, top=args.top)
+    maps = attention_map_of_file(model, args.image, tuple(args.pixel), out, top=args.top)
     print(f"wrote {out} ({len(maps)} SS-Blocks)")
     return 0
 
