@@ -28,24 +28,13 @@ log = logging.getLogger("ssbsn")
 INFERENCE_OPTIONS = ("r3", "self_ensemble", "tile", "overlap", "seed", "shifts", "pd")
 
 
-def pick_device(name: str = "auto", local_rank: int = 0):
-    """``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"`` or any torch device name."""
-    import torch
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def load_model(weights, device: str = "auto", backend: str | None = None,
                deterministic: bool | None = None):
     """An SSBSN from our safetensors file or the authors' checkpoint, on ``device``, in eval
     mode. ``backend``: SS-Attention's (:data:`ssbsn.config.BACKENDS`; default "fused", the
     memory-efficient path; "reference" materialises the N×N matrix)."""
     from .model import SSBSN
+    from .train import pick_device
     runtime = {k: v for k, v in dict(backend=backend, deterministic=deterministic).items()
                if v is not None}
     model = SSBSN.load(weights, **runtime)

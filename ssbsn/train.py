@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .api import pick_device
 from .atomic import atomic_path, write_text_atomic
 from .config import ModelConfig, RUNTIME_FIELDS, model_field_names
 from .errors import ConfigError, TrainingDiverged  # noqa: F401 (TrainingDiverged: its old home)
@@ -315,6 +314,16 @@ def dist_info() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
             int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
 
 
 class _ListSampler(torch.utils.data.Sampler):
