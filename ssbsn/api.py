@@ -25,7 +25,11 @@ from .errors import UserError
 
 log = logging.getLogger("ssbsn")
 
-INFERENCE_OPTIONS = ("r3", "self_ensemble", "tile", "overlap", "seed", "shifts", "pd")
+def inference_options(model) -> tuple[str, ...]:
+    """The options :meth:`ssbsn.SSBSN.denoise` takes (r3, self_ensemble, tile, overlap, seed,
+    shifts, pd, ...)."""
+    import inspect
+    return tuple(n for n in inspect.signature(model.denoise).parameters if n != "x")
 
 
 def load_model(weights, device: str = "auto", backend: str | None = None,
@@ -82,16 +86,15 @@ def network_progress(model, total: int, desc: str, progress: bool | None):
         bar.close()
 
 
-def denoise_array(model, img: np.ndarray, r3: bool | None = None,
-                  self_ensemble: bool | None = None, tile: int | None = None,
-                  overlap: int | None = None, seed: int = 0, shifts: bool | None = None,
-                  pd: int | None = None, progress: bool | None = False,
-                  desc: str = "denoise") -> np.ndarray:
+def denoise_array(model, img: np.ndarray, progress: bool | None = False,
+                  desc: str = "denoise", **options) -> np.ndarray:
     """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C).
 
-    A grey image given to a 3-channel model is replicated to 3 channels and the result
-    averaged back to one; an RGB image cannot go through a 1-channel model. ``progress``:
-    see :func:`network_progress` (per tile and R3 round).
+    ``options`` are :meth:`ssbsn.SSBSN.denoise`'s (r3, self_ensemble, shifts, tile, overlap,
+    pd, seed, ...); None takes the model's own setting. A grey image given to a 3-channel model
+    is replicated to 3 channels and the result averaged back to one; an RGB image cannot go
+    through a 1-channel model. ``progress``: see :func:`network_progress` (per tile and R3
+    round).
     """
     import torch
     c = img.shape[-1]
@@ -104,11 +107,10 @@ def denoise_array(model, img: np.ndarray, r3: bool | None = None,
         raise UserError(f"the model takes {m}-channel images; this image has {c} channels")
     dev = next(model.parameters()).device
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
-    total = network_passes(model, img.shape, r3, self_ensemble, tile, shifts, pd)
+    total = network_passes(model, img.shape, **{k: options.get(k) for k in
+                                                ("r3", "self_ensemble", "tile", "shifts", "pd")})
     with network_progress(model, total, desc, progress):
-        y = model.denoise(t.to(dev), r3=r3, self_ensemble=self_ensemble, tile=tile,
-                          overlap=overlap, seed=seed, shifts=shifts,
-                          pd=pd)[0].float().cpu().numpy().transpose(1, 2, 0)
+        y = model.denoise(t.to(dev), **options)[0].float().cpu().numpy().transpose(1, 2, 0)
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
     if not np.isfinite(y).all():
@@ -165,9 +167,8 @@ class Denoiser:
     def device(self):
         return next(self.model.parameters()).device
 
-    @staticmethod
-    def _check(options: dict) -> dict:
-        unknown = sorted(set(options) - set(INFERENCE_OPTIONS))
+    def _check(self, options: dict) -> dict:
+        unknown = sorted(set(options) - set(inference_options(self.model)))
         if unknown:
             raise TypeError(f"unknown inference option(s): {', '.join(unknown)}")
         return {k: v for k, v in options.items() if v is not None}

@@ -371,7 +371,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
     steps, minutes = _demo_budget()
     p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default {steps}; fewer if --minutes runs out first)")
+                   help=f"training steps (default {steps}; fewer if --minutes runs out first)"
+                   if steps else "training steps instead of the time budget")
     p.add_argument("--minutes", type=float, default=None,
                    help=f"training time budget in minutes (default {minutes})")
     p.add_argument("--quick", action="store_true", help="a few seconds, for tests (no gain "
@@ -389,7 +390,7 @@ def _demo_budget():
     """The demo's default step count and time budget, as the demo sets them."""
     from . import demo
     d = getattr(demo, "DEMO", {})
-    return d.get("steps", "the demo's"), d.get("minutes", "the demo's")
+    return d.get("steps"), d.get("minutes", "the demo's")
 
 
 def cmd_demo(args) -> int:
