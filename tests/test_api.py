@@ -231,3 +231,15 @@ def test_main_reports_own_errors_as_one_line_and_bugs_as_internal(weights, tmp_p
         assert main(["denoise", str(src), "-o", str(tmp_path / "o"), "-w", str(weights)]) == 1
         err = capsys.readouterr().err
         assert err.startswith(expect) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("n,size,step", [(40, 16, 12), (41, 16, 12), (16, 16, 8), (100, 33, 7)])
+def test_tile_origins_cover_the_image_and_end_at_its_edge(n, size, step):
+    from ssbsn.data import tile_origins
+    starts = tile_origins(n, size, step)
+    covered = np.zeros(n, bool)
+    for s in starts:
+        assert 0 <= s and s + size <= n
+        covered[s:s + size] = True
+    assert covered.all() and starts[0] == 0 and starts[-1] + size == n
+    assert all(b - a <= step for a, b in zip(starts, starts[1:]))
