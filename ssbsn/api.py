@@ -25,6 +25,7 @@ from .errors import UserError
 
 log = logging.getLogger("ssbsn")
 
+
 def inference_options(model) -> tuple[str, ...]:
     """The options :meth:`ssbsn.SSBSN.denoise` takes (r3, self_ensemble, tile, overlap, seed,
     shifts, pd, ...)."""
@@ -287,12 +288,14 @@ METRIC_CONVENTIONS = ("skimage peak_signal_noise_ratio(data_range=255), "
                       "to uint8")
 
 
-def evaluate(denoiser: Denoiser, noisy, clean=None, limit: int | None = None,
+def evaluate(denoiser, noisy, clean=None, limit: int | None = None,
              save_dir=None, progress: bool | None = False, on_row=None, **options) -> dict:
     """PSNR and SSIM of the denoised images against clean references (scikit-image's
     conventions, output rounded to 8 bits), with the noisy input's scores beside them.
 
-    ``noisy``/``clean``: see :func:`ssbsn.data.pairs.open_pairs`. ``save_dir``: also write the
+    ``denoiser``: a :class:`Denoiser` (or a checkpoint path, loaded with
+    :meth:`Denoiser.from_weights`). ``noisy``/``clean``: see
+    :func:`ssbsn.data.pairs.open_pairs`. ``save_dir``: also write the
     denoised images (PNG). ``on_row(row)`` is called after each image. Returns
     ``{"images": [row, ...], "mean": {...}, "seconds": ...}``; a row holds image, psnr_noisy,
     psnr, ssim_noisy, ssim."""
@@ -301,6 +304,8 @@ def evaluate(denoiser: Denoiser, noisy, clean=None, limit: int | None = None,
     from .data.pairs import open_pairs
     from .images import check_size, to_model_range, write_image
     from .metrics import psnr, quantize, ssim
+    if not isinstance(denoiser, Denoiser):
+        denoiser = Denoiser.from_weights(denoiser)
     names, load = open_pairs(noisy, clean)
     if limit is not None:
         if limit < 1:
