@@ -26,6 +26,11 @@ from .errors import UserError
 log = logging.getLogger("ssbsn")
 
 
+# denoise_files keeps the images it decodes while checking the inputs, up to this many bytes,
+# so that they are not decoded again (the rest are read a second time when their turn comes)
+KEEP_DECODED_BYTES = 1 << 30
+
+
 def inference_options(model) -> tuple[str, ...]:
     """The options :meth:`ssbsn.SSBSN.denoise` takes (r3, self_ensemble, tile, overlap, seed,
     shifts, pd, ...)."""
@@ -216,20 +221,24 @@ class Denoiser:
                 what = "is an input" if dst.resolve() == src.resolve() else "exists"
                 raise UserError(f"{dst} {what}; use --overwrite to replace it")
         m = self.model.in_channels
+        decoded, budget = {}, KEEP_DECODED_BYTES  # decoded once while they fit the budget
         for src, _ in plan:
-            colour = split_alpha(read_image(src))[0]
+            img = read_image(src)
+            colour = split_alpha(img)[0]
             check_size(colour, src)
             c = colour.shape[-1]
             if c != m and not (c == 1 and m == 3):
                 raise UserError(f"{src}: {c}-channel image, but the model takes "
                                 f"{m}-channel images")
+            if img.nbytes <= budget:
+                decoded[src], budget = img, budget - img.nbytes
         for folder in sorted({dst.parent for _, dst in plan}):
             check_writable_dir(folder)
         bars = None if progress is None else not progress
         for src, dst in tqdm(plan, desc="denoise", unit="img",
                              disable=True if len(plan) < 2 else bars):
-            out = self.denoise_image(read_image(src), progress=progress, desc=src.name,
-                                     **options)
+            img = decoded.pop(src) if src in decoded else read_image(src)
+            out = self.denoise_image(img, progress=progress, desc=src.name, **options)
             write_image(dst, out, icc_profile=icc_profile(src))  # upright, same profile
             log.info("%s -> %s", src, dst)
         return plan

@@ -243,3 +243,25 @@ def test_tile_origins_cover_the_image_and_end_at_its_edge(n, size, step):
         covered[s:s + size] = True
     assert covered.all() and starts[0] == 0 and starts[-1] + size == n
     assert all(b - a <= step for a, b in zip(starts, starts[1:]))
+
+
+def test_denoise_files_decodes_each_input_once(weights, tmp_path, monkeypatch):
+    import ssbsn.images as images
+    rng = np.random.default_rng(3)
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(tmp_path / "in" / name, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    reads = []
+    real = images.read_image
+
+    def counting(path):
+        reads.append(Path(path).name)
+        return real(path)
+    monkeypatch.setattr(images, "read_image", counting)
+    d = Denoiser.from_weights(weights, device="cpu")
+    d.denoise_files([tmp_path / "in"], tmp_path / "out")
+    assert sorted(reads) == ["a.png", "b.png", "c.png"]
+    monkeypatch.setattr(ssbsn.api, "KEEP_DECODED_BYTES", 0)  # over the budget: read again
+    reads.clear()
+    d.denoise_files([tmp_path / "in"], tmp_path / "out2")
+    assert sorted(reads) == sorted(["a.png", "b.png", "c.png"] * 2)
