@@ -53,6 +53,10 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
                         "stride² slower); default: the model's setting")
     g.add_argument("--pd-test", dest="pd_test", type=int, default=None, metavar="N",
                    help="PD stride at inference (default: the model's)")
+    g.add_argument("--lowpass", type=float, default=None, metavar="SIGMA",
+                   help="keep the noisy image's low frequencies (Gaussian σ in pixels; removes "
+                        "brightness drift); 0 = off; default: the model's setting (off for "
+                        "the paper's)")
     g.add_argument("--tile", type=int, default=None, metavar="N",
                    help="process in N×N tiles to bound memory; 0 = whole image (default: the "
                         "model's setting, whole image for the paper's)")
@@ -83,8 +87,11 @@ def _infer_kwargs(args) -> dict:
         raise UserError("--overlap must not be negative")
     if args.pd_test is not None and args.pd_test < 1:
         raise UserError("--pd-test must be at least 1")
+    if args.lowpass is not None and not args.lowpass >= 0:
+        raise UserError("--lowpass must not be negative")
     return dict(r3=args.r3, self_ensemble=args.self_ensemble, tile=args.tile,
-                overlap=args.overlap, seed=args.seed, shifts=args.shifts, pd=args.pd_test)
+                overlap=args.overlap, seed=args.seed, shifts=args.shifts, pd=args.pd_test,
+                lowpass=args.lowpass)
 
 
 # ================================================================== train
@@ -374,7 +381,9 @@ def _demo_parser(sub) -> None:
                    help=f"training steps (default {steps}; fewer if --minutes runs out first)"
                    if steps else "training steps instead of the time budget")
     p.add_argument("--minutes", type=float, default=None,
-                   help=f"training time budget in minutes (default {minutes})")
+                   help=f"training time budget in minutes (default {minutes:g}; the quick "
+                        "preset)" if isinstance(minutes, (int, float)) else
+                        "training time budget in minutes")
     p.add_argument("--quick", action="store_true", help="a few seconds, for tests (no gain "
                                                         "expected)")
     p.add_argument("--r3", action="store_true",
@@ -396,7 +405,8 @@ def _demo_budget():
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.output, steps=args.steps, minutes=args.minutes, quick=args.quick,
-             seed=args.seed, device=args.device, r3=args.r3, threads=args.threads,
+             seed=args.seed, device=args.device, r3=True if args.r3 else None,
+             threads=args.threads,
              overwrite=args.overwrite)
     return 0
 
@@ -436,7 +446,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SS-BSN: self-supervised denoising of real camera noise, trained on noisy "
                     "images alone (Han & Yu, IJCAI-23).",
-        epilog="start with:  ssbsn demo        (about 2 minutes on a laptop CPU)\n"
+        epilog="start with:  ssbsn demo        (about 5 minutes on a laptop CPU)\n"
                "then:        ssbsn train DATA --out runs/mine\n"
                "             ssbsn denoise photo.png -o clean.png -w runs/mine/model.safetensors\n"
                "'ssbsn COMMAND --help' explains each command.")

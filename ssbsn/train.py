@@ -499,10 +499,12 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
 
     from tqdm import tqdm
     budget = Budget(cfg, spent)
-    bar = tqdm(total=None if total == 10 ** 12 else total, initial=start, unit="step", dynamic_ncols=True,
-               disable=not (main and cfg.progress), desc="train")
+    until = (f"{cfg.minutes:g} {cfg.budget_clock} minutes" if total == 10 ** 12
+             else f"{total} steps")
+    bar = tqdm(total=None if total == 10 ** 12 else total, initial=start, unit="step",
+               dynamic_ncols=True, disable=not (main and cfg.progress), desc="train")
     if main and cfg.progress:
-        bar.write(f"ssbsn train: {description}; {steps_per_epoch} steps/epoch, {total} steps, "
+        bar.write(f"ssbsn train: {description}; {steps_per_epoch} steps/epoch, {until}, "
                   f"batch {cfg.batch}×{world}, crop {cfg.crop}, device {device}")
 
     step, loss_sum, loss_n = start, 0.0, 0
@@ -522,6 +524,10 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
         for x in loader:
             if budget.seconds is not None:
                 progress = budget.progress()
+                if world > 1:  # every process stops at the same step: rank 0's clock
+                    t = torch.tensor([progress], dtype=torch.float64, device=device)
+                    dist.broadcast(t, 0)
+                    progress = float(t.item())
                 if progress >= 1.0:
                     total = step  # the time budget is spent
                     break
