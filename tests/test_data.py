@@ -21,6 +21,8 @@ from ssbsn.imageio import (ImageError, from_model_range, image_shape, read_image
 from ssbsn.inference import transform
 from ssbsn.metrics import psnr, quantize, ssim
 
+from helpers import make_dnd
+
 
 def _rand(shape, dtype=np.uint8, seed=0):
     hi = np.iinfo(dtype).max
@@ -235,32 +237,6 @@ def test_sidd_submission_layout(tmp_path):
 
 
 # ------------------------------------------------------------------ DND
-
-def make_dnd(root, n_images=2, n_boxes=3, h=40, w=44, box=16):
-    """DND layout: images_srgb/%04d.mat with InoisySRGB stored transposed, info.mat with
-    info/boundingboxes → references to (4, n_boxes) arrays of 1-based [r0, c0, r1, c1]."""
-    rng = np.random.default_rng(0)
-    (root / "images_srgb").mkdir(parents=True)
-    images, boxes = [], []
-    for i in range(n_images):
-        img = rng.random((h, w, 3)).astype(np.float32)
-        with h5py.File(root / "images_srgb" / f"{i + 1:04d}.mat", "w") as f:
-            f["InoisySRGB"] = img.T  # (3, W, H), as MATLAB stores (H, W, 3)
-        b = []
-        for k in range(n_boxes):
-            r0, c0 = 1 + 3 * k + i, 2 + 5 * k
-            b.append([r0, c0, r0 + box - 1, c0 + box - 1])
-        images.append(img)
-        boxes.append(np.array(b, dtype=np.float64))
-    with h5py.File(root / "info.mat", "w") as f:
-        refs_group = f.create_group("#refs#")
-        info = f.create_group("info")
-        refs = np.empty((1, n_images), dtype=h5py.ref_dtype)
-        for i, b in enumerate(boxes):
-            refs_group[f"b{i}"] = b.T  # stored (4, n_boxes)
-            refs[0, i] = refs_group[f"b{i}"].ref
-        info.create_dataset("boundingboxes", data=refs, dtype=h5py.ref_dtype)
-    return images, boxes
 
 
 def test_dnd_boxes_crops_and_source(tmp_path):

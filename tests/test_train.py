@@ -19,15 +19,6 @@ from ssbsn.train import (TrainConfig, checkpoint_paths, list_checkpoints, lr_at,
 TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
 
 
-@pytest.fixture
-def one_thread():
-    """Same thread count in this process and the subprocesses, so float sums agree."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     root = str(Path(__file__).resolve().parents[1])

@@ -223,7 +223,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     ``repeat`` visits each image that many times per epoch. Grey images are replicated to
     ``channels`` = 3; an RGB image with ``channels`` = 1 is an error. Call
-    :meth:`set_epoch` before each epoch.
+    :meth:`set_epoch` before each epoch, or index with ``(epoch, index)`` pairs.
     """
 
     def __init__(self, source, crop: int, channels: int = 3, augment: bool = True,
@@ -249,10 +249,13 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source) * self.repeat
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index) -> torch.Tensor:
+        """Crop ``index`` of the current epoch, or of ``epoch`` for an ``(epoch, index)`` pair
+        (what training's sampler passes, so that DataLoader workers need no set_epoch)."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         i = index % len(self.source)
         h, w = self.source.shape(i)[:2]
-        rng = sample_rng(self.seed, self.epoch, index)
+        rng = sample_rng(self.seed, epoch, index)
         y = int(rng.integers(0, h - self.crop + 1))
         x = int(rng.integers(0, w - self.crop + 1))
         patch, _ = split_alpha(self.source.crop(i, y, x, self.crop))
