@@ -143,6 +143,20 @@ def test_repeat_from_saved_config_gives_identical_run(images, tmp_path, one_thre
     assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
 
 
+def test_persistent_workers_draw_the_crops_of_each_epoch(images, tmp_path, one_thread):
+    """One DataLoader with persistent workers for the whole run: over three epochs, and resumed
+    mid-epoch, the same crops (so the same losses and weights) as loading in this process."""
+    base = _cfg(images, tmp_path / "w0", steps=12, save_every=5, lr_decay_at=1.0)
+    train(base)
+    two = _cfg(images, tmp_path / "w2", steps=7, save_every=5, lr_decay_at=1.0, workers=2)
+    train(two)
+    two.steps = 12
+    train(two, resume=True)  # continues from step 7 (epoch 1, batch 3)
+    assert [r["loss"] for r in read_log(base.out)] == [r["loss"] for r in read_log(two.out)]
+    a, b = _weights(Path(base.out, "model.safetensors")), _weights(Path(two.out, "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_ddp_two_processes_equal_one_process_with_double_batch(images, tmp_path, one_thread):
     single = _cfg(images, tmp_path / "single", steps=6, batch=4, lr=3e-3)
     train(single)
