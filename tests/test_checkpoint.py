@@ -1,4 +1,5 @@
 """Loading the authors' checkpoint layout and our own files."""
+import json
 import pickle
 
 import pytest
@@ -125,11 +126,11 @@ def test_round_trip_of_our_file(tmp_path):
 
 # ------------------------------------------------------------------ metadata validation
 
-def _with_metadata(path, model, text):
-    """Our file layout with ``text`` as the ssbsn_config metadata."""
+def _with_metadata(path, model, text, **extra):
+    """Our file layout with ``text`` as the ssbsn_config metadata (and ``extra`` entries)."""
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"ssbsn_config": text})
+              metadata={"ssbsn_config": text, **extra})
     return path
 
 
@@ -161,6 +162,25 @@ def test_bad_metadata_is_refused_before_building(tmp_path, monkeypatch, text, ms
         SSBSN.load(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
     assert built == []  # refused before any model (or allocation) was made
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('{"r3": true, "tile": 0', "inference settings.*not valid JSON"),
+    ('[true]', "inference settings.*JSON object"),
+    ('{"r3": "yes"}', "r3 must be true or false"),
+    ('{"tile": -1}', "tile must be a non-negative integer"),
+    ('{"r3": true, "sharpen": 2}', "unknown inference settings: sharpen"),
+])
+def test_bad_inference_metadata_is_refused_before_building(tmp_path, monkeypatch, text, msg):
+    model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1)
+    path = _with_metadata(tmp_path / "m.safetensors", model, json.dumps(model.config),
+                          ssbsn_inference=text)
+    built = []
+    monkeypatch.setattr(SSBSN, "__init__", lambda self, *a, **kw: built.append(kw))
+    with pytest.raises(CheckpointError, match=msg) as e:
+        SSBSN.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert built == []
 
 
 def test_non_finite_weights_are_refused(tmp_path):
