@@ -689,6 +689,9 @@ def test_weights_are_packed_once_per_version():
     again = packed_weight(w, window, False)
     assert again is not first
     torch.testing.assert_close(again, 2 * first)
+    with torch.inference_mode():  # no version counter: packed each time, never cached
+        wi = torch.randn(4, 5, 3, 3)
+        torch.testing.assert_close(packed_weight(wi, window, False), wi.reshape(4, 5, 9)[:, :, window].permute(2, 1, 0))
 
 
 @pytest.mark.gpu

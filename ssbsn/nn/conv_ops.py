@@ -47,17 +47,23 @@ def _forget(key):
 
 def packed_weight(weight: torch.Tensor, window: list[int], transposed: bool) -> torch.Tensor:
     """``weight`` (Co, Ci, k, k) at the ``window`` positions as [taps, Ci, Co] (or [taps, Co, Ci]
-    with ``transposed``), contiguous; cached while the weight's data and version are unchanged."""
+    with ``transposed``), contiguous; cached while the weight's data and version are unchanged
+    (an inference tensor has no version counter: it is packed every time)."""
     key = (id(weight), tuple(window), transposed)
-    stamp = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape),
-             tuple(weight.stride()))
+    try:
+        stamp = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
+                 tuple(weight.shape), tuple(weight.stride()))
+    except RuntimeError:  # an inference-mode tensor
+        stamp = None
     hit = _pack_cache.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == stamp:
+    if stamp is not None and hit is not None and hit[0]() is weight and hit[1] == stamp:
         return hit[2]
     co, ci = weight.shape[:2]
     idx = torch.tensor(window, dtype=torch.long, device=weight.device)
     taps = weight.detach().reshape(co, ci, -1).index_select(2, idx)
     packed = taps.permute(2, 0, 1).contiguous() if transposed else taps.permute(2, 1, 0).contiguous()
+    if stamp is None:
+        return packed
     if len(_pack_cache) >= _PACK_CACHE_MAX:
         _pack_cache.clear()
     _pack_cache[key] = (weakref.ref(weight, _forget(key)), stamp, packed)
