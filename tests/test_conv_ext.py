@@ -633,9 +633,15 @@ def _op_args(kind, param, nhwc, relu, bias, dtype=torch.float32, device="cpu"):
     return (x, w, b, list(taps.dy), list(taps.dx), list(taps.window), relu, 0)
 
 
-@pytest.mark.parametrize("kind,param,nhwc,relu,bias", [("masked", 3, False, True, True),
-                                                       ("dilated", 2, True, False, True),
-                                                       ("masked", 5, True, True, False)])
+OPCHECK_CASES = [("masked", 3, False, True, True), ("dilated", 2, True, False, True),
+                 ("masked", 5, True, True, False)]
+
+
+# every case on the real kernel code (emulated); the torch reference once, for machines without
+# a compiler
+@pytest.mark.parametrize("op_backend,kind,param,nhwc,relu,bias",
+                         [("emulation", *c) for c in OPCHECK_CASES] + [("torch-reference", *OPCHECK_CASES[0])],
+                         indirect=["op_backend"])
 def test_tap_conv_op_passes_opcheck(op_backend, kind, param, nhwc, relu, bias):
     """torch.library.opcheck of ssbsn::tap_conv (schema, fake tensors, autograd registration,
     AOT dispatch) and of the gradient ops it calls, on CPU tensors."""
