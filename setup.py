@@ -24,11 +24,27 @@ def cuda_extensions():
         return skip("SSBSN_NO_CUDA_EXT=1")
     try:  # torch is importable only in a build without isolation (pip --no-build-isolation)
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except Exception as e:  # noqa: BLE001 -- no usable torch: a pure-Python build
         return skip(f"torch not importable in the build: {type(e).__name__}")
     if not torch.version.cuda:
         return skip("torch is a CPU build")
+    # CUDA_HOME of the real toolkit (an nvcc wrapper outside it makes torch guess wrong) and an
+    # architecture when no GPU is visible -- set before torch.utils.cpp_extension reads them
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+    from cuda_env import build_env  # csrc/cuda_env.py
+    gpu = torch.cuda.is_available()
+    for key, value in build_env(gpu, torch.cuda.get_device_capability() if gpu else None).items():
+        if os.environ.get(key) != value:
+            print(f"ssbsn: {key}={value}", file=sys.stderr)
+        os.environ[key] = value
+    try:
+        import torch.utils.cpp_extension as cpp
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except Exception as e:  # noqa: BLE001
+        return skip(f"torch.utils.cpp_extension not importable: {type(e).__name__}")
+    if os.environ.get("CUDA_HOME"):
+        cpp.CUDA_HOME = os.environ["CUDA_HOME"]  # in case it was imported before
+    CUDA_HOME = cpp.CUDA_HOME
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
     if not CUDA_HOME or not nvcc or not os.path.exists(nvcc):
         return skip("nvcc / CUDA_HOME not found")

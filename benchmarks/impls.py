@@ -7,6 +7,8 @@ Implementations (``IMPLS``), all computing SS-Attention's ``x + attention(x)`` u
 * ``sdpa``           — ``ssbsn`` backend "sdpa" (gather + SDPA, default dispatch), if present.
 * ``fused``          — ``ssbsn`` backend "fused" (= triton on CUDA; on CPU it is sdpa → skipped).
 * ``triton``         — ``ssbsn`` backend "triton" (the fused Triton kernels; CUDA only).
+* ``fused[channels_last]``, ``triton[channels_last]`` — the same on channels_last inputs (the
+  kernels' fast path: one token = C contiguous values); the others are timed on NCHW.
 * ``gather+sdpa[K]`` — benchmark-local gather + ``F.scaled_dot_product_attention`` pinned to
   kernel K ∈ {flash, efficient, cudnn, math} with ``torch.nn.attention.sdpa_kernel``.
 * ``gather+sdpa+compile`` — the same function (default dispatch) under ``torch.compile``.
@@ -274,6 +276,8 @@ IMPLS = [
     Impl("sdpa"),
     Impl("fused"),
     Impl("triton"),
+    Impl("fused[channels_last]", extra={"layout": "channels_last"}),
+    Impl("triton[channels_last]", extra={"layout": "channels_last"}),
     Impl("gather+sdpa[flash]"),
     Impl("gather+sdpa[efficient]"),
     Impl("gather+sdpa[cudnn]"),
@@ -287,9 +291,18 @@ IMPLS = [
 IMPL_BY_NAME = {i.name: i for i in IMPLS}
 
 
+CL_SUFFIX = "[channels_last]"
+
+
+def base_name(impl: Impl) -> str:
+    """The implementation without its input layout: "triton[channels_last]" → "triton" (the
+    same code, timed on channels_last inputs — the fused kernels' fast path on a GPU)."""
+    return impl.name[:-len(CL_SUFFIX)] if impl.name.endswith(CL_SUFFIX) else impl.name
+
+
 def availability(impl: Impl, dev: torch.device) -> str | None:
     """None if the implementation can run on this machine, else the reason it cannot."""
-    n = impl.name
+    n = base_name(impl)
     cuda = dev.type == "cuda"
     if n in ("sdpa", "fused", "triton"):
         have = package_backends()
@@ -327,7 +340,7 @@ def mode_unsupported(impl: Impl, mode: str, dev: torch.device) -> str | None:
 
 def unsupported_input(impl: Impl, x: torch.Tensor, w: torch.Tensor, g: int) -> str | None:
     """The Triton kernels' own verdict on an input (dtype, C, …), where they offer one."""
-    if impl.name not in ("triton",) or x.device.type != "cuda":
+    if base_name(impl) != "triton" or x.device.type != "cuda":
         return None
     try:
         import ssbsn.kernels as kernels
@@ -339,7 +352,7 @@ def unsupported_input(impl: Impl, x: torch.Tensor, w: torch.Tensor, g: int) -> s
 
 def build(impl: Impl) -> Callable:
     """fn(x, params, g) → output, where params is w (SS) or the 4 MSA matrices."""
-    n = impl.name
+    n = base_name(impl)
     if n == "authors":
         return authors_ss_attention
     if n in ("reference", "sdpa", "fused", "triton"):

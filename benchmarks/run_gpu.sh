@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The full GPU benchmark run, split into parts that each take a few minutes (so that every part
-# fits a 10-minute command limit), then merged into one report:
+# The LONG GPU benchmark run, for a machine you own (949 cases, ~50 torch.compile builds; an
+# estimated 45-100 minutes on an H100). A short GPU session runs benchmarks/gpu_check.sh instead
+# (≤ 8 minutes, the targets MET/MISSED). Split into parts that each take a few minutes (so that
+# every part fits a 10-minute command limit), then merged into one report:
 #
 #     bash benchmarks/run_gpu.sh [OUT_DIR]        # default OUT_DIR: benchmarks/results/h100
 #

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from . import harness as H
-from .impls import (IMPLS, AttnShape, Impl, availability, build, gather_scatter_bytes,
+from .impls import (IMPLS, AttnShape, Impl, availability, base_name, build, gather_scatter_bytes,
                     gather_sdpa, mode_unsupported, msa_params, reference_fn, shapes,
                     smoke_shape, unsupported_input)
 from .authors import authors_ss_attention
@@ -87,15 +87,17 @@ def pytest_generate_tests(metafunc):
 
 
 # --------------------------------------------------------------------------- inputs
-def make_inputs(s: AttnShape, dtype: str, family: str, grad: bool):
+def make_inputs(s: AttnShape, dtype: str, family: str, grad: bool, layout: str | None = None):
     """x with per-channel offsets (so the attention output is O(1), not ~0), the weights, and
-    the upstream gradient. Deterministic per shape."""
+    the upstream gradient. Deterministic per shape. layout "channels_last": x and the gradient
+    in that memory format (same values)."""
     gen = torch.Generator().manual_seed(1234 + s.H * 7 + s.W * 13 + s.C + s.g)
     x = torch.randn(s.B, s.C, s.H, s.W, generator=gen) + 2 * torch.randn(1, s.C, 1, 1, generator=gen)
     gout = torch.randn(s.B, s.C, s.H, s.W, generator=gen)
     dev, dt = H.device(), H.DTYPES[dtype]
-    x = x.to(dev, dt).requires_grad_(grad)
-    gout = gout.to(dev, dt)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.to(dev, dt).contiguous(memory_format=fmt).requires_grad_(grad)
+    gout = gout.to(dev, dt).contiguous(memory_format=fmt)
     if family == "msa":
         params = msa_params(s.C, dev, dt, grad)
     else:
@@ -115,11 +117,12 @@ _FALLBACKS: dict = {}     # "fused" that fell back to sdpa (with the warning's r
 _REF_CACHE: "OrderedDict" = OrderedDict()
 
 
-def _results(fn, s: AttnShape, dtype: str, family: str, kind: str, compute_dtype=None):
+def _results(fn, s: AttnShape, dtype: str, family: str, kind: str, compute_dtype=None,
+             layout=None):
     """Output (and gradients for kind='grad') of fn on the shape's inputs, as fp32 tensors.
     With compute_dtype, inputs are cast to ``dtype`` first and then computed in compute_dtype
     (the oracle sees exactly the values the implementation sees)."""
-    x, params, gout = make_inputs(s, dtype, family, grad=False)
+    x, params, gout = make_inputs(s, dtype, family, grad=False, layout=layout)
     if compute_dtype is not None:
         x, gout = x.to(compute_dtype), gout.to(compute_dtype)
         params = [p.to(compute_dtype) for p in params]
@@ -200,7 +203,7 @@ def check(impl: Impl, fn, s: AttnShape, dtype: str, kind: str) -> tuple[float, s
         ref = _reference(impl, cs, dtype, kind)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        got = _results(fn, cs, dtype, impl.family, kind)
+        got = _results(fn, cs, dtype, impl.family, kind, layout=impl.extra.get("layout"))
     fallback = [str(w.message) for w in caught if "falling back" in str(w.message)]
     if fallback:
         _FALLBACKS[key] = fallback[0][:200]
@@ -212,7 +215,7 @@ def check(impl: Impl, fn, s: AttnShape, dtype: str, kind: str) -> tuple[float, s
         # split-K) cannot hide
         del got
         H.free_memory()
-        full = _results(fn, s, dtype, impl.family, kind)
+        full = _results(fn, s, dtype, impl.family, kind, layout=impl.extra.get("layout"))
         big = _results_cached(("sdpa-oracle", s, dtype, kind), lambda: _results(
             gather_sdpa, s, dtype, impl.family, kind, compute_dtype=torch.float32))
         errs.update({f"{k}@full": v for k, v in _compare(full, big).items()})
@@ -258,13 +261,13 @@ def test_attention(benchmark, acase):
     if impl.name == "msa[sdpa]" and mode != "fwd":
         overhead = 20.0     # CPU flash backward parallelises over batch × heads only (here 1-2)
     slow = H.too_slow_reason(case.flops_fwd * H.MODE_FLOP_FACTOR[mode], dtype, overhead=overhead)
-    if slow and H.on_cuda() and family != "msa" and impl.name in ("triton", "fused", "sdpa"):
+    if slow and H.on_cuda() and family != "msa" and base_name(impl) in ("triton", "fused", "sdpa"):
         slow = None           # the project's own kernels are always measured on a GPU
     if slow and "smoke" not in s.tags:
         H.skip_case(case, slow)
 
-    if impl.name == "triton":
-        xi, pi, _ = make_inputs(s, dtype, family, grad=False)
+    if impl.name.startswith("triton"):
+        xi, pi, _ = make_inputs(s, dtype, family, grad=False, layout=impl.extra.get("layout"))
         why = unsupported_input(impl, xi, pi[0], s.g)
         del xi, pi
         if why:
@@ -306,7 +309,8 @@ def test_attention(benchmark, acase):
                     f"(tolerances out {TOL_OUT[dtype]}, grads {TOL_GRAD[dtype]})")
 
     # ---- timing
-    x, params, gout = make_inputs(s, dtype, family, grad=(mode != "fwd"))
+    x, params, gout = make_inputs(s, dtype, family, grad=(mode != "fwd"),
+                                  layout=impl.extra.get("layout"))
     call = lambda: _call(fn, x, params, s.g, family)  # noqa: E731
 
     def zero_grads():

@@ -63,7 +63,11 @@ are rounded to the input dtype for the tensor-core products, as in FlashAttentio
 the input dtype. tf32 policy: fp32 inputs use plain tf32 only if torch allows it
 (``torch.get_float32_matmul_precision() != "highest"``); by default they use 3xTF32
 (``input_precision="tf32x3"``: fp32-level accuracy on tensor cores; the FMA "ieee" dots spill
-heavily at C = 128). The fp32 epilogue products of half inputs (dq·Wᵀ, yᵀ·dq) use tf32.
+heavily at C = 128). Measured: with the products' operands rounded to tf32 (an emulation on
+CPU, 1×128×40×40, g = 4) the output's error against fp64 is ~200× that of fp32 products, far
+outside the FA3 rule's 2× of an fp32 reference — so plain tf32 only when the user asked for it.
+Autotuning: keyed on (C, E, next power of two of N) and the dtypes, over per-dtype tile lists
+(``TILES``: what compiles for sm_90 within shared memory, see ``benchmarks/aot.py``). The fp32 epilogue products of half inputs (dq·Wᵀ, yᵀ·dq) use tf32.
 Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) bf16 dot operands are upcast to
 fp32 (the interpreter's bf16 tl.dot is wrong).
 """
@@ -76,31 +80,93 @@ import triton
 import triton.language as tl
 
 from .token_ops import (INTERPRET, MAX_CHANNELS, Geometry, group_geometry,
-                        layer_norm_projection_backward, layer_norm_stats, load_y, mma,
+                        layer_norm_projection_backward, layer_norm_stats, load_y, loop_bound, mma,
                         project_qhat, token_offsets)
 
 LOG2E = 1.4426950408889634
 NORM_EPS = 1e-8
 
 
-def _configs(entries):
-    """Autotuning list on GPU; the first entry only under the interpreter. The lists hold
-    configurations that compile without register spills for C = E = 128, fp16/bf16,
-    channels_last on sm_90 (checked with ptxas; the measured choice is left to autotuning)."""
-    cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in entries]
-    return cfgs[:1] if INTERPRET else cfgs
+def tune_bucket(n: int) -> int:
+    """The autotuning key of a token count: the next power of two. Images and tiles of mixed
+    sizes (training crops, ``ssbsn denoise`` over a folder) then share one tuning per bucket
+    instead of re-tuning 3 kernels for every new N. Within a bucket N differs by less than 2×;
+    the tiles' ranking is assumed to hold over that range (not yet measured on a GPU)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+# Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and operand class,
+# chosen from the sm_90 compile table of ``python -m benchmarks.aot --all`` (C = E = 128; the
+# tables are in benchmarks/results/sm90-aot/). Every entry launches (shared memory ≤ 227 KB).
+# * "half" (fp16/bf16): no register spills (tests/test_aot_compile.py holds them to that);
+#   BLOCK_M = 64 per warpgroup so the products can be Hopper wgmma — the BLOCK_M = 32 entries
+#   (mma.sync only, and the most registers) were dropped.
+# * "fp32": 3xTF32 (see ``fp32_precision``) splits every operand in a high and a low tf32 half
+#   and issues three products, so fp32 tiles are smaller. Measured with ptxas: the half tiles
+#   needed up to 324 KB of shared memory for fp32 (4 of 12 could not launch) and spilled up to
+#   1.9 KB (bwd_rows) and 4.5 KB (bwd_cols) per thread. One tile each, the least spilling of
+#   the candidates compiled (fwd 0 B, bwd_rows 232 B, bwd_cols ~3.3 KB: its four products per
+#   step keep six [64, 128] fp32 tiles live, a limit of 3xTF32 at C = 128 that no tile shape
+#   removed); one, because a 3xTF32 kernel takes 5-20 s to compile and the fp32 path is for
+#   exactness — models train fast in bf16 (autocast). FMA ("ieee") dots spill more (2-43 KB);
+#   plain tf32 misses the FA3 rule by ~200× against an fp32 reference.
+# * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (spills 16 B fwd, 280 B
+#   bwd_rows, ~1 KB bwd_cols). fp32 with C or E above 128 cannot launch on sm_90 at all: the
+#   bwd_cols epilogue alone holds the [C, E] fp32 W tile (256 KB at 256 × 256).
+TILES = {
+    "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
+            "fp32": [(32, 32, 4, 2)],
+            "wide": [(64, 32, 4, 1)]},
+    "bwd_rows": {"half": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+                 "fp32": [(32, 16, 4, 2)],
+                 "wide": [(64, 32, 8, 1)]},
+    "bwd_cols": {"half": [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
+                 "fp32": [(64, 16, 8, 2)],
+                 "wide": [(64, 32, 8, 1)]},
+}
+
+
+def operand_class(dtype, block_c: int, block_e: int) -> str:
+    """Which tile list of TILES a launch uses (fp32 has C, E ≤ 128 on a GPU: see
+    ``unsupported_reason``)."""
+    if dtype == torch.float32:
+        return "fp32"
+    return "wide" if max(block_c, block_e) > 128 else "half"
+
+
+def _autotune(kind: str):
+    """``triton.autotune`` over the union of TILES[kind], keyed on (C, E, bucket of N) — and the
+    dtypes of the tensor arguments, which Triton adds — and pruned before benchmarking to the
+    operand class of the launch. Under the interpreter, one configuration per class."""
+    tiles = TILES[kind]
+    union = []
+    for cls in tiles.values():
+        union += [t for t in cls if t not in union]
+
+    def prune(configs, nargs, **kw):
+        wanted = tiles[operand_class(nargs["X"].dtype, kw["BLOCK_C"], kw["BLOCK_E"])]
+        wanted = wanted[:1] if INTERPRET else wanted
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                       c.num_stages) in wanted]
+        return keep
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in union]
+    # the interpreter has a single configuration left after pruning and nothing to time (Triton
+    # 3.6 would still time it, through a GPU driver the interpreter does not have)
+    no_timing = (lambda kernel_call, quantiles=None: [0.0, 0.0, 0.0]) if INTERPRET else None
+    return triton.autotune(configs=configs, key=["C", "E", "NB_BUCKET"],
+                           prune_configs_by={"early_config_prune": prune}, do_bench=no_timing)
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3),
-                                   (64, 32, 4, 2)]), key=["C", "E", "NB"])
-@triton.jit
+@_autotune("fwd")
+@triton.jit(do_not_specialize=["NB_BUCKET"])
 def _ss_attn_fwd_kernel(X, QH, OUT, L,
                         s_xb, s_xc, s_xh, s_xw, s_ob, s_oc, s_oh, s_ow,
-                        C, E, H, W, NB, qk_scale,
+                        C, E, H, W, NB, NB_BUCKET, qk_scale,
                         G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                         UPCAST: tl.constexpr):
@@ -123,7 +189,7 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
     acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     hi = tl.where(start_m < n_real, n_real, 0)  # programs past the group's queries skip the loop
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, loop_bound(hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
         kt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
@@ -153,12 +219,11 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
 # ---------------------------------------------------------------------------------------------
 # Backward, kernel 1: the row half of dq̂ (and D = rowsum(dO ∘ O)) for a tile of queries
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs([(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3),
-                                   (32, 64, 4, 3)]), key=["C", "E", "NB"])
-@triton.jit
+@_autotune("bwd_rows")
+@triton.jit(do_not_specialize=["NB_BUCKET"])
 def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw,
-                             C, E, H, W, NB, qk_scale,
+                             C, E, H, W, NB, NB_BUCKET, qk_scale,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                              UPCAST: tl.constexpr):
@@ -192,7 +257,7 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
     acc2 = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     dsum = tl.zeros((BLOCK_M,), tl.float32)
     hi = tl.where(start_m < n_real, n_real, 0)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(0, loop_bound(hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
         kt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
@@ -223,12 +288,11 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
 # Backward, kernel 2: dV and the column half of dq̂ for a tile of keys; epilogue through the
 # normalisation q̂ = q/(‖q‖+ε) to dq, and dO + dV (the residual and value paths of dx)
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs([(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2),
-                                   (32, 32, 4, 3)]), key=["C", "E", "NB"])
-@triton.jit
+@_autotune("bwd_cols")
+@triton.jit(do_not_specialize=["NB_BUCKET"])
 def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
-                             C, E, H, W, NB, qk_scale, inv_sqrt_e,
+                             C, E, H, W, NB, NB_BUCKET, qk_scale, inv_sqrt_e,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                              UPCAST: tl.constexpr):
@@ -256,7 +320,7 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
     dv = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     dk = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     hi = tl.where(start_m < n_real, n_real, 0)
-    for start_n in range(0, hi, BLOCK_N):  # tiles of queries
+    for start_n in range(0, loop_bound(hi), BLOCK_N):  # tiles of queries
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
         qt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
@@ -305,8 +369,9 @@ def _forward(x, w, grid, group_stats):
     l = torch.zeros(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # padded rows stay 0
     qk_scale = LOG2E / math.sqrt(geo.E)
     _ss_attn_fwd_kernel[lambda meta: (triton.cdiv(geo.NB, meta["BLOCK_M"]), geo.BG)](
-        x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, qk_scale,
-        G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC, UPCAST=geo.UPCAST)
+        x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB,
+        tune_bucket(geo.NB), qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
+        PREC=geo.PREC, UPCAST=geo.UPCAST)
     return out, l, mean, rstd
 
 
@@ -322,13 +387,13 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
     launch = lambda meta: (triton.cdiv(geo.NB, meta["BLOCK_M"]), geo.BG)  # noqa: E731
     _ss_attn_bwd_rows_kernel[launch](
         x, dout, qh, l, rows, dd, *x.stride(), *dout.stride(), geo.C, geo.E, geo.H, geo.W,
-        geo.NB, qk_scale, **consts)
+        geo.NB, tune_bucket(geo.NB), qk_scale, **consts)
     dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dxv = torch.empty(geo.BG, geo.NB, geo.C, **f32)
     _ss_attn_bwd_cols_kernel[launch](
         x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv, *x.stride(), *dout.stride(),
-        *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, qk_scale, 1.0 / math.sqrt(geo.E),
-        **consts)
+        *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, tune_bucket(geo.NB), qk_scale,
+        1.0 / math.sqrt(geo.E), **consts)
     del rows, dd, qh
     return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo, group_stats,
                                           deterministic)
@@ -416,6 +481,9 @@ def unsupported_reason(x: torch.Tensor, w: torch.Tensor, grid: int) -> str | Non
                     "is imported, or use backend='sdpa' (the CPU path)")
     elif x.device.type != "cuda":
         return f"device {x.device} is not supported"
+    elif x.dtype == torch.float32 and max(x.shape[1], w.shape[1]) > 128:
+        return (f"float32 with C={x.shape[1]}, E={w.shape[1]}: more than 128 channels in fp32 "
+                f"do not fit a GPU block's shared memory (use bfloat16/float16)")
     if sum((n - 1) * abs(s) for n, s in zip(x.shape[1:], x.stride()[1:])) >= 2 ** 31:
         return "one sample spans more than 2**31 elements (int32 offsets)"
     return None

@@ -81,6 +81,22 @@ def token_offsets(t, a, c, wr, G: tl.constexpr, s_h, s_w):
     return (a + G * i) * s_h + (c + G * j) * s_w
 
 
+if INTERPRET:
+    def loop_bound(n):
+        """A runtime loop bound as a Python int. Under Triton 3.6's interpreter every runtime
+        scalar is a 1-element array, which ``range()`` turns into an int with ``int()`` — an
+        error since numpy 2.4. The conversion must sit inside the ``range(...)`` expression
+        (3.6's interpreter wraps assigned values back into tensors)."""
+        import numpy as np
+        h = getattr(n, "handle", None)
+        return int(np.asarray(h.data).reshape(-1)[0]) if h is not None else int(n)
+else:
+    @triton.jit
+    def loop_bound(n):
+        """Compiled kernels: the bound itself (see the interpreter's version)."""
+        return n
+
+
 @device_fn
 def mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with fp32 accumulation. PREC is the fp32 input precision ("tf32x3", "tf32");
@@ -241,7 +257,7 @@ def _dw_kernel(X, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, C, E, H, W, NB, 
     offs_c = ct * BLOCK_CT + tl.arange(0, BLOCK_CT)
     offs_e = et * BLOCK_ET + tl.arange(0, BLOCK_ET)
     acc = tl.zeros((BLOCK_CT, BLOCK_ET), tl.float32)
-    for tau in range(pid_s, NTILES, SPLIT):
+    for tau in range(loop_bound(pid_s), loop_bound(NTILES), SPLIT):
         pid_bg = tau // NBLK
         pid_t = tau - pid_bg * NBLK
         b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)

@@ -25,6 +25,7 @@ pytest.importorskip("triton")
 import ssbsn.kernels as kernels  # noqa: E402
 
 K = sys.modules["ssbsn.kernels.ss_attention"]
+T = sys.modules["ssbsn.kernels.token_ops"]
 
 interp = pytest.mark.skipif(not kernels.INTERPRET,
                             reason="CPU tests of the kernels need TRITON_INTERPRET=1 at import")
@@ -183,6 +184,39 @@ def test_compile_fullgraph_triton_op():
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(grads[0], x.grad)
     torch.testing.assert_close(grads[1], w.grad)
+
+
+@interp
+def test_autotune_key_is_a_bucket_of_n():
+    """Images of different sizes whose token counts share a power-of-two bucket share one
+    autotuning entry (no re-tuning per size); another bucket gets its own entry."""
+    fwd = K._ss_attn_fwd_kernel
+    assert fwd.keys == ["C", "E", "NB_BUCKET"]
+    fwd.cache.clear()
+    w = torch.randn(16, 16)
+    for side in (24, 28):  # g = 4: N = 36 and 49 tokens per group, bucket 64
+        kernels.ss_attention(torch.randn(1, 16, side, side), w, 4)
+    assert [k[:3] for k in fwd.cache] == [(16, 16, 64)]
+    kernels.ss_attention(torch.randn(1, 16, 20, 20), w, 4)  # N = 25: bucket 32
+    assert sorted(k[2] for k in fwd.cache) == [32, 64]
+    assert [K.tune_bucket(n) for n in (1, 25, 32, 33, 1225, 17689)] == [1, 32, 32, 64, 2048, 32768]
+
+
+@interp
+@pytest.mark.parametrize("dtype,C,cls", [(torch.bfloat16, 128, "half"), (torch.float16, 64, "half"),
+                                         (torch.float32, 128, "fp32"), (torch.float16, 256, "wide")])
+def test_autotune_prunes_to_the_operand_class(dtype, C, cls):
+    """Each launch only benchmarks the tile list of its operand class (TILES; checked for shared
+    memory and spills by tests/test_aot_compile.py), not configurations that cannot launch."""
+    assert K.operand_class(dtype, T.block_dim(C), T.block_dim(C)) == cls
+    for kind, name in (("fwd", "_ss_attn_fwd_kernel"), ("bwd_rows", "_ss_attn_bwd_rows_kernel"),
+                       ("bwd_cols", "_ss_attn_bwd_cols_kernel")):
+        tuner = getattr(K, name)
+        x = torch.empty(1, C, 4, 4, dtype=dtype)
+        kept = tuner.early_config_prune(tuner.configs, {"X": x}, BLOCK_C=T.block_dim(C),
+                                        BLOCK_E=T.block_dim(C))
+        got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+        assert got == K.TILES[kind][cls][:1]  # the interpreter runs the first one only
 
 
 def test_unsupported_inputs_are_named():

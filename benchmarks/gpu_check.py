@@ -1,0 +1,788 @@
+"""The GPU proof in one short run: the steps of ``benchmarks/gpu_check.sh``, one subcommand each.
+
+    python -m benchmarks.gpu_check STEP --out OUT [--dry-run]
+
+Steps (each writes OUT/parts/STEP.json and prints one line per result as it goes):
+
+* ``cuda-env``    — the environment the CUDA extension build needs (CUDA_HOME of the real
+  toolkit even when ``nvcc`` on PATH is a wrapper outside it; TORCH_CUDA_ARCH_LIST when no GPU
+  is visible), printed as ``export`` lines for the shell.
+* ``env``         — device, driver, torch/triton/CUDA versions, date, git commit.
+* ``correctness`` — the fused kernels against an fp64 oracle by FlashAttention-3's rule (error
+  ≤ 2× the error of the same-dtype PyTorch reference, + a tiny slack): forward, dx and dW at the
+  real shapes, bf16 and fp16 × channels_last and NCHW, fp32 at one shape.
+* ``timing``      — fwd+bwd of the fused kernels against the unfused chains a user could write
+  (gather + SDPA flash/efficient/cuDNN, the same under torch.compile) and the authors'
+  formulation (``benchmarks/impls.py``), bf16, channels_last (fused also NCHW); forward and
+  backward TFLOP/s at N ≥ 16k tokens per group. CUDA events after warm-up.
+* ``train``       — ``SSBSN(fused=True)``'s training step against the reference model (same
+  weights), the bf16 step time of both at batch 4 × 120 crops, and a batch-4 step at 510 crops
+  (512 rounded to PD-5's multiple of 5: peak memory; the reference may not fit).
+* ``conv``        — the CUDA conv extension against cuDNN: the model's two masked convs and a
+  dilated conv, correctness then fwd+bwd time.
+* ``report``      — OUT/results.json (everything + ``targets``) and OUT/summary.md (MET/MISSED).
+
+``--dry-run``: the same code on CPU with tiny shapes and Triton's interpreter (the shell script
+sets TRITON_INTERPRET=1), so the script itself is tested in CI; CPU timings are reported, the
+speed targets are then "not applicable" and do not decide the exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- the plan
+# (B, C, H, W, g): the SPEC's shapes on a GPU; tiny ragged ones in the dry run
+GPU_SHAPES = {"train-g4": (4, 128, 140, 140, 4), "train-g6": (4, 128, 140, 140, 6),
+              "sidd-g4": (1, 128, 264, 264, 4), "large-g4": (1, 128, 532, 532, 4)}
+DRY_SHAPES = {"train-g4": (1, 16, 13, 11, 4), "train-g6": (1, 16, 13, 11, 6),
+              "sidd-g4": (1, 16, 10, 9, 4), "large-g4": (1, 16, 17, 17, 4)}
+FP32_SHAPE = "train-g4"
+TIMED_SHAPES = ("train-g4", "train-g6", "sidd-g4")   # fused vs unfused vs authors
+COMPILED_SHAPES = ("train-g4", "train-g6")           # torch.compile only where the target is
+TFLOPS_SHAPE = "large-g4"                            # N = 17 689 tokens per group
+UNFUSED = ("gather+sdpa[flash]", "gather+sdpa[efficient]", "gather+sdpa[cudnn]",
+           "gather+sdpa+compile")
+
+TARGETS = {  # name: (what, comparison, target)
+    "speedup_vs_unfused_train-g4": ("fused fwd+bwd vs best unfused chain, ×", ">=", 1.5),
+    "speedup_vs_unfused_train-g6": ("fused fwd+bwd vs best unfused chain, ×", ">=", 1.5),
+    "speedup_vs_authors_train-g4": ("fused fwd+bwd vs authors' formulation, ×", ">=", 10.0),
+    "speedup_vs_authors_train-g6": ("fused fwd+bwd vs authors' formulation, ×", ">=", 10.0),
+    "fwd_tflops_N16k": ("forward TFLOP/s at N ≥ 16k", ">=", 450.0),
+    "bwd_tflops_N16k": ("backward TFLOP/s at N ≥ 16k", ">=", 350.0),
+    "train_b4_512_runs": ("batch-4 training step at 512 crops runs (fused)", "==", True),
+    "fa3_rule_all": ("every kernel error within the FA3 2× rule", "==", True),
+}
+SPEED_TARGETS = [k for k in TARGETS if k not in ("fa3_rule_all",)]
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- cuda-env
+def _cuda_env():
+    """csrc/cuda_env.py (shared with setup.py, which imports it by path)."""
+    sys.path.insert(0, str(ROOT / "csrc"))
+    import cuda_env
+    return cuda_env
+
+
+def step_cuda_env(a) -> dict:
+    res = {"step": "cuda-env", "exports": {}}
+    ce = _cuda_env()
+    if a.dry_run:
+        home, how = ce.real_cuda_home()
+        res.update(status="skipped", reason="dry run: no CUDA build", cuda_home=home, how=how)
+        _say(f"  CUDA toolkit: {home or 'none'} ({how}); dry run: no build")
+        return res
+    import torch
+    if not torch.version.cuda:
+        res.update(status="skipped", reason="torch is a CPU build")
+        return res
+    home, how = ce.real_cuda_home()
+    if home is None:
+        res.update(status="skipped", reason=how)
+        return res
+    gpu = torch.cuda.is_available()
+    res["exports"] = ce.build_env(gpu, torch.cuda.get_device_capability() if gpu else None)
+    res.update(status="ok", cuda_home=home, how=how)
+    _say(f"  CUDA toolkit: {home} ({how}); " + ", ".join(f"{k}={v}" for k, v in
+                                                        res["exports"].items()))
+    return res
+
+
+# ----------------------------------------------------------------------------- env
+def step_env(a) -> dict:
+    import torch
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception as e:  # noqa: BLE001
+        tv = f"not importable ({type(e).__name__})"
+    cuda = torch.cuda.is_available()
+    driver = "none"
+    if shutil.which("nvidia-smi"):
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                     "--format=csv,noheader"], capture_output=True, text=True,
+                                    timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            driver = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, cwd=ROOT).stdout
+        commit = (commit + (" + uncommitted changes" if dirty.strip() else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown (no git)"
+    info = {
+        "device": (torch.cuda.get_device_name() if cuda
+                   else f"CPU ({platform.processor() or platform.machine()})"),
+        "driver": driver, "torch": torch.__version__, "triton": tv,
+        "cuda": torch.version.cuda or "none",
+        "cudnn": str(torch.backends.cudnn.version()) if cuda else "none",
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "git_commit": commit, "dry_run": bool(a.dry_run),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
+    }
+    if cuda:
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu_memory_gib=round(p.total_memory / 2 ** 30, 1),
+                    capability=".".join(map(str, torch.cuda.get_device_capability())))
+    for k, v in info.items():
+        _say(f"  {k}: {v}")
+    return {"step": "env", "status": "ok", "env": info}
+
+
+# ----------------------------------------------------------------------------- shared bits
+def _device():
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _shapes(a) -> dict:
+    return DRY_SHAPES if a.dry_run else GPU_SHAPES
+
+
+def _sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of fn() after warm-up: CUDA events on a GPU, wall clock on CPU."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    if torch.cuda.is_available():
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
+def _free():
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- correctness
+def _inputs(shape, device, seed=0):
+    """fp64 x with a common offset (as ReLU features have) and the paper's W init."""
+    import torch
+    B, C, H, W, g = shape
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(B, C, H, W, generator=gen, dtype=torch.float64) + 1.5).to(device)
+    w = torch.empty(C, C, dtype=torch.float64)
+    torch.nn.init.xavier_uniform_(w, gain=1.414, generator=gen)
+    go = torch.randn(B, C, H, W, generator=gen, dtype=torch.float64).to(device)
+    return x, w.to(device), go
+
+
+def reference_attention(x, w, g, per_group: bool):
+    """SS-Attention in plain PyTorch in x's dtype (the FA3 rule's yardstick, and in fp64 the
+    oracle): q̂'s normalisation in ≥ fp32 (in fp16, 1e-8 rounds to 0: 0/0 at padded tokens),
+    padded tokens without gradient; per_group: one group at a time under activation
+    checkpointing (N = 17.7k tokens: 2.5 GB per fp64 N×N matrix)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from ssbsn.attention.reference import NORM_EPS, from_groups, layer_norm, to_groups
+
+    def one(q, v, scale):
+        return torch.softmax((1.0 + q @ q.transpose(-1, -2)) * scale, dim=-1) @ v
+
+    B, C, H, W = x.shape
+    y = layer_norm(x, g, False)
+    q = to_groups(y, g) @ w.to(y.dtype)
+    qf = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
+    q = (qf / (torch.linalg.vector_norm(qf, dim=-1, keepdim=True) + NORM_EPS)).to(q.dtype)
+    real = to_groups(torch.ones(1, 1, H, W, dtype=q.dtype, device=q.device), g)
+    q = (q.view(B, g * g, -1, q.shape[-1]) * real).view_as(q)
+    v = to_groups(x, g)
+    scale = 1.0 / math.sqrt(w.shape[1])
+    if per_group:
+        out = torch.stack([checkpoint(one, q[i], v[i], scale, use_reentrant=False)
+                           for i in range(q.shape[0])])
+    else:
+        out = one(q, v, scale)
+    return x + from_groups(out, B, H, W, g)
+
+
+def _fwd_bwd(fn, x, w, go):
+    xa, wa = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    out = fn(xa, wa)
+    out.backward(go)
+    return out.detach(), xa.grad, wa.grad
+
+
+def fa3_errors(ours, same, oracle, slack=2e-6):
+    """[(name, kernel error, reference error, ok)] by the FA3 rule (max abs error vs fp64)."""
+    rows = []
+    for name, a, r, o in zip(("out", "dx", "dw"), ours, same, oracle):
+        scale = o.abs().max().item()
+        err = (a.double() - o).abs().max().item()
+        base = (r.double() - o).abs().max().item()
+        ok = math.isfinite(err) and err <= 2.0 * base + slack * scale + 1e-12
+        rows.append((name, err, base, ok))
+    return rows
+
+
+def correctness_plan(a) -> dict:
+    """{shape name: [(dtype, layout), ...]}: bf16 and fp16 × channels_last and NCHW at every
+    shape (the dry run: each dtype and each layout once per shape, the interpreter is slow);
+    fp32 at the training shapes — channels_last at g = 4, and NCHW at g = 4 and 6, which are
+    also the launches of the fp32 model in the train step (their compiles happen here, in
+    parallel, and land in Triton's cache)."""
+    plan = {}
+    for name in _shapes(a):
+        cases = ([("bf16", "cl"), ("fp16", "nchw")] if a.dry_run else
+                 [(d, lay) for d in ("bf16", "fp16") for lay in ("cl", "nchw")])
+        if name == FP32_SHAPE:
+            cases.append(("fp32", "cl"))
+        if not a.dry_run and name in ("train-g4", "train-g6"):
+            cases.append(("fp32", "nchw"))
+        plan[name] = cases
+    return plan
+
+
+def step_correctness(a) -> dict:
+    plan = correctness_plan(a)
+    # process groups: (dtype, layout) over all shapes; fp32 (slow 3xTF32 compiles) per shape
+    groups = sorted({c + ((name,) if c[0] == "fp32" else ()) for name, cases in plan.items()
+                     for c in cases})
+    if a.only:
+        keep = {tuple(o.split(":")) for o in a.only.split(",")}
+        plan = {k: [c for c in v if c in keep or c + (k,) in keep] for k, v in plan.items()}
+        return _correctness_cases(a, plan)
+    if a.jobs <= 1 or len(groups) <= 1:
+        return _correctness_cases(a, plan)
+    # one process per (dtype, layout): Triton compiles each kernel variant on first launch, one
+    # at a time per process; in parallel they take the time of the slowest group
+    procs = []
+    for grp in groups:
+        sub = Path(a.out) / "sub" / ("correctness-" + "-".join(grp))
+        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "correctness", "--out", str(sub),
+               "--only", ":".join(grp)] + (["--dry-run"] if a.dry_run else [])
+        procs.append((grp, sub, subprocess.Popen(cmd, cwd=ROOT)))
+    checks = []
+    for grp, sub, proc in procs:
+        rc = proc.wait()
+        try:
+            checks += json.loads((sub / "parts" / "correctness.json").read_text())["checks"]
+        except (OSError, ValueError, KeyError):
+            checks.append({"name": "attention " + " ".join(grp), "dtype": grp[0],
+                           "layout": grp[1], "ok": False, "errors": {},
+                           "reason": f"process exited {rc}"})
+    status = "ok" if all(c["ok"] for c in checks) else "failed"
+    return {"step": "correctness", "status": status, "checks": checks, "jobs": len(procs)}
+
+
+def _correctness_cases(a, plan) -> dict:
+    import torch
+
+    import ssbsn.kernels as kernels
+    dev = _device()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    layouts = {"cl": torch.channels_last, "nchw": torch.contiguous_format}
+    checks = []
+    for name, cases in plan.items():
+        if not cases:
+            continue
+        shape = _shapes(a)[name]
+        B, C, H, W, g = shape
+        per_group = (-(-H // g)) * (-(-W // g)) > 5000
+        x64, w64, go64 = _inputs(shape, dev)
+        oracle = _fwd_bwd(lambda p, q: reference_attention(p, q, g, per_group), x64, w64, go64)
+        for dt, lay in cases:
+            t0 = time.perf_counter()
+            x = x64.to(dtypes[dt]).contiguous(memory_format=layouts[lay])
+            w, go = w64.to(dtypes[dt]), go64.to(dtypes[dt]).contiguous(memory_format=layouts[lay])
+            try:
+                same = _fwd_bwd(lambda p, q: reference_attention(p, q, g, per_group), x, w, go)
+                ours = _fwd_bwd(lambda p, q: kernels.ss_attention(p, q, g), x, w, go)
+                errs = fa3_errors(ours, same, oracle)
+                ok = all(e[3] for e in errs) and ours[0].stride() == x.stride()
+                detail = {n: {"err": e, "ref_err": r} for n, e, r, _ in errs}
+                why = "" if ok else "; ".join(f"{n}: {e:.2e} > 2×{r:.2e}" for n, e, r, k in errs
+                                              if not k) or "output layout changed"
+            except Exception as e:  # noqa: BLE001
+                ok, detail, why = False, {}, f"{type(e).__name__}: {str(e)[:300]}"
+            del x, w, go
+            _free()
+            chk = {"name": f"attention {name} {dt} {lay}", "shape": list(shape), "dtype": dt,
+                   "layout": lay, "ok": ok, "errors": detail, "reason": why,
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            checks.append(chk)
+            worst = max((v["err"] / max(v["ref_err"], 1e-30) for v in detail.values()),
+                        default=float("nan"))
+            _say(f"  {'ok  ' if ok else 'FAIL'} {chk['name']}: worst err/ref_err {worst:.2f}"
+                 f" ({chk['seconds']} s){' — ' + why if why else ''}")
+            _checkpoint(a, {"step": "correctness", "status": "running", "checks": checks})
+        del x64, w64, go64, oracle
+        _free()
+    status = "ok" if all(c["ok"] for c in checks) else "failed"
+    return {"step": "correctness", "status": status, "checks": checks}
+
+
+def _checkpoint(a, res: dict) -> None:
+    """The step's results so far (status "running"): a step stopped by its timeout still
+    leaves what it measured for the report."""
+    path = Path(a.out) / "parts" / f"{res['step']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, default=str))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- timing
+def _attn_fwd_bwd(fn, x, w, g, go):
+    def run():
+        x.grad = w.grad = None
+        fn(x, w, g).backward(go)
+    return run
+
+
+def _flops_fwd(shape) -> float:
+    B, C, H, W, g = shape
+    n = (-(-H // g)) * (-(-W // g))
+    return 4.0 * n * n * C * B * g * g
+
+
+def step_timing(a) -> dict:
+    import torch
+
+    from .impls import IMPL_BY_NAME, availability, build
+    dev = _device()
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # CPU: no bf16 SDPA backward
+    reps = (3, 10) if dev.type == "cuda" else (0, 1)
+    figures, rows = {}, []
+    res = {"step": "timing", "status": "running", "figures": figures, "rows": rows,
+           "dtype": str(dt)[6:]}
+    # the slow-to-build compiled chain last, so that a timeout only loses it
+    plan = [(n, i) for n in TIMED_SHAPES for i in ("triton", "triton[nchw]", "authors")
+            + UNFUSED[:-1]] + [(n, "gather+sdpa+compile") for n in COMPILED_SHAPES]
+    times = {}
+    for pos, (name, impl) in enumerate(plan):
+        shape = _shapes(a)[name]
+        g = shape[-1]
+        base = impl.split("[nchw]")[0]
+        fmt = torch.contiguous_format if impl.endswith("[nchw]") else torch.channels_last
+        why = availability(IMPL_BY_NAME[base], dev)
+        if base == "triton" and dev.type == "cpu":
+            why = None  # the interpreter runs them (dry run)
+        if base == "gather+sdpa+compile" and a.dry_run:
+            why = "dry run: torch.compile's CPU build alone takes longer than the dry run"
+        row = {"shape": name, "impl": impl, "dtype": str(dt)[6:], "mode": "fwd+bwd"}
+        rows.append(row)
+        if why:
+            row.update(status="skipped", reason=why)
+            _say(f"  skip {name} {impl}: {why}")
+            continue
+        fn = kernels_attn_g if base == "triton" else build(IMPL_BY_NAME[base])
+        x64, w64, go64 = _inputs(shape, dev)
+        x = x64.to(dt).contiguous(memory_format=fmt).requires_grad_()
+        w = w64.to(dt).requires_grad_()
+        go = go64.to(dt).contiguous(memory_format=fmt)
+        del x64, w64, go64
+        try:
+            ms = bench_ms(_attn_fwd_bwd(fn, x, w, g, go), *reps)
+            times[(name, impl)] = ms
+            tf = 3.5 * _flops_fwd(shape) / (ms * 1e-3) / 1e12
+            row.update(status="ok", ms=ms, tflops=tf)
+            _say(f"  {name} {impl}: {ms:.3f} ms fwd+bwd ({tf:.1f} TFLOP/s)")
+        except Exception as e:  # noqa: BLE001
+            st = "OOM" if _is_oom(e) else "failed"
+            row.update(status=st, reason=f"{type(e).__name__}: {str(e)[:200]}")
+            _say(f"  {st} {name} {impl}: {row['reason']}")
+        del x, w, go
+        _free()
+        _speedups(times, figures)
+        _checkpoint(a, res)
+        if pos + 1 < len(plan) and plan[pos + 1][1] == "gather+sdpa+compile" and \
+                impl != "gather+sdpa+compile":
+            _tflops(a, dev, dt, reps, figures, rows)  # before the compiled chain
+            _checkpoint(a, res)
+    if "fwd_tflops_N16k" not in figures:
+        _tflops(a, dev, dt, reps, figures, rows)
+    failed = [r for r in rows if r["impl"].startswith("triton") and r["status"] != "ok"]
+    res["status"] = "failed" if failed else "ok"
+    return res
+
+
+def _speedups(times: dict, figures: dict) -> None:
+    for name in TIMED_SHAPES:
+        fused = times.get((name, "triton"))
+        unfused = {i: t for (n, i), t in times.items() if n == name and i in UNFUSED}
+        if fused and unfused:
+            best = min(unfused, key=unfused.get)
+            figures[f"speedup_vs_unfused_{name}"] = unfused[best] / fused
+            figures[f"best_unfused_{name}"] = best
+        if fused and times.get((name, "authors")):
+            figures[f"speedup_vs_authors_{name}"] = times[(name, "authors")] / fused
+
+
+def _tflops(a, dev, dt, reps, figures, rows) -> None:
+    """Forward and backward TFLOP/s of the fused kernels at N ≥ 16k (dry run: its tiny shape)."""
+    import torch
+    shape = _shapes(a)[TFLOPS_SHAPE]
+    g = shape[-1]
+    x64, w64, go64 = _inputs(shape, dev)
+    x = x64.to(dt).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w, go = w64.to(dt).requires_grad_(), go64.to(dt).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            f_ms = bench_ms(lambda: kernels_attn(x, w, g), *reps)
+        out = kernels_attn(x, w, g)
+        b_ms = bench_ms(lambda: torch.autograd.grad(out, (x, w), go, retain_graph=True), *reps)
+        figures["fwd_tflops_N16k"] = _flops_fwd(shape) / (f_ms * 1e-3) / 1e12
+        figures["bwd_tflops_N16k"] = 2.5 * _flops_fwd(shape) / (b_ms * 1e-3) / 1e12
+        figures["tflops_shape"] = list(shape)
+        _say(f"  {TFLOPS_SHAPE} {tuple(shape)} fwd {f_ms:.3f} ms = "
+             f"{figures['fwd_tflops_N16k']:.1f} TFLOP/s, bwd {b_ms:.3f} ms = "
+             f"{figures['bwd_tflops_N16k']:.1f} TFLOP/s")
+        del out
+    except Exception as e:  # noqa: BLE001
+        rows.append({"shape": TFLOPS_SHAPE, "impl": "triton", "status": "failed",
+                     "reason": f"{type(e).__name__}: {str(e)[:200]}"})
+        _say(f"  FAIL {TFLOPS_SHAPE} TFLOP/s: {rows[-1]['reason']}")
+    finally:
+        del x, w, go
+        _free()
+
+
+def kernels_attn_g(x, w, g):
+    return kernels_attn(x, w, g)
+
+
+def kernels_attn(x, w, g):
+    import ssbsn.kernels as kernels
+    return kernels.ss_attention(x, w, g)
+
+
+# ----------------------------------------------------------------------------- train
+def _model_kwargs(a) -> dict:
+    return dict(base_channels=16, num_modules=3, ss_blocks=2) if a.dry_run else {}
+
+
+def _train_step(model, x, opt, autocast_dtype=None):
+    import torch
+    dev = x.device.type
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(dev, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = (model(x) - x).abs().mean()
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def step_train(a) -> dict:
+    import torch
+
+    from ssbsn import SSBSN
+    dev = _device()
+    crop, crop_big, batch = (20, 40, 2) if a.dry_run else (120, 510, 4)
+    figures, checks = {}, []
+    torch.manual_seed(0)
+    ref = SSBSN(**_model_kwargs(a)).to(dev)
+    fused = SSBSN(**_model_kwargs(a), fused=True).to(dev)
+    fused.load_state_dict(ref.state_dict())
+    # 1. one fp32 training step, fused vs reference (same weights, same batch)
+    noisy = torch.rand(batch, 3, crop, crop, device=dev, generator=None) * 255
+    losses, grads = [], []
+    for m in (ref, fused):
+        m.train()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+        losses.append(_train_step(m, noisy, opt))
+        grads.append([p.grad.detach().clone() for p in m.parameters()])
+    rel = max(((gf - gr).norm() / gr.norm().clamp_min(1e-12)).item()
+              for gr, gf in zip(*grads))
+    dl = abs(losses[1].item() - losses[0].item()) / max(abs(losses[0].item()), 1e-12)
+    ok = rel < 1e-3 and dl < 1e-4 and all(torch.isfinite(p).all() for p in fused.parameters())
+    checks.append({"name": f"SSBSN(fused=True) training step vs reference, fp32, "
+                           f"{batch}×3×{crop}×{crop}", "ok": ok, "max_rel_grad_diff": rel,
+                   "rel_loss_diff": dl})
+    _say(f"  {'ok  ' if ok else 'FAIL'} {checks[-1]['name']}: grad rel. diff {rel:.2e}, "
+         f"loss rel. diff {dl:.2e}")
+    del grads
+    # 2. bf16 (autocast) training step time, reference vs fused
+    amp = torch.bfloat16
+    reps = (2, 5) if dev.type == "cuda" else (1, 1)
+    for label, m in (("reference", ref), ("fused", fused)):
+        opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+        try:
+            ms = bench_ms(lambda: _train_step(m, noisy, opt, amp), *reps)
+            figures[f"train_step_ms_{label}"] = ms
+            _say(f"  train step bf16 {batch}×3×{crop}×{crop} {label}: {ms:.1f} ms")
+        except Exception as e:  # noqa: BLE001
+            figures[f"train_step_ms_{label}"] = None
+            _say(f"  train step {label}: {type(e).__name__}: {str(e)[:200]}")
+    if figures.get("train_step_ms_reference") and figures.get("train_step_ms_fused"):
+        figures["train_step_speedup"] = (figures["train_step_ms_reference"]
+                                         / figures["train_step_ms_fused"])
+    del noisy
+    _free()
+    # 3. batch-4 step at the large crop: fused (must run) and reference (may not fit)
+    big = torch.rand(batch, 3, crop_big, crop_big, device=dev) * 255
+    for label, m in (("fused", fused), ("reference", ref)):
+        opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            t0 = time.perf_counter()
+            _train_step(m, big, opt, amp)
+            _sync()
+            figures[f"train_{crop_big}_{label}_s"] = time.perf_counter() - t0
+            figures[f"train_{crop_big}_{label}_runs"] = True
+            if dev.type == "cuda":
+                figures[f"train_{crop_big}_{label}_peak_gib"] = \
+                    torch.cuda.max_memory_allocated() / 2 ** 30
+            peak = figures.get(f"train_{crop_big}_{label}_peak_gib", float("nan"))
+            _say(f"  train step bf16 {batch}×3×{crop_big}×{crop_big} {label}: runs "
+                 f"(peak {peak:.1f} GiB)")
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            figures[f"train_{crop_big}_{label}_runs"] = False
+            _say(f"  train step bf16 {batch}×3×{crop_big}×{crop_big} {label}: out of memory")
+        opt = None
+        _free()
+    figures["train_b4_512_runs"] = figures.get(f"train_{crop_big}_fused_runs", False)
+    figures["train_large_crop"] = crop_big
+    status = "ok" if all(c["ok"] for c in checks) else "failed"
+    return {"step": "train", "status": status, "checks": checks, "figures": figures}
+
+
+# ----------------------------------------------------------------------------- conv
+def step_conv(a) -> dict:
+    import torch
+    dev = _device()
+    try:
+        from ssbsn.nn import conv
+        info = conv.conv_backend_info() if hasattr(conv, "conv_backend_info") else ""
+    except Exception as e:  # noqa: BLE001
+        return {"step": "conv", "status": "skipped", "reason": f"ssbsn.nn.conv: {e}"}
+    if dev.type != "cuda" or "cuda" not in getattr(conv, "CONV_BACKENDS", ()):
+        why = "no CUDA device (dry run)" if dev.type != "cuda" else "conv backend 'cuda' missing"
+        _say(f"  skipped: {why}")
+        return {"step": "conv", "status": "skipped", "reason": why}
+    try:
+        x = torch.zeros(1, 8, 8, 8, device=dev)
+        conv.masked_conv2d(x, torch.zeros(8, 8, 3, 3, device=dev), None, backend="cuda")
+    except Exception as e:  # noqa: BLE001
+        why = f"extension not usable: {str(e)[:300]} {info}"
+        _say(f"  skipped: {why}")
+        return {"step": "conv", "status": "skipped", "reason": why}
+    B, C, H, W = 4, 128, 140, 140
+    def masked(x, w, b, be):
+        return conv.masked_conv2d(x, w, b, relu=True, backend=be)
+
+    def dilated(x, w, b, be):
+        return conv.dilated_conv2d(x, w, b, dilation=2, relu=True, backend=be)
+    ops = [("masked 3×3", masked, 3), ("masked 5×5", masked, 5), ("dilated 3×3 d=2", dilated, 3)]
+    checks, figures = [], {}
+    gen = torch.Generator().manual_seed(0)
+    for name, fn, k in ops:
+        for dt, tol in ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)):
+            x = torch.randn(B, C, H, W, generator=gen).to(dev, dt).contiguous(
+                memory_format=torch.channels_last).requires_grad_()
+            w = (torch.randn(C, C, k, k, generator=gen) / (3 * C) ** 0.5).to(dev, dt).requires_grad_()
+            b = (0.1 * torch.randn(C, generator=gen)).to(dev, dt).requires_grad_()
+            go = torch.randn(B, C, H, W, generator=gen).to(dev, dt)
+            res = {}
+            for be in ("torch", "cuda"):
+                tf32 = torch.backends.cudnn.allow_tf32
+                torch.backends.cudnn.allow_tf32 = False
+                try:
+                    res[be] = _fwd_bwd3(fn, x, w, b, go, be)
+                finally:
+                    torch.backends.cudnn.allow_tf32 = tf32
+            err = max(((p - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
+                      for p, r in zip(res["cuda"], res["torch"]))
+            ok = err <= tol
+            checks.append({"name": f"conv {name} {str(dt)[6:]} vs cuDNN", "ok": ok, "rel_err": err})
+            _say(f"  {'ok  ' if ok else 'FAIL'} {checks[-1]['name']}: rel. err {err:.2e}")
+            if dt == torch.bfloat16:
+                for be in ("torch", "cuda"):
+                    def run(be=be):
+                        x.grad = w.grad = b.grad = None
+                        fn(x, w, b, be).backward(go)
+                    figures[f"conv_{name}_{be}_ms"] = bench_ms(run, 3, 10)
+                figures[f"conv_{name}_speedup_vs_cudnn"] = (figures[f"conv_{name}_torch_ms"]
+                                                            / figures[f"conv_{name}_cuda_ms"])
+                _say(f"  conv {name} bf16 fwd+bwd: cuda {figures[f'conv_{name}_cuda_ms']:.3f} ms,"
+                     f" cuDNN {figures[f'conv_{name}_torch_ms']:.3f} ms")
+    status = "ok" if all(c["ok"] for c in checks) else "failed"
+    return {"step": "conv", "status": status, "checks": checks, "figures": figures}
+
+
+def _fwd_bwd3(fn, x, w, b, go, be):
+    x.grad = w.grad = b.grad = None
+    out = fn(x, w, b, be)
+    out.backward(go)
+    return [out.detach().float(), x.grad.float(), w.grad.float(), b.grad.float()]
+
+
+# ----------------------------------------------------------------------------- report
+def _load_parts(out: Path) -> dict:
+    parts = {}
+    for p in sorted((out / "parts").glob("*.json")):
+        try:
+            parts[p.stem] = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parts[p.stem] = {"step": p.stem, "status": "failed", "reason": f"unreadable: {e}"}
+    for p in sorted((out / "parts").glob("*.rc")):  # steps that were stopped or died
+        rc = p.read_text().strip()
+        if rc == "0":
+            continue
+        why = "timed out" if rc in ("124", "137") else f"exit {rc}"
+        if p.stem not in parts:
+            parts[p.stem] = {"step": p.stem, "status": "failed", "reason": why}
+        elif parts[p.stem].get("status") == "running":  # what it measured before it stopped
+            parts[p.stem].update(status="failed", reason=why + " (partial results kept)")
+    return parts
+
+
+def build_targets(parts: dict, dry_run: bool) -> list[dict]:
+    figures = {}
+    for part in parts.values():
+        figures.update(part.get("figures", {}))
+    checks = [c for p in parts.values() for c in p.get("checks", [])]
+    attn = [c for c in checks if c["name"].startswith("attention")]
+    figures["fa3_rule_all"] = bool(attn) and all(c["ok"] for c in attn)
+    out = []
+    for name, (what, op, target) in TARGETS.items():
+        value = figures.get(name)
+        if value is None:
+            met = False
+        elif op == ">=":
+            met = value >= target
+        else:
+            met = value == target
+        row = {"name": name, "what": what, "value": value, "target": target, "met": bool(met)}
+        if dry_run and name in SPEED_TARGETS:
+            row["note"] = "CPU dry run: not applicable"
+        out.append(row)
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def step_report(a) -> dict:
+    out = Path(a.out)
+    parts = _load_parts(out)
+    env = parts.get("env", {}).get("env", {})
+    targets = build_targets(parts, a.dry_run)
+    figures = {}
+    for p in parts.values():
+        figures.update(p.get("figures", {}))
+    steps = {k: {"status": v.get("status"), "reason": v.get("reason", "")}
+             for k, v in parts.items() if k != "report"}
+    results = {**env, "env": env, "steps": steps, "figures": figures, "targets": targets,
+               "checks": [c for p in parts.values() for c in p.get("checks", [])],
+               "timing_rows": parts.get("timing", {}).get("rows", [])}
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    lines = [f"# gpu_check {'(dry run, CPU)' if a.dry_run else ''}".rstrip(), "",
+             f"{env.get('device', '?')} · driver {env.get('driver', '?')} · torch "
+             f"{env.get('torch', '?')} · triton {env.get('triton', '?')} · CUDA "
+             f"{env.get('cuda', '?')} · {env.get('date', '?')} · commit "
+             f"{env.get('git_commit', '?')}", "",
+             "| target | value | target | result |", "|---|---|---|---|"]
+    for t in targets:
+        res = "MET" if t["met"] else "MISSED"
+        if t.get("note"):
+            res += f" ({t['note']})"
+        lines.append(f"| {t['what']} (`{t['name']}`) | {_fmt(t['value'])} | {_fmt(t['target'])}"
+                     f" | {res} |")
+    lines += ["", "| step | status | note |", "|---|---|---|"]
+    for k, v in steps.items():
+        lines.append(f"| {k} | {v['status']} | {v['reason']} |")
+    failed_checks = [c["name"] for c in results["checks"] if not c["ok"]]
+    lines += ["", f"{len(results['checks'])} correctness checks, {len(failed_checks)} failed"
+              + (": " + ", ".join(failed_checks) if failed_checks else "")]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _say("\n".join(lines))
+    broken = [k for k, v in steps.items() if v["status"] == "failed"]
+    missed = [t["name"] for t in targets if not t["met"] and not t.get("note")]
+    status = "failed" if broken or failed_checks else "ok"
+    return {"step": "report", "status": status, "broken_steps": broken, "missed": missed}
+
+
+STEPS = {"cuda-env": step_cuda_env, "env": step_env, "correctness": step_correctness,
+         "timing": step_timing, "train": step_train, "conv": step_conv, "report": step_report}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="one step of benchmarks/gpu_check.sh")
+    ap.add_argument("step", choices=sorted(STEPS))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--jobs", type=int, default=8,
+                    help="correctness: processes, one per (dtype, layout) (default 8)")
+    ap.add_argument("--only", help="correctness: only DTYPE:LAYOUT[:SHAPE][,...] (a sub-process)")
+    a = ap.parse_args(argv)
+    parts = Path(a.out) / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        res = STEPS[a.step](a)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        res = {"step": a.step, "status": "failed", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    (parts / f"{a.step}.json").write_text(json.dumps(res, indent=1, default=str))
+    if a.step == "cuda-env":
+        for k, v in res.get("exports", {}).items():
+            print(f"export {k}={shlex.quote(str(v))}")
+    if a.step == "report":
+        missed = res.get("missed", [])
+        return 1 if res["status"] != "ok" else (2 if missed else 0)
+    return 0 if res["status"] in ("ok", "skipped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

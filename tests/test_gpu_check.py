@@ -1,0 +1,131 @@
+"""benchmarks/gpu_check.sh: its dry run (every step of the GPU check on CPU, tiny shapes, Triton's
+interpreter) produces a well-formed report, and the pieces that decide a GPU run — the CUDA
+toolkit search behind an nvcc wrapper, the report's verdict — behave."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import gpu_check  # noqa: E402
+
+STEPS = ("cuda-env", "env", "correctness", "timing", "train", "conv")
+
+
+def test_dry_run_reports_every_step(tmp_path):
+    out = tmp_path / "check"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)  # the script sets it for the dry run itself
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for step in ("env", "correctness", "timing", "train", "conv", "report"):
+        assert f"== {step}: ok" in log, f"step {step} not reported ok:\n{log[-3000:]}"
+    res = json.loads((out / "results.json").read_text())
+    assert res["dry_run"] is True and res["TRITON_INTERPRET"] == "1"
+    for key in ("device", "driver", "torch", "triton", "cuda", "date", "git_commit"):
+        assert res[key], key
+    assert set(STEPS) <= set(res["steps"])
+    assert all(res["steps"][s]["status"] in ("ok", "skipped") for s in STEPS), res["steps"]
+    attn = [c for c in res["checks"] if c["name"].startswith("attention")]
+    assert len(attn) == 2 * len(gpu_check.DRY_SHAPES) + 1 and all(c["ok"] for c in attn)
+    assert {(c["dtype"], c["layout"]) for c in attn} == {("bf16", "cl"), ("fp16", "nchw"),
+                                                         ("fp32", "cl")}
+    for c in attn:  # real figures: errors of the kernels and of the same-dtype reference
+        assert set(c["errors"]) == {"out", "dx", "dw"}
+        assert all(v["err"] <= 2 * v["ref_err"] + 1e-3 for v in c["errors"].values())
+    assert any(c["name"].startswith("SSBSN(fused=True)") and c["ok"] for c in res["checks"])
+    names = [t["name"] for t in res["targets"]]
+    assert names == list(gpu_check.TARGETS)
+    for t in res["targets"]:
+        assert isinstance(t["met"], bool) and "value" in t and "target" in t
+    by = {t["name"]: t for t in res["targets"]}
+    assert by["fa3_rule_all"]["met"] is True
+    assert by["fwd_tflops_N16k"]["value"] > 0 and "not applicable" in by["fwd_tflops_N16k"]["note"]
+    timed = {(r["shape"], r["impl"]) for r in res["timing_rows"] if r["status"] == "ok"}
+    assert {("train-g4", "triton"), ("train-g4", "triton[nchw]"), ("train-g4", "authors")} <= timed
+    summary = (out / "summary.md").read_text()
+    for t in res["targets"]:
+        assert f"`{t['name']}`" in summary
+    assert "| MET |" in summary and "MISSED" in summary
+
+
+def _exe(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def test_cuda_home_found_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
+    """nvcc on PATH is a wrapper outside the toolkit (as seen on a GPU machine): the toolkit is
+    found through what the wrapper's ``nvcc -v`` reports, not the wrapper's folder."""
+    kit = tmp_path / "opt" / "cuda-13.0"
+    _exe(kit / "bin" / "nvcc", "#!/bin/sh\necho real nvcc\n")
+    (kit / "lib64").mkdir()
+    (kit / "lib64" / "libcudart.so").write_text("")
+    _exe(tmp_path / "wrap" / "bin" / "nvcc",
+         f"#!/bin/sh\necho '#$ _HERE_={kit}/bin' >&2\necho '#$ TOP={kit}' >&2\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'wrap' / 'bin'}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    ce = gpu_check._cuda_env()
+    home, how = ce.real_cuda_home()
+    assert home == str(kit) and "-v" in how
+    assert not ce.is_toolkit(str(tmp_path / "wrap"))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert ce.build_env(False) == {"CUDA_HOME": str(kit), "TORCH_CUDA_ARCH_LIST": "9.0"}
+    assert ce.build_env(True, (9, 0))["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert "TORCH_CUDA_ARCH_LIST" not in ce.build_env(False)
+
+
+def _parts(tmp_path, attn_ok=True, fast=True):
+    parts = tmp_path / "parts"
+    parts.mkdir(parents=True)
+    speed = 2.0 if fast else 1.0
+    data = {
+        "env": {"step": "env", "status": "ok", "env": {"device": "NVIDIA H200"}},
+        "correctness": {"step": "correctness", "status": "ok" if attn_ok else "failed",
+                        "checks": [{"name": "attention x bf16 cl", "ok": attn_ok}]},
+        "timing": {"step": "timing", "status": "ok", "figures": {
+            "speedup_vs_unfused_train-g4": speed, "speedup_vs_unfused_train-g6": 2.0,
+            "speedup_vs_authors_train-g4": 20.0, "speedup_vs_authors_train-g6": 20.0,
+            "fwd_tflops_N16k": 500.0, "bwd_tflops_N16k": 400.0}},
+        "train": {"step": "train", "status": "ok", "figures": {"train_b4_512_runs": True}},
+    }
+    for k, v in data.items():
+        (parts / f"{k}.json").write_text(json.dumps(v))
+    (parts / "conv.rc").write_text("124\n")  # timed out before writing its JSON
+    return tmp_path
+
+
+@pytest.mark.parametrize("attn_ok,fast,dry,code", [
+    (True, True, False, 0), (True, False, False, 2), (False, True, False, 1),
+    (True, False, True, 0)])
+def test_report_verdict(tmp_path, attn_ok, fast, dry, code, capsys):
+    out = _parts(tmp_path, attn_ok, fast)
+    (out / "parts" / "conv.rc").unlink()
+    rc = gpu_check.main(["report", "--out", str(out)] + (["--dry-run"] if dry else []))
+    assert rc == code
+    res = json.loads((out / "results.json").read_text())
+    by = {t["name"]: t for t in res["targets"]}
+    assert by["speedup_vs_unfused_train-g4"]["met"] is fast
+    assert by["fa3_rule_all"]["met"] is attn_ok
+    row = next(line for line in (out / "summary.md").read_text().splitlines()
+               if "`speedup_vs_unfused_train-g4`" in line)
+    assert ("| MET" in row) is fast
+
+
+def test_report_names_a_step_that_timed_out(tmp_path):
+    out = _parts(tmp_path)
+    assert gpu_check.main(["report", "--out", str(out)]) == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"]["conv"] == {"status": "failed", "reason": "timed out"}
