@@ -96,8 +96,8 @@ def network_progress(model, total: int, desc: str, progress: bool | None):
 def denoise_array(model, img: np.ndarray, r3: bool | None = None,
                   self_ensemble: bool | None = None, tile: int | None = None,
                   overlap: int | None = None, seed: int = 0, shifts: bool | None = None,
-                  pd: int | None = None, progress: bool | None = False,
-                  desc: str = "denoise") -> np.ndarray:
+                  pd: int | None = None, lowpass: float | None = None,
+                  progress: bool | None = False, desc: str = "denoise") -> np.ndarray:
     """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C). Options
     left at None take the model's own inference settings (``model.inference``, ``pd_test``).
 
@@ -119,8 +119,8 @@ def denoise_array(model, img: np.ndarray, r3: bool | None = None,
     total = _network_passes(model, img.shape, r3, self_ensemble, tile, shifts, pd)
     with network_progress(model, total, desc, progress):
         y = model.denoise(t.to(dev), r3=r3, self_ensemble=self_ensemble, tile=tile,
-                          overlap=overlap, seed=seed, shifts=shifts,
-                          pd=pd)[0].float().cpu().numpy().transpose(1, 2, 0)
+                          overlap=overlap, seed=seed, shifts=shifts, pd=pd,
+                          lowpass=lowpass)[0].float().cpu().numpy().transpose(1, 2, 0)
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
     if not np.isfinite(y).all():
@@ -156,6 +156,10 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
                         "stride² slower); default: the model's setting")
     g.add_argument("--pd-test", dest="pd_test", type=int, default=None, metavar="N",
                    help="PD stride at inference (default: the model's)")
+    g.add_argument("--lowpass", type=float, default=None, metavar="SIGMA",
+                   help="keep the noisy image's low frequencies (Gaussian σ in pixels; removes "
+                        "brightness drift); 0 = off; default: the model's setting (off for "
+                        "the paper's)")
     g.add_argument("--tile", type=int, default=None, metavar="N",
                    help="process in N×N tiles to bound memory; 0 = whole image (default: the "
                         "model's setting, whole image for the paper's)")
@@ -189,8 +193,11 @@ def _infer_kwargs(args) -> dict:
         raise CLIError("--overlap must not be negative")
     if args.pd_test is not None and args.pd_test < 1:
         raise CLIError("--pd-test must be at least 1")
+    if args.lowpass is not None and not args.lowpass >= 0:
+        raise CLIError("--lowpass must not be negative")
     return dict(r3=args.r3, self_ensemble=args.self_ensemble, tile=args.tile,
-                overlap=args.overlap, seed=args.seed, shifts=args.shifts, pd=args.pd_test)
+                overlap=args.overlap, seed=args.seed, shifts=args.shifts, pd=args.pd_test,
+                lowpass=args.lowpass)
 
 
 # ================================================================== train
@@ -662,10 +669,10 @@ def _demo_parser(sub) -> None:
                     "trains a small SS-BSN on the noisy photos alone, denoises them and prints "
                     "the PSNR gain. Writes noisy/denoised/clean PNGs and the model to OUT.")
     p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 300; "
-                                                          "fewer if --minutes runs out first)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps instead of the time budget")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training time budget in minutes (default 1.6)")
+                   help="training time budget in minutes (default 4; the quick preset)")
     p.add_argument("--quick", action="store_true", help="a few seconds, for tests (no gain "
                                                         "expected)")
     p.add_argument("--r3", action="store_true",
@@ -680,7 +687,8 @@ def _demo_parser(sub) -> None:
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.output, steps=args.steps, minutes=args.minutes, quick=args.quick,
-             seed=args.seed, device=args.device, r3=args.r3, threads=args.threads,
+             seed=args.seed, device=args.device, r3=True if args.r3 else None,
+             threads=args.threads,
              overwrite=args.overwrite)
     return 0
 
@@ -748,7 +756,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="SS-BSN: self-supervised denoising of real camera noise, trained on noisy "
                     "images alone (Han & Yu, IJCAI-23).",
-        epilog="start with:  ssbsn demo        (about 2 minutes on a laptop CPU)\n"
+        epilog="start with:  ssbsn demo        (about 5 minutes on a laptop CPU)\n"
                "then:        ssbsn train DATA --out runs/mine\n"
                "             ssbsn denoise photo.png -o clean.png -w runs/mine/model.safetensors\n"
                "'ssbsn COMMAND --help' explains each command.")

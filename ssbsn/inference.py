@@ -15,7 +15,8 @@ _M32 = 0xFFFFFFFF
 
 # What SSBSN.denoise does when not told otherwise (the paper's inference); a trained model
 # carries its own values in its checkpoint (metadata key "ssbsn_inference").
-INFERENCE_DEFAULTS = dict(r3=True, shifts=False, self_ensemble=False, tile=0, overlap=64)
+INFERENCE_DEFAULTS = dict(r3=True, shifts=False, self_ensemble=False, tile=0, overlap=64,
+                          lowpass=0.0)
 
 
 def check_inference_settings(s: dict) -> dict:
@@ -27,6 +28,10 @@ def check_inference_settings(s: dict) -> dict:
     for k in ("r3", "shifts", "self_ensemble"):
         if not isinstance(out[k], bool):
             raise ValueError(f"inference setting {k} must be true or false, got {out[k]!r}")
+    lp = out["lowpass"]
+    if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not lp >= 0:
+        raise ValueError(f"inference setting lowpass must be a number ≥ 0, got {lp!r}")
+    out["lowpass"] = float(lp)
     for k in ("tile", "overlap"):
         v = out[k]
         if v is None and k == "tile":
@@ -34,6 +39,36 @@ def check_inference_settings(s: dict) -> dict:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"inference setting {k} must be a non-negative integer, got {v!r}")
     return out
+
+
+def gaussian_lowpass(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with standard deviation ``sigma`` pixels
+    (radius 3σ, reflected borders; replicated where the image is smaller than the radius)."""
+    r = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-r, r + 1, device=x.device, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(x.dtype)
+    B, C, H, W = x.shape
+    y = x.reshape(B * C, 1, H, W)
+    for dim in (-1, -2):
+        n = y.shape[dim]
+        pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
+        y = torch.nn.functional.pad(y, pad, mode="reflect" if n > r else "replicate")
+        w = k.view(1, 1, 1, -1) if dim == -1 else k.view(1, 1, -1, 1)
+        y = torch.nn.functional.conv2d(y, w)
+    return y.reshape(B, C, H, W)
+
+
+def restore_low_frequencies(noisy: torch.Tensor, denoised: torch.Tensor, sigma: float
+                            ) -> torch.Tensor:
+    """``denoised + lowpass_σ(noisy − denoised)``: the output keeps the noisy image's low
+    frequencies (its local brightness and colour, where the camera noise has almost no energy:
+    it is correlated over two pixels only) and the network's high frequencies. A short-trained
+    blind-spot network's output drifts in brightness by several grey levels; this removes the
+    drift without touching detail."""
+    if sigma <= 0:
+        return denoised
+    return denoised + gaussian_lowpass(noisy.to(denoised.dtype) - denoised, sigma)
 
 
 def shift_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s: int

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inference import (INFERENCE_DEFAULTS, check_inference_settings, r3_uniform,
-                        self_ensemble as _self_ensemble, shift_ensemble, tiled, transform)
+                        restore_low_frequencies, self_ensemble as _self_ensemble, shift_ensemble,
+                        tiled, transform)
 from .nn import BSN
 from .pd import pd_down, pd_up
 
@@ -78,7 +79,8 @@ class SSBSN(nn.Module):
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, r3: bool | None = None, self_ensemble: bool | None = None,
                 tile: int | None = None, overlap: int | None = None, seed: int = 0,
-                shifts: bool | None = None, pd: int | None = None) -> torch.Tensor:
+                shifts: bool | None = None, pd: int | None = None,
+                lowpass: float | None = None) -> torch.Tensor:
         """Denoise x (B, C, H, W) of any size. Every option left at None takes the model's
         own setting from ``self.inference``.
 
@@ -90,7 +92,10 @@ class SSBSN(nn.Module):
                 checkerboard; ``pd_test``² times slower.
             tile: process in tiles of this size (memory stays bounded), each with ``overlap``
                 pixels of context per side; 0 = the whole image at once.
-            pd: PD stride at inference (default ``pd_test``). For a model without SS-Blocks, exact wherever the
+            pd: PD stride at inference (default ``pd_test``).
+            lowpass: σ (pixels) of :func:`ssbsn.inference.restore_low_frequencies`: keep the
+                noisy image's frequencies below about 1/σ (brightness, colour) and the
+                network's above; 0 = off (the paper). For a model without SS-Blocks, exact wherever the
                 overlap covers the receptive field (:meth:`receptive_radius`), except within that
                 radius of the image border, where PD's sub-images see each other's far edges.
                 SS-Attention and the image-wide LayerNorm make the paper model depend slightly
@@ -100,7 +105,8 @@ class SSBSN(nn.Module):
         self._check_input(x)
         s = check_inference_settings({k: v if v is not None else self.inference[k] for k, v in
                                       dict(r3=r3, self_ensemble=self_ensemble, tile=tile,
-                                           overlap=overlap, shifts=shifts).items()})
+                                           overlap=overlap, shifts=shifts,
+                                           lowpass=lowpass).items()})
         r3, self_ensemble, tile, overlap = s["r3"], s["self_ensemble"], s["tile"], s["overlap"]
         b = self.pd_test if pd is None else pd
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
@@ -114,9 +120,8 @@ class SSBSN(nn.Module):
                 return _self_ensemble(member, img) if self_ensemble else member(img, 0)
             return shift_ensemble(one, window, b) if s["shifts"] else one(window)
 
-        if not tile:
-            return run(x, (0, 0))
-        return tiled(run, x, tile, overlap, multiple=b)
+        y = run(x, (0, 0)) if not tile else tiled(run, x, tile, overlap, multiple=b)
+        return restore_low_frequencies(x, y, s["lowpass"])
 
     def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int,
                       b: int) -> torch.Tensor:

@@ -15,9 +15,10 @@ from __future__ import annotations
 PAPER: dict = {}  # TrainConfig's defaults are the paper's recipe
 
 QUICK: dict = dict(
-    base_channels=16, num_modules=2, ss_blocks=1, pd_train=3, pd_test=2, crop=42, batch=4,
+    base_channels=16, num_modules=2, ss_blocks=1, pd_train=3, pd_test=2, pd_pad=0, crop=42,
+    batch=4,
     repeat=16, lr=3e-3, lr_schedule="cosine", warmup=20, init_bias=True, minutes=8.0,
-    inference=dict(r3=False, shifts=True, self_ensemble=False, tile=0, overlap=64),
+    inference=dict(r3=False, shifts=True, self_ensemble=False, tile=0, overlap=64, lowpass=8.0),
 )
 
 PRESETS = {"paper": PAPER, "quick": QUICK}

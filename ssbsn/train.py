@@ -536,6 +536,10 @@ def _learning_rate(r: _Run, step: int) -> float | None:
     cfg = r.cfg
     if r.budget.seconds is not None:
         progress = r.budget.progress()
+        if r.world > 1:  # every process stops at the same step: rank 0's clock
+            t = torch.tensor([progress], dtype=torch.float64, device=r.device)
+            dist.broadcast(t, 0)
+            progress = float(t.item())
         if progress >= 1.0:
             return None
         return lr_at_progress(cfg, step, max(progress, step / r.total))
@@ -583,9 +587,11 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=None if r.total == 10 ** 12 else r.total, initial=r.start, unit="step",
                dynamic_ncols=True, disable=not (r.main and cfg.progress), desc="train")
+    until = (f"{cfg.minutes:g} {cfg.budget_clock} minutes" if r.total == 10 ** 12
+             else f"{r.total} steps")
     if r.main and cfg.progress:
-        bar.write(f"ssbsn train: {r.description}; {r.steps_per_epoch} steps/epoch, {r.total} "
-                  f"steps, batch {cfg.batch}×{r.world}, crop {cfg.crop}, device {r.device}")
+        bar.write(f"ssbsn train: {r.description}; {r.steps_per_epoch} steps/epoch, {until}, "
+                  f"batch {cfg.batch}×{r.world}, crop {cfg.crop}, device {r.device}")
 
     step, meter = r.start, _LossMeter(r.device)
     t_log, imgs_since = time.perf_counter(), 0

@@ -75,7 +75,7 @@ def test_unknown_backend_is_one_clear_error():
         SSBSN(**TINY, backend="nope")
 
 
-SETTINGS = dict(r3=False, shifts=True, self_ensemble=False, tile=24, overlap=16)
+SETTINGS = dict(r3=False, shifts=True, self_ensemble=False, tile=24, overlap=16, lowpass=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +100,13 @@ def test_inference_settings_travel_in_the_metadata(carried):
     assert loaded.inference == SETTINGS and loaded.pd_test == 3
     x = torch.rand(1, 3, 30, 33) * 255
     explicit = model.denoise(x, r3=False, shifts=True, self_ensemble=False, tile=24,
-                             overlap=16, pd=3)
+                             overlap=16, pd=3, lowpass=4.0)
     # the oracle: the same settings spelled out on a model with the paper's defaults
     paper = SSBSN(**TINY).eval()
     paper.load_state_dict(model.state_dict())
-    assert paper.inference["r3"] is True and paper.inference["shifts"] is False
-    spelled = paper.denoise(x, r3=False, shifts=True, tile=24, overlap=16, pd=3)
+    assert paper.inference == dict(r3=True, shifts=False, self_ensemble=False, tile=0,
+                                   overlap=64, lowpass=0.0)
+    spelled = paper.denoise(x, r3=False, shifts=True, tile=24, overlap=16, pd=3, lowpass=4.0)
     torch.testing.assert_close(loaded.denoise(x), explicit)
     torch.testing.assert_close(spelled, explicit)
     # and the settings change the result (the test could fail)
@@ -136,8 +137,27 @@ def test_cli_denoise_uses_the_models_settings_and_flags_override(carried, tmp_pa
     # flags override: R3 on, no shifts, whole image, PD 2
     assert main(["denoise", str(tmp_path / "in.png"), "-o", str(tmp_path / "b.png"),
                  "-w", str(path), "--device", "cpu", "--r3", "--no-shifts", "--tile", "0",
-                 "--pd-test", "2"]) == 0
-    expect_b = quantize(model.denoise(t, r3=True, shifts=False, tile=0, pd=2)[0].numpy()
-                        .transpose(1, 2, 0))
+                 "--pd-test", "2", "--lowpass", "0"]) == 0
+    expect_b = quantize(model.denoise(t, r3=True, shifts=False, tile=0, pd=2, lowpass=0)[0]
+                        .numpy().transpose(1, 2, 0))
     np.testing.assert_array_equal(read_image(tmp_path / "b.png"), expect_b)
     assert not np.array_equal(expect, expect_b)
+
+
+def test_lowpass_keeps_the_noisy_low_frequencies():
+    """restore_low_frequencies against scipy's Gaussian filter (the oracle), and the mean."""
+    from scipy import ndimage
+
+    from ssbsn.inference import gaussian_lowpass, restore_low_frequencies
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 40, 52, generator=g, dtype=torch.float64) * 255
+    y = x + 7.0 + torch.randn(1, 3, 40, 52, generator=g, dtype=torch.float64)
+    for sigma in (2.0, 5.0):
+        want = np.stack([ndimage.gaussian_filter(c, sigma, mode="mirror", truncate=3.0)
+                         for c in x[0].numpy()])
+        got = gaussian_lowpass(x, sigma)[0].numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=0.3)  # kernel radius rounding
+    out = restore_low_frequencies(x, y, 8.0)
+    # the constant +7 brightness drift is gone; high frequencies are y's
+    assert abs((out - x).mean().item()) < 0.05
+    assert torch.equal(restore_low_frequencies(x, y, 0.0), y)

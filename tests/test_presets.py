@@ -44,7 +44,8 @@ def test_paper_preset_is_the_papers_recipe():
     assert {k: getattr(cfg, k) for k in paper} == paper
     assert preset_values("paper") == {}
     m = SSBSN(**cfg.model_kwargs())
-    assert m.inference == dict(r3=True, shifts=False, self_ensemble=False, tile=0, overlap=64)
+    assert m.inference == dict(r3=True, shifts=False, self_ensemble=False, tile=0, overlap=64,
+                               lowpass=0.0)
     with pytest.raises(ValueError, match="unknown preset"):
         preset_values("fast")
 
@@ -111,3 +112,16 @@ def test_bad_budget_is_one_clear_error(images, tmp_path, capsys):
     assert main(["train", str(images), "--out", str(tmp_path / "x"), "--minutes", "0"]) == 1
     assert "--minutes must be positive" in capsys.readouterr().err
     assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_demo_uses_the_quick_preset_and_writes_the_side_by_side(tmp_path):
+    from ssbsn.demo import run_demo
+    from ssbsn.imageio import read_image
+    report = run_demo(tmp_path / "demo", quick=True, device="cpu", log=lambda s: None)
+    cfg = yaml.safe_load((tmp_path / "demo" / "run" / "config.yaml").read_text())
+    assert cfg["preset"] == "quick"
+    for k in ("pd_train", "pd_test", "pd_pad", "ss_blocks", "lr_schedule", "inference"):
+        assert cfg[k] == QUICK[k], k
+    pic = read_image(tmp_path / "demo" / "side_by_side.png")
+    assert pic.ndim == 3 and pic.shape[1] > pic.shape[0] / 2
+    assert report["settings"]["inference"]["lowpass"] == QUICK["inference"]["lowpass"]

@@ -1,0 +1,523 @@
+"""Denoising quality of self-supervised training on a handful of photos (issue 9), on CPU.
+
+    python benchmarks/quality.py                       # the committed run (about 30 min)
+    python benchmarks/quality.py --photos DIR          # your own photos instead
+    python benchmarks/quality.py --smoke --out /tmp/q  # seconds: the CI check of the pipeline
+
+What it does:
+
+1. Photos: held-out scikit-image colour photos (not the demo's, on which the quick recipe was
+   tuned), centre crops of ``--size`` (256) pixels; or every image of ``--photos DIR``.
+2. Noise: the project's camera pipeline (:func:`ssbsn.noise.camera_noise`: raw shot/read noise
+   through demosaicking, colour correction and tone curve) at shot 2e-3, 4e-3 and 1e-2, one
+   random camera per photo and level; the clean reference is the same camera without noise.
+3. Training: the recipe under test (``--preset``, default ``quick``) on the noisy photos alone
+   (the noisy images of every level together, or one run per level with ``--per-level``), for a
+   fixed budget of CPU minutes of one thread per run (``--minutes``, several for the frontier),
+   once as SS-BSN and once with ``ss_blocks=0`` (AP-BSN) at the same budget. Runs go to
+   ``--jobs`` processes of one thread each; the budget is counted in each process's CPU time,
+   so a busy machine does not shorten it.
+4. Denoising with the trained model's own inference settings (what ``ssbsn denoise -w MODEL``
+   does with no flags).
+5. Baselines: non-local means (scikit-image) and BM3D (the ``bm3d`` package), each blind (its
+   noise level from ``skimage.restoration.estimate_sigma``) and with the true σ (the standard
+   deviation of noisy − clean).
+6. Per image: PSNR/SSIM (:mod:`ssbsn.metrics`, outputs rounded to 8 bits), the brightness shift
+   mean(output − clean) in grey levels; the tables ``results.md`` and ``results.json`` (with
+   device, versions, date, steps and CPU/wall minutes of every run) and ``crops.jpg`` (noisy |
+   SS-BSN | BM3D with the true σ | clean, with their PSNR) in ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HELD_OUT = ("immunohistochemistry", "retina", "motorcycle_left", "hubble_deep_field")
+SHOTS = (2e-3, 4e-3, 1e-2)
+HERE = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------ data
+
+def _skimage_photo(name: str) -> np.ndarray:
+    from skimage import data
+    if name == "motorcycle_left":
+        return data.stereo_motorcycle()[0]
+    return getattr(data, name)()
+
+
+def load_photos(folder: str | None, size: int, names=HELD_OUT) -> list[tuple[str, np.ndarray]]:
+    """(name, uint8 RGB) centre crops of at most size×size."""
+    if folder:
+        from ssbsn.data import list_images
+        from ssbsn.imageio import read_image, split_alpha
+        files = list_images(Path(folder), recursive=True)
+        if not files:
+            raise SystemExit(f"quality: no images in {folder}")
+        raw = []
+        for f in files:
+            img = split_alpha(read_image(f))[0]
+            if img.dtype != np.uint8:
+                img = np.clip(np.floor(img / 257.0 + 0.5), 0, 255).astype(np.uint8)
+            raw.append((f.stem, img))
+    else:
+        raw = [(n, _skimage_photo(n)) for n in names]
+    out = []
+    for name, img in raw:
+        if img.ndim == 2 or img.shape[-1] == 1:
+            img = np.repeat(img.reshape(img.shape[:2] + (1,)), 3, axis=-1)
+        h, w = img.shape[:2]
+        s = min(size, h, w)
+        y, x = (h - s) // 2, (w - s) // 2
+        out.append((name, np.ascontiguousarray(img[y:y + s, x:x + s, :3])))
+    return out
+
+
+def make_items(photos, shots, seed: int) -> list[dict]:
+    """One noisy/clean pair per photo and level, each through its own random camera."""
+    from ssbsn.metrics import quantize
+    from ssbsn.noise import camera_noise, random_camera
+    items = []
+    for li, shot in enumerate(shots):
+        for pi, (name, img) in enumerate(photos):
+            rng = np.random.default_rng([seed, li, pi])
+            cam = random_camera(rng)
+            x = img / 255.0
+            clean, _ = camera_noise(x, rng, shot=0.0, read=0.0, cam=cam)
+            noisy, _ = camera_noise(x, rng, shot=shot, cam=cam)
+            items.append(dict(name=name, shot=shot, noisy=quantize(noisy * 255.0),
+                              clean=quantize(clean * 255.0)))
+    return items
+
+
+def scores(out: np.ndarray, clean: np.ndarray) -> dict:
+    from ssbsn.metrics import psnr, ssim
+    return dict(psnr=round(psnr(out, clean), 3), ssim=round(ssim(out, clean), 4),
+                shift=round(float(out.astype(np.float64).mean() - clean.astype(np.float64).mean()),
+                            3))
+
+
+# ------------------------------------------------------------------ baselines
+
+def true_sigma(noisy: np.ndarray, clean: np.ndarray) -> float:
+    """σ in 0..1 units: the standard deviation of noisy − clean."""
+    return float((noisy.astype(np.float64) - clean.astype(np.float64)).std() / 255.0)
+
+
+def blind_sigma(noisy: np.ndarray) -> float:
+    from skimage.restoration import estimate_sigma
+    return float(estimate_sigma(noisy / 255.0, channel_axis=-1, average_sigmas=True))
+
+
+def nlm(noisy: np.ndarray, sigma: float) -> np.ndarray:
+    """scikit-image's non-local means with its documented setting h = 0.8σ (5×5 patches,
+    13×13 search window)."""
+    from skimage.restoration import denoise_nl_means
+    y = denoise_nl_means(noisy / 255.0, h=0.8 * sigma, sigma=sigma, fast_mode=True,
+                         patch_size=5, patch_distance=6, channel_axis=-1)
+    return np.clip(np.floor(y * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+def bm3d_rgb(noisy: np.ndarray, sigma: float) -> np.ndarray:
+    import bm3d
+    y = bm3d.bm3d_rgb(noisy / 255.0, sigma)
+    return np.clip(np.floor(np.asarray(y) * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+def run_baselines(task: dict) -> dict:
+    """NLM and BM3D, blind and with the true σ, for the items of ``task``."""
+    _one_thread()
+    rows, images = [], {}
+    for it in task["items"]:
+        s_true, s_blind = true_sigma(it["noisy"], it["clean"]), blind_sigma(it["noisy"])
+        row = dict(name=it["name"], shot=it["shot"], sigma_true=round(s_true * 255, 3),
+                   sigma_blind=round(s_blind * 255, 3))
+        for method, fn in (("nlm", nlm), ("bm3d", bm3d_rgb)):
+            if method == "bm3d" and task.get("no_bm3d"):
+                continue
+            for kind, s in (("blind", s_blind), ("true", s_true)):
+                out = fn(it["noisy"], s)
+                row[f"{method}_{kind}"] = scores(out, it["clean"])
+                if method == "bm3d" and kind == "true":
+                    images[(it["name"], it["shot"])] = out
+        rows.append(row)
+    return dict(rows=rows, images=images)
+
+
+# ------------------------------------------------------------------ training
+
+def _one_thread() -> None:
+    import torch
+    torch.set_num_threads(1)
+
+
+def run_training(task: dict) -> dict:
+    """Train one model (the recipe, or AP-BSN with ss_blocks=0) on the noisy images of
+    ``task`` for its budget, then denoise them with the model's own settings."""
+    _one_thread()
+    import torch
+
+    from ssbsn import SSBSN
+    from ssbsn.data.patches import ArraySource
+    from ssbsn.metrics import quantize
+    from ssbsn.presets import preset_values
+    from ssbsn.train import TrainConfig, train
+    items = task["items"]
+    with tempfile.TemporaryDirectory() as d:
+        cfg = TrainConfig(**{**preset_values(task["preset"]), **task["overrides"]})
+        cfg.out, cfg.progress, cfg.seed = str(Path(d) / "run"), False, task["seed"]
+        cfg.budget_clock, cfg.log_every = "cpu", 50
+        if task.get("steps"):
+            cfg.steps, cfg.minutes = task["steps"], None
+        else:
+            cfg.minutes, cfg.steps = task["minutes"], None
+        cfg.preset = task["preset"]
+        cfg.data = ["(in memory)"]
+        t0, c0 = time.perf_counter(), time.process_time()
+        summary = train(cfg, source=ArraySource([it["noisy"] for it in items],
+                                                [f"{it['name']}@{it['shot']}" for it in items]))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        model = SSBSN.load(summary["weights"]).eval()
+    rows, images = [], {}
+    t0 = time.perf_counter()
+    for it in items:
+        x = torch.from_numpy(it["noisy"].astype(np.float32).transpose(2, 0, 1).copy())[None]
+        with torch.no_grad():
+            y = model.denoise(x)  # the model's own inference settings
+        out = quantize(y[0].numpy().transpose(1, 2, 0))
+        rows.append(dict(name=it["name"], shot=it["shot"], **scores(out, it["clean"])))
+        images[(it["name"], it["shot"])] = out
+    return dict(method=task["method"], minutes=task["minutes"], rows=rows, images=images,
+                steps=summary["steps"], train_cpu_min=round(cpu / 60, 2),
+                train_wall_min=round(wall / 60, 2),
+                denoise_s_per_image=round((time.perf_counter() - t0) / len(items), 2),
+                config={k: v for k, v in cfg.to_dict().items() if k not in ("data", "out")},
+                inference=dict(model.inference, pd_test=model.pd_test))
+
+
+def _save_run(path: Path, r: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    d = {k: v for k, v in r.items() if k != "images"}
+    np.savez_compressed(path.with_suffix(".npz"),
+                        **{f"{n}@{s!r}": v for (n, s), v in r["images"].items()})
+    path.write_text(json.dumps(d))
+
+
+def _load_run(path: Path) -> dict:
+    r = json.loads(path.read_text())
+    with np.load(path.with_suffix(".npz"), allow_pickle=False) as z:
+        r["images"] = {(k.split("@")[0], float(k.split("@")[1])): z[k] for k in z.files}
+    return r
+
+
+# ------------------------------------------------------------------ report
+
+def _fmt(v, digits=2):
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict], str]:
+    """Per-image rows (one per photo and level) and the markdown report."""
+    by = {(r["name"], r["shot"]): r for r in base["rows"]}
+    runs = {(t["method"], t["minutes"]): {(r["name"], r["shot"]): r for r in t["rows"]}
+            for t in trained}
+    rows = []
+    for shot in shots:
+        for name, _ in photos:
+            b = by[(name, shot)]
+            row = dict(name=name, shot=shot, noisy=b["noisy"], sigma_true=b["sigma_true"],
+                       sigma_blind=b["sigma_blind"])
+            for method in ("ssbsn", "apbsn"):
+                r = runs.get((method, main_minutes), {}).get((name, shot))
+                row[method] = None if r is None else {k: r[k] for k in ("psnr", "ssim", "shift")}
+            for k in ("nlm_blind", "nlm_true", "bm3d_blind", "bm3d_true"):
+                row[k] = b.get(k)
+            rows.append(row)
+    cols = ["noisy", "ssbsn", "apbsn", "nlm_blind", "nlm_true", "bm3d_blind", "bm3d_true"]
+    head = ["photo", "shot", "σ true/blind"] + [
+        {"noisy": "noisy", "ssbsn": "SS-BSN", "apbsn": "AP-BSN", "nlm_blind": "NLM blind",
+         "nlm_true": "NLM true σ", "bm3d_blind": "BM3D blind", "bm3d_true": "BM3D true σ"}[c]
+        for c in cols] + ["shift noisy", "shift SS-BSN", "shift AP-BSN"]
+    md = [f"PSNR (dB) / SSIM against the clean photo; SS-BSN and AP-BSN after {main_minutes:g} "
+          "CPU-minutes of training (one thread); shift = mean(output − clean) in grey levels (the "
+          "noisy images' own shift comes from the camera pipeline's clipping).",
+          "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"], f"{r['shot']:g}", f"{r['sigma_true']:.1f}/{r['sigma_blind']:.1f}"]
+        for c in cols:
+            v = r[c]
+            cells.append("—" if v is None else f"{v['psnr']:.2f} / {v['ssim']:.3f}")
+        for c in ("noisy", "ssbsn", "apbsn"):
+            cells.append("—" if r[c] is None else f"{r[c]['shift']:+.2f}")
+        md.append("| " + " | ".join(cells) + " |")
+    md += ["", "Mean gain over the noisy input (dB) per level:", "",
+           "| shot | " + " | ".join(c for c in cols[1:]) + " |", "|---|" + "---|" * (len(cols) - 1)]
+    for shot in shots:
+        sel = [r for r in rows if r["shot"] == shot]
+        cells = [f"{shot:g}"]
+        for c in cols[1:]:
+            vals = [r[c]["psnr"] - r["noisy"]["psnr"] for r in sel if r[c] is not None]
+            cells.append(f"{np.mean(vals):+.2f} (min {min(vals):+.2f})" if vals else "—")
+        md.append("| " + " | ".join(cells) + " |")
+    if len({t["minutes"] for t in trained}) > 1 or trained:
+        md += ["", "Quality against training minutes (mean PSNR gain in dB over the photos; "
+               "steps; CPU and wall minutes of the run):", "",
+               "| method | minutes | steps | CPU min | wall min | " +
+               " | ".join(f"shot {s:g}" for s in shots) + " | mean abs shift |",
+               "|---|---|---|---|---|" + "---|" * len(shots) + "---|"]
+        for t in sorted(trained, key=lambda t: (t["method"], t["minutes"])):
+            cells = [t["method"], f"{t['minutes']:g}", str(t["steps"]),
+                     f"{t['train_cpu_min']:.1f}", f"{t['train_wall_min']:.1f}"]
+            for shot in shots:
+                g = [r["psnr"] - by[(r["name"], r["shot"])]["noisy"]["psnr"]
+                     for r in t["rows"] if r["shot"] == shot]
+                cells.append(f"{np.mean(g):+.2f} (min {min(g):+.2f})" if g else "—")
+            cells.append(f"{np.mean([abs(r['shift']) for r in t['rows']]):.2f}")
+            md.append("| " + " | ".join(cells) + " |")
+    return rows, "\n".join(md) + "\n"
+
+
+def crops_figure(path, photos, shot, base_imgs, items, ss_imgs, crop: int = 96) -> None:
+    """noisy | SS-BSN | BM3D (true σ) | clean, one photo per row, centre crops, with PSNR."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ssbsn.metrics import psnr
+    sel = [it for it in items if it["shot"] == shot]
+    fig, axes = plt.subplots(len(sel), 4, figsize=(8, 2.15 * len(sel)), squeeze=False)
+    for i, it in enumerate(sel):
+        key = (it["name"], it["shot"])
+        panels = [("noisy", it["noisy"]), ("SS-BSN", ss_imgs.get(key)),
+                  ("BM3D (true σ)", base_imgs.get(key)), ("clean", it["clean"])]
+        h, w = it["clean"].shape[:2]
+        c = min(crop, h, w)
+        y, x = (h - c) // 2, (w - c) // 2
+        for j, (label, img) in enumerate(panels):
+            ax = axes[i, j]
+            ax.axis("off")
+            if img is None:
+                continue
+            ax.imshow(img[y:y + c, x:x + c], interpolation="nearest")
+            t = label if label == "clean" else f"{label} {psnr(img, it['clean']):.2f} dB"
+            ax.set_title(t, fontsize=8)
+        axes[i, 0].text(-4, c / 2, it["name"], rotation=90, va="center", ha="right", fontsize=8)
+    fig.suptitle(f"camera noise shot {shot:g}; centre {crop}×{crop} crops (PSNR of the "
+                 f"whole image)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, pil_kwargs={"quality": 85})
+    plt.close(fig)
+
+
+def _public_args(argv) -> list[str]:
+    """The command line without this machine's paths (values of --cache, --out, --photos)."""
+    out, hide = [], False
+    for a in argv:
+        out.append(a.split("=")[0] + "=PATH" if hide is False and "=" in a and
+                   a.split("=")[0] in ("--cache", "--out", "--photos") else
+                   ("PATH" if hide else a))
+        hide = a in ("--cache", "--out", "--photos")
+    return out
+
+
+def environment() -> dict:
+    import skimage
+    import torch
+    try:
+        import bm3d
+        bm3d_v = getattr(bm3d, "__version__", None)
+        if bm3d_v is None:
+            from importlib.metadata import version
+            bm3d_v = version("bm3d")
+    except Exception:
+        bm3d_v = None
+    import ssbsn
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return dict(device=f"CPU: {cpu} ({os.cpu_count()} cores visible)", threads_per_run=1,
+                python=platform.python_version(), torch=torch.__version__,
+                skimage=skimage.__version__, bm3d=bm3d_v, ssbsn=ssbsn.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+
+
+# ------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Denoising quality of the quick recipe (issue 9).")
+    ap.add_argument("--photos", default=None, help="folder of clean photos (default: held-out "
+                                                   "scikit-image photos)")
+    ap.add_argument("--size", type=int, default=256, help="centre crop (default 256)")
+    ap.add_argument("--shots", default=",".join(f"{s:g}" for s in SHOTS))
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--minutes", default="8", help="training budgets in CPU minutes, comma-"
+                                                  "separated (e.g. 2,8,32); the last is the "
+                                                  "main table's unless --main-minutes")
+    ap.add_argument("--main-minutes", type=float, default=None)
+    ap.add_argument("--per-level", action="store_true",
+                    help="one training run per noise level (default: one run on all levels)")
+    ap.add_argument("--methods", default="ssbsn,apbsn",
+                    help="which trained models: ssbsn (the recipe), apbsn (ss_blocks=0)")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(HERE / "results" / "quality"))
+    ap.add_argument("--cache", default=None,
+                    help="folder for the baselines' results (they do not depend on the recipe; "
+                         "a second run with the same photos, levels and seed reuses them)")
+    ap.add_argument("--baselines-only", action="store_true",
+                    help="compute (and cache) the NLM/BM3D baselines only")
+    ap.add_argument("--smoke", action="store_true", help="a few seconds: two tiny photos, one "
+                                                         "level, a few training steps")
+    args = ap.parse_args(argv)
+
+    shots = tuple(float(s) for s in args.shots.split(","))
+    budgets = [float(m) for m in args.minutes.split(",")]
+    main_minutes = args.main_minutes or max(budgets)
+    steps = None
+    overrides: dict = {}
+    if args.smoke:
+        shots, budgets, main_minutes, steps = (1e-2,), [0.0], 0.0, 3
+        overrides = dict(base_channels=8, crop=24, batch=2, warmup=1)
+        args.size = 32
+    photos = load_photos(args.photos, args.size,
+                         names=HELD_OUT[:1] if args.smoke else HELD_OUT)
+    items = make_items(photos, shots, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    groups = [[it for it in items if it["shot"] == s] for s in shots] if args.per_level \
+        else [items]
+    tasks = []
+    for m in budgets:
+        for method, extra in (("ssbsn", {}), ("apbsn", {"ss_blocks": 0})):
+            if method not in args.methods.split(","):
+                continue
+            for gi, group in enumerate(groups):
+                tasks.append(dict(kind="train", method=method, minutes=m, items=group,
+                                  preset=args.preset, overrides={**overrides, **extra},
+                                  seed=args.seed + gi, steps=steps))
+    tasks.sort(key=lambda t: -t["minutes"])  # the longest first
+    if args.baselines_only:
+        tasks = []
+    cache = None
+    run_cached: dict = {}
+    if args.cache:
+        key = f"{args.photos and Path(args.photos).name}_{args.size}_{args.seed}_" + \
+              "_".join(f"{s:g}" for s in shots)
+        cache = Path(args.cache) / f"base_{key}.npz"
+        for t in tasks:
+            t["cache"] = str(Path(args.cache) / (
+                f"run_{t['method']}_{t['minutes']:g}_{args.preset}_"
+                f"{'lvl' + str(t['seed']) if args.per_level else 'all'}_{key}.json"))
+            if Path(t["cache"]).is_file():
+                run_cached[id(t)] = _load_run(Path(t["cache"]))
+                print(f"quality: {t['method']} {t['minutes']:g} min from {t['cache']}", flush=True)
+    cached = None
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            cached = dict(rows=json.loads(str(z["rows"])),
+                          images={(k.split("@")[0], float(k.split("@")[1])): z[k]
+                                  for k in z.files if "@" in k})
+        print(f"quality: baselines from {cache}", flush=True)
+    chunks = [items[i::max(1, args.jobs)] for i in range(max(1, args.jobs))]
+    base_tasks = [] if cached else [dict(kind="base", items=c, no_bm3d=False)
+                                    for c in chunks if c]
+
+    t0 = time.perf_counter()
+    print(f"quality: {len(photos)} photos × {len(shots)} levels; {len(tasks)} training runs "
+          f"({', '.join(f'{m:g}' for m in budgets)} CPU-min), baselines; {args.jobs} jobs",
+          flush=True)
+    results = []
+    todo = [t for t in tasks if id(t) not in run_cached]
+    done_runs = {}
+    order = tasks
+    tasks = todo
+    if args.jobs > 1:
+        import multiprocessing as mp
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
+            futs = [ex.submit(run_training if t["kind"] == "train" else run_baselines, t)
+                    for t in tasks + base_tasks]
+            for f in futs:
+                results.append(f.result())
+                print(f"  done {len(results)}/{len(futs)} ({(time.perf_counter() - t0) / 60:.1f} "
+                      "min)", flush=True)
+    else:
+        for t in tasks + base_tasks:
+            results.append((run_training if t["kind"] == "train" else run_baselines)(t))
+    for t, r in zip(tasks, results[:len(tasks)]):
+        done_runs[id(t)] = r
+        if t.get("cache"):
+            _save_run(Path(t["cache"]), r)
+    trained_parts = [run_cached.get(id(t)) or done_runs[id(t)] for t in order]
+    base_parts = results[len(tasks):]
+    base = cached or dict(rows=[r for p in base_parts for r in p["rows"]],
+                          images={k: v for p in base_parts for k, v in p["images"].items()})
+    if cache is not None and cached is None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(cache, rows=json.dumps(base["rows"]),
+                            **{f"{n}@{s!r}": v for (n, s), v in base["images"].items()})
+    if args.baselines_only:
+        print(f"quality: baselines in {cache}")
+        return 0
+    noisy_scores = {(it["name"], it["shot"]): scores(it["noisy"], it["clean"]) for it in items}
+    for r in base["rows"]:
+        r["noisy"] = noisy_scores[(r["name"], r["shot"])]
+    # merge per-level runs of the same method and budget
+    trained: dict = {}
+    for t in trained_parts:
+        k = (t["method"], t["minutes"])
+        if k not in trained:
+            trained[k] = dict(t, rows=list(t["rows"]), images=dict(t["images"]), runs=1)
+        else:
+            m = trained[k]
+            m["rows"] += t["rows"]
+            m["images"].update(t["images"])
+            m["steps"] += t["steps"]
+            m["train_cpu_min"] = round(m["train_cpu_min"] + t["train_cpu_min"], 2)
+            m["train_wall_min"] = round(m["train_wall_min"] + t["train_wall_min"], 2)
+            m["runs"] += 1
+    trained_list = list(trained.values())
+    rows, md = build_tables(photos, shots, base, trained_list, main_minutes)
+    ss_main = trained.get(("ssbsn", main_minutes))
+    fig_shot = 4e-3 if 4e-3 in shots else shots[-1]
+    crops_figure(out / "crops.jpg", photos, fig_shot, base["images"], items,
+                 ss_main["images"] if ss_main else {})
+    env = environment()
+    report = dict(
+        environment=env, photos=[n for n, _ in photos], size=args.size, shots=list(shots),
+        preset=args.preset, budgets_cpu_minutes=budgets, main_minutes=main_minutes,
+        per_level=args.per_level, smoke=args.smoke, seed=args.seed,
+        runs=[{k: v for k, v in t.items() if k not in ("rows", "images")} for t in trained_list],
+        images=rows, seconds=round(time.perf_counter() - t0, 1),
+        command="python benchmarks/quality.py " + " ".join(_public_args(
+            argv if argv is not None else sys.argv[1:])))
+    header = (f"# Quality benchmark (issue 9)\n\n{env['device']}; torch {env['torch']}, "
+              f"scikit-image {env['skimage']}, bm3d {env['bm3d']}; {env['date']}.\n"
+              f"Photos: {', '.join(report['photos'])} (centre {args.size}²); preset "
+              f"`{args.preset}`; training on the noisy photos of "
+              f"{'each level separately' if args.per_level else 'all levels together'}; "
+              f"runs of one thread, budgets in CPU minutes; denoised with the model's own "
+              f"inference settings. Command: `{report['command']}`.\n\n")
+    (out / "results.md").write_text(header + md)
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(md)
+    print(f"quality: wrote {out}/results.md, results.json, crops.jpg "
+          f"({report['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""benchmarks/quality.py --smoke: the whole quality pipeline in seconds (tiny photo, few steps).
+The numbers it reports are checked against scikit-image computed here independently."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quality_smoke(tmp_path):
+    pytest.importorskip("bm3d")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import quality
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "q"
+    assert quality.main(["--smoke", "--out", str(out), "--jobs", "1"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().count("|") > 20
+    assert (out / "crops.jpg").stat().st_size > 1000
+    assert report["smoke"] and report["environment"]["torch"] == torch.__version__
+    assert {r["method"] for r in report["runs"]} == {"ssbsn", "apbsn"}
+    assert all(r["steps"] == 3 for r in report["runs"])
+    # the AP-BSN run really has no SS-Blocks, the SS-BSN run has the preset's
+    cfg = {r["method"]: r["config"] for r in report["runs"]}
+    assert cfg["apbsn"]["ss_blocks"] == 0 and cfg["ssbsn"]["ss_blocks"] >= 1
+    # independent oracle for the noisy row and the true σ: the same pairs, skimage's PSNR
+    from skimage.metrics import peak_signal_noise_ratio
+    items = quality.make_items(quality.load_photos(None, 32, quality.HELD_OUT[:1]), (1e-2,), 0)
+    (row,) = report["images"]
+    it = items[0]
+    assert row["noisy"]["psnr"] == pytest.approx(
+        peak_signal_noise_ratio(it["clean"], it["noisy"], data_range=255), abs=1e-3)
+    assert row["sigma_true"] == pytest.approx(
+        np.std(it["noisy"].astype(float) - it["clean"].astype(float)), abs=1e-3)
+    for k in ("ssbsn", "apbsn", "nlm_blind", "nlm_true", "bm3d_blind", "bm3d_true"):
+        assert 5.0 < row[k]["psnr"] < 60.0 and -1.0 <= row[k]["ssim"] <= 1.0, k
+    # NLM told the true σ smooths more than blind NLM on this correlated noise
+    assert row["nlm_true"]["psnr"] > row["nlm_blind"]["psnr"]
