@@ -4,16 +4,24 @@
     >>> model = SSBSN()                       # the paper's configuration
     >>> loss = (model(noisy) - noisy).abs().mean()   # self-supervised training forward
     >>> clean = model.denoise(noisy)          # PD-2 + R3 inference
+    >>> from ssbsn import Denoiser            # the façade: files, images, evaluation
+    >>> Denoiser.from_weights("model.safetensors").denoise_files(["photos/"], "out/")
 
 The names below are imported on first use, so that ``ssbsn --help`` does not load PyTorch.
 """
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["BSN", "CheckpointError", "SSAttention", "SSBSN", "ss_attention"]
+__all__ = ["BSN", "CheckpointError", "ConfigError", "DataError", "Denoiser", "ImageError",
+           "ModelConfig", "SSAttention", "SSBSN", "SSBSNError", "TrainingDiverged", "UserError",
+           "evaluate", "load_model", "ss_attention"]
 
-_WHERE = {"BSN": ".nn", "CheckpointError": ".checkpoint", "SSAttention": ".attention",
-          "SSBSN": ".model", "ss_attention": ".attention"}
+_WHERE = {"BSN": ".nn", "SSAttention": ".attention", "SSBSN": ".model",
+          "ss_attention": ".attention", "ModelConfig": ".config", "Denoiser": ".api",
+          "evaluate": ".api", "load_model": ".api",
+          **{name: ".errors" for name in ("CheckpointError", "ConfigError", "DataError",
+                                          "ImageError", "SSBSNError", "TrainingDiverged",
+                                          "UserError")}}
 
 
 def __getattr__(name):

@@ -45,3 +45,17 @@ def atomic_path(path, suffix: str = ".tmp"):
 def write_text_atomic(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def check_writable_dir(path) -> None:
+    """Create the folder ``path`` if needed and make sure files can be written in it; a
+    :class:`ssbsn.errors.UserError` otherwise."""
+    from .errors import UserError
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ssbsn-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{path}: output folder is not writable ({e.strerror or e})") from None

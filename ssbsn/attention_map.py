@@ -147,3 +147,23 @@ def plot_attention(image: np.ndarray, pixel, maps: list[dict], path, top: int = 
             fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
+
+
+def attention_map_of_file(model, image_path, pixel: tuple[int, int], output, top: int = 16
+                          ) -> list[dict]:
+    """Read ``image_path``, compute :func:`attention_maps` for ``pixel`` = (y, x) and draw them
+    (:func:`plot_attention`) into the PNG ``output``; a grey image goes through a 3-channel
+    model as RGB. Returns the maps (one per SS-Block)."""
+    from .errors import UserError
+    from .images import check_size, read_image, split_alpha, to_model_range
+    img = split_alpha(read_image(image_path))[0]
+    check_size(img, image_path)
+    y, x = pixel
+    if not (0 <= y < img.shape[0] and 0 <= x < img.shape[1]):
+        raise UserError(f"--pixel {y} {x} lies outside the {img.shape[0]}×{img.shape[1]} image")
+    x255 = to_model_range(img)
+    if x255.shape[-1] == 1 and model.in_channels == 3:
+        x255 = np.repeat(x255, 3, axis=-1)
+    maps = attention_maps(model, x255, (y, x))
+    plot_attention(x255, (y, x), maps, output, top=top)
+    return maps

@@ -3,13 +3,15 @@
 Authors' layout (YoungJooHan/SS-BSN): ``{"model_weight": {"denoiser": state_dict}}`` with keys
 such as ``bsn.branch1.body.12.wqk`` and a ``mask`` buffer in each masked conv, possibly behind a
 ``module.`` prefix (DataParallel). Ours: a safetensors file of ``SSBSN.state_dict()`` with the
-constructor's configuration as JSON metadata. Nothing is ever unpickled: ``torch.load`` runs with
-``weights_only=True``.
+model configuration (:class:`ssbsn.config.ModelConfig`, without the runtime choices) as JSON
+metadata. Nothing is ever unpickled: ``torch.load`` runs with ``weights_only=True``.
+
+This module reads and writes files; it does not import the model (the model imports it):
+the loaders take the class to build as ``cls``.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import re
@@ -18,13 +20,11 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .config import LEGACY_KEYS, RUNTIME_FIELDS, check_model_value, model_field_names
+from .errors import CheckpointError, ConfigError
 
 CONFIG_KEY = "ssbsn_config"
 INFERENCE_KEY = "ssbsn_inference"  # the model's inference settings (SSBSN.inference), JSON
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model."""
 
 
 def _read(path) -> dict:
@@ -118,10 +118,9 @@ def load_bsn_state(model, bsn_state: dict) -> None:
             w[:, :, w.shape[-2] // 2, w.shape[-1] // 2] = 0
 
 
-def from_official(path_or_checkpoint, cls=None, **overrides):
-    """SSBSN from the authors' checkpoint layout or a bare state dict (path or dict)."""
-    if cls is None:
-        from .model import SSBSN as cls
+def from_official(path_or_checkpoint, cls, **overrides):
+    """A ``cls`` (SSBSN) from the authors' checkpoint layout or a bare state dict (path or
+    dict)."""
     ckpt, where = path_or_checkpoint, "checkpoint"
     if isinstance(ckpt, (str, os.PathLike)):
         ckpt, where = _read(ckpt), str(ckpt)
@@ -138,54 +137,28 @@ def save_model(model, path) -> None:
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        meta = {CONFIG_KEY: json.dumps(model.config)}
+        meta = {CONFIG_KEY: json.dumps(model.config.to_dict(stored=True))}
         if getattr(model, "inference", None) is not None:
             meta[INFERENCE_KEY] = json.dumps(model.inference)
         save_file(state, str(tmp), metadata=meta)
 
 
-# the constructor's arguments a file may carry: (type check, range check, what is expected)
-_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
-_BOOL = (lambda v: isinstance(v, bool), "true or false")
-_NUM = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        "a number")
-_CONFIG_SCHEMA = {
-    "in_channels": (_INT, lambda v: 1 <= v <= 4, "1..4"),
-    "base_channels": (_INT, lambda v: 2 <= v <= 4096 and v % 2 == 0, "an even number 2..4096"),
-    "num_modules": (_INT, lambda v: 1 <= v <= 256, "1..256"),
-    "ss_blocks": (_INT, lambda v: 0 <= v <= 256, "0..num_modules"),
-    "gamma": (_INT, lambda v: 1 <= v <= 64, "1..64"),
-    "pd_train": (_INT, lambda v: 1 <= v <= 64, "1..64"),
-    "pd_test": (_INT, lambda v: 1 <= v <= 64, "1..64"),
-    "pd_pad": (_INT, lambda v: 0 <= v <= 64, "0..64"),
-    "r3_T": (_INT, lambda v: 1 <= v <= 1000, "1..1000"),
-    "r3_p": (_NUM, lambda v: 0.0 <= v <= 1.0, "0..1"),
-    "fused": (_BOOL, lambda v: True, ""),
-    "group_stats": (_BOOL, lambda v: True, ""),
-    "conv_backend": ((lambda v: isinstance(v, str), "a string"),
-                     lambda v: v in ("torch", "cuda"), "'torch' or 'cuda'"),
-}
-
-
 def validate_config(config, where) -> dict:
     """Check a model configuration read from a file: a JSON object of known constructor
-    arguments with the right types and ranges. Raises :class:`CheckpointError` naming
-    ``where``."""
+    arguments with the right types and ranges (the schema is :class:`ssbsn.config.ModelConfig`'s
+    field declarations). Raises :class:`CheckpointError` naming ``where``."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{where}: the model configuration ({CONFIG_KEY}) must be a JSON "
                               f"object, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(_CONFIG_SCHEMA))
+    unknown = sorted(set(config) - set(model_field_names()) - set(LEGACY_KEYS))
     if unknown:
         raise CheckpointError(f"{where}: unknown key(s) in the model configuration: "
                               f"{', '.join(map(str, unknown))}")
     for key, value in config.items():
-        (is_type, type_name), in_range, range_name = _CONFIG_SCHEMA[key]
-        if not is_type(value):
-            raise CheckpointError(f"{where}: model configuration {key}={value!r} must be "
-                                  f"{type_name}")
-        if not in_range(value):
-            raise CheckpointError(f"{where}: model configuration {key}={value!r} out of range "
-                                  f"(expected {range_name})")
+        try:
+            check_model_value(key, value)
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: model configuration {e}") from None
     if config.get("ss_blocks", 3) > config.get("num_modules", 9):
         raise CheckpointError(f"{where}: model configuration ss_blocks={config.get('ss_blocks')} "
                               f"exceeds num_modules={config.get('num_modules', 9)}")
@@ -239,14 +212,13 @@ def check_finite(state: dict, where) -> None:
                                   "that wrote it diverged — use an earlier checkpoint")
 
 
-def load_model(path, cls=None, **overrides):
-    """Load a model written by :func:`save_model`; falls back to :func:`from_official`.
+def load_model(path, cls, **overrides):
+    """Load a ``cls`` (SSBSN) written by :func:`save_model`; falls back to
+    :func:`from_official`.
 
     The configuration stored with the weights is validated (known keys, types, ranges) and
     checked against the weights' shapes, read from the file header, before anything is built;
     weights holding NaN or Inf are refused."""
-    if cls is None:
-        from .model import SSBSN as cls
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -269,7 +241,8 @@ def load_model(path, cls=None, **overrides):
             saved = dict(validate_config(stored, path))
             # the attention backend is a runtime choice (same weights): the memory-efficient
             # path unless the caller asks otherwise, whatever the run that wrote the file used
-            saved.pop("fused", None)
+            for key in RUNTIME_FIELDS + tuple(LEGACY_KEYS):
+                saved.pop(key, None)
             if INFERENCE_KEY in meta:
                 saved["inference"] = {**_read_inference(meta[INFERENCE_KEY], path),
                                       **(overrides.pop("inference", None) or {})}

@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-import tempfile
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 
 from . import __version__
-from .atomic import write_text_atomic
+from .atomic import check_writable_dir, write_text_atomic
+from .config import add_model_options
+from .errors import SSBSNError, UserError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-class CLIError(ValueError):
-    """A problem with what the user asked for."""
+CLIError = UserError  # the older name of a user error
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,107 +36,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ================================================================== shared helpers
-
-def _device(name: str):
-    from .train import pick_device
-    return pick_device(name)
-
-
-def load_model(weights, device: str = "auto", backend: str = "fused"):
-    """An SSBSN from our safetensors file or the authors' checkpoint, on ``device``, in eval
-    mode. ``backend``: "fused" (memory-efficient SS-Attention: SDPA on CPU, Triton on CUDA) or
-    "reference" (the N×N matrix; slow and memory-hungry at full resolution)."""
-    from .model import SSBSN
-    model = SSBSN.load(weights, backend=backend)
-    return model.to(_device(device)).eval()
-
-
-def _network_passes(model, shape, r3: bool | None, self_ensemble: bool | None, tile: int | None,
-                    shifts: bool | None = None, pd: int | None = None) -> int:
-    """How many times ``model.denoise`` runs the BSN on an (H, W) image: per tile, one pass
-    plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
-    the PD stride's s² shifts with the shifted-PD ensemble. None: the model's own setting."""
-    from .inference import tile_starts
-    s = model.inference
-    r3 = s["r3"] if r3 is None else r3
-    self_ensemble = s["self_ensemble"] if self_ensemble is None else self_ensemble
-    shifts = s["shifts"] if shifts is None else shifts
-    tile = s["tile"] if tile is None else tile
-    b = model.pd_test if pd is None else pd
-    windows = 1
-    if tile:
-        t = -(-tile // b) * b  # as inference.tiled rounds it
-        windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
-    return (windows * (8 if self_ensemble else 1) * (b * b if shifts else 1)
-            * (1 + model.r3_T if r3 else 1))
-
-
-@contextmanager
-def network_progress(model, total: int, desc: str, progress: bool | None):
-    """A tqdm bar on stderr (with ETA) that advances with every pass through ``model.bsn``
-    (a forward hook: the library itself prints nothing). ``progress``: True shows it, False
-    hides it, None shows it on a terminal once the work takes more than a second."""
-    from tqdm import tqdm
-    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True,
-               disable=None if progress is None else not progress,
-               delay=1.0 if progress is None else 0.0)
-
-    def tick(*_):  # a forward hook that returns None leaves the output alone
-        bar.update(1)
-    handle = model.bsn.register_forward_hook(tick)
-    try:
-        yield bar
-    finally:
-        handle.remove()
-        bar.close()
-
-
-def denoise_array(model, img: np.ndarray, r3: bool | None = None,
-                  self_ensemble: bool | None = None, tile: int | None = None,
-                  overlap: int | None = None, seed: int = 0, shifts: bool | None = None,
-                  pd: int | None = None, lowpass: float | None = None,
-                  progress: bool | None = False, desc: str = "denoise") -> np.ndarray:
-    """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C). Options
-    left at None take the model's own inference settings (``model.inference``, ``pd_test``).
-
-    A grey image given to a 3-channel model is replicated to 3 channels and the result
-    averaged back to one; an RGB image cannot go through a 1-channel model. ``progress``:
-    see :func:`network_progress` (per tile and R3 round).
-    """
-    import torch
-    c = img.shape[-1]
-    m = model.in_channels
-    if c == m:
-        x = img
-    elif c == 1 and m == 3:
-        x = np.repeat(img, 3, axis=-1)
-    else:
-        raise CLIError(f"the model takes {m}-channel images; this image has {c} channels")
-    dev = next(model.parameters()).device
-    t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
-    total = _network_passes(model, img.shape, r3, self_ensemble, tile, shifts, pd)
-    with network_progress(model, total, desc, progress):
-        y = model.denoise(t.to(dev), r3=r3, self_ensemble=self_ensemble, tile=tile,
-                          overlap=overlap, seed=seed, shifts=shifts, pd=pd,
-                          lowpass=lowpass)[0].float().cpu().numpy().transpose(1, 2, 0)
-    if c == 1 and m == 3:
-        y = y.mean(axis=-1, keepdims=True)
-    if not np.isfinite(y).all():
-        raise CLIError("the model's output holds NaN or Inf (its weights do not work on this "
-                       "image); nothing is written for it")
-    return y
-
-
-def _check_writable_dir(path: Path) -> None:
-    """Create ``path`` if needed and make sure files can be written in it."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".ssbsn-write-test.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise CLIError(f"{path}: output folder is not writable ({e.strerror or e})") from None
-
 
 def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = True) -> None:
     g = p.add_argument_group("model and inference")
@@ -167,9 +64,7 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
                    help="context pixels around each tile (default: the model's, 64)")
     g.add_argument("--seed", type=int, default=0, help="seed of R3's random replacement")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    g.add_argument("--backend", choices=("fused", "reference"), default="fused",
-                   help="SS-Attention implementation: fused (memory-efficient, default) or "
-                        "reference (materialises the attention matrix)")
+    add_model_options(g, names=("backend",))
     _add_progress_option(p)
 
 
@@ -179,22 +74,21 @@ def _add_progress_option(p: argparse.ArgumentParser) -> None:
                         "(default: on a terminal, for work over a second)")
 
 
-def _bars_off(args) -> bool | None:
-    """tqdm's ``disable`` for the per-file bars: --progress on, --no-progress off, else on a
-    terminal only."""
-    return None if args.progress is None else not args.progress
+def _denoiser(args):
+    from .api import Denoiser
+    return Denoiser.from_weights(args.weights, args.device, args.backend)
 
 
 def _infer_kwargs(args) -> dict:
     """Inference options as given; None = the model's own setting."""
     if args.tile is not None and args.tile < 0:
-        raise CLIError("--tile must not be negative (0 = the whole image)")
+        raise UserError("--tile must not be negative (0 = the whole image)")
     if args.overlap is not None and args.overlap < 0:
-        raise CLIError("--overlap must not be negative")
+        raise UserError("--overlap must not be negative")
     if args.pd_test is not None and args.pd_test < 1:
-        raise CLIError("--pd-test must be at least 1")
+        raise UserError("--pd-test must be at least 1")
     if args.lowpass is not None and not args.lowpass >= 0:
-        raise CLIError("--lowpass must not be negative")
+        raise UserError("--lowpass must not be negative")
     return dict(r3=args.r3, self_ensemble=args.self_ensemble, tile=args.tile,
                 overlap=args.overlap, seed=args.seed, shifts=args.shifts, pd=args.pd_test,
                 lowpass=args.lowpass)
@@ -243,24 +137,9 @@ def _train_parser(sub, full: bool = True) -> None:
                    help="what --minutes counts: wall time (default) or this process's CPU "
                         "time (robust to a busy machine)")
     g = p.add_argument_group("model")
-    g.add_argument("--channels", dest="base_channels", type=int, default=S, metavar="N",
-                   help=f"base channels (default {d.base_channels})")
-    g.add_argument("--modules", dest="num_modules", type=int, default=S, metavar="N",
-                   help=f"modules per branch (default {d.num_modules})")
-    g.add_argument("--ss-blocks", dest="ss_blocks", type=int, default=S, metavar="N",
-                   help=f"how many of them are SS-Blocks (default {d.ss_blocks})")
-    g.add_argument("--in-channels", dest="in_channels", type=int, choices=(1, 3), default=S,
-                   help="1 for grey images (default 3)")
-    g.add_argument("--pd-train", dest="pd_train", type=int, default=S, metavar="N",
-                   help=f"PD stride in training (default {d.pd_train})")
-    g.add_argument("--pd-test", dest="pd_test", type=int, default=S, metavar="N",
-                   help=f"PD stride at inference (default {d.pd_test})")
+    add_model_options(g, default=S)
     g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=S,
-                   help="memory-efficient SS-Attention (Triton on CUDA, SDPA on CPU; default on; "
-                        "--no-fused: the N×N reference)")
-    g.add_argument("--group-stats", dest="group_stats", action=argparse.BooleanOptionalAction,
-                   default=S, help="per-group LayerNorm statistics (exact blind spot; "
-                                   "default off, as the paper)")
+                   help="older spelling of --backend fused (--no-fused: --backend reference)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--crop", type=int, default=S, metavar="N",
                    help=f"training crop, a multiple of the PD stride (default {d.crop})")
@@ -303,36 +182,10 @@ def _train_parser(sub, full: bool = True) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import LENGTH_KEYS, RUNTIME_KEYS, TrainConfig, read_config, train
-    given = {k: v for k, v in vars(args).items()
-             if k in {f for f in TrainConfig.__dataclass_fields__}}
-    if args.resume:
-        run = Path(args.resume)
-        cfg = read_config(run / "config.yaml")
-        changed = sorted(k for k in given if k not in RUNTIME_KEYS + LENGTH_KEYS
-                         and k != "out" and given[k] != getattr(cfg, k))
-        if changed:
-            raise CLIError(f"--resume continues {run} with its saved configuration; these "
-                           f"options differ from it: {', '.join(changed)}")
-        if "epochs" in given and "steps" not in given:
-            given["steps"] = None  # --epochs sets the length when --steps is not given
-        for k in RUNTIME_KEYS + LENGTH_KEYS:
-            if k in given:
-                setattr(cfg, k, given[k])
-        cfg.out = str(run)
-        summary = train(cfg, resume=True)
-    else:
-        cfg = read_config(args.config) if args.config else TrainConfig()
-        if "preset" in given:
-            from .presets import preset_values
-            for k, v in preset_values(given["preset"]).items():
-                setattr(cfg, k, v)
-        for k, v in given.items():
-            setattr(cfg, k, v)
-        if not cfg.data:
-            raise CLIError("no training data: give DATA (a folder, SIDD root, .mat or DND root)")
-        cfg.data = [str(Path(d).resolve()) for d in cfg.data]  # --resume from anywhere
-        summary = train(cfg)
+    from .train import TrainConfig, run_config, train
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    cfg = run_config(given, resume=args.resume, config=args.config)
+    summary = train(cfg, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {summary['steps']} steps, final loss {summary['loss']:.4f}; "
               f"weights: {summary['weights']}")
@@ -362,63 +215,10 @@ def _denoise_parser(sub) -> None:
     p.set_defaults(func=cmd_denoise)
 
 
-def _plan_outputs(inputs: list[str], output: str) -> list[tuple[Path, Path]]:
-    from .data import list_images
-    from .imageio import is_image_file
-    pairs = []
-    for item in inputs:
-        p = Path(item)
-        files = list_images(p, recursive=True)
-        for f in files:
-            rel = f.relative_to(p) if p.is_dir() else Path(f.name)
-            pairs.append((f, rel))
-    out = Path(output)
-    if len(pairs) == 1 and not Path(inputs[0]).is_dir() and is_image_file(out) \
-            and not out.is_dir():
-        return [(pairs[0][0], out)]
-    plan = [(src, out / rel) for src, rel in pairs]
-    seen = {}
-    for src, dst in plan:
-        key = dst.resolve()
-        if key in seen:
-            raise CLIError(f"{src} and {seen[key]} would both be written to {dst}")
-        seen[key] = src
-    return plan
-
-
 def cmd_denoise(args) -> int:
-    from tqdm import tqdm
-
-    from .imageio import (check_size, from_model_range, icc_profile, read_image, split_alpha,
-                          to_model_range, write_image)
     kwargs = _infer_kwargs(args)
-    plan = _plan_outputs(args.inputs, args.output)
-    # everything that can fail is checked before anything is written
-    for src, dst in plan:
-        if dst.exists() and not args.overwrite:
-            what = "is an input" if dst.resolve() == src.resolve() else "exists"
-            raise CLIError(f"{dst} {what}; use --overwrite to replace it")
-    model = load_model(args.weights, args.device, args.backend)
-    for src, _ in plan:
-        colour = split_alpha(read_image(src))[0]
-        check_size(colour, src)
-        c = colour.shape[-1]
-        if c != model.in_channels and not (c == 1 and model.in_channels == 3):
-            raise CLIError(f"{src}: {c}-channel image, but the model takes "
-                           f"{model.in_channels}-channel images")
-    for folder in sorted({dst.parent for _, dst in plan}):
-        _check_writable_dir(folder)
-    for src, dst in tqdm(plan, desc="denoise", unit="img",
-                         disable=True if len(plan) < 2 else _bars_off(args)):
-        img = read_image(src)
-        colour, alpha = split_alpha(img)
-        y = denoise_array(model, to_model_range(colour), progress=args.progress,
-                          desc=src.name, **kwargs)
-        out = from_model_range(y, colour.dtype)
-        if alpha is not None:
-            out = np.concatenate([out, alpha], axis=-1)
-        write_image(dst, out, icc_profile=icc_profile(src))  # upright, same colour profile
-        print(f"{src} -> {dst}")
+    _denoiser(args).denoise_files(args.inputs, args.output, overwrite=args.overwrite,
+                                  progress=args.progress, **kwargs)
     return 0
 
 
@@ -449,98 +249,35 @@ def _eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _sidd_clean_file(noisy: Path, clean: str | None) -> Path:
-    """CLEAN if given, else the SIDD clean-block file beside the noisy one."""
-    if clean:
-        return Path(clean)
-    for name in (noisy.name.replace("Noisy", "Gt"), "ValidationGtBlocksSrgb.mat"):
-        c = noisy.with_name(name)
-        if c != noisy and c.is_file():
-            return c
-    raise CLIError(f"{noisy}: no clean blocks to compare with (no ValidationGtBlocksSrgb.mat "
-                   "beside it); give CLEAN, the .mat file of the clean blocks")
-
-
-def open_pairs(noisy: str, clean: str | None):
-    """(names, loader) for a paired dataset; ``loader(i)`` → (noisy, clean) uint8/16 arrays."""
-    from .data import load_sidd_blocks, paired_images
-    from .data.sidd import SIDD_GT_KEYS, SIDD_NOISY_KEYS
-    from .data.sidd import is_sidd_medium, scan_sidd_medium
-    from .imageio import read_image, split_alpha
-    n = Path(noisy)
-    if n.is_dir() and (n / "ValidationNoisyBlocksSrgb.mat").is_file() and clean is None:
-        n = n / "ValidationNoisyBlocksSrgb.mat"
-    if n.suffix.lower() == ".mat":
-        nb = load_sidd_blocks(n, (n.stem,) + SIDD_NOISY_KEYS)
-        cb = load_sidd_blocks(_sidd_clean_file(n, clean), (Path(clean).stem,) + SIDD_GT_KEYS
-                              if clean else SIDD_GT_KEYS)
-        if nb.shape != cb.shape:
-            raise CLIError(f"noisy blocks {nb.shape} and clean blocks {cb.shape} differ in shape")
-        names = [f"{i:02d}_{k:02d}" for i in range(nb.shape[0]) for k in range(nb.shape[1])]
-        m = nb.shape[1]
-        return names, lambda i: (nb[i // m, i % m], cb[i // m, i % m])
-    if n.is_dir() and clean is None and (n / "noisy").is_dir() and (n / "clean").is_dir():
-        pairs = paired_images(n / "noisy", n / "clean")
-    elif n.is_dir() and clean is None and is_sidd_medium(n):
-        pairs = scan_sidd_medium(n)
-    elif n.is_dir() and clean is not None:
-        pairs = paired_images(n, Path(clean))
-    else:
-        raise CLIError(f"{noisy}: not a paired dataset (give NOISY and CLEAN folders, a folder "
-                       "with noisy/ and clean/, a SIDD validation .mat or a SIDD Medium root)")
-
-    def load(i):
-        a = split_alpha(read_image(pairs[i][0]))[0]
-        b = split_alpha(read_image(pairs[i][1]))[0]
-        if a.shape != b.shape:
-            raise CLIError(f"{pairs[i][0]} and {pairs[i][1]} differ in shape: {a.shape} vs {b.shape}")
-        return a, b
-    return [str(p[0]) for p in pairs], load
-
-
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from .imageio import check_size, to_model_range, write_image
-    from .metrics import psnr, quantize, ssim
+    from .api import METRIC_CONVENTIONS, evaluate
     kwargs = _infer_kwargs(args)
-    names, load = open_pairs(args.noisy, args.clean)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise CLIError("--limit must be at least 1")
-        names = names[:args.limit]
-    if args.save_dir:
-        _check_writable_dir(Path(args.save_dir))
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
     if args.json:
-        _check_writable_dir(Path(args.json).resolve().parent)
-    model = load_model(args.weights, args.device, args.backend)
-    rows = []
-    t0 = time.perf_counter()
-    print(f"{'image':<40} {'PSNR in':>8} {'PSNR out':>9} {'SSIM in':>8} {'SSIM out':>9}")
-    for i in tqdm(range(len(names)), desc="eval", unit="img", leave=False,
-                  disable=_bars_off(args)):
-        noisy, clean = load(i)
-        check_size(noisy, names[i])
-        x, ref = to_model_range(noisy), to_model_range(clean)
-        out = quantize(denoise_array(model, x, progress=args.progress,
-                                     desc=Path(names[i]).name, **kwargs))
-        row = dict(image=names[i], psnr_noisy=psnr(x, ref), psnr=psnr(out, ref),
-                   ssim_noisy=ssim(x, ref), ssim=ssim(out, ref))
-        rows.append(row)
-        tqdm.write(f"{Path(names[i]).name[-40:]:<40} {row['psnr_noisy']:8.2f} {row['psnr']:9.2f} "
-                   f"{row['ssim_noisy']:8.4f} {row['ssim']:9.4f}")
-        if args.save_dir:
-            write_image(Path(args.save_dir) / f"{i:04d}_{Path(names[i]).stem}.png", out)
-    mean = {k: float(np.mean([r[k] for r in rows]))
-            for k in ("psnr_noisy", "psnr", "ssim_noisy", "ssim")}
+        check_writable_dir(Path(args.json).resolve().parent)
+    denoiser = _denoiser(args)
+
+    shown = []
+
+    def show(row):  # one line per image, above the progress bar
+        if not shown:
+            shown.append(row)
+            tqdm.write(f"{'image':<40} {'PSNR in':>8} {'PSNR out':>9} {'SSIM in':>8} "
+                       f"{'SSIM out':>9}")
+        tqdm.write(f"{Path(row['image']).name[-40:]:<40} {row['psnr_noisy']:8.2f} "
+                   f"{row['psnr']:9.2f} {row['ssim_noisy']:8.4f} {row['ssim']:9.4f}")
+    result = evaluate(denoiser, args.noisy, args.clean, limit=args.limit,
+                      save_dir=args.save_dir, progress=args.progress, on_row=show, **kwargs)
+    rows, mean = result["images"], result["mean"]
     print(f"{'mean over ' + str(len(rows)) + ' images':<40} {mean['psnr_noisy']:8.2f} "
           f"{mean['psnr']:9.2f} {mean['ssim_noisy']:8.4f} {mean['ssim']:9.4f}")
     if args.json:
         report = dict(weights=str(args.weights), data=[args.noisy, args.clean], **kwargs,
-                      metric_conventions="skimage peak_signal_noise_ratio(data_range=255), "
-                                         "structural_similarity(channel_axis=-1, "
-                                         "data_range=255); output rounded to uint8",
-                      seconds=time.perf_counter() - t0, mean=mean, images=rows)
+                      metric_conventions=METRIC_CONVENTIONS, seconds=result["seconds"],
+                      mean=mean, images=rows)
         _write_text_atomic(Path(args.json), json.dumps(report, indent=2))
     return 0
 
@@ -549,7 +286,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     try:
         write_text_atomic(path, text)
     except OSError as e:
-        raise CLIError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 # ================================================================== submit
@@ -576,40 +313,19 @@ def _submit_parser(sub) -> None:
 
 
 def cmd_submit(args) -> int:
-    from tqdm import tqdm
-
-    from .data import DNDBoxes, load_sidd_blocks, write_dnd_bundle, write_sidd_submission
-    from .metrics import quantize
     kwargs = _infer_kwargs(args)
     out = Path(args.output)
     if args.benchmark == "sidd":
         if out.exists() and not args.overwrite:
-            raise CLIError(f"{out} exists; use --overwrite to replace it")
-        _check_writable_dir(out.resolve().parent)
-        blocks = load_sidd_blocks(args.input)
-        model = load_model(args.weights, args.device, args.backend)
-        result = np.empty_like(blocks)
-        t0 = time.perf_counter()
-        n, m = blocks.shape[:2]
-        for i in tqdm(range(n * m), desc="SIDD", unit="block", disable=_bars_off(args)):
-            result[i // m, i % m] = quantize(
-                denoise_array(model, blocks[i // m, i % m].astype(np.float32), **kwargs))
-        mp = n * m * blocks.shape[2] * blocks.shape[3] / 1e6
-        write_sidd_submission(out, result, time_mp=(time.perf_counter() - t0) / mp)
-        print(f"wrote {out} ({n}×{m} blocks)")
+            raise UserError(f"{out} exists; use --overwrite to replace it")
+        _denoiser(args).submit_sidd(args.input, out, overwrite=args.overwrite,
+                                    progress=args.progress, **kwargs)
         return 0
-    dnd = DNDBoxes(args.input)
+    from .data import DNDBoxes
+    DNDBoxes(args.input)  # the input is checked before the model is loaded
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CLIError(f"{out} exists and is not an empty folder")
-    _check_writable_dir(out.resolve().parent)
-    model = load_model(args.weights, args.device, args.backend)
-    results: dict[int, list] = {}
-    for idx in tqdm(range(len(dnd)), desc="DND", unit="box", disable=_bars_off(args)):
-        i, _, _, _ = dnd.entries[idx]
-        y = denoise_array(model, dnd.load(idx) * np.float32(255.0), **kwargs)
-        results.setdefault(i, []).append(quantize(y).astype(np.float32) / 255.0)
-    files = write_dnd_bundle(out, results)
-    print(f"wrote {len(files)} files to {out}")
+        raise UserError(f"{out} exists and is not an empty folder")
+    _denoiser(args).submit_dnd(args.input, out, progress=args.progress, **kwargs)
     return 0
 
 
@@ -636,25 +352,16 @@ def _attention_parser(sub) -> None:
 
 
 def cmd_attention(args) -> int:
-    from .attention_map import attention_maps, plot_attention
-    from .imageio import check_size, read_image, split_alpha, to_model_range
+    from .api import load_model
+    from .attention_map import attention_map_of_file
     out = Path(args.output)
     if out.suffix.lower() != ".png":
-        raise CLIError(f"{out}: the attention map is written as PNG (use a .png name)")
+        raise UserError(f"{out}: the attention map is written as PNG (use a .png name)")
     if out.exists() and not args.overwrite:
-        raise CLIError(f"{out} exists; use --overwrite to replace it")
-    _check_writable_dir(out.resolve().parent)
-    img = split_alpha(read_image(args.image))[0]
-    check_size(img, args.image)
-    y, x = args.pixel
-    if not (0 <= y < img.shape[0] and 0 <= x < img.shape[1]):
-        raise CLIError(f"--pixel {y} {x} lies outside the {img.shape[0]}×{img.shape[1]} image")
+        raise UserError(f"{out} exists; use --overwrite to replace it")
+    check_writable_dir(out.resolve().parent)
     model = load_model(args.weights, args.device, "fused")
-    x255 = to_model_range(img)
-    if x255.shape[-1] == 1 and model.in_channels == 3:
-        x255 = np.repeat(x255, 3, axis=-1)
-    maps = attention_maps(model, x255, (y, x))
-    plot_attention(x255, (y, x), maps, out, top=args.top)
+    maps = attention_map_of_file(model, args.image, tuple(args.pixel), out, top=args.top)
     print(f"wrote {out} ({len(maps)} SS-Blocks)")
     return 0
 
@@ -669,10 +376,14 @@ def _demo_parser(sub) -> None:
                     "trains a small SS-BSN on the noisy photos alone, denoises them and prints "
                     "the PSNR gain. Writes noisy/denoised/clean PNGs and the model to OUT.")
     p.add_argument("-o", "--output", default="demo_out", help="output folder (default demo_out)")
+    steps, minutes = _demo_budget()
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps instead of the time budget")
+                   help=f"training steps (default {steps}; fewer if --minutes runs out first)"
+                   if steps else "training steps instead of the time budget")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training time budget in minutes (default 4; the quick preset)")
+                   help=f"training time budget in minutes (default {minutes:g}; the quick "
+                        "preset)" if isinstance(minutes, (int, float)) else
+                        "training time budget in minutes")
     p.add_argument("--quick", action="store_true", help="a few seconds, for tests (no gain "
                                                         "expected)")
     p.add_argument("--r3", action="store_true",
@@ -682,6 +393,13 @@ def _demo_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
     p.set_defaults(func=cmd_demo)
+
+
+def _demo_budget():
+    """The demo's default step count and time budget, as the demo sets them."""
+    from . import demo
+    d = getattr(demo, "DEMO", {})
+    return d.get("steps"), d.get("minutes", "the demo's")
 
 
 def cmd_demo(args) -> int:
@@ -707,41 +425,13 @@ def _prep_parser(sub) -> None:
     p.set_defaults(func=cmd_prep)
 
 
-def _tile_starts(n: int, size: int, step: int) -> list[int]:
-    starts = list(range(0, max(n - size, 0) + 1, step))
-    if starts[-1] + size < n:
-        starts.append(n - size)
-    return starts
-
-
 def cmd_prep(args) -> int:
-    from tqdm import tqdm
-
-    from .data import list_images, scan_sidd_medium
-    from .data.sidd import is_sidd_medium
-    from .imageio import icc_profile, read_image, split_alpha, write_image
-    if args.size < 8 or not 0 <= args.overlap < args.size:
-        raise CLIError("--size must be ≥ 8 and 0 ≤ --overlap < --size")
-    if len(args.inputs) == 1 and Path(args.inputs[0]).is_dir() and is_sidd_medium(args.inputs[0]):
-        files = [n for n, _ in scan_sidd_medium(args.inputs[0])]
-    else:
-        files = list_images(args.inputs, recursive=True)
+    from .data.tiles import check_tile_size, prep_inputs, write_tiles
+    check_tile_size(args.size, args.overlap)
+    files = prep_inputs(args.inputs)
     out = Path(args.output)
-    _check_writable_dir(out)
-    count = 0
-    for f in tqdm(files, desc="prep", unit="img", disable=_bars_off(args)):
-        img = split_alpha(read_image(f))[0]
-        h, w = img.shape[:2]
-        if min(h, w) < args.size:
-            raise CLIError(f"{f}: {h}×{w} is smaller than --size {args.size}")
-        step = args.size - args.overlap
-        suffix = ".tif" if img.dtype != np.uint8 else ".png"
-        icc = icc_profile(f)
-        for y in _tile_starts(h, args.size, step):
-            for x in _tile_starts(w, args.size, step):
-                write_image(out / f"{f.stem}_{y:05d}_{x:05d}{suffix}",
-                            img[y:y + args.size, x:x + args.size], icc_profile=icc)
-                count += 1
+    check_writable_dir(out)
+    count = write_tiles(files, out, args.size, args.overlap, progress=args.progress)
     print(f"wrote {count} tiles to {out}")
     return 0
 
@@ -786,45 +476,80 @@ def _one_line(e: BaseException) -> str:
 def _out_of_memory(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
         return True
+    try:
+        import torch
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
     text = str(e).lower()
     return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text
                                             or "can't allocate memory" in text)
 
 
+def _raised_here(e: BaseException) -> bool:
+    """Whether ``e`` was raised by this package's own code (a deliberate input check), not by
+    a library it calls."""
+    import traceback
+    frames = traceback.extract_tb(e.__traceback__)
+    package = str(Path(__file__).resolve().parent)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package)
+
+
+class _StdoutHandler(logging.Handler):
+    """The library's INFO lines (``ssbsn`` logger) on the current stdout, as plain lines."""
+
+    def emit(self, record):
+        try:
+            print(self.format(record), file=sys.stdout)
+        except Exception:
+            self.handleError(record)
+
+
+def _configure_logging(debug: bool) -> None:
+    logger = logging.getLogger("ssbsn")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        logger.addHandler(_StdoutHandler())
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+
+
 def main(argv=None) -> int:
+    """Run the ``ssbsn`` command. The project's own errors (:mod:`ssbsn.errors`: bad options,
+    images, data, checkpoints, configurations, a diverged run), invalid values and file errors
+    are one line ``ssbsn: error: ...``; running out of memory says so with advice; anything
+    else is a bug, reported as an internal error (``--debug`` shows its traceback)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    _configure_logging(args.debug)
     try:
         if args.threads is not None:
             if args.threads < 1:
-                raise CLIError("--threads must be at least 1")
+                raise UserError("--threads must be at least 1")
             import torch
             torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("ssbsn: interrupted", file=sys.stderr)
         return 130
-    except (MemoryError, RuntimeError) as e:
+    except (SSBSNError, OSError) as e:  # the project's own errors; files that cannot be used
+        if args.debug:
+            raise
+        print(f"ssbsn: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:
         if args.debug:
             raise
         if _out_of_memory(e):
             print("ssbsn: error: out of memory: try --tile N (e.g. --tile 256) to denoise in "
                   f"tiles, or a smaller --batch/--crop to train ({_one_line(e)})", file=sys.stderr)
-        else:
+        elif isinstance(e, ValueError) and _raised_here(e):  # an input check of the package
             print(f"ssbsn: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_ERROR
-    except (ValueError, OSError, KeyError) as e:  # CLIError, CheckpointError, ImageError, ...
-        if args.debug:
-            raise
-        print(f"ssbsn: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as e:  # a bug: still one line; --debug shows where
-        if args.debug:
-            raise
-        print(f"ssbsn: error: internal error ({type(e).__name__}: {_one_line(e)}); run "
-              "'ssbsn --debug ...' for the traceback and please report it", file=sys.stderr)
+        else:  # a bug: still one line; --debug shows where
+            print(f"ssbsn: error: internal error ({type(e).__name__}: {_one_line(e)}); run "
+                  "'ssbsn --debug ...' for the traceback and please report it", file=sys.stderr)
         return EXIT_ERROR

@@ -82,8 +82,10 @@ def _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log,
               budget_clock="wall") -> dict:
     import torch
 
-    from .cli import CLIError, _check_writable_dir, denoise_array, load_model
-    from .imageio import write_image
+    from .api import denoise_array, load_model
+    from .atomic import check_writable_dir as _check_writable_dir
+    from .errors import UserError as CLIError
+    from .images import write_image
     from .metrics import psnr, quantize
     from .presets import preset_values
     from .train import TrainConfig, train

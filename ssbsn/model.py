@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import from_official, load_model, save_model
+from .config import ModelConfig
 from .inference import (INFERENCE_DEFAULTS, check_inference_settings, r3_uniform,
                         restore_low_frequencies, self_ensemble as _self_ensemble, shift_ensemble,
                         tiled, transform)
@@ -25,31 +27,34 @@ class SSBSN(nn.Module):
     the settings that suit it. SS-Attention runs on the memory-efficient path by default
     (SDPA on CPU, Triton on CUDA); ``backend="reference"`` (or ``fused=False``) selects the
     N×N reference. The weights are the same either way.
+
+    The configuration is a :class:`ssbsn.config.ModelConfig` (``SSBSN(config)``) or its fields
+    as keywords (``SSBSN(base_channels=64, backend="reference", deterministic=True)``);
+    ``model.config`` is the ModelConfig. ``fused=True/False`` is the older spelling of
+    ``backend="fused"/"reference"``.
     """
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 128, num_modules: int = 9,
-                 ss_blocks: int = 3, gamma: int = 2, pd_train: int = 5, pd_test: int = 2,
-                 pd_pad: int = 2, r3_T: int = 8, r3_p: float = 0.16, fused: bool = True,
-                 group_stats: bool = False, conv_backend: str = "torch",
-                 backend: str | None = None, inference: dict | None = None):
+    def __init__(self, config: ModelConfig | None = None, *, inference: dict | None = None,
+                 fused: bool | None = None, **fields):
         super().__init__()
-        if pd_train < 1 or pd_test < 1 or pd_pad < 0:
+        if config is None:
+            config = ModelConfig.from_kwargs(fused=fused, **fields)
+        elif fields or fused is not None:
+            raise TypeError("give SSBSN a ModelConfig or keyword fields, not both")
+        elif not isinstance(config, ModelConfig):
+            raise TypeError(f"SSBSN's first argument is a ModelConfig, got {type(config).__name__}")
+        c = config
+        if c.pd_train < 1 or c.pd_test < 1 or c.pd_pad < 0:
             raise ValueError("PD strides must be ≥ 1 and the PD pad ≥ 0")
-        if r3_T < 1 or not 0.0 <= r3_p <= 1.0:
-            raise ValueError(f"R3 needs T ≥ 1 and 0 ≤ p ≤ 1, got T={r3_T}, p={r3_p}")
-        if backend is not None:
-            fused = backend != "reference"
-        self.config = dict(in_channels=in_channels, base_channels=base_channels,
-                           num_modules=num_modules, ss_blocks=ss_blocks, gamma=gamma,
-                           pd_train=pd_train, pd_test=pd_test, pd_pad=pd_pad, r3_T=r3_T,
-                           r3_p=r3_p, fused=fused, group_stats=group_stats,
-                           conv_backend=conv_backend)
-        self.in_channels = in_channels
-        self.pd_train, self.pd_test, self.pd_pad = pd_train, pd_test, pd_pad
-        self.r3_T, self.r3_p = r3_T, r3_p
-        self.bsn = BSN(in_channels, in_channels, base_channels, num_modules, ss_blocks, gamma,
-                       fused=fused, group_stats=group_stats, conv_backend=conv_backend,
-                       backend=backend)
+        if c.r3_T < 1 or not 0.0 <= c.r3_p <= 1.0:
+            raise ValueError(f"R3 needs T ≥ 1 and 0 ≤ p ≤ 1, got T={c.r3_T}, p={c.r3_p}")
+        self.config = config
+        self.in_channels = c.in_channels
+        self.pd_train, self.pd_test, self.pd_pad = c.pd_train, c.pd_test, c.pd_pad
+        self.r3_T, self.r3_p = c.r3_T, c.r3_p
+        self.bsn = BSN(c.in_channels, c.in_channels, c.base_channels, c.num_modules,
+                       c.ss_blocks, c.gamma, backend=c.backend, group_stats=c.group_stats,
+                       conv_backend=c.conv_backend, deterministic=c.deterministic)
         self.inference = check_inference_settings({**INFERENCE_DEFAULTS, **(inference or {})})
 
     # ------------------------------------------------------------------ training forward
@@ -150,16 +155,13 @@ class SSBSN(nn.Module):
     def from_official(cls, path_or_checkpoint, **overrides) -> "SSBSN":
         """Build the model from the authors' checkpoint (or a bare state dict); see
         :func:`ssbsn.checkpoint.from_official`."""
-        from .checkpoint import from_official
         return from_official(path_or_checkpoint, cls=cls, **overrides)
 
     def save(self, path) -> None:
         """Write weights and configuration to a safetensors file."""
-        from .checkpoint import save_model
         save_model(self, path)
 
     @classmethod
     def load(cls, path, **overrides) -> "SSBSN":
         """Load a model written by :meth:`save` (or an authors' checkpoint)."""
-        from .checkpoint import load_model
         return load_model(path, cls=cls, **overrides)

@@ -41,35 +41,23 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_path, write_text_atomic
+from .config import ModelConfig, RUNTIME_FIELDS, model_field_names
+from .errors import ConfigError, TrainingDiverged  # noqa: F401 (TrainingDiverged: its old home)
 from .model import SSBSN
 
-MODEL_KEYS = ("in_channels", "base_channels", "num_modules", "ss_blocks", "gamma", "pd_train",
-              "pd_test", "pd_pad", "fused", "group_stats")
-RUNTIME_KEYS = ("device", "workers", "progress")  # may change on resume
+MODEL_KEYS = model_field_names()  # the model's fields: ssbsn.config.ModelConfig
+RUNTIME_KEYS = ("device", "workers", "progress") + RUNTIME_FIELDS  # may change on resume
 LENGTH_KEYS = ("steps", "epochs")  # may grow on resume: extends a finished or stopped run
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights became NaN or Inf; the run stops, its checkpoints stay good."""
-
-
 @dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved as config.yaml)."""
+class TrainConfig(ModelConfig):
+    """Everything that defines a training run (saved as config.yaml): the model's fields
+    (:class:`ssbsn.config.ModelConfig`, with their defaults, the paper's) and these."""
     data: list = field(default_factory=list)
     data_kind: str = "auto"
     out: str = "runs/ssbsn"
-    # model
-    in_channels: int = 3
-    base_channels: int = 128
-    num_modules: int = 9
-    ss_blocks: int = 3
-    gamma: int = 2
-    pd_train: int = 5
-    pd_test: int = 2
-    pd_pad: int = 2
-    fused: bool = True  # memory-efficient SS-Attention (SDPA on CPU, Triton on CUDA)
-    group_stats: bool = False
+    fused: bool | None = None  # older spelling of backend (True: "fused", False: "reference")
     # optimisation
     crop: int = 120
     batch: int = 4
@@ -98,46 +86,65 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept
     progress: bool = True
 
+    def __post_init__(self):
+        if self.fused is not None:  # an older configuration: fold it into backend
+            self.backend = "fused" if self.fused else "reference"
+            self.fused = None
+
+    def model_config(self) -> ModelConfig:
+        """The model part of the configuration."""
+        return ModelConfig.of(self)
+
     def model_kwargs(self) -> dict:
-        kw = {k: getattr(self, k) for k in MODEL_KEYS}
+        """Keywords for :class:`ssbsn.SSBSN`: the model's fields and its inference settings."""
+        kw = self.model_config().to_dict()
         if self.inference is not None:
             kw["inference"] = dict(self.inference)
         return kw
 
     def validate(self) -> None:
+        from .config import check_model_value
+        for key in model_field_names():
+            try:
+                check_model_value(key, getattr(self, key))
+            except ConfigError as e:
+                raise ConfigError(f"model configuration {e}") from None
+        if self.ss_blocks > self.num_modules:
+            raise ConfigError(f"--ss-blocks {self.ss_blocks} exceeds --modules {self.num_modules}")
         if self.crop < self.pd_train or self.crop % self.pd_train:
-            raise ValueError(f"--crop {self.crop} must be a positive multiple of the training PD "
+            raise ConfigError(f"--crop {self.crop} must be a positive multiple of the training PD "
                              f"stride {self.pd_train}")
         for name in ("batch", "epochs", "repeat", "log_every", "keep"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.steps is not None and self.steps < 1:
-            raise ValueError("--steps must be at least 1")
+            raise ConfigError("--steps must be at least 1")
         if self.warmup < 0:
-            raise ValueError("--warmup must not be negative")
+            raise ConfigError("--warmup must not be negative")
         if self.save_every is not None and self.save_every < 1:
-            raise ValueError("--save-every must be at least 1")
+            raise ConfigError("--save-every must be at least 1")
         if self.amp not in ("off", "bf16"):
-            raise ValueError(f"--amp must be 'off' or 'bf16', got {self.amp!r}")
+            raise ConfigError(f"--amp must be 'off' or 'bf16', got {self.amp!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
-            raise ValueError(f"lr_gamma must be a positive number, got {self.lr_gamma}")
+            raise ConfigError(f"lr_gamma must be a positive number, got {self.lr_gamma}")
         if not 0.0 < self.lr_decay_at <= 1.0:
-            raise ValueError("--lr-decay-at must lie in (0, 1]")
+            raise ConfigError("--lr-decay-at must lie in (0, 1]")
         if self.lr_schedule not in ("step", "cosine"):
-            raise ValueError(f"--lr-schedule must be 'step' or 'cosine', got {self.lr_schedule!r}")
+            raise ConfigError(f"--lr-schedule must be 'step' or 'cosine', got {self.lr_schedule!r}")
         if self.minutes is not None and not self.minutes > 0:
-            raise ValueError("--minutes must be positive")
+            raise ConfigError("--minutes must be positive")
         if self.budget_clock not in ("wall", "cpu"):
-            raise ValueError(f"--budget-clock must be 'wall' or 'cpu', got {self.budget_clock!r}")
+            raise ConfigError(f"--budget-clock must be 'wall' or 'cpu', got {self.budget_clock!r}")
         if self.inference is not None:
             from .inference import INFERENCE_DEFAULTS, check_inference_settings
             check_inference_settings({**INFERENCE_DEFAULTS, **self.inference})
 
-    def to_dict(self) -> dict:
+    def to_dict(self, stored: bool = False) -> dict:
         d = dataclasses.asdict(self)
         d["data"] = [str(p) for p in self.data]
+        d.pop("fused")  # folded into backend
         return d
 
     @classmethod
@@ -145,7 +152,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
         d = dict(d)
         for f in dataclasses.fields(cls):  # the annotation's type (a string here)
             if str(f.type) == "float" and isinstance(d.get(f.name), str):
@@ -154,7 +161,7 @@ class TrainConfig:
                 except ValueError:
                     pass
             if f.name in d and not _has_type(d[f.name], str(f.type)):
-                raise ValueError(f"configuration key {f.name}: {d[f.name]!r} is not "
+                raise ConfigError(f"configuration key {f.name}: {d[f.name]!r} is not "
                                  f"{_TYPE_WORDS.get(str(f.type), f.type)}")
         return cls(**d)
 
@@ -186,17 +193,57 @@ def read_config(path) -> TrainConfig:
     import yaml
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such configuration file")
+        raise ConfigError(f"{path}: no such configuration file")
     try:
         d = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a mapping of configuration keys")
+        raise ConfigError(f"{path}: expected a mapping of configuration keys")
     try:
         return TrainConfig.from_dict(d)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def run_config(given: dict, resume=None, config=None) -> TrainConfig:
+    """The configuration of a run from the options ``given`` (TrainConfig keys; ``fused`` is
+    the older spelling of ``backend``).
+
+    ``resume``: the run folder to continue: its config.yaml, where only the runtime options and
+    the length (steps/epochs) may differ. Otherwise ``config`` (a saved config.yaml) or the
+    defaults, then the preset's values (``given["preset"]``), then the options given."""
+    from .errors import UserError
+    given = dict(given)
+    fused = given.pop("fused", None)
+    if fused is not None and "backend" not in given:
+        given["backend"] = "fused" if fused else "reference"
+    if resume:
+        run = Path(resume)
+        cfg = read_config(run / "config.yaml")
+        changed = sorted(k for k in given if k not in RUNTIME_KEYS + LENGTH_KEYS
+                         and k != "out" and given[k] != getattr(cfg, k))
+        if changed:
+            raise UserError(f"--resume continues {run} with its saved configuration; these "
+                            f"options differ from it: {', '.join(changed)}")
+        if "epochs" in given and "steps" not in given:
+            given["steps"] = None  # --epochs sets the length when --steps is not given
+        for k in RUNTIME_KEYS + LENGTH_KEYS:
+            if k in given:
+                setattr(cfg, k, given[k])
+        cfg.out = str(run)
+        return cfg
+    cfg = read_config(config) if config else TrainConfig()
+    if "preset" in given:
+        from .presets import preset_values
+        for k, v in preset_values(given["preset"]).items():
+            setattr(cfg, k, v)
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    if not cfg.data:
+        raise UserError("no training data: give DATA (a folder, SIDD root, .mat or DND root)")
+    cfg.data = [str(Path(d).resolve()) for d in cfg.data]  # --resume from anywhere
+    return cfg
 
 
 def _fsync(path: Path) -> None:

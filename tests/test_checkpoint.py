@@ -173,7 +173,8 @@ def test_bad_metadata_is_refused_before_building(tmp_path, monkeypatch, text, ms
 ])
 def test_bad_inference_metadata_is_refused_before_building(tmp_path, monkeypatch, text, msg):
     model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1)
-    path = _with_metadata(tmp_path / "m.safetensors", model, json.dumps(model.config),
+    path = _with_metadata(tmp_path / "m.safetensors", model,
+                          json.dumps(model.config.to_dict()),
                           ssbsn_inference=text)
     built = []
     monkeypatch.setattr(SSBSN, "__init__", lambda self, *a, **kw: built.append(kw))

@@ -15,7 +15,7 @@ import torch
 
 from ssbsn import SSBSN
 from ssbsn.cli import main
-from ssbsn.imageio import read_image, write_image
+from ssbsn.images import read_image, write_image
 from ssbsn.metrics import psnr, quantize, ssim
 
 TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
@@ -348,7 +348,7 @@ def test_submit_dnd(tmp_path, weights, model):
 # ------------------------------------------------------------------ prep, attention map, demo
 
 def test_prep_tiles(tmp_path):
-    from ssbsn.imageio import icc_profile
+    from ssbsn.images import icc_profile
     a = _img((30, 41, 3))
     write_image(tmp_path / "big.png", a, icc_profile=b"not really a profile")
     assert main(["prep", str(tmp_path / "big.png"), "-o", str(tmp_path / "t"), "--size", "16",
@@ -425,7 +425,7 @@ def test_overwrite_keeps_a_normal_files_permissions(tmp_path, weights):
 
 def test_denoise_keeps_orientation_and_colour_profile(tmp_path, weights, model):
     from PIL import Image, ImageCms
-    from ssbsn.imageio import icc_profile
+    from ssbsn.images import icc_profile
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     a = _img((16, 24, 3), seed=4)
     src = tmp_path / "photo.jpg"
@@ -493,13 +493,13 @@ def test_usage_errors_are_one_line_exit_2(argv, capsys):
     (TypeError("unsupported operand"), "internal error"),
 ])
 def test_crashes_are_one_line_without_debug(tmp_path, weights, monkeypatch, capsys, exc, msg):
-    import ssbsn.cli as cli
+    import ssbsn.api as api
     src = tmp_path / "x.png"
     write_image(src, _img((16, 16, 3)))
 
     def boom(*a, **k):
         raise exc
-    monkeypatch.setattr(cli, "denoise_array", boom)
+    monkeypatch.setattr(api, "denoise_array", boom)
     argv = ["denoise", str(src), "-o", str(tmp_path / "o"), "-w", str(weights)]
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -16,7 +16,7 @@ from ssbsn.data import (DNDBoxes, PatchDataset, dihedral, list_images, load_sidd
                         scan_sidd_medium, write_dnd_bundle, write_sidd_submission)
 from ssbsn.data.patches import ArraySource, FileSource
 from ssbsn.data.sidd import DataError
-from ssbsn.imageio import (ImageError, from_model_range, image_shape, read_image,
+from ssbsn.images import (ImageError, from_model_range, image_shape, read_image,
                            to_model_range, write_image)
 from ssbsn.inference import transform
 from ssbsn.metrics import psnr, quantize, ssim
@@ -445,7 +445,7 @@ def test_exif_orientation_is_applied_on_read(tmp_path, orientation):
 
 def test_jpeg_orientation_6_and_icc_profile_survive_a_round_trip(tmp_path):
     from PIL import Image
-    from ssbsn.imageio import icc_profile
+    from ssbsn.images import icc_profile
     icc = _srgb_icc()
     yy, xx = np.mgrid[0:16, 0:24]
     a = np.stack([yy * 12, xx * 9, (yy + xx) * 5], -1).astype(np.uint8)

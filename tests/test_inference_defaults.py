@@ -9,7 +9,7 @@ import torch
 
 from ssbsn import SSBSN
 from ssbsn.cli import main
-from ssbsn.imageio import read_image, write_image
+from ssbsn.images import read_image, write_image
 from ssbsn.metrics import quantize
 
 TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
@@ -65,7 +65,7 @@ def test_load_and_from_official_default_to_the_efficient_path(tmp_path):
     # the authors' layout stays bit-compatible whichever backend runs
     for k, v in off.bsn.state_dict().items():
         assert torch.equal(v, old.bsn.state_dict()[k])
-    from ssbsn.cli import load_model
+    from ssbsn.api import load_model
     assert _backends(load_model(p, "cpu")) == {"fused"}
     assert _backends(load_model(p, "cpu", "reference")) == {"reference"}
 

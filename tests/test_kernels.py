@@ -112,7 +112,7 @@ NCHW, CL = torch.contiguous_format, torch.channels_last
     ((1, 16, 37, 29), 4, torch.float32, NCHW, False),   # N = 80: several tiles per loop
     ((1, 16, 50, 45), 6, torch.float32, CL, True),      # N = 72, g = 6, ragged both ways
     ((2, 16, 13, 11), 4, torch.float16, CL, False),     # B > 1, fp16
-    ((1, 32, 37, 29), 6, torch.float16, NCHW, True),    # the 37×29 with g = 6
+    ((1, 32, 37, 29), 6, torch.float16, NCHW, True),    # sides not multiples of g: partial groups
     ((2, 16, 7, 5), 4, torch.float32, NCHW, True),      # tiny ragged, B > 1
     ((2, 16, 1, 1), 4, torch.float32, CL, False),       # one real token, 15 empty groups
     ((1, 16, 1, 1), 6, torch.float16, NCHW, True),

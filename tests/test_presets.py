@@ -10,7 +10,7 @@ import yaml
 
 from ssbsn import SSBSN
 from ssbsn.cli import main
-from ssbsn.imageio import write_image
+from ssbsn.images import write_image
 from ssbsn.presets import PRESETS, QUICK, preset_values
 from ssbsn.train import TrainConfig, lr_at_progress, read_log, train
 
@@ -116,7 +116,7 @@ def test_bad_budget_is_one_clear_error(images, tmp_path, capsys):
 
 def test_demo_uses_the_quick_preset_and_writes_the_side_by_side(tmp_path):
     from ssbsn.demo import run_demo
-    from ssbsn.imageio import read_image
+    from ssbsn.images import read_image
     report = run_demo(tmp_path / "demo", quick=True, device="cpu", log=lambda s: None)
     cfg = yaml.safe_load((tmp_path / "demo" / "run" / "config.yaml").read_text())
     assert cfg["preset"] == "quick"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ssbsn import SSBSN
-from ssbsn.imageio import write_image
+from ssbsn.images import write_image
 from ssbsn.train import (TrainConfig, checkpoint_paths, list_checkpoints, lr_at, read_config,
                          read_log, train)
 

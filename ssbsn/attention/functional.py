@@ -1,4 +1,5 @@
-"""The functional SS-Attention API: one entry, several backends.
+"""The functional SS-Attention API: one entry, several backends (the vocabulary
+:data:`ssbsn.config.BACKENDS`, shared by the module, the model, training and the CLI).
 
 ``backend``:
   * ``"reference"``: plain PyTorch, materialises every group's N×N matrix (the oracle).
@@ -16,10 +17,10 @@ import warnings
 
 import torch
 
+from ..config import BACKENDS
 from .reference import ss_attention_reference
 from .sdpa import ss_attention_sdpa
 
-BACKENDS = ("reference", "sdpa", "triton", "fused")
 
 
 def _kernels():

@@ -14,24 +14,26 @@ class SSAttention(nn.Module):
         channels: C, the number of input channels.
         grid: g, the period of the grid; pixels sharing row and column phase mod g attend
             to each other.
-        fused: the memory-efficient path (default): Triton kernels on CUDA, SDPA on CPU;
-            ``False`` selects the N×N reference (the oracle; memory grows as N²).
-        backend: any backend of :func:`ss_attention` ("reference", "sdpa", "triton",
-            "fused"); overrides ``fused`` when given.
+        backend: any backend of :func:`ss_attention` (:data:`ssbsn.config.BACKENDS`):
+            "fused" (default: the memory-efficient path, Triton kernels on CUDA, SDPA on CPU),
+            "reference" (the N×N oracle; memory grows as N²), "sdpa" or "triton".
+        fused: the older spelling: ``True`` = "fused", ``False`` = "reference"; ``backend``
+            wins when both are given.
         group_stats: LayerNorm statistics per attention group instead of per image, which makes
             the blind spot exact (the authors' checkpoints use per-image statistics).
         embed: width E of the shared Q/K projection (default C).
         deterministic: bitwise-repeatable gradients from the fused Triton kernels.
     """
 
-    def __init__(self, channels: int, grid: int, fused: bool = True, group_stats: bool = False,
+    def __init__(self, channels: int, grid: int, fused: bool | None = None,
+                 group_stats: bool = False,
                  embed: int | None = None, deterministic: bool = False,
                  backend: str | None = None):
         super().__init__()
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown SS-Attention backend {backend!r}; choose one of {BACKENDS}")
         self.channels, self.grid = channels, grid
-        self.backend = backend or ("fused" if fused else "reference")
+        self.backend = backend or ("reference" if fused is False else "fused")
         self.fused, self.group_stats = self.backend != "reference", group_stats
         self.deterministic = deterministic
         self.wqk = nn.Parameter(torch.empty(channels, embed or channels))

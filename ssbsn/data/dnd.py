@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import plain_mode
-from .sidd import DataError, _savemat_atomic
+from ..errors import DataError
+from .sidd import _savemat_atomic
 
 
 def _h5(path):

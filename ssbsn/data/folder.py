@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..imageio import ImageError, is_image_file
+from ..errors import ImageError
+from ..images import is_image_file
 
 
 def list_images(inputs, recursive: bool = False) -> list[Path]:

@@ -18,15 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
-from ..imageio import ImageError
+from ..errors import DataError, ImageError
 
 SIDD_SRGB_BLOCKS = (40, 32, 256, 256, 3)
 SIDD_NOISY_KEYS = ("ValidationNoisyBlocksSrgb", "BenchmarkNoisyBlocksSrgb")
 SIDD_GT_KEYS = ("ValidationGtBlocksSrgb",)
-
-
-class DataError(ValueError):
-    """A dataset file or folder that is not in the expected layout."""
 
 
 def scan_sidd_medium(root) -> list[tuple[Path, Path]]:

@@ -30,12 +30,12 @@ class DConvBlock(nn.Module):
 
 
 class SSBlock(DConvBlock):
-    def __init__(self, channels: int, dilation: int, grid: int, *, fused: bool = True,
+    def __init__(self, channels: int, dilation: int, grid: int, *, backend: str = "fused",
                  group_stats: bool = False, conv_backend: str = "torch",
-                 backend: str | None = None):
+                 deterministic: bool = False):
         super().__init__(channels, dilation, conv_backend=conv_backend)
-        self.attn = SSAttention(channels, grid, fused=fused, group_stats=group_stats,
-                                backend=backend)
+        self.attn = SSAttention(channels, grid, group_stats=group_stats, backend=backend,
+                                deterministic=deterministic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(self.attn(x))

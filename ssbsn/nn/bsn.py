@@ -19,8 +19,8 @@ from .conv import CentralMaskedConv2d
 
 class Branch(nn.Module):
     def __init__(self, dilation: int, channels: int, num_modules: int, ss_blocks: int, gamma: int,
-                 *, fused: bool = True, group_stats: bool = False, conv_backend: str = "torch",
-                 backend: str | None = None):
+                 *, backend: str = "fused", group_stats: bool = False,
+                 conv_backend: str = "torch", deterministic: bool = False):
         super().__init__()
         if not 0 <= ss_blocks <= num_modules:
             raise ValueError(f"ss_blocks must lie in 0..{num_modules}, got {ss_blocks}")
@@ -35,9 +35,9 @@ class Branch(nn.Module):
             if i < num_modules - ss_blocks:
                 layers.append(DConvBlock(channels, dilation, conv_backend=conv_backend))
             else:
-                layers.append(SSBlock(channels, dilation, gamma * dilation, fused=fused,
+                layers.append(SSBlock(channels, dilation, gamma * dilation, backend=backend,
                                       group_stats=group_stats, conv_backend=conv_backend,
-                                      backend=backend))
+                                      deterministic=deterministic))
         layers += [nn.Conv2d(channels, channels, 1), nn.ReLU()]
         self.body = nn.Sequential(*layers)
 
@@ -46,19 +46,24 @@ class Branch(nn.Module):
 
 
 class BSN(nn.Module):
-    """The blind-spot network: output at a pixel does not depend on the input at that pixel."""
+    """The blind-spot network: output at a pixel does not depend on the input at that pixel.
+
+    ``backend``: SS-Attention's (:data:`ssbsn.config.BACKENDS`); ``fused`` is its older
+    spelling (True = "fused", False = "reference")."""
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, base_channels: int = 128,
                  num_modules: int = 9, ss_blocks: int = 3, gamma: int = 2, dilations=(2, 3), *,
-                 fused: bool = True, group_stats: bool = False, conv_backend: str = "torch",
-                 backend: str | None = None):
+                 backend: str | None = None, group_stats: bool = False,
+                 conv_backend: str = "torch", deterministic: bool = False,
+                 fused: bool | None = None):
         super().__init__()
+        backend = backend or ("reference" if fused is False else "fused")
         if base_channels % 2:
             raise ValueError(f"base_channels must be even, got {base_channels}")
         C = base_channels
         self.head = nn.Sequential(nn.Conv2d(in_channels, C, 1), nn.ReLU())
-        opts = dict(fused=fused, group_stats=group_stats, conv_backend=conv_backend,
-                    backend=backend)
+        opts = dict(backend=backend, group_stats=group_stats, conv_backend=conv_backend,
+                    deterministic=deterministic)
         # named branch1, branch2, ... as in the authors' layout
         for i, d in enumerate(dilations, start=1):
             self.add_module(f"branch{i}", Branch(d, C, num_modules, ss_blocks, gamma, **opts))

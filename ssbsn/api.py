@@ -1,0 +1,343 @@
+"""The Python façade: what the ``ssbsn`` command, the demo and users call.
+
+    >>> from ssbsn import Denoiser, evaluate
+    >>> d = Denoiser.from_weights("runs/mine/model.safetensors", device="auto", backend="fused")
+    >>> clean = d.denoise_image(noisy)                 # uint8/uint16/float image in, same out
+    >>> d.denoise_files(["photos/"], "denoised/")      # files and folders, atomic writes
+    >>> report = evaluate(d, "SIDD/ValidationNoisyBlocksSrgb.mat")   # rows + means
+
+Inference options (``r3``, ``self_ensemble``, ``shifts``, ``tile``, ``overlap``, ``pd``,
+``seed``) left at None take the model's own settings (``model.inference``, ``pd_test``).
+Problems with the inputs raise the errors of :mod:`ssbsn.errors`; progress lines go to the
+``ssbsn`` logger (:mod:`logging`), and bars (tqdm, stderr) appear only when asked for.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import check_writable_dir
+from .errors import UserError
+
+log = logging.getLogger("ssbsn")
+
+
+# denoise_files keeps the images it decodes while checking the inputs, up to this many bytes,
+# so that they are not decoded again (the rest are read a second time when their turn comes)
+KEEP_DECODED_BYTES = 1 << 30
+
+
+def inference_options(model) -> tuple[str, ...]:
+    """The options :meth:`ssbsn.SSBSN.denoise` takes (r3, self_ensemble, tile, overlap, seed,
+    shifts, pd, ...)."""
+    import inspect
+    return tuple(n for n in inspect.signature(model.denoise).parameters if n != "x")
+
+
+def load_model(weights, device: str = "auto", backend: str | None = None,
+               deterministic: bool | None = None):
+    """An SSBSN from our safetensors file or the authors' checkpoint, on ``device``, in eval
+    mode. ``backend``: SS-Attention's (:data:`ssbsn.config.BACKENDS`; default "fused", the
+    memory-efficient path; "reference" materialises the N×N matrix)."""
+    from .model import SSBSN
+    from .train import pick_device
+    runtime = {k: v for k, v in dict(backend=backend, deterministic=deterministic).items()
+               if v is not None}
+    model = SSBSN.load(weights, **runtime)
+    return model.to(pick_device(device)).eval()
+
+
+def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | None = None,
+                   tile: int | None = None, shifts: bool | None = None,
+                   pd: int | None = None) -> int:
+    """How many times ``model.denoise`` runs the BSN on an (H, W) image: per tile, one pass
+    plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
+    the PD stride's s² shifts with the shifted-PD ensemble. None: the model's own setting."""
+    from .inference import tile_starts
+    s = model.inference
+    r3 = s["r3"] if r3 is None else r3
+    self_ensemble = s["self_ensemble"] if self_ensemble is None else self_ensemble
+    shifts = s["shifts"] if shifts is None else shifts
+    tile = s["tile"] if tile is None else tile
+    b = model.pd_test if pd is None else pd
+    windows = 1
+    if tile:
+        t = -(-tile // b) * b  # as inference.tiled rounds it
+        windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
+    return (windows * (8 if self_ensemble else 1) * (b * b if shifts else 1)
+            * (1 + model.r3_T if r3 else 1))
+
+
+@contextmanager
+def network_progress(model, total: int, desc: str, progress: bool | None):
+    """A tqdm bar on stderr (with ETA) that advances with every pass through ``model.bsn``
+    (a forward hook). ``progress``: True shows it, False hides it, None shows it on a terminal
+    once the work takes more than a second."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True,
+               disable=None if progress is None else not progress,
+               delay=1.0 if progress is None else 0.0)
+
+    def tick(*_):  # a forward hook that returns None leaves the output alone
+        bar.update(1)
+    handle = model.bsn.register_forward_hook(tick)
+    try:
+        yield bar
+    finally:
+        handle.remove()
+        bar.close()
+
+
+def denoise_array(model, img: np.ndarray, progress: bool | None = False,
+                  desc: str = "denoise", **options) -> np.ndarray:
+    """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C).
+
+    ``options`` are :meth:`ssbsn.SSBSN.denoise`'s (r3, self_ensemble, shifts, tile, overlap,
+    pd, seed, ...); None takes the model's own setting. A grey image given to a 3-channel model
+    is replicated to 3 channels and the result averaged back to one; an RGB image cannot go
+    through a 1-channel model. ``progress``: see :func:`network_progress` (per tile and R3
+    round).
+    """
+    import torch
+    c = img.shape[-1]
+    m = model.in_channels
+    if c == m:
+        x = img
+    elif c == 1 and m == 3:
+        x = np.repeat(img, 3, axis=-1)
+    else:
+        raise UserError(f"the model takes {m}-channel images; this image has {c} channels")
+    dev = next(model.parameters()).device
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
+    total = network_passes(model, img.shape, **{k: options.get(k) for k in
+                                                ("r3", "self_ensemble", "tile", "shifts", "pd")})
+    with network_progress(model, total, desc, progress):
+        y = model.denoise(t.to(dev), **options)[0].float().cpu().numpy().transpose(1, 2, 0)
+    if c == 1 and m == 3:
+        y = y.mean(axis=-1, keepdims=True)
+    if not np.isfinite(y).all():
+        raise UserError("the model's output holds NaN or Inf (its weights do not work on this "
+                        "image); nothing is written for it")
+    return y
+
+
+def plan_outputs(inputs, output) -> list[tuple[Path, Path]]:
+    """(source, destination) for every image of ``inputs`` (files and folders). ``output`` is
+    a file when one image goes to a name with an image suffix, otherwise a folder that receives
+    the inputs' names (a folder input keeps its sub-folders)."""
+    from .data import list_images
+    from .images import is_image_file
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    pairs = []
+    for item in inputs:
+        p = Path(item)
+        for f in list_images(p, recursive=True):
+            pairs.append((f, f.relative_to(p) if p.is_dir() else Path(f.name)))
+    out = Path(output)
+    if len(pairs) == 1 and not Path(inputs[0]).is_dir() and is_image_file(out) \
+            and not out.is_dir():
+        return [(pairs[0][0], out)]
+    plan = [(src, out / rel) for src, rel in pairs]
+    seen = {}
+    for src, dst in plan:
+        key = dst.resolve()
+        if key in seen:
+            raise UserError(f"{src} and {seen[key]} would both be written to {dst}")
+        seen[key] = src
+    return plan
+
+
+class Denoiser:
+    """A trained SS-BSN ready to denoise arrays and files.
+
+    ``Denoiser(model)`` wraps an :class:`ssbsn.SSBSN`; :meth:`from_weights` loads one. Options
+    given to the constructor (``r3=False``, ``tile=512``, ...) become this denoiser's defaults;
+    options given to a call override them; None leaves the model's own setting.
+    """
+
+    def __init__(self, model, **options):
+        self.model = model.eval()
+        self.options = self._check(options)
+
+    @classmethod
+    def from_weights(cls, path, device: str = "auto", backend: str | None = None,
+                     deterministic: bool | None = None, **options) -> "Denoiser":
+        """Load our safetensors file or the authors' checkpoint (see :func:`load_model`)."""
+        return cls(load_model(path, device, backend, deterministic), **options)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _check(self, options: dict) -> dict:
+        unknown = sorted(set(options) - set(inference_options(self.model)))
+        if unknown:
+            raise TypeError(f"unknown inference option(s): {', '.join(unknown)}")
+        return {k: v for k, v in options.items() if v is not None}
+
+    def _options(self, options: dict) -> dict:
+        return {**self.options, **self._check(options)}
+
+    def denoise_array(self, img: np.ndarray, progress: bool | None = False,
+                      desc: str = "denoise", **options) -> np.ndarray:
+        """(H, W, C) float in 0..255 → float (H, W, C) in 0..255 (:func:`denoise_array`)."""
+        return denoise_array(self.model, img, progress=progress, desc=desc,
+                             **self._options(options))
+
+    def denoise_image(self, image: np.ndarray, progress: bool | None = False,
+                      desc: str = "denoise", **options) -> np.ndarray:
+        """Denoise an image as read (:func:`ssbsn.images.read_image`): (H, W) or (H, W, C)
+        uint8, uint16 or float in 0..1, C = 1 or 3 optionally followed by alpha (kept as is).
+        Returns the same shape and sample type."""
+        from .images import check_size, from_model_range, split_alpha, to_model_range
+        image = np.asarray(image)
+        grey2d = image.ndim == 2
+        img = image[..., None] if grey2d else image
+        colour, alpha = split_alpha(img)
+        check_size(colour)
+        y = self.denoise_array(to_model_range(colour), progress=progress, desc=desc,
+                               **options)
+        out = from_model_range(y, colour.dtype)
+        if alpha is not None:
+            out = np.concatenate([out, alpha], axis=-1)
+        return out[..., 0] if grey2d else out
+
+    def denoise_files(self, inputs, output, overwrite: bool = False,
+                      progress: bool | None = False, **options) -> list[tuple[Path, Path]]:
+        """Denoise image files and folders into ``output`` (see :func:`plan_outputs`); each
+        output has its input's format, bit depth, alpha and ICC profile. Everything that can
+        fail is checked before anything is written; existing files are replaced only with
+        ``overwrite``. Returns the (source, destination) pairs."""
+        from tqdm import tqdm
+
+        from .images import check_size, icc_profile, read_image, split_alpha, write_image
+        plan = plan_outputs(inputs, output)
+        for src, dst in plan:
+            if dst.exists() and not overwrite:
+                what = "is an input" if dst.resolve() == src.resolve() else "exists"
+                raise UserError(f"{dst} {what}; use --overwrite to replace it")
+        m = self.model.in_channels
+        decoded, budget = {}, KEEP_DECODED_BYTES  # decoded once while they fit the budget
+        for src, _ in plan:
+            img = read_image(src)
+            colour = split_alpha(img)[0]
+            check_size(colour, src)
+            c = colour.shape[-1]
+            if c != m and not (c == 1 and m == 3):
+                raise UserError(f"{src}: {c}-channel image, but the model takes "
+                                f"{m}-channel images")
+            if img.nbytes <= budget:
+                decoded[src], budget = img, budget - img.nbytes
+        for folder in sorted({dst.parent for _, dst in plan}):
+            check_writable_dir(folder)
+        bars = None if progress is None else not progress
+        for src, dst in tqdm(plan, desc="denoise", unit="img",
+                             disable=True if len(plan) < 2 else bars):
+            img = decoded.pop(src) if src in decoded else read_image(src)
+            out = self.denoise_image(img, progress=progress, desc=src.name, **options)
+            write_image(dst, out, icc_profile=icc_profile(src))  # upright, same profile
+            log.info("%s -> %s", src, dst)
+        return plan
+
+    def submit_sidd(self, blocks_file, output, overwrite: bool = False,
+                    progress: bool | None = False, **options) -> Path:
+        """Denoise SIDD's BenchmarkNoisyBlocksSrgb.mat and write the submission file
+        (``SubmitSrgb.mat``: DenoisedBlocksSrgb, TimeMPSrgb, OptionalData)."""
+        from tqdm import tqdm
+
+        from .data import load_sidd_blocks, write_sidd_submission
+        from .metrics import quantize
+        out = Path(output)
+        if out.exists() and not overwrite:
+            raise UserError(f"{out} exists; use --overwrite to replace it")
+        check_writable_dir(out.resolve().parent)
+        blocks = load_sidd_blocks(blocks_file)
+        result = np.empty_like(blocks)
+        t0 = time.perf_counter()
+        n, m = blocks.shape[:2]
+        for i in tqdm(range(n * m), desc="SIDD", unit="block",
+                      disable=None if progress is None else not progress):
+            result[i // m, i % m] = quantize(
+                self.denoise_array(blocks[i // m, i % m].astype(np.float32), **options))
+        mp = n * m * blocks.shape[2] * blocks.shape[3] / 1e6
+        write_sidd_submission(out, result, time_mp=(time.perf_counter() - t0) / mp)
+        log.info("wrote %s (%d×%d blocks)", out, n, m)
+        return out
+
+    def submit_dnd(self, dnd_root, output, progress: bool | None = False,
+                   **options) -> list[Path]:
+        """Denoise DND's sRGB crops and write the bundled submission (a new folder of
+        0001.mat … 0050.mat, as the DND kit's bundle_submissions_srgb writes them)."""
+        from tqdm import tqdm
+
+        from .data import DNDBoxes, write_dnd_bundle
+        from .metrics import quantize
+        dnd = DNDBoxes(dnd_root)
+        out = Path(output)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"{out} exists and is not an empty folder")
+        check_writable_dir(out.resolve().parent)
+        results: dict[int, list] = {}
+        for idx in tqdm(range(len(dnd)), desc="DND", unit="box",
+                        disable=None if progress is None else not progress):
+            i = dnd.entries[idx][0]
+            y = self.denoise_array(dnd.load(idx) * np.float32(255.0), **options)
+            results.setdefault(i, []).append(quantize(y).astype(np.float32) / 255.0)
+        files = write_dnd_bundle(out, results)
+        log.info("wrote %d files to %s", len(files), out)
+        return files
+
+
+METRIC_CONVENTIONS = ("skimage peak_signal_noise_ratio(data_range=255), "
+                      "structural_similarity(channel_axis=-1, data_range=255); output rounded "
+                      "to uint8")
+
+
+def evaluate(denoiser, noisy, clean=None, limit: int | None = None,
+             save_dir=None, progress: bool | None = False, on_row=None, **options) -> dict:
+    """PSNR and SSIM of the denoised images against clean references (scikit-image's
+    conventions, output rounded to 8 bits), with the noisy input's scores beside them.
+
+    ``denoiser``: a :class:`Denoiser` (or a checkpoint path, loaded with
+    :meth:`Denoiser.from_weights`). ``noisy``/``clean``: see
+    :func:`ssbsn.data.pairs.open_pairs`. ``save_dir``: also write the
+    denoised images (PNG). ``on_row(row)`` is called after each image. Returns
+    ``{"images": [row, ...], "mean": {...}, "seconds": ...}``; a row holds image, psnr_noisy,
+    psnr, ssim_noisy, ssim."""
+    from tqdm import tqdm
+
+    from .data.pairs import open_pairs
+    from .images import check_size, to_model_range, write_image
+    from .metrics import psnr, quantize, ssim
+    if not isinstance(denoiser, Denoiser):
+        denoiser = Denoiser.from_weights(denoiser)
+    names, load = open_pairs(noisy, clean)
+    if limit is not None:
+        if limit < 1:
+            raise UserError("--limit must be at least 1")
+        names = names[:limit]
+    if save_dir:
+        check_writable_dir(Path(save_dir))
+    rows = []
+    t0 = time.perf_counter()
+    for i in tqdm(range(len(names)), desc="eval", unit="img", leave=False,
+                  disable=None if progress is None else not progress):
+        x_in, ref_in = load(i)
+        check_size(x_in, names[i])
+        x, ref = to_model_range(x_in), to_model_range(ref_in)
+        out = quantize(denoiser.denoise_array(x, progress=progress, desc=Path(names[i]).name,
+                                              **options))
+        row = dict(image=names[i], psnr_noisy=psnr(x, ref), psnr=psnr(out, ref),
+                   ssim_noisy=ssim(x, ref), ssim=ssim(out, ref))
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        if save_dir:
+            write_image(Path(save_dir) / f"{i:04d}_{Path(names[i]).stem}.png", out)
+    mean = {k: float(np.mean([r[k] for r in rows]))
+            for k in ("psnr_noisy", "psnr", "ssim_noisy", "ssim")}
+    return dict(images=rows, mean=mean, seconds=time.perf_counter() - t0)

@@ -1,0 +1,269 @@
+"""Reading and writing images: PNG/JPEG/BMP through imageio (its Pillow plugin), TIFF through
+tifffile (16-bit colour and float samples), EXIF orientation and ICC profiles through Pillow.
+
+Images are numpy arrays of shape (H, W, C), C = 1 (grey) or 3 (RGB), optionally followed by an
+alpha channel (C = 2 or 4) that :func:`split_alpha` sets aside. Supported sample types:
+uint8, uint16 (16-bit PNG for grey, 16-bit TIFF for grey and RGB) and float TIFF (values 0..1;
+a float image with samples outside 0..1 is refused rather than clipped).
+The model works on floats 0..255: :func:`to_model_range` / :func:`from_model_range` convert
+and restore the original bit depth (16-bit: ×255/65535 and back, rounded).
+
+Orientation and colour: an EXIF orientation tag (JPEG, PNG) is applied on read, so the pixels
+are upright and outputs are written without the tag; :func:`icc_profile` reads an image's
+embedded ICC colour profile and :func:`write_image` embeds one (PNG, JPEG, TIFF).
+
+Every write goes to a temporary file in the destination folder that is renamed into place, so
+a crash never leaves a half-written image under the final name.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import ImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff")
+MIN_SIDE = 8
+ORIENTATION_TAG = 0x0112  # EXIF/TIFF Orientation
+ICC_TAG = 34675  # TIFF InterColorProfile
+
+
+def is_image_file(path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _png_header(path: Path):
+    """(bit depth, colour type) from a PNG's IHDR chunk, or None if it is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _refuse_png16_colour(path: Path) -> None:
+    header = _png_header(path)
+    if header is not None and header[0] == 16 and header[1] in (2, 6):
+        raise ImageError(f"{path}: 16-bit colour PNG cannot be read without losing bits "
+                         "(Pillow reduces it to 8 bits); convert it to a 16-bit TIFF")
+
+
+def _exif_orientation(path: Path) -> int:
+    """The EXIF Orientation (1..8) of a JPEG/PNG/BMP file; 1 (upright) when absent."""
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            value = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # no readable EXIF: the decoder reports real damage
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn (H, W, ...) pixels stored with EXIF ``orientation`` upright (what a viewer shows)."""
+    if orientation in (5, 6, 7, 8):
+        arr = np.swapaxes(arr, 0, 1)  # transpose, then the flip that completes the turn
+        flip = {5: None, 6: 1, 7: (0, 1), 8: 0}[orientation]
+    else:
+        flip = {1: None, 2: 1, 3: (0, 1), 4: 0}[orientation]
+    return np.flip(arr, flip) if flip is not None else arr
+
+
+def icc_profile(path) -> bytes | None:
+    """The ICC colour profile embedded in an image file (PNG, JPEG, TIFF), or None."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+            with tifffile.TiffFile(path) as tif:
+                tag = tif.pages[0].tags.get(ICC_TAG)
+                return bytes(tag.value) if tag is not None else None
+        from PIL import Image
+        with Image.open(path) as im:
+            return im.info.get("icc_profile") or None
+    except Exception:
+        return None
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image as (H, W, C) uint8, uint16 or float32 (float only from TIFF).
+
+    Raises :class:`ImageError` with one clear message for anything unusable: a missing,
+    unreadable or truncated file, more than one page/frame, an unsupported sample type or
+    channel count, NaN or Inf samples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+            with tifffile.TiffFile(path) as tif:
+                if len(tif.series) != 1 or len(tif.pages) != 1:
+                    raise ImageError(f"{path}: multi-page TIFF files are not supported")
+                page = tif.pages[0]
+                arr = page.asarray()
+                if arr.ndim == 3 and page.planarconfig == 2:  # separate planes: (C, H, W)
+                    arr = np.moveaxis(arr, 0, -1)
+        else:
+            _refuse_png16_colour(path)
+            import imageio.v3 as iio
+            arr = orient(np.asarray(iio.imread(path, plugin="pillow")), _exif_orientation(path))
+    except ImageError:
+        raise
+    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ImageError(f"{path}: cannot read image ({msg})") from None
+    return _validate(np.asarray(arr), path)
+
+
+def image_shape(path) -> tuple[int, int, int]:
+    """(H, W, C) from the file header, without decoding the pixels (a truncated file passes
+    here and fails in :func:`read_image`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+            with tifffile.TiffFile(path) as tif:
+                if len(tif.pages) != 1:
+                    raise ImageError(f"{path}: multi-page TIFF files are not supported")
+                page = tif.pages[0]
+                shape = page.shape
+                if len(shape) == 3 and page.planarconfig == 2:
+                    shape = shape[1:] + shape[:1]
+        else:
+            _refuse_png16_colour(path)
+            import imageio.v3 as iio
+            shape = tuple(iio.improps(path, plugin="pillow").shape)
+            if _exif_orientation(path) >= 5 and len(shape) >= 2:  # turned by 90°
+                shape = (shape[1], shape[0]) + shape[2:]
+    except ImageError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ImageError(f"{path}: cannot read image ({msg})") from None
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2:
+        shape = shape + (1,)
+    if len(shape) != 3 or shape[-1] not in (1, 2, 3, 4):
+        raise ImageError(f"{path}: unsupported image shape {shape}; expected (H, W) or "
+                         "(H, W, C) with 1 (grey) or 3 (RGB) channels, optionally with alpha")
+    return shape
+
+
+def _validate(arr: np.ndarray, path) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise ImageError(f"{path}: expected a single 2-D image, got an array of shape {arr.shape}")
+    if arr.shape[-1] not in (1, 2, 3, 4):
+        raise ImageError(f"{path}: {arr.shape[-1]} channels; expected 1 (grey) or 3 (RGB), "
+                         "optionally with alpha")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{path}: contains NaN or Inf samples")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:  # never clip silently: the output would not be the input's
+            raise ImageError(f"{path}: float samples outside 0..1 (min {lo:g}, max {hi:g}); "
+                             "float images must hold values in 0..1 — rescale it first")
+        arr = arr.astype(np.float32)
+    elif arr.dtype not in (np.uint8, np.uint16):
+        raise ImageError(f"{path}: unsupported sample type {arr.dtype} "
+                         "(expected 8- or 16-bit unsigned, or float)")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"{path}: empty image")
+    return arr
+
+
+def split_alpha(arr: np.ndarray):
+    """(colour (H, W, 1|3), alpha (H, W, 1) or None)."""
+    if arr.shape[-1] in (2, 4):
+        return arr[..., :-1], arr[..., -1:]
+    return arr, None
+
+
+def check_size(arr: np.ndarray, path="image", min_side: int = MIN_SIDE) -> None:
+    h, w = arr.shape[:2]
+    if min(h, w) < min_side:
+        raise ImageError(f"{path}: {h}×{w} image is too small (at least {min_side}×{min_side} "
+                         "pixels)")
+
+
+def max_value(dtype) -> float:
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return 255.0
+    if dtype == np.uint16:
+        return 65535.0
+    return 1.0  # float images: 0..1
+
+
+def to_model_range(arr: np.ndarray) -> np.ndarray:
+    """Samples → float32 in 0..255 (the model's range)."""
+    return (arr.astype(np.float64) * (255.0 / max_value(arr.dtype))).astype(np.float32)
+
+
+def from_model_range(x: np.ndarray, dtype) -> np.ndarray:
+    """Float 0..255 → ``dtype`` (rounded and clipped for integer types, 0..1 for float)."""
+    dtype = np.dtype(dtype)
+    scaled = np.asarray(x, dtype=np.float64) * (max_value(dtype) / 255.0)
+    if not np.isfinite(scaled).all():
+        raise ImageError("refusing to write an image holding NaN or Inf samples")
+    if dtype.kind == "f":
+        return np.clip(scaled, 0.0, 1.0).astype(dtype)
+    return np.clip(np.floor(scaled + 0.5), 0, max_value(dtype)).astype(dtype)
+
+
+def _encode(path: Path, arr: np.ndarray, suffix: str, quality: int, icc: bytes | None) -> None:
+    if suffix in TIFF_SUFFIXES:
+        import tifffile
+        data = arr[..., 0] if arr.shape[-1] == 1 else arr
+        photometric = "minisblack" if data.ndim == 2 or data.shape[-1] == 2 else "rgb"
+        extras = ["unassalpha"] if arr.shape[-1] in (2, 4) else None
+        tifffile.imwrite(path, data, photometric=photometric, extrasamples=extras,
+                         iccprofile=icc)
+        return
+    if arr.dtype.kind == "f":
+        raise ImageError(f"{path}: float images can only be written as TIFF")
+    if arr.dtype == np.uint16 and (arr.shape[-1] > 1 or suffix not in (".png",)):
+        raise ImageError(f"{path}: 16-bit colour can only be written as TIFF "
+                         "(use a .tif output)")
+    import imageio.v3 as iio
+    data = arr[..., 0] if arr.shape[-1] == 1 else arr
+    kwargs = {"quality": quality} if suffix in (".jpg", ".jpeg") else {}
+    if icc and suffix in (".png", ".jpg", ".jpeg"):
+        kwargs["icc_profile"] = icc
+    if suffix in (".jpg", ".jpeg") and arr.shape[-1] in (2, 4):
+        data = arr[..., :-1] if arr.shape[-1] == 4 else arr[..., 0]
+    iio.imwrite(path, data, plugin="pillow", extension=suffix, **kwargs)
+
+
+def write_image(path, arr: np.ndarray, quality: int = 95, icc_profile: bytes | None = None) -> None:
+    """Write (H, W, C) ``arr`` atomically (temp file in the same folder, then rename), upright
+    (no orientation tag), with ``icc_profile`` embedded where the format holds one (PNG, JPEG,
+    TIFF)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageError(f"{path}: unknown image type {suffix!r} "
+                         f"(use one of {', '.join(IMAGE_SUFFIXES)})")
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    try:
+        with atomic_path(path, ".tmp" + suffix) as tmp:
+            _encode(tmp, arr, suffix, quality, icc_profile)
+    except ImageError:
+        raise
+    except OSError as e:
+        raise ImageError(f"{path}: cannot write image ({e.strerror or e})") from None
+    except Exception as e:
+        raise ImageError(f"{path}: cannot write image ({e})") from None
