@@ -27,7 +27,7 @@ import torch
 
 from ssbsn.data import PatchDataset
 from ssbsn.data.patches import FileSource, dihedral, sample_rng
-from ssbsn.imageio import read_image, split_alpha, to_model_range, write_image
+from ssbsn.images import read_image, split_alpha, to_model_range, write_image
 
 
 def synthesise(folder: Path, n: int, suffix: str, h: int = 3000, w: int = 4000) -> list[Path]:

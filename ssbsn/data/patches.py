@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..imageio import TIFF_SUFFIXES, ImageError, image_shape, read_image, split_alpha, to_model_range
+from ..images import TIFF_SUFFIXES, ImageError, image_shape, read_image, split_alpha, to_model_range
 from .dnd import DNDBoxes, is_dnd
 from .folder import list_images
 from .sidd import DataError, is_sidd_medium, load_sidd_blocks, scan_sidd_medium
