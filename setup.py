@@ -3,8 +3,11 @@ build of torch and nvcc are present, builds the blind-spot convolution extension
 """
 from setuptools import find_packages, setup
 
-PACKAGES = ["ssbsn." + p for p in find_packages("ssbsn")] + ["ssbsn", "ssbsn.kernels"]
-PACKAGE_DIR = {"ssbsn": "ssbsn", "ssbsn.kernels": "kernels"}
+PACKAGES = ["ssbsn." + p for p in find_packages("ssbsn")] + ["ssbsn", "ssbsn.kernels", "ssbsn.csrc"]
+PACKAGE_DIR = {"ssbsn": "ssbsn", "ssbsn.kernels": "kernels", "ssbsn.csrc": "csrc"}
+# csrc/ travels with the package (ssbsn/csrc/), so an installed copy can JIT-build the extension
+PACKAGE_DATA = {"ssbsn.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp", "*.sh", "*.md", "emulation/*.cpp",
+                               "emulation/shim/*.h"]}
 
 
 def cuda_extensions():
@@ -56,6 +59,7 @@ ext_modules, cmdclass = cuda_extensions()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data=PACKAGE_DATA,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -326,15 +326,25 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-class _ListSampler(torch.utils.data.Sampler):
-    def __init__(self, indices):
-        self.indices = list(indices)
+class EpochSampler(torch.utils.data.Sampler):
+    """(epoch, index) pairs of one epoch of ``sampler`` (a DistributedSampler), from batch
+    ``skip`` on. One DataLoader lives for the whole run (its workers persist); each epoch is
+    started with :meth:`start`, and the epoch travels with every index, so a worker's copy of
+    the dataset needs no ``set_epoch``."""
+
+    def __init__(self, sampler, batch: int):
+        self.sampler, self.batch = sampler, batch
+        self.epoch, self.skip = 0, 0
+
+    def start(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip_batches) * self.batch
 
     def __iter__(self):
-        return iter(self.indices)
+        self.sampler.set_epoch(self.epoch)
+        return iter([(self.epoch, i) for i in list(self.sampler)[self.skip:]])
 
-    def __len__(self):
-        return len(self.indices)
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
 
 
 # ------------------------------------------------------------------ training
@@ -418,12 +428,67 @@ def init_output_bias(model: SSBSN, dataset, samples: int = 16) -> None:
         model.bsn.tail[-1].bias.fill_(float(mean))
 
 
-def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
-    """Train (or continue, with ``resume``) the run described by ``cfg``.
+@dataclass
+class _Run:
+    """A training run in progress: what :func:`_setup` builds and the loop helpers share."""
+    cfg: TrainConfig
+    run: Path
+    device: torch.device
+    world: int
+    main: bool
+    description: str
+    dataset: object
+    sampler: EpochSampler
+    loader: object
+    steps_per_epoch: int
+    total: int
+    save_every: int
+    model: SSBSN
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    budget: Budget
+    amp: object
+    start: int = 0
+    elapsed: float = 0.0
+    last_loss: float = float("nan")
 
-    ``source`` (optional) replaces ``cfg.data`` with an in-memory image source. Returns a
-    summary: steps, final loss, run folder, path of the final weights.
-    """
+
+class _LossMeter:
+    """The loss between two log points, summed on the device (no host sync per step), and the
+    first step whose loss was not finite. :meth:`check` syncs: it runs at log and save points."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+        self.bad_step = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def reset(self) -> None:
+        self.sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.n = 0
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        """``loss`` of ``step`` (1-based), summed in float64 as Python floats were."""
+        loss = loss.detach()
+        self.sum += loss.double()
+        self.n += 1
+        first = (self.bad_step == 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_value = torch.where(first, loss.float(), self.bad_value)
+
+    def check(self, r: _Run) -> None:
+        """Stop the run (:class:`TrainingDiverged`) if a loss since the start was not finite."""
+        bad = int(self.bad_step)
+        if bad:
+            _diverged(r.run, r.cfg, bad, f"the loss is {float(self.bad_value)}")
+
+    def mean(self) -> float:
+        return float(self.sum) / self.n
+
+
+def _setup(cfg: TrainConfig, resume: bool, source) -> _Run:
+    """Check the configuration and the data, prepare the run folder, build (or restore) the
+    model and optimizer and the run's one DataLoader."""
     from .data import PatchDataset, open_training_source
 
     cfg.validate()
@@ -445,16 +510,15 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     else:
         description = f"{len(source)} in-memory images"
     dataset = PatchDataset(source, cfg.crop, cfg.in_channels, cfg.augment, cfg.repeat, cfg.seed)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // cfg.batch
+    dist_sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                       shuffle=True, seed=cfg.seed, drop_last=True)
+    steps_per_epoch = len(dist_sampler) // cfg.batch
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} crops per epoch are fewer than one batch of "
                          f"{cfg.batch}×{world}; use --repeat to draw more crops per image")
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     if cfg.minutes is not None and cfg.steps is None:
         total = 10 ** 12  # until the time budget is spent
-    save_every = cfg.save_every or steps_per_epoch
 
     run = Path(cfg.out)
     if main:
@@ -463,23 +527,10 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     if world > 1:
         dist.barrier()
 
-    # model and optimizer (fresh or from the newest checkpoint)
     torch.manual_seed(cfg.seed)
     model = SSBSN(**cfg.model_kwargs())
-    start, elapsed, state, spent = 0, 0.0, None, 0.0
-    if resume:
-        found = load_latest_checkpoint(run)
-        if found is not None:
-            loaded, state = found
-            model.load_state_dict(loaded.state_dict())
-            start, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
-            spent = float(state.get("budget_spent", elapsed))
-            if main:
-                _record_extension(run, cfg, start, total)
-            torch.set_rng_state(state["torch_rng"])
-            if "cuda_rng" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-    elif cfg.init_bias:
+    state = _resume(run, cfg, model, total, main) if resume else None
+    if state is None and not resume and cfg.init_bias:
         init_output_bias(model, dataset)
     model.to(device)
     if cfg.channels_last:
@@ -492,105 +543,152 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    log_path = run / "log.jsonl"
+    sampler = EpochSampler(dist_sampler, cfg.batch)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch, sampler=sampler, drop_last=True,
+        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+        pin_memory=device.type == "cuda")
+    r = _Run(cfg=cfg, run=run, device=device, world=world, main=main, description=description,
+             dataset=dataset, sampler=sampler, loader=loader, steps_per_epoch=steps_per_epoch,
+             total=total, save_every=cfg.save_every or steps_per_epoch, model=model, net=net,
+             optimizer=optimizer, budget=None,
+             amp=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"))
+    spent = 0.0
+    if state is not None:
+        r.start, r.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        spent = float(state.get("budget_spent", r.elapsed))
+        r.last_loss = float(state.get("loss", float("nan")))
+    r.budget = Budget(cfg, spent)
+    return r
+
+
+def _resume(run: Path, cfg: TrainConfig, model: SSBSN, total: int, main: bool) -> dict | None:
+    """Load the newest complete checkpoint into ``model`` and restore the RNG state; its
+    training state (step, optimizer, ...) or None when the run has no checkpoint yet."""
+    found = load_latest_checkpoint(run)
+    if found is None:
+        return None
+    loaded, state = found
+    model.load_state_dict(loaded.state_dict())
     if main:
-        _truncate_log(log_path, start)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+        _record_extension(run, cfg, int(state["step"]), total)
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state
+
+
+def _learning_rate(r: _Run, step: int) -> float | None:
+    """The learning rate of ``step``, or None when the time budget is spent."""
+    cfg = r.cfg
+    if r.budget.seconds is not None:
+        progress = r.budget.progress()
+        if r.world > 1:  # every process stops at the same step: rank 0's clock
+            t = torch.tensor([progress], dtype=torch.float64, device=r.device)
+            dist.broadcast(t, 0)
+            progress = float(t.item())
+        if progress >= 1.0:
+            return None
+        return lr_at_progress(cfg, step, max(progress, step / r.total))
+    if cfg.lr_schedule != "step":
+        return lr_at_progress(cfg, step, step / r.total)
+    return lr_at(cfg, step, r.total)
+
+
+def _train_step(r: _Run, x: torch.Tensor, lr: float) -> torch.Tensor:
+    """One optimizer step on the batch ``x``; the loss, still on the device."""
+    for group in r.optimizer.param_groups:
+        group["lr"] = lr
+    x = x.to(r.device, non_blocking=True)
+    if r.cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with r.amp:
+        y = r.net(x)
+    loss = torch.nn.functional.l1_loss(y.float(), x)
+    r.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    r.optimizer.step()
+    return loss
+
+
+def _save(r: _Run, meter: _LossMeter, step: int, epoch: int, total: int, t_start: float) -> None:
+    """A checkpoint, after checking that no loss and no weight has become NaN or Inf."""
+    meter.check(r)
+    _check_weights(r.run, r.cfg, r.model, step)
+    save_checkpoint(r.run, r.model, r.optimizer, dict(
+        step=step, epoch=epoch, total_steps=total, elapsed=time.perf_counter() - t_start,
+        loss=r.last_loss, budget_spent=r.budget.spent()), keep=r.cfg.keep)
+
+
+def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
+    """Train (or continue, with ``resume``) the run described by ``cfg``.
+
+    ``source`` (optional) replaces ``cfg.data`` with an in-memory image source. Returns a
+    summary: steps, final loss, run folder, path of the final weights.
+    """
+    r = _setup(cfg, resume, source)
+    log_path = r.run / "log.jsonl"
+    if r.main:
+        _truncate_log(log_path, r.start)
 
     from tqdm import tqdm
-    budget = Budget(cfg, spent)
-    until = (f"{cfg.minutes:g} {cfg.budget_clock} minutes" if total == 10 ** 12
-             else f"{total} steps")
-    bar = tqdm(total=None if total == 10 ** 12 else total, initial=start, unit="step",
-               dynamic_ncols=True, disable=not (main and cfg.progress), desc="train")
-    if main and cfg.progress:
-        bar.write(f"ssbsn train: {description}; {steps_per_epoch} steps/epoch, {until}, "
-                  f"batch {cfg.batch}×{world}, crop {cfg.crop}, device {device}")
+    bar = tqdm(total=None if r.total == 10 ** 12 else r.total, initial=r.start, unit="step",
+               dynamic_ncols=True, disable=not (r.main and cfg.progress), desc="train")
+    until = (f"{cfg.minutes:g} {cfg.budget_clock} minutes" if r.total == 10 ** 12
+             else f"{r.total} steps")
+    if r.main and cfg.progress:
+        bar.write(f"ssbsn train: {r.description}; {r.steps_per_epoch} steps/epoch, {until}, "
+                  f"batch {cfg.batch}×{r.world}, crop {cfg.crop}, device {r.device}")
 
-    step, loss_sum, loss_n = start, 0.0, 0
-    last_loss = float(state.get("loss", float("nan"))) if state is not None else float("nan")
+    step, meter = r.start, _LossMeter(r.device)
     t_log, imgs_since = time.perf_counter(), 0
-    t_start = time.perf_counter() - elapsed
+    t_start = time.perf_counter() - r.elapsed
     cpu_start = time.process_time()
-    net.train()
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        indices = list(sampler)[offset * cfg.batch:]
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch, sampler=_ListSampler(indices), drop_last=True,
-            num_workers=cfg.workers, pin_memory=device.type == "cuda")
-        for x in loader:
-            if budget.seconds is not None:
-                progress = budget.progress()
-                if world > 1:  # every process stops at the same step: rank 0's clock
-                    t = torch.tensor([progress], dtype=torch.float64, device=device)
-                    dist.broadcast(t, 0)
-                    progress = float(t.item())
-                if progress >= 1.0:
-                    total = step  # the time budget is spent
-                    break
-                lr = lr_at_progress(cfg, step, max(progress, step / total))
-            elif cfg.lr_schedule != "step":
-                lr = lr_at_progress(cfg, step, step / total)
-            else:
-                lr = lr_at(cfg, step, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = x.to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with amp:
-                y = net(x)
-            loss = torch.nn.functional.l1_loss(y.float(), x)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                _diverged(run, cfg, step + 1, f"the loss is {loss_value}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    r.net.train()
+    while step < r.total:
+        epoch, offset = divmod(step, r.steps_per_epoch)
+        r.sampler.start(epoch, offset)
+        for x in r.loader:
+            lr = _learning_rate(r, step)
+            if lr is None:
+                r.total = step  # the time budget is spent
+                break
+            meter.add(_train_step(r, x, lr), step + 1)
             step += 1
-            loss_sum += loss_value
-            loss_n += 1
-            imgs_since += x.shape[0] * world
+            imgs_since += x.shape[0] * r.world
 
-            if step % cfg.log_every == 0 or step == total:
-                mean = _all_mean(loss_sum / loss_n, world, device)
+            if step % cfg.log_every == 0 or step == r.total:
+                meter.check(r)
+                mean = _all_mean(meter.mean(), r.world, r.device)
                 now = time.perf_counter()
                 rate = imgs_since / max(now - t_log, 1e-9)
-                last_loss = mean
-                if main:
+                r.last_loss = mean
+                if r.main:
                     _append_log(log_path, dict(step=step, epoch=epoch, loss=mean,
-                                               lr=optimizer.param_groups[0]["lr"],
+                                               lr=r.optimizer.param_groups[0]["lr"],
                                                img_per_s=round(rate, 3),
                                                elapsed=round(now - t_start, 3)))
                 bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{rate:.1f}")
-                loss_sum, loss_n, t_log, imgs_since = 0.0, 0, now, 0
+                meter.reset()
+                t_log, imgs_since = now, 0
             bar.update(1)
-            if main and (step % save_every == 0 or step == total):
-                _check_weights(run, cfg, model, step)
-                save_checkpoint(run, model, optimizer, dict(
-                    step=step, epoch=epoch, total_steps=total,
-                    elapsed=time.perf_counter() - t_start, loss=last_loss,
-                    budget_spent=budget.spent()), keep=cfg.keep)
-            if step >= total:
+            if r.main and (step % r.save_every == 0 or step == r.total):
+                _save(r, meter, step, epoch, r.total, t_start)
+            if step >= r.total:
                 break
-    if main and budget.seconds is not None and step > 0 and step % save_every:
-        save_checkpoint(run, model, optimizer, dict(
-            step=step, epoch=step // steps_per_epoch, total_steps=step,
-            elapsed=time.perf_counter() - t_start, loss=last_loss,
-            budget_spent=budget.spent()), keep=cfg.keep)
+    meter.check(r)
+    if r.main and r.budget.seconds is not None and step > 0 and step % r.save_every:
+        _save(r, meter, step, step // r.steps_per_epoch, step, t_start)
     bar.close()
-    final = run / "model.safetensors"
-    if main:
-        _check_weights(run, cfg, model, step)
-        model.save(final)
-    if world > 1:
+    final = r.run / "model.safetensors"
+    if r.main:
+        _check_weights(r.run, cfg, r.model, step)
+        r.model.save(final)
+    if r.world > 1:
         dist.barrier()
-    return dict(steps=step, loss=last_loss, run=str(run), weights=str(final),
+    return dict(steps=step, loss=r.last_loss, run=str(r.run), weights=str(final),
                 seconds=time.perf_counter() - t_start, cpu_seconds=time.process_time() - cpu_start,
-                budget_spent=budget.spent())
+                budget_spent=r.budget.spent())
 
 
 def _diverged(run: Path, cfg: TrainConfig, step: int, what: str):

@@ -15,6 +15,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (see helpers.torch_threads)."""
+    from helpers import torch_threads
+    with torch_threads(1):
+        yield
+
+
 def pytest_report_header(config):
     cuda = torch.cuda.is_available()
     return [f"torch {torch.__version__}, CUDA device: {torch.cuda.get_device_name() if cuda else 'none'}, "

@@ -8,33 +8,21 @@ from ssbsn.attention import SSAttention, ss_attention
 from ssbsn.attention.reference import ss_attention_reference
 from ssbsn.attention.sdpa import ss_attention_sdpa
 
-
-def _run(fn, x, w, go):
-    xa = x.detach().clone().requires_grad_()
-    wa = w.detach().clone().requires_grad_()
-    out = fn(xa, wa)
-    out.backward(go)
-    return out.detach(), xa.grad, wa.grad
-
-
-def _inputs(shape, dtype=torch.float64):
-    x = torch.randn(shape, dtype=dtype) + 1.5
-    w = torch.empty(shape[1], shape[1], dtype=dtype)
-    torch.nn.init.xavier_uniform_(w, gain=1.414)
-    return x, w
+from helpers import attention_inputs, run_grads
 
 
 @pytest.mark.parametrize("grid", [4, 6])
 @pytest.mark.parametrize("group_stats", [False, True])
 def test_sdpa_matches_reference(grid, group_stats):
     """1×32×70×66: ragged for g = 4 (70 = 17·4 + 2) and g = 6 (70 = 11·6 + 4, 66 = 11·6)."""
-    x64, w64 = _inputs((1, 32, 70, 66))
+    x64, w64 = attention_inputs((1, 32, 70, 66))
     go = torch.randn_like(x64)
-    ref = _run(lambda a, b: ss_attention_reference(a, b, grid, group_stats=group_stats), x64, w64, go)
-    ref32 = _run(lambda a, b: ss_attention_reference(a, b, grid, group_stats=group_stats),
-                 x64.float(), w64.float(), go.float())
-    ours = _run(lambda a, b: ss_attention_sdpa(a, b, grid, group_stats), x64.float(), w64.float(),
-                go.float())
+    def reference(a, b):
+        return ss_attention_reference(a, b, grid, group_stats=group_stats)
+    ref = run_grads(reference, x64, w64, go)
+    ref32 = run_grads(reference, x64.float(), w64.float(), go.float())
+    ours = run_grads(lambda a, b: ss_attention_sdpa(a, b, grid, group_stats), x64.float(),
+                     w64.float(), go.float())
     for name, a, r32, r in zip(("out", "dx", "dw"), ours, ref32, ref):
         err = (a.double() - r).abs().max().item()
         base = (r32.double() - r).abs().max().item()
@@ -42,10 +30,10 @@ def test_sdpa_matches_reference(grid, group_stats):
 
 
 def test_sdpa_float64_is_exact_math():
-    x, w = _inputs((2, 16, 13, 11))
+    x, w = attention_inputs((2, 16, 13, 11))
     go = torch.randn_like(x)
-    for a, r in zip(_run(lambda a, b: ss_attention_sdpa(a, b, 4), x, w, go),
-                    _run(lambda a, b: ss_attention_reference(a, b, 4), x, w, go)):
+    for a, r in zip(run_grads(lambda a, b: ss_attention_sdpa(a, b, 4), x, w, go),
+                    run_grads(lambda a, b: ss_attention_reference(a, b, 4), x, w, go)):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
 
 
@@ -53,10 +41,11 @@ def test_sdpa_float64_is_exact_math():
 def test_sdpa_half_precision_ragged(dtype):
     """fp16/bf16 on a ragged shape: finite (the plain reference's q/(‖q‖+1e-8) is 0/0 = NaN at
     padded tokens in fp16) and close to the fp64 reference."""
-    x64, w64 = _inputs((1, 16, 13, 11))
+    x64, w64 = attention_inputs((1, 16, 13, 11))
     go = torch.randn_like(x64)
-    ref = _run(lambda a, b: ss_attention_reference(a, b, 4), x64, w64, go)
-    ours = _run(lambda a, b: ss_attention_sdpa(a, b, 4), x64.to(dtype), w64.to(dtype), go.to(dtype))
+    ref = run_grads(lambda a, b: ss_attention_reference(a, b, 4), x64, w64, go)
+    ours = run_grads(lambda a, b: ss_attention_sdpa(a, b, 4), x64.to(dtype), w64.to(dtype),
+                     go.to(dtype))
     tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
     for name, a, r in zip(("out", "dx", "dw"), ours, ref):
         assert a.dtype == dtype and torch.isfinite(a).all(), name
@@ -66,7 +55,7 @@ def test_sdpa_half_precision_ragged(dtype):
 
 def test_sdpa_uses_flash_kernel_without_nxn():
     """Forward and backward go through SDPA's CPU flash kernel; no softmax over an N×N matrix."""
-    x, w = _inputs((1, 32, 70, 66), torch.float32)
+    x, w = attention_inputs((1, 32, 70, 66), dtype=torch.float32)
     x.requires_grad_()
     with torch.profiler.profile() as prof:
         ss_attention_sdpa(x, w, 4).sum().backward()
@@ -77,14 +66,16 @@ def test_sdpa_uses_flash_kernel_without_nxn():
 
 
 def test_functional_backends_agree():
-    x, w = _inputs((2, 16, 9, 10), torch.float32)
+    x, w = attention_inputs((2, 16, 9, 10), dtype=torch.float32)
     ref = ss_attention(x, w, 4, backend="reference")
     torch.testing.assert_close(ss_attention(x, w, 4, backend="sdpa"), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ss_attention(x, w, 4, backend="fused"), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_compile_fullgraph_fused_module_cpu():
-    """torch.compile(fullgraph=True) of SSAttention(fused=True) on CPU (the SDPA path)."""
+    """torch.compile(fullgraph=True) of SSAttention(fused=True) on CPU (the SDPA path). aot_eager
+    traces forward and backward as inductor does, so a graph break fails it, without paying for
+    code generation."""
     torch.manual_seed(0)
     m = SSAttention(16, 4, fused=True, group_stats=True)
     x = torch.randn(1, 16, 13, 11) + 1.0
@@ -94,7 +85,7 @@ def test_compile_fullgraph_fused_module_cpu():
     gw_eager = m.wqk.grad.clone()
     m.wqk.grad = None
     xc = x.clone().requires_grad_()
-    compiled = torch.compile(m, fullgraph=True)(xc)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(xc)  # fullgraph is the point
     compiled.sum().backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)

@@ -32,7 +32,9 @@ def test_image_wide_statistics_leak_is_tiny():
     bsn = BSN(base_channels=16, num_modules=3, ss_blocks=2).double()
     centre, neighbours = pixel_gradient(bsn, (1, 3, 41, 37), (20, 18))
     assert neighbours.max() > 0
-    assert 0 < centre <= 1e-4 * neighbours.max()  # non-zero (LayerNorm's image statistics)
+    # non-zero (LayerNorm's image statistics) and about 1e-8 of the largest neighbour, as the
+    # README says: 6.0e-9 here; 0.9e-9 to 1.3e-8 over seeds 2-4 and three pixels each
+    assert 0 < centre <= 3e-8 * neighbours.max()
 
 
 def test_masked_conv_centre_takes_no_part():

@@ -21,13 +21,7 @@ from ssbsn.metrics import psnr, quantize, ssim
 TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and a busy machine punishes two)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +329,7 @@ def test_submit_sidd(tmp_path, weights, model):
 
 
 def test_submit_dnd(tmp_path, weights, model):
-    from test_data import make_dnd
+    from helpers import make_dnd
     images, boxes = make_dnd(tmp_path / "dnd", n_images=2, n_boxes=2)
     out = tmp_path / "bundle"
     assert main(["submit", "dnd", str(tmp_path / "dnd"), "-o", str(out), "-w", str(weights),

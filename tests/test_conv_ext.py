@@ -573,3 +573,138 @@ def test_gpu_wmma_refuses_fp32_in_one_line(gpu_ops):
 @pytest.mark.gpu
 def test_gpu_conv_backend_info_says_cuda(gpu_ops):
     assert conv_backend_info().startswith("cuda (")
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch.library ops (ssbsn::tap_conv*): schema, fake kernels, autograd, torch.compile
+# ----------------------------------------------------------------------------------------------
+class TorchReferenceOps:
+    """The binding's three calls written with torch (CPU): what stands behind the ops where no
+    build of the kernels exists, so that their registration is tested everywhere."""
+
+    device_type = "cpu"
+    origin = "torch reference of the binding (tests)"
+
+    @staticmethod
+    def _shift(x, dy, dx):
+        r = max(abs(dy), abs(dx))
+        h, w = x.shape[-2:]
+        return F.pad(x, (r, r, r, r))[..., r + dy:r + dy + h, r + dx:r + dx + w]
+
+    def conv_fwd(self, x, w, bias, y, dys, dxs, relu, nhwc, algo):
+        acc = sum(torch.einsum("nchw,cd->ndhw", self._shift(x.double(), dy, dx), w[t].double())
+                  for t, (dy, dx) in enumerate(zip(dys, dxs)))
+        if bias is not None:
+            acc = acc + bias.double().view(1, -1, 1, 1)
+        y.copy_(acc.clamp_min(0) if relu else acc)
+
+    def conv_wgrad(self, x, dz, dw, dys, dxs, nhwc, algo, splits=0):
+        for t, (dy, dx) in enumerate(zip(dys, dxs)):
+            dw[t] = torch.einsum("nchw,ndhw->cd", self._shift(x.double(), dy, dx), dz.double())
+
+    def relu_grad_bias(self, grad, out, dz, db, nhwc, hw_chunk=0):
+        if out is not None:
+            dz.copy_(grad * (out > 0))
+        if db is not None:
+            db.copy_((dz if out is not None else grad).double().sum((0, 2, 3)))
+
+    def implementation(self):
+        return "torch-reference"
+
+
+@pytest.fixture(params=["torch-reference", "emulation"])
+def op_backend(request, monkeypatch):
+    """The build behind the ops for CPU tensors: the torch reference of the binding, and the
+    host emulation of the real kernels (skipped where it cannot be built)."""
+    ops = TorchReferenceOps() if request.param == "torch-reference" else request.getfixturevalue("emu_ops")
+    monkeypatch.setattr(_cuda_ext, "_ops", ops)
+    monkeypatch.setattr(_cuda_ext, "_reason", None)
+    monkeypatch.setattr(_cuda_ext, "_loaded", True)
+    return ops
+
+
+def _op_args(kind, param, nhwc, relu, bias, dtype=torch.float32, device="cpu"):
+    taps = _taps(kind, param)
+    k = taps.ksize
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    x = torch.randn(2, 5, 7, 6, dtype=dtype, device=device).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(4, 5, k, k, dtype=dtype, device=device).requires_grad_()
+    b = torch.randn(4, dtype=dtype, device=device).requires_grad_() if bias else None
+    return (x, w, b, list(taps.dy), list(taps.dx), list(taps.window), relu, 0)
+
+
+OPCHECK_CASES = [("masked", 3, False, True, True), ("dilated", 2, True, False, True),
+                 ("masked", 5, True, True, False)]
+
+
+# every case on the real kernel code (emulated); the torch reference once, for machines without
+# a compiler
+@pytest.mark.parametrize("op_backend,kind,param,nhwc,relu,bias",
+                         [("emulation", *c) for c in OPCHECK_CASES] + [("torch-reference", *OPCHECK_CASES[0])],
+                         indirect=["op_backend"])
+def test_tap_conv_op_passes_opcheck(op_backend, kind, param, nhwc, relu, bias):
+    """torch.library.opcheck of ssbsn::tap_conv (schema, fake tensors, autograd registration,
+    AOT dispatch) and of the gradient ops it calls, on CPU tensors."""
+    args = _op_args(kind, param, nhwc, relu, bias)
+    torch.library.opcheck(torch.ops.ssbsn.tap_conv.default, args)
+    x, w = args[0].detach(), args[1].detach()
+    dz = torch.randn(2, 4, 7, 6).contiguous(memory_format=torch.channels_last if nhwc else
+                                            torch.contiguous_format)
+    dy, dx, window = args[3:6]
+    torch.library.opcheck(torch.ops.ssbsn.tap_conv_input_grad.default, (dz, w, dy, dx, window, 0))
+    torch.library.opcheck(torch.ops.ssbsn.tap_conv_weight_grad.default, (x, dz, w, dy, dx, window, 0))
+    out = torch.randn_like(dz)
+    torch.library.opcheck(torch.ops.ssbsn.tap_conv_relu_grad.default, (dz, out))
+    torch.library.opcheck(torch.ops.ssbsn.tap_conv_bias_grad.default, (dz,))
+    torch.library.opcheck(torch.ops.ssbsn.tap_conv_relu_bias_grad.default, (dz, out))
+
+
+def test_tap_conv_op_matches_conv2d_and_compiles_without_graph_break(op_backend):
+    """The module on backend="cuda" through torch.compile(fullgraph=True): no graph break, and
+    forward and gradients equal eager and the torch backend."""
+    torch.manual_seed(0)
+    mod = CentralMaskedConv2d(5, 4, 3, backend="cuda")
+    ref = CentralMaskedConv2d(5, 4, 3, backend="torch")
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(2, 5, 9, 8)
+    grads = []
+    for fn in (mod, torch.compile(mod, fullgraph=True, backend="aot_eager"), ref):
+        mod.zero_grad(), ref.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = fn(xi, relu=True)
+        y.square().sum().backward()
+        m = ref if fn is ref else mod
+        grads.append((y.detach(), xi.grad, m.weight.grad.clone(), m.bias.grad.clone()))
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0], grads[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_are_packed_once_per_version():
+    from ssbsn.nn.conv_ops import packed_weight
+
+    w = torch.randn(4, 5, 3, 3)
+    window = list(_taps("masked", 3).window)
+    first = packed_weight(w, window, False)
+    assert packed_weight(w, window, False) is first  # the cache
+    torch.testing.assert_close(first, w.reshape(4, 5, 9)[:, :, window].permute(2, 1, 0))
+    torch.testing.assert_close(packed_weight(w, window, True), w.reshape(4, 5, 9)[:, :, window].permute(2, 0, 1))
+    with torch.no_grad():
+        w.mul_(2)  # an optimizer step: a new version, packed again
+    again = packed_weight(w, window, False)
+    assert again is not first
+    torch.testing.assert_close(again, 2 * first)
+    with torch.inference_mode():  # no version counter: packed each time, never cached
+        wi = torch.randn(4, 5, 3, 3)
+        torch.testing.assert_close(packed_weight(wi, window, False), wi.reshape(4, 5, 9)[:, :, window].permute(2, 1, 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_gpu_tap_conv_op_passes_opcheck(gpu_ops, dtype):
+    """opcheck of ssbsn::tap_conv with the real kernels."""
+    args = _op_args("masked", 3, True, True, True, dtype=dtype, device="cuda")
+    torch.library.opcheck(torch.ops.ssbsn.tap_conv.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))

@@ -14,12 +14,14 @@ import torch
 from ssbsn.data import (DNDBoxes, PatchDataset, dihedral, list_images, load_sidd_blocks,
                         open_training_source, paired_images, read_dnd_boxes, read_dnd_crop,
                         scan_sidd_medium, write_dnd_bundle, write_sidd_submission)
-from ssbsn.data.patches import ArraySource
+from ssbsn.data.patches import ArraySource, FileSource
 from ssbsn.data.sidd import DataError
 from ssbsn.images import (ImageError, from_model_range, image_shape, read_image,
                            to_model_range, write_image)
 from ssbsn.inference import transform
 from ssbsn.metrics import psnr, quantize, ssim
+
+from helpers import make_dnd
 
 
 def _rand(shape, dtype=np.uint8, seed=0):
@@ -236,32 +238,6 @@ def test_sidd_submission_layout(tmp_path):
 
 # ------------------------------------------------------------------ DND
 
-def make_dnd(root, n_images=2, n_boxes=3, h=40, w=44, box=16):
-    """DND layout: images_srgb/%04d.mat with InoisySRGB stored transposed, info.mat with
-    info/boundingboxes → references to (4, n_boxes) arrays of 1-based [r0, c0, r1, c1]."""
-    rng = np.random.default_rng(0)
-    (root / "images_srgb").mkdir(parents=True)
-    images, boxes = [], []
-    for i in range(n_images):
-        img = rng.random((h, w, 3)).astype(np.float32)
-        with h5py.File(root / "images_srgb" / f"{i + 1:04d}.mat", "w") as f:
-            f["InoisySRGB"] = img.T  # (3, W, H), as MATLAB stores (H, W, 3)
-        b = []
-        for k in range(n_boxes):
-            r0, c0 = 1 + 3 * k + i, 2 + 5 * k
-            b.append([r0, c0, r0 + box - 1, c0 + box - 1])
-        images.append(img)
-        boxes.append(np.array(b, dtype=np.float64))
-    with h5py.File(root / "info.mat", "w") as f:
-        refs_group = f.create_group("#refs#")
-        info = f.create_group("info")
-        refs = np.empty((1, n_images), dtype=h5py.ref_dtype)
-        for i, b in enumerate(boxes):
-            refs_group[f"b{i}"] = b.T  # stored (4, n_boxes)
-            refs[0, i] = refs_group[f"b{i}"].ref
-        info.create_dataset("boundingboxes", data=refs, dtype=h5py.ref_dtype)
-    return images, boxes
-
 
 def test_dnd_boxes_crops_and_source(tmp_path):
     images, boxes = make_dnd(tmp_path / "dnd")
@@ -356,6 +332,49 @@ def test_patch_dataset_channels_and_sizes():
         PatchDataset(ArraySource([_rand((12, 12, 3))]), crop=10, channels=1)
     with pytest.raises(DataError):
         PatchDataset(ArraySource([]), crop=10)
+
+
+def test_file_crops_are_the_whole_image_crops_and_decoded_once(tmp_path, monkeypatch):
+    """FileSource.crop (the crop converted alone, from a cached decode or a TIFF memory map)
+    equals cropping the whole converted image, for every sample type and layout."""
+    import ssbsn.data.patches as P
+    rng = np.random.default_rng(3)
+    arrays = {"rgba.png": rng.integers(0, 256, (21, 19, 4), dtype=np.uint8),
+              "grey.png": rng.integers(0, 256, (20, 23), dtype=np.uint8),
+              "rgb16.tif": rng.integers(0, 65536, (22, 18, 3), dtype=np.uint16),
+              "float.tif": rng.random((19, 20, 3)).astype(np.float32)}
+    for name, a in arrays.items():
+        write_image(tmp_path / name, a)
+    tifffile.imwrite(tmp_path / "planar.tif", rng.integers(0, 65536, (3, 18, 17), dtype=np.uint16),
+                     planarconfig="separate", photometric="rgb")
+    paths = [tmp_path / n for n in [*arrays, "planar.tif"]]
+    decodes = []
+    real_read = P.read_image
+    monkeypatch.setattr(P, "read_image", lambda p: decodes.append(p) or real_read(p))
+    src = FileSource(paths)
+    for i, path in enumerate(paths):
+        whole = to_model_range(read_image(path)[..., :3] if path.name == "rgba.png" else
+                               read_image(path))
+        for y, x in [(0, 0), (3, 5), (whole.shape[0] - 7, whole.shape[1] - 7)]:
+            crop = src.crop(i, y, x, 7)
+            assert crop.dtype == np.float32
+            np.testing.assert_array_equal(crop, whole[y:y + 7, x:x + 7])
+    # decoded once each; the uncompressed integer TIFFs are memory-mapped, never decoded
+    assert sorted(p.name for p in decodes) == ["float.tif", "grey.png", "rgba.png"]
+    assert isinstance(src.native(2), np.memmap) and isinstance(src.native(4), np.memmap)
+
+
+def test_decoded_cache_keeps_the_recent_images_within_its_budget():
+    from ssbsn.data.patches import DecodedCache
+    cache = DecodedCache(budget=3000)
+    for k in range(4):
+        cache.put(k, np.zeros(1000, np.uint8))
+    assert cache.get(0) is None and cache.used == 3000  # the oldest went
+    cache.get(1)  # now the most recent
+    cache.put(9, np.zeros(1000, np.uint8))
+    assert cache.get(2) is None and cache.get(1) is not None
+    cache.put("big", np.zeros(5000, np.uint8))  # larger than the budget: not kept
+    assert cache.get("big") is None and cache.used <= 3000
 
 
 # ------------------------------------------------------------------ file permissions

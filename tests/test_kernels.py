@@ -19,6 +19,8 @@ import torch
 from ssbsn.attention.common import materialised_attention
 from ssbsn.attention.reference import ss_attention_reference
 
+from helpers import attention_inputs, run_grads
+
 pytest.importorskip("triton")
 import ssbsn.kernels as kernels  # noqa: E402
 
@@ -34,26 +36,8 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available() or kernels.INTER
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers
+# helpers (run_grads, attention_inputs: tests/helpers.py)
 # ---------------------------------------------------------------------------------------------
-def _run(fn, x, w, go):
-    """(out, dx, dw) of fn(x, w) with upstream gradient go."""
-    xa = x.detach().clone().requires_grad_()
-    wa = w.detach().clone().requires_grad_()
-    out = fn(xa, wa)
-    out.backward(go)
-    return out.detach(), xa.grad, wa.grad
-
-
-def _inputs(shape, embed=None, device="cpu", offset=1.5):
-    """fp64 inputs: x with a common offset (as ReLU features have), the paper's W init."""
-    B, C, H, W = shape
-    x = torch.randn(shape, dtype=torch.float64, device=device) + offset
-    w = torch.empty(C, embed or C, dtype=torch.float64, device=device)
-    torch.nn.init.xavier_uniform_(w, gain=1.414)
-    return x, w
-
-
 def _fa3_check(ours, same, oracle, names=("out", "dx", "dw"), factor=2.0, slack=2e-6):
     for name, a, r, o in zip(names, ours, same, oracle):
         assert a.dtype == r.dtype, f"{name}: dtype {a.dtype} != {r.dtype}"
@@ -82,11 +66,11 @@ def _compare(x64, w64, grid, group_stats, dtype, memory_format, *, deterministic
         oracle_fn = lambda a, b: ss_attention_reference(a, b, grid, group_stats=group_stats)  # noqa: E731
     same_fn = _same_dtype_reference(grid, group_stats, per_group)
     go64 = torch.randn_like(x64)
-    oracle = _run(oracle_fn, x64, w64, go64)
+    oracle = run_grads(oracle_fn, x64, w64, go64)
     x = x64.to(dtype).contiguous(memory_format=memory_format)
     w, go = w64.to(dtype), go64.to(dtype)
-    same = _run(same_fn, x, w, go)
-    ours = _run(lambda a, b: kernels.ss_attention(a, b, grid, group_stats=group_stats,
+    same = run_grads(same_fn, x, w, go)
+    ours = run_grads(lambda a, b: kernels.ss_attention(a, b, grid, group_stats=group_stats,
                                                   deterministic=deterministic), x, w, go)
     assert ours[0].stride() == x.stride(), "output must keep the input's memory layout"
     _fa3_check(ours, same, oracle)
@@ -112,41 +96,41 @@ NCHW, CL = torch.contiguous_format, torch.channels_last
     ((1, 16, 13, 11), 4, torch.bfloat16, CL, True),     # bf16 (dots upcast in the interpreter)
 ])
 def test_matches_reference(shape, grid, dtype, fmt, group_stats):
-    x64, w64 = _inputs(shape)
+    x64, w64 = attention_inputs(shape)
     _compare(x64, w64, grid, group_stats, dtype, fmt)
 
 
 @interp
 def test_embed_differs_from_channels():
-    x64, w64 = _inputs((1, 16, 12, 10), embed=24)
+    x64, w64 = attention_inputs((1, 16, 12, 10), embed=24)
     _compare(x64, w64, 4, False, torch.float32, NCHW)
 
 
 @interp
 def test_arbitrary_strides():
     """A non-dense view of a larger map (strided in C and W) is read in place."""
-    x64, _ = _inputs((1, 32, 14, 22))
-    _, w64 = _inputs((1, 16, 1, 1))
+    x64, _ = attention_inputs((1, 32, 14, 22))
+    _, w64 = attention_inputs((1, 16, 1, 1))
     xv = x64.float()[:, ::2, :, 1::2]
     assert not xv.is_contiguous() and not xv.is_contiguous(memory_format=CL)
     go = torch.randn(xv.shape)
-    ours = _run(lambda a, b: kernels.ss_attention(a, b, 4), xv, w64.float(), go)
-    ref = _run(lambda a, b: ss_attention_reference(a, b, 4), xv.double(), w64, go.double())
+    ours = run_grads(lambda a, b: kernels.ss_attention(a, b, 4), xv, w64.float(), go)
+    ref = run_grads(lambda a, b: ss_attention_reference(a, b, 4), xv.double(), w64, go.double())
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
 
 
 @interp
 def test_deterministic_bitwise():
-    x64, w64 = _inputs((1, 16, 21, 19))
+    x64, w64 = attention_inputs((1, 16, 21, 19))
     x = x64.float().contiguous(memory_format=CL)
     w = w64.float()
     go = torch.randn_like(x)
     fn = lambda a, b: kernels.ss_attention(a, b, 4, deterministic=True)  # noqa: E731
-    first, second = _run(fn, x, w, go), _run(fn, x, w, go)
+    first, second = run_grads(fn, x, w, go), run_grads(fn, x, w, go)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    atomic = _run(lambda a, b: kernels.ss_attention(a, b, 4), x, w, go)
+    atomic = run_grads(lambda a, b: kernels.ss_attention(a, b, 4), x, w, go)
     for a, b in zip(first, atomic):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -252,7 +236,7 @@ GPU_SHAPES = [  # (shape, grid): the SPEC's shapes
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("group_stats", [False, True])
 def test_gpu_matches_reference(shape, grid, dtype, group_stats):
-    x64, w64 = _inputs(shape, device="cuda")
+    x64, w64 = attention_inputs(shape, device="cuda")
     big = shape[-1] * shape[-2] // grid ** 2 > 5000
     _compare(x64, w64, grid, group_stats, dtype, CL, per_group=big)
     if shape[0] == 4 and not group_stats and dtype == torch.float16:  # NCHW too, once
@@ -263,13 +247,13 @@ def test_gpu_matches_reference(shape, grid, dtype, group_stats):
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_deterministic_bitwise(dtype):
-    x64, w64 = _inputs((4, 128, 140, 140), device="cuda")
+    x64, w64 = attention_inputs((4, 128, 140, 140), device="cuda")
     x = x64.to(dtype).contiguous(memory_format=CL)
     w, go = w64.to(dtype), torch.randn_like(x)
     fn = lambda a, b: kernels.ss_attention(a, b, 4, deterministic=True)  # noqa: E731
-    first = _run(fn, x, w, go)
+    first = run_grads(fn, x, w, go)
     for _ in range(3):
-        for a, b in zip(first, _run(fn, x, w, go)):
+        for a, b in zip(first, run_grads(fn, x, w, go)):
             assert torch.equal(a, b)
 
 

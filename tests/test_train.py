@@ -19,15 +19,6 @@ from ssbsn.train import (TrainConfig, checkpoint_paths, list_checkpoints, lr_at,
 TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
 
 
-@pytest.fixture
-def one_thread():
-    """Same thread count in this process and the subprocesses, so float sums agree."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     root = str(Path(__file__).resolve().parents[1])
@@ -150,6 +141,20 @@ def test_repeat_from_saved_config_gives_identical_run(images, tmp_path, one_thre
     assert main(["train", "--config", str(tmp_path / "a" / "config.yaml"),
                  "--out", str(tmp_path / "b")]) == 0
     assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
+
+
+def test_persistent_workers_draw_the_crops_of_each_epoch(images, tmp_path, one_thread):
+    """One DataLoader with persistent workers for the whole run: over three epochs, and resumed
+    mid-epoch, the same crops (so the same losses and weights) as loading in this process."""
+    base = _cfg(images, tmp_path / "w0", steps=12, save_every=5, lr_decay_at=1.0)
+    train(base)
+    two = _cfg(images, tmp_path / "w2", steps=7, save_every=5, lr_decay_at=1.0, workers=2)
+    train(two)
+    two.steps = 12
+    train(two, resume=True)  # continues from step 7 (epoch 1, batch 3)
+    assert [r["loss"] for r in read_log(base.out)] == [r["loss"] for r in read_log(two.out)]
+    a, b = _weights(Path(base.out, "model.safetensors")), _weights(Path(two.out, "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ddp_two_processes_equal_one_process_with_double_batch(images, tmp_path, one_thread):

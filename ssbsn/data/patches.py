@@ -1,8 +1,17 @@
 """Training data: image sources and random crops with flips and 90° rotations.
 
-A *source* is a list of images: ``len(source)`` and ``source.load(i)`` → float32 (H, W, C)
-in 0..255 (the model's range), plus ``source.shape(i)``. :class:`PatchDataset` draws one
-random crop per item and applies one of the 8 flips/rotations.
+A *source* is a list of images: ``len(source)``, ``source.shape(i)`` (from the file header,
+without decoding), ``source.load(i)`` → the whole image as float32 (H, W, C) in 0..255 (the
+model's range) and ``source.crop(i, y, x, size)`` → the same numbers for one size×size window
+only. :class:`PatchDataset` draws one random crop per item and applies one of the 8
+flips/rotations.
+
+Crops are cut before any conversion: the image stays in its stored sample type (uint8, uint16,
+float) and only the crop becomes float32, so a crop of a 12-megapixel photo costs microseconds
+once the image is decoded. :class:`FileSource` decodes each file once and keeps the decoded
+images in a least-recently-used cache bounded in bytes (``cache_bytes``, per process: every
+DataLoader worker holds its own); an uncompressed uint8/uint16 TIFF is memory-mapped instead
+of read.
 
 Randomness is a pure function of ``(seed, epoch, index)``: the crop of item i in epoch e is
 the same whichever process or worker loads it and whenever it does. That is what makes a
@@ -11,15 +20,20 @@ uninterrupted single-process run.
 """
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..imageio import ImageError, image_shape, read_image, split_alpha, to_model_range
+from ..images import TIFF_SUFFIXES, ImageError, image_shape, read_image, split_alpha, to_model_range
 from .dnd import DNDBoxes, is_dnd
 from .folder import list_images
 from .sidd import DataError, is_sidd_medium, load_sidd_blocks, scan_sidd_medium
+
+
+DEFAULT_CACHE_BYTES = int(float(os.environ.get("SSBSN_DATA_CACHE_MB", 2048)) * 2 ** 20)
 
 
 class ArraySource:
@@ -35,17 +49,75 @@ class ArraySource:
     def shape(self, i: int):
         return self.images[i].shape
 
+    def native(self, i: int) -> np.ndarray:
+        """Image ``i`` in its stored sample type, (H, W, C)."""
+        return self.images[i]
+
     def load(self, i: int) -> np.ndarray:
-        return to_model_range(self.images[i])
+        return to_model_range(self.native(i))
+
+    def crop(self, i: int, y: int, x: int, size: int) -> np.ndarray:
+        """``load(i)[y:y+size, x:x+size]``, converting the window only."""
+        return to_model_range(self.native(i)[y:y + size, x:x + size])
 
 
-class FileSource:
-    """Image files, read when needed. Shapes are checked from the headers at construction."""
+class DecodedCache:
+    """Decoded images by key, least recently used dropped first once their bytes pass
+    ``budget`` (an image larger than the budget is not kept)."""
 
-    def __init__(self, paths):
+    def __init__(self, budget: int):
+        self.budget, self.used = int(budget), 0
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        arr = self._items.get(key)
+        if arr is not None:
+            self._items.move_to_end(key)
+        return arr
+
+    def put(self, key, arr: np.ndarray) -> None:
+        size = arr.nbytes if not isinstance(arr, np.memmap) else 0  # a map costs no memory
+        if size > self.budget:
+            return
+        self._items[key] = arr
+        self.used += size
+        while self.used > self.budget:
+            _, old = self._items.popitem(last=False)
+            self.used -= old.nbytes if not isinstance(old, np.memmap) else 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _tiff_memmap(path: Path):
+    """An uncompressed, contiguous uint8/uint16 TIFF as a read-only (H, W, C) memory map, or
+    None (then it is decoded)."""
+    import tifffile
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) != 1 or len(tif.series) != 1:
+                return None
+            page = tif.pages[0]
+            if page.dtype not in (np.uint8, np.uint16) or not page.is_memmappable:
+                return None
+            planar = page.ndim == 3 and page.planarconfig == 2
+        arr = tifffile.memmap(path, mode="r")
+    except Exception:  # noqa: BLE001 -- anything unusual: the decoder reads it (and reports)
+        return None
+    if planar:
+        arr = np.moveaxis(arr, 0, -1)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+class FileSource(ArraySource):
+    """Image files, read when needed and kept decoded up to ``cache_bytes`` (per process).
+    Shapes are checked from the headers at construction."""
+
+    def __init__(self, paths, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.paths = [Path(p) for p in paths]
         self.names = [str(p) for p in self.paths]
         self._shapes = [image_shape(p) for p in self.paths]
+        self.cache = DecodedCache(cache_bytes)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -53,8 +125,25 @@ class FileSource:
     def shape(self, i: int):
         return self._shapes[i]
 
+    def native(self, i: int) -> np.ndarray:
+        arr = self.cache.get(i)
+        if arr is None:
+            path = self.paths[i]
+            arr = _tiff_memmap(path) if path.suffix.lower() in TIFF_SUFFIXES else None
+            if arr is None:
+                arr = read_image(path)
+            if tuple(arr.shape) != tuple(self._shapes[i]):
+                raise ImageError(f"{path}: the pixels ({arr.shape}) do not match the header "
+                                 f"({self._shapes[i]})")
+            self.cache.put(i, arr)
+        return arr
+
     def load(self, i: int) -> np.ndarray:
-        colour, _ = split_alpha(read_image(self.paths[i]))
+        colour, _ = split_alpha(self.native(i))
+        return to_model_range(colour)
+
+    def crop(self, i: int, y: int, x: int, size: int) -> np.ndarray:
+        colour, _ = split_alpha(self.native(i)[y:y + size, x:x + size])
         return to_model_range(colour)
 
 
@@ -75,6 +164,9 @@ class DNDSource:
 
     def load(self, i: int) -> np.ndarray:
         return self.dnd.load(i) * np.float32(255.0)
+
+    def crop(self, i: int, y: int, x: int, size: int) -> np.ndarray:
+        return self.load(i)[y:y + size, x:x + size]  # a box is small (≤ 512×512)
 
 
 def open_training_source(path, kind: str = "auto"):
@@ -131,7 +223,7 @@ class PatchDataset(torch.utils.data.Dataset):
 
     ``repeat`` visits each image that many times per epoch. Grey images are replicated to
     ``channels`` = 3; an RGB image with ``channels`` = 1 is an error. Call
-    :meth:`set_epoch` before each epoch.
+    :meth:`set_epoch` before each epoch, or index with ``(epoch, index)`` pairs.
     """
 
     def __init__(self, source, crop: int, channels: int = 3, augment: bool = True,
@@ -157,16 +249,18 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source) * self.repeat
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        img = self.source.load(index % len(self.source))
-        img, _ = split_alpha(img)
-        if img.shape[-1] == 1 and self.channels == 3:
-            img = np.repeat(img, 3, axis=-1)
-        rng = sample_rng(self.seed, self.epoch, index)
-        h, w = img.shape[:2]
+    def __getitem__(self, index) -> torch.Tensor:
+        """Crop ``index`` of the current epoch, or of ``epoch`` for an ``(epoch, index)`` pair
+        (what training's sampler passes, so that DataLoader workers need no set_epoch)."""
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        i = index % len(self.source)
+        h, w = self.source.shape(i)[:2]
+        rng = sample_rng(self.seed, epoch, index)
         y = int(rng.integers(0, h - self.crop + 1))
         x = int(rng.integers(0, w - self.crop + 1))
-        patch = img[y:y + self.crop, x:x + self.crop]
+        patch, _ = split_alpha(self.source.crop(i, y, x, self.crop))
+        if patch.shape[-1] == 1 and self.channels == 3:
+            patch = np.repeat(patch, 3, axis=-1)
         if self.augment:
             patch = dihedral(patch, int(rng.integers(0, 8)))
         return torch.from_numpy(np.ascontiguousarray(patch.transpose(2, 0, 1), dtype=np.float32))

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+def _csrc() -> Path:
+    """The kernel sources: ssbsn/csrc/ in an installed package, csrc/ in a source checkout."""
+    here = Path(__file__).resolve().parents[1]
+    installed = here / "csrc"
+    return installed if (installed / "conv_binding.cpp").is_file() else here.parent / "csrc"
+
+
+CSRC = _csrc()
 ALGOS = {"auto": 0, "fma": 1, "wmma": 2}
 _BUILD_FLAGS = ["-O3"]  # the C++ standard is torch's choice (its headers need it)
 

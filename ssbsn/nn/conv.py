@@ -12,7 +12,9 @@
 ``backend="cuda"`` uses the CUDA extension in ``csrc/``: both convolutions as *tap*
 convolutions, a list of (dy, dx) offsets — the masked k×k conv is the k²−1 offsets around the
 centre (the centre tap is skipped, not multiplied by zero), the dilated conv the 9 offsets
-d·(−1..1)². Implicit-GEMM kernels (tensor cores for fp16/bf16), fused bias + ReLU, NCHW or
+d·(−1..1)², through the ``torch.library`` op ``ssbsn::tap_conv`` (:mod:`ssbsn.nn.conv_ops`:
+fake kernels and autograd, so ``torch.compile`` traces it whole; weights packed once per
+version). Implicit-GEMM kernels (tensor cores for fp16/bf16), fused bias + ReLU, NCHW or
 channels_last, a deterministic weight gradient. fp32/fp16/bf16 tensors on a CUDA device;
 under autocast, inputs are cast like ``F.conv2d`` does. ``SSBSN_CONV_ALGO=fma|wmma|auto``
 picks the kernel family (auto: WMMA for fp16/bf16 on sm_80+, FMA otherwise).
@@ -20,15 +22,14 @@ picks the kernel family (auto: WMMA for fp16/bf16 on sm_80+, FMA otherwise).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import _cuda_ext
+from . import conv_ops  # noqa: F401 -- registers the ssbsn::tap_conv* ops
 from ._cuda_ext import conv_backend_info
 
 CONV_BACKENDS = ("torch", "cuda")
@@ -111,18 +112,8 @@ class _Taps:
         self.dy = tuple(t[0] for t in taps)
         self.dx = tuple(t[1] for t in taps)
         self.window = tuple(t[2] for t in taps)
-        self.neg_dy = tuple(-d for d in self.dy)
-        self.neg_dx = tuple(-d for d in self.dx)
-        self._index: dict[torch.device, torch.Tensor] = {}
-
-    def index(self, device: torch.device) -> torch.Tensor:
-        idx = self._index.get(device)
-        if idx is None:
-            idx = self._index[device] = torch.tensor(self.window, dtype=torch.long, device=device)
-        return idx
 
 
-@functools.lru_cache(maxsize=None)
 def _masked_taps(k: int) -> _Taps:
     if k % 2 != 1 or not 1 < k * k - 1 <= MAX_TAPS:
         raise ValueError(f"conv backend 'cuda' supports masked kernels 3 and 5, got {k}")
@@ -131,7 +122,6 @@ def _masked_taps(k: int) -> _Taps:
                      for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy or dx])
 
 
-@functools.lru_cache(maxsize=None)
 def _dilated_taps(d: int) -> _Taps:
     if d < 1:
         raise ValueError(f"dilation must be positive, got {d}")
@@ -145,20 +135,12 @@ def _algo_code(algo: str | None) -> int:
     return _cuda_ext.ALGOS[name]
 
 
-def _is_nhwc(x: torch.Tensor) -> bool:
-    if x.is_contiguous():
-        return False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return True
-    return x.stride(1) == 1 and x.shape[1] > 1
-
-
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _cuda_conv(x, weight, bias, taps: _Taps, relu: bool, algo: str | None = None):
     """The tap convolution on the extension; ``algo`` overrides ``SSBSN_CONV_ALGO``."""
-    ops = _cuda_ext.require_ops(x)
+    _cuda_ext.require_ops(x)  # a one-line error where the extension is missing
     code = _algo_code(algo)
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"conv backend 'cuda' takes a 4-D input and weight, got {tuple(x.shape)} and "
@@ -179,62 +161,5 @@ def _cuda_conv(x, weight, bias, taps: _Taps, relu: bool, algo: str | None = None
                         f"{None if bias is None else bias.dtype}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"conv backend 'cuda' supports float32, float16 and bfloat16, got {x.dtype}")
-    return _TapConvFn.apply(x, weight, bias, taps, bool(relu), code, ops)
-
-
-class _TapConvFn(torch.autograd.Function):
-    """y = act(bias + tap-conv(x, weight)) and its gradients, on the extension."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, taps: _Taps, relu: bool, algo: int, ops):
-        nhwc = _is_nhwc(x)
-        fmt = torch.channels_last if nhwc else torch.contiguous_format
-        x = x.contiguous(memory_format=fmt)
-        n, ci, h, w = x.shape
-        co = weight.shape[0]
-        y = torch.empty((n, co, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
-        if y.numel():
-            # [Co, Ci, k*k] -> the taps -> [taps, Ci, Co]
-            wp = weight.reshape(co, ci, -1).index_select(2, taps.index(x.device)).permute(2, 1, 0).contiguous()
-            b = None if bias is None else bias.to(torch.float32).contiguous()
-            ops.conv_fwd(x, wp, b, y, taps.dy, taps.dx, relu, nhwc, algo)
-        ctx.save_for_backward(x, weight, y if relu else None)
-        ctx.conf = (taps, relu, algo, ops, nhwc, None if bias is None else bias.dtype)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        x, weight, y = ctx.saved_tensors
-        taps, relu, algo, ops, nhwc, bias_dtype = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        fmt = torch.channels_last if nhwc else torch.contiguous_format
-        n, ci, h, w = x.shape
-        co, dev = weight.shape[0], x.device
-        if n * h * w == 0:
-            return (torch.zeros_like(x) if need_x else None, torch.zeros_like(weight) if need_w else None,
-                    torch.zeros(co, dtype=bias_dtype, device=dev) if need_b else None,
-                    None, None, None, None)
-        g = gy.to(x.dtype).contiguous(memory_format=fmt)
-        dz, db = g, None
-        if relu or need_b:
-            dz_buf = torch.empty_like(g) if relu else None
-            db32 = torch.empty(co, dtype=torch.float32, device=dev) if need_b else None
-            ops.relu_grad_bias(g, y, dz_buf, db32, nhwc)
-            if relu:
-                dz = dz_buf
-            if need_b:
-                db = db32.to(bias_dtype)
-        dx = dw = None
-        idx = taps.index(dev)
-        if need_x:  # the forward with dz, the negated taps and w[t, co, ci]
-            wd = weight.reshape(co, ci, -1).index_select(2, idx).permute(2, 0, 1).contiguous()
-            dx = torch.empty((n, ci, h, w), dtype=x.dtype, device=dev, memory_format=fmt)
-            ops.conv_fwd(dz, wd, None, dx, taps.neg_dy, taps.neg_dx, False, nhwc, algo)
-        if need_w:
-            dwp = torch.empty((len(taps.dy), ci, co), dtype=torch.float32, device=dev)
-            ops.conv_wgrad(x, dz, dwp, taps.dy, taps.dx, nhwc, algo)
-            full = torch.zeros((co, ci, taps.ksize * taps.ksize), dtype=torch.float32, device=dev)
-            full.index_copy_(2, idx, dwp.permute(2, 1, 0))
-            dw = full.view(co, ci, taps.ksize, taps.ksize).to(weight.dtype)
-        return dx, dw, db, None, None, None, None
+    return torch.ops.ssbsn.tap_conv(x, weight, bias, list(taps.dy), list(taps.dx), list(taps.window),
+                                    bool(relu), code)
