@@ -7,7 +7,7 @@ Options (see benchmarks/README.md):
   --bench-max-call-s SECONDS       skip calls predicted slower than this (0.3 s CPU, 5 s GPU)
   --bench-threads {auto,N}         torch.set_num_threads; auto: 1 on a loaded CPU machine
   --bench-cpu-mem-limit GIB        CPU: cases estimated to need more are reported OOM (est.)
-  --bench-enforce-targets          fail (not just report) when the issue-3 CPU target is missed
+  --bench-enforce-targets          fail (not just report) when the CPU memory target is missed
 Markers: smoke (CI subset, < 60 s), attention, compile, flops, e2e, conv, memtarget.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ MARKERS = {
     "flops": "analytic FLOPs (Eq. 6/10) and the counted-FLOPs oracle",
     "e2e": "end-to-end SS-BSN training step and tiled R3 inference",
     "conv": "blind-spot convolutions: CUDA extension vs cuDNN",
-    "memtarget": "issue 3's CPU memory target at 1×128×264×264 (isolated subprocesses)",
+    "memtarget": "the CPU memory target at 1×128×264×264 (isolated subprocesses)",
     "gpu": "needs a CUDA device (skipped with a reason without one)",
 }
 
@@ -50,7 +50,7 @@ def pytest_addoption(parser):
                 help="GiB; CPU cases estimated above it are reported OOM (est.); "
                      "default: half the machine's RAM")
     g.addoption("--bench-enforce-targets", action="store_true", default=False,
-                help="assert the issue-3 CPU memory/speed target instead of reporting it")
+                help="assert the CPU memory/speed target instead of reporting it")
 
 
 def _ram_bytes() -> int:

@@ -1,6 +1,6 @@
 """Analytic FLOPs of MSA (paper Eq. 6) and SS-Attention (Eq. 10), and the "≈3.8% of MSA" figure.
 
-As written in SPEC.md:   MSA  = 4hwC + 2(hw)²C          SS-Attention = hwC + 2(hw)²C / ḡ²
+As in the paper (docs/ss_attention.md):   MSA  = 4hwC + 2(hw)²C          SS-Attention = hwC + 2(hw)²C / ḡ²
 
 Units: the quadratic terms count multiply-accumulates (QKᵀ: (hw)²C MACs, A·V: (hw)²C MACs), so
 counted FLOPs are 2× the formulas. The linear terms are the projections: MSA has four C×C

@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- the plan
-# (B, C, H, W, g): the SPEC's shapes on a GPU; tiny ragged ones in the dry run
+# (B, C, H, W, g): the model's real shapes on a GPU; tiny ragged ones in the dry run
 GPU_SHAPES = {"train-g4": (4, 128, 140, 140, 4), "train-g6": (4, 128, 140, 140, 6),
               "sidd-g4": (1, 128, 264, 264, 4), "large-g4": (1, 128, 532, 532, 4)}
 DRY_SHAPES = {"train-g4": (1, 16, 13, 11, 4), "train-g6": (1, 16, 13, 11, 6),

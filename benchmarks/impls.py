@@ -72,7 +72,7 @@ class AttnShape:
         return self.B * self.H * self.W
 
     def flops_fwd(self, family: str = "ss") -> float:
-        """Kernel FLOPs of one forward: 4·N²·C per group (SPEC.md); MSA: one group of H·W."""
+        """Kernel FLOPs of one forward: 4·N²·C per group (docs/ss_attention.md); MSA: one group of H·W."""
         if family == "msa":
             return 4.0 * (self.H * self.W) ** 2 * self.C * self.B
         return 4.0 * self.N ** 2 * self.C * self.groups

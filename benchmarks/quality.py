@@ -1,4 +1,4 @@
-"""Denoising quality of self-supervised training on a handful of photos (issue 9), on CPU.
+"""Denoising quality of self-supervised training on a handful of photos, on CPU.
 
     python benchmarks/quality.py                       # the committed run (about 30 min)
     python benchmarks/quality.py --photos DIR          # your own photos instead
@@ -59,7 +59,7 @@ def load_photos(folder: str | None, size: int, names=HELD_OUT) -> list[tuple[str
     """(name, uint8 RGB) centre crops of at most size×size."""
     if folder:
         from ssbsn.data import list_images
-        from ssbsn.imageio import read_image, split_alpha
+        from ssbsn.images import read_image, split_alpha
         files = list_images(Path(folder), recursive=True)
         if not files:
             raise SystemExit(f"quality: no images in {folder}")
@@ -356,7 +356,7 @@ def environment() -> dict:
 # ------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Denoising quality of the quick recipe (issue 9).")
+    ap = argparse.ArgumentParser(description="Denoising quality of the quick recipe.")
     ap.add_argument("--photos", default=None, help="folder of clean photos (default: held-out "
                                                    "scikit-image photos)")
     ap.add_argument("--size", type=int, default=256, help="centre crop (default 256)")
@@ -503,7 +503,7 @@ def main(argv=None) -> int:
         images=rows, seconds=round(time.perf_counter() - t0, 1),
         command="python benchmarks/quality.py " + " ".join(_public_args(
             argv if argv is not None else sys.argv[1:])))
-    header = (f"# Quality benchmark (issue 9)\n\n{env['device']}; torch {env['torch']}, "
+    header = (f"# Quality benchmark\n\n{env['device']}; torch {env['torch']}, "
               f"scikit-image {env['skimage']}, bm3d {env['bm3d']}; {env['date']}.\n"
               f"Photos: {', '.join(report['photos'])} (centre {args.size}²); preset "
               f"`{args.preset}`; training on the noisy photos of "

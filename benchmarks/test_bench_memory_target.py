@@ -43,7 +43,7 @@ def _probe(impl: str, repeats: int = 1) -> dict:
 
 def test_cpu_memory_target(bench_ctx):
     if env.on_cuda():
-        pytest.skip("the issue-3 memory target is a CPU target (run on a CPU-only machine)")
+        pytest.skip("the memory target is a CPU target (run on a CPU-only machine)")
     B, C, Hh, W = SHAPE
     fused = "fused" if "fused" in package_backends() else None
     candidate = fused or "gather+sdpa[flash]"

@@ -1,4 +1,4 @@
-"""Fused SS-Attention in Triton, forward and backward (SPEC.md steps 1-6).
+"""Fused SS-Attention in Triton, forward and backward (docs/ss_attention.md, steps 1-6; algorithm: docs/kernels.md).
 
     out = x + softmax((1 + q̂ q̂ᵀ)/√E) · V   per grid group,   q̂ = normalize(LN(x) · W),  V = x
 

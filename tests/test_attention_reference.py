@@ -1,4 +1,5 @@
-"""The reference SS-Attention against an independent, loop-by-loop reading of SPEC.md."""
+"""The reference SS-Attention against an independent, loop-by-loop reading of its definition
+(docs/ss_attention.md)."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from ssbsn.attention import ss_attention_reference
 
 
 def loop_oracle(x, w, g, group_stats=False, eps=1e-5):
-    """SPEC.md steps 1-6 with explicit loops over samples and grid groups, in fp64.
+    """docs/ss_attention.md steps 1-6 with explicit loops over samples and grid groups, in fp64.
 
     Padded tokens are not materialised: each group has n_pad extra keys of logit 1/√E and
     value 0, which enter the softmax denominator only."""

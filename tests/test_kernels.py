@@ -222,7 +222,7 @@ def test_fused_backend_on_cpu_is_sdpa_without_warning():
 # ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------
-GPU_SHAPES = [  # (shape, grid): the SPEC's shapes
+GPU_SHAPES = [  # (shape, grid): the model's real shapes (docs/ss_attention.md)
     ((4, 128, 140, 140), 6),   # training, g = 6: N = 576
     ((4, 128, 140, 140), 4),   # training, g = 4: N = 1225
     ((1, 128, 264, 264), 4),   # SIDD validation: N = 4356

@@ -34,7 +34,7 @@ def _kernels():
 
 def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bool = False,
                  backend: str = "reference", deterministic: bool = False) -> torch.Tensor:
-    """Return ``x + attention(x)`` (SPEC.md steps 1-6).
+    """Return ``x + attention(x)`` (docs/ss_attention.md, steps 1-6).
 
     ``deterministic`` (triton/fused on CUDA) makes the gradients bitwise repeatable; the other
     backends ignore it (their determinism is PyTorch's).

@@ -1,4 +1,4 @@
-"""SS-Attention, said once in plain PyTorch (SPEC.md steps 1-6).
+"""SS-Attention, said once in plain PyTorch (docs/ss_attention.md, steps 1-6).
 
 This is the oracle every fast backend is tested against. It follows the authors' numerics
 exactly: image-wide LayerNorm (no affine, eps 1e-5), zero padding to a multiple of the grid

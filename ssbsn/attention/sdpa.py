@@ -20,7 +20,7 @@ from .common import (check_inputs, from_groups, normalized_queries, softmax_scal
 
 def ss_attention_sdpa(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool = False
                       ) -> torch.Tensor:
-    """Return ``x + attention(x)`` (SPEC.md steps 1-6), differentiable in x and w."""
+    """Return ``x + attention(x)`` (docs/ss_attention.md, steps 1-6), differentiable in x and w."""
     check_inputs(x, w)
     B, C, H, W = x.shape
     E = w.shape[1]

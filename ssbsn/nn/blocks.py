@@ -1,4 +1,4 @@
-"""The two modules of a branch: D-ConvBlock and SS-Block (SPEC.md).
+"""The two modules of a branch: D-ConvBlock and SS-Block (docs/model.md).
 
     D-ConvBlock(x) = x + body(x),                 body = conv1×1 ∘ ReLU ∘ dconv ∘ ReLU ∘ dconv
     SS-Block(x)    = x + body(SSAttention(x)),    SSAttention(x) = x + attention(x)
