@@ -18,12 +18,7 @@ TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
 PACKAGE = Path(ssbsn.__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

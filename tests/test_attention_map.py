@@ -9,7 +9,7 @@ import torch
 from ssbsn import SSBSN
 from ssbsn.attention.module import SSAttention
 from ssbsn.attention.common import NORM_EPS
-from ssbsn.attention.reference import layer_norm, padded_size, to_groups
+from ssbsn.attention.common import layer_norm, padded_size, to_groups
 from ssbsn.attention_map import attention_maps, attention_row, image_to_map, map_to_image
 from ssbsn.pd import pd_down
 

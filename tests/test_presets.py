@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from ssbsn import SSBSN
@@ -15,12 +14,7 @@ from ssbsn.presets import PRESETS, QUICK, preset_values
 from ssbsn.train import TrainConfig, lr_at_progress, read_log, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
 """SS-Attention's shared pieces: the constants and the grouped view, said once.
 
-Everything that computes SS-Attention outside the oracle uses this module: the SDPA backend
-(``sdpa.py``), the fused kernels (``ssbsn.kernels``: the eps values reach the kernels as
-``tl.constexpr`` arguments from here), the attention maps (``ssbsn/attention_map.py``), the
-benchmarks and the tests' yardsticks. The oracle, ``reference.py``, states the math again on
-its own (it takes only the two constants from here), and the tests hold a third, loop-by-loop
-reading (tests/test_attention_reference.py), so that a mistake here cannot hide in both.
+Everything that computes SS-Attention uses this module: the oracle (``reference.py``), the
+SDPA backend (``sdpa.py``), the fused kernels (``ssbsn.kernels``: the eps values reach the
+kernels as ``tl.constexpr`` arguments from here), the attention maps
+(``ssbsn/attention_map.py``), the benchmarks and the tests' yardsticks. The independent check
+is the loop-by-loop fp64 reading of the definition in tests/test_attention_reference.py, which
+shares no code with this module.
 
 Math (per sample, per grid group of tokens sharing row and column phase mod g):
     y = LayerNorm(x)          no affine, eps LN_EPS, over (C, H, W) or over the group
