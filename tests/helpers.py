@@ -65,3 +65,16 @@ def make_dnd(root, n_images=2, n_boxes=3, h=40, w=44, box=16):
             refs[0, i] = refs_group[f"b{i}"].ref
         info.create_dataset("boundingboxes", data=refs, dtype=h5py.ref_dtype)
     return images, boxes
+
+
+def noisy_folder(folder, count: int, height: int, width: int):
+    """``count`` flat-colour RGB PNGs with Gaussian noise (σ 25) in a new ``folder``: data a
+    tiny model can train on in seconds. Returns the folder."""
+    from ssbsn.images import write_image
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        base = rng.integers(40, 200, (1, 1, 3))
+        img = np.clip(base + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
+        write_image(folder / f"{i}.png", img)
+    return folder

@@ -3,13 +3,12 @@ time with the schedule laid over the budget, and the paper preset is the paper's
 import json
 import time
 
-import numpy as np
 import pytest
 import yaml
 
+from helpers import noisy_folder
 from ssbsn import SSBSN
 from ssbsn.cli import main
-from ssbsn.images import write_image
 from ssbsn.presets import PRESETS, QUICK, preset_values
 from ssbsn.train import TrainConfig, lr_at_progress, read_log, train
 
@@ -19,13 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on
 
 @pytest.fixture
 def images(tmp_path):
-    d = tmp_path / "imgs"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        img = np.clip(rng.integers(40, 200, (1, 1, 3)) + rng.normal(0, 25, (48, 50, 3)), 0, 255)
-        write_image(d / f"{i}.png", img.astype(np.uint8))
-    return d
+    return noisy_folder(tmp_path / "imgs", 3, 48, 50)
 
 
 def test_paper_preset_is_the_papers_recipe():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import noisy_folder
 from ssbsn import SSBSN
 from ssbsn.images import write_image
 from ssbsn.train import (TrainConfig, checkpoint_paths, list_checkpoints, lr_at, read_config,
@@ -28,14 +29,7 @@ def _env():
 
 @pytest.fixture
 def images(tmp_path):
-    d = tmp_path / "imgs"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        base = rng.integers(40, 200, (1, 1, 3))
-        img = np.clip(base + rng.normal(0, 25, (24, 26, 3)), 0, 255).astype(np.uint8)
-        write_image(d / f"{i}.png", img)
-    return d
+    return noisy_folder(tmp_path / "imgs", 4, 24, 26)
 
 
 def _cfg(images, out, **kw):
