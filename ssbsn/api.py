@@ -58,18 +58,15 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
     plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
     the PD stride's s² shifts with the shifted-PD ensemble. None: the model's own setting."""
     from .inference import tile_starts
-    s = model.inference
-    r3 = s["r3"] if r3 is None else r3
-    self_ensemble = s["self_ensemble"] if self_ensemble is None else self_ensemble
-    shifts = s["shifts"] if shifts is None else shifts
-    tile = s["tile"] if tile is None else tile
-    b = model.pd_test if pd is None else pd
+    s = model.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
+                                 pd=pd)
+    b = s["pd"]
     windows = 1
-    if tile:
-        t = -(-tile // b) * b  # as inference.tiled rounds it
+    if s["tile"]:
+        t = -(-s["tile"] // b) * b  # as inference.tiled rounds it
         windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
-    return (windows * (8 if self_ensemble else 1) * (b * b if shifts else 1)
-            * (1 + model.r3_T if r3 else 1))
+    return (windows * (8 if s["self_ensemble"] else 1) * (b * b if s["shifts"] else 1)
+            * (1 + model.r3_T if s["r3"] else 1))
 
 
 @contextmanager

@@ -81,6 +81,16 @@ class SSBSN(nn.Module):
         r_pd = self.pd_test * (r_bsn + 1) + self.pd_test
         return r_pd + r_bsn + self.pd_pad
 
+    def inference_settings(self, pd: int | None = None, **given) -> dict:
+        """The settings :meth:`denoise` runs with: each option left at None takes the model's
+        own (``self.inference``; the PD stride ``pd_test``), all checked."""
+        s = check_inference_settings({k: self.inference[k] if given.get(k) is None else given[k]
+                                      for k in self.inference})
+        b = self.pd_test if pd is None else pd
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"the inference PD stride must be a positive integer, got {pd!r}")
+        return {**s, "pd": b}
+
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, r3: bool | None = None, self_ensemble: bool | None = None,
                 tile: int | None = None, overlap: int | None = None, seed: int = 0,
@@ -96,26 +106,22 @@ class SSBSN(nn.Module):
                 of the image (every pixel takes each PD phase once), which removes PD's
                 checkerboard; ``pd_test``² times slower.
             tile: process in tiles of this size (memory stays bounded), each with ``overlap``
-                pixels of context per side; 0 = the whole image at once.
+                pixels of context per side; 0 = the whole image at once. For a model without
+                SS-Blocks, exact wherever the overlap covers the receptive field
+                (:meth:`receptive_radius`), except within that radius of the image border,
+                where PD's sub-images see each other's far edges. SS-Attention and the
+                image-wide LayerNorm make the paper model depend slightly on the tile size.
             pd: PD stride at inference (default ``pd_test``).
             lowpass: σ (pixels) of :func:`ssbsn.inference.restore_low_frequencies`: keep the
                 noisy image's frequencies below about 1/σ (brightness, colour) and the
-                network's above; 0 = off (the paper). For a model without SS-Blocks, exact wherever the
-                overlap covers the receptive field (:meth:`receptive_radius`), except within that
-                radius of the image border, where PD's sub-images see each other's far edges.
-                SS-Attention and the image-wide LayerNorm make the paper model depend slightly
-                on the tile size.
+                network's above; 0 = off (the paper).
             seed: seed of R3's random replacement (a pure function of pixel position).
         """
         self._check_input(x)
-        s = check_inference_settings({k: v if v is not None else self.inference[k] for k, v in
-                                      dict(r3=r3, self_ensemble=self_ensemble, tile=tile,
-                                           overlap=overlap, shifts=shifts,
-                                           lowpass=lowpass).items()})
-        r3, self_ensemble, tile, overlap = s["r3"], s["self_ensemble"], s["tile"], s["overlap"]
-        b = self.pd_test if pd is None else pd
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"the inference PD stride must be a positive integer, got {pd!r}")
+        s = self.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile,
+                                    overlap=overlap, shifts=shifts, lowpass=lowpass, pd=pd)
+        r3, self_ensemble, tile, overlap, b = (s["r3"], s["self_ensemble"], s["tile"],
+                                               s["overlap"], s["pd"])
 
         def run(window: torch.Tensor, origin) -> torch.Tensor:
             def member(img: torch.Tensor, k: int) -> torch.Tensor:
