@@ -71,31 +71,23 @@ def load_photos(folder: str | None, size: int, names=HELD_OUT) -> list[tuple[str
             raw.append((f.stem, img))
     else:
         raw = [(n, _skimage_photo(n)) for n in names]
+    from ssbsn.data.tiles import centre_crop
     out = []
     for name, img in raw:
         if img.ndim == 2 or img.shape[-1] == 1:
             img = np.repeat(img.reshape(img.shape[:2] + (1,)), 3, axis=-1)
-        h, w = img.shape[:2]
-        s = min(size, h, w)
-        y, x = (h - s) // 2, (w - s) // 2
-        out.append((name, np.ascontiguousarray(img[y:y + s, x:x + s, :3])))
+        out.append((name, centre_crop(img, size)))
     return out
 
 
 def make_items(photos, shots, seed: int) -> list[dict]:
     """One noisy/clean pair per photo and level, each through its own random camera."""
-    from ssbsn.metrics import quantize
-    from ssbsn.noise import camera_noise, random_camera
+    from ssbsn.noise import camera_pair
     items = []
     for li, shot in enumerate(shots):
         for pi, (name, img) in enumerate(photos):
-            rng = np.random.default_rng([seed, li, pi])
-            cam = random_camera(rng)
-            x = img / 255.0
-            clean, _ = camera_noise(x, rng, shot=0.0, read=0.0, cam=cam)
-            noisy, _ = camera_noise(x, rng, shot=shot, cam=cam)
-            items.append(dict(name=name, shot=shot, noisy=quantize(noisy * 255.0),
-                              clean=quantize(clean * 255.0)))
+            noisy, clean = camera_pair(img, np.random.default_rng([seed, li, pi]), shot)
+            items.append(dict(name=name, shot=shot, noisy=noisy, clean=clean))
     return items
 
 

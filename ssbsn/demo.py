@@ -34,29 +34,16 @@ QUICK = dict(size=48, shot=0.01, minutes=None, steps=3, base_channels=8, crop=24
 def demo_photos(size: int) -> list[tuple[str, np.ndarray]]:
     """(name, uint8 RGB) photos from skimage.data, centre-cropped to at most size×size."""
     from skimage import data
-    out = []
-    for name in DEMO_IMAGES:
-        img = getattr(data, name)()
-        h, w = img.shape[:2]
-        s = min(size, h, w)
-        y, x = (h - s) // 2, (w - s) // 2
-        out.append((name, np.ascontiguousarray(img[y:y + s, x:x + s, :3])))
-    return out
+
+    from .data.tiles import centre_crop
+    return [(name, centre_crop(getattr(data, name)(), size)) for name in DEMO_IMAGES]
 
 
 def make_pairs(size: int, shot: float, seed: int):
     """(name, noisy uint8, clean uint8) through one random camera per photo."""
-    from .metrics import quantize
-    from .noise import camera_noise, random_camera
+    from .noise import camera_pair
     rng = np.random.default_rng(seed)
-    pairs = []
-    for name, img in demo_photos(size):
-        cam = random_camera(rng)
-        x = img / 255.0
-        clean, _ = camera_noise(x, rng, shot=0.0, read=0.0, cam=cam)
-        noisy, _ = camera_noise(x, rng, shot=shot, cam=cam)
-        pairs.append((name, quantize(noisy * 255.0), quantize(clean * 255.0)))
-    return pairs
+    return [(name, *camera_pair(img, rng, shot)) for name, img in demo_photos(size)]
 
 
 def run_demo(out="demo_out", steps: int | None = None, minutes: float | None = None,

@@ -226,3 +226,12 @@ def add_camera_noise(image_u8: np.ndarray, rng=None, shot: float | None = None,
     """:func:`camera_noise` on a uint8 image; returns uint8 (rounded), like a real photo."""
     noisy, _ = camera_noise(np.asarray(image_u8, dtype=np.float64) / 255.0, rng, shot, read, cam)
     return np.clip(np.floor(noisy * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+def camera_pair(image_u8: np.ndarray, rng, shot: float, read: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy, clean) uint8 renderings of a clean uint8 photo through one random camera: the
+    clean reference is the same pipeline without noise (it is not the input photo itself)."""
+    cam = random_camera(rng)
+    clean = add_camera_noise(image_u8, rng, shot=0.0, read=0.0, cam=cam)
+    return add_camera_noise(image_u8, rng, shot=shot, read=read, cam=cam), clean

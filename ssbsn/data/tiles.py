@@ -12,6 +12,15 @@ from .folder import list_images
 from .sidd import is_sidd_medium, scan_sidd_medium
 
 
+def centre_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """The centre size×size square of an (H, W, C) image (smaller sides stay whole), its first
+    three channels, contiguous."""
+    h, w = img.shape[:2]
+    s = min(size, h, w)
+    y, x = (h - s) // 2, (w - s) // 2
+    return np.ascontiguousarray(img[y:y + s, x:x + s, :3])
+
+
 def tile_origins(n: int, size: int, step: int) -> list[int]:
     """Start offsets of ``size``-long tiles every ``step`` along ``n``; the last tile ends at
     ``n`` (it overlaps its neighbour more when ``step`` does not divide the length)."""
