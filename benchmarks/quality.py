@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -156,11 +157,7 @@ def run_training(task: dict) -> dict:
     """Train one model (the recipe, or AP-BSN with ss_blocks=0) on the noisy images of
     ``task`` for its budget, then denoise them with the model's own settings."""
     _one_thread()
-    import torch
-
-    from ssbsn import SSBSN
     from ssbsn.data.patches import ArraySource
-    from ssbsn.metrics import quantize
     from ssbsn.presets import preset_values
     from ssbsn.train import TrainConfig, train
     items = task["items"]
@@ -178,7 +175,24 @@ def run_training(task: dict) -> dict:
         summary = train(cfg, source=ArraySource([it["noisy"] for it in items],
                                                 [f"{it['name']}@{it['shot']}" for it in items]))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        model = SSBSN.load(summary["weights"]).eval()
+        if task.get("cache"):  # keep the model: a later run re-denoises with today's code
+            Path(task["cache"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(summary["weights"], Path(task["cache"]).with_suffix(".safetensors"))
+        r = dict(method=task["method"], minutes=task["minutes"], steps=summary["steps"],
+                 train_cpu_min=round(cpu / 60, 2), train_wall_min=round(wall / 60, 2),
+                 config={k: v for k, v in cfg.to_dict().items() if k not in ("data", "out")})
+        return {**r, **denoise_items(summary["weights"], items)}
+
+
+def denoise_items(weights, items) -> dict:
+    """Denoise the noisy images of ``items`` with the model's own inference settings (what
+    ``ssbsn denoise -w MODEL`` does with no flags) and score them."""
+    _one_thread()
+    import torch
+
+    from ssbsn import SSBSN
+    from ssbsn.metrics import quantize
+    model = SSBSN.load(weights).eval()
     rows, images = [], {}
     t0 = time.perf_counter()
     for it in items:
@@ -186,13 +200,15 @@ def run_training(task: dict) -> dict:
         with torch.no_grad():
             y = model.denoise(x)  # the model's own inference settings
         out = quantize(y[0].numpy().transpose(1, 2, 0))
-        rows.append(dict(name=it["name"], shot=it["shot"], **scores(out, it["clean"])))
+        row = dict(name=it["name"], shot=it["shot"], **scores(out, it["clean"]))
+        if model.inference["blend"]:  # what the blend with the noisy pixel adds
+            with torch.no_grad():
+                plain = model.denoise(x, blend=False)
+            row["plain"] = scores(quantize(plain[0].numpy().transpose(1, 2, 0)), it["clean"])
+        rows.append(row)
         images[(it["name"], it["shot"])] = out
-    return dict(method=task["method"], minutes=task["minutes"], rows=rows, images=images,
-                steps=summary["steps"], train_cpu_min=round(cpu / 60, 2),
-                train_wall_min=round(wall / 60, 2),
+    return dict(rows=rows, images=images,
                 denoise_s_per_image=round((time.perf_counter() - t0) / len(items), 2),
-                config={k: v for k, v in cfg.to_dict().items() if k not in ("data", "out")},
                 inference=dict(model.inference, pd_test=model.pd_test))
 
 
@@ -231,17 +247,22 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
             for method in ("ssbsn", "apbsn"):
                 r = runs.get((method, main_minutes), {}).get((name, shot))
                 row[method] = None if r is None else {k: r[k] for k in ("psnr", "ssim", "shift")}
+                row[method + "_plain"] = None if r is None else r.get("plain")
             for k in ("nlm_blind", "nlm_true", "bm3d_blind", "bm3d_true"):
                 row[k] = b.get(k)
             rows.append(row)
     cols = ["noisy", "ssbsn", "apbsn", "nlm_blind", "nlm_true", "bm3d_blind", "bm3d_true"]
+    if any(r["ssbsn_plain"] or r["apbsn_plain"] for r in rows):
+        cols[3:3] = ["ssbsn_plain", "apbsn_plain"]
     head = ["photo", "shot", "σ true/blind"] + [
         {"noisy": "noisy", "ssbsn": "SS-BSN", "apbsn": "AP-BSN", "nlm_blind": "NLM blind",
+         "ssbsn_plain": "SS-BSN no blend", "apbsn_plain": "AP-BSN no blend",
          "nlm_true": "NLM true σ", "bm3d_blind": "BM3D blind", "bm3d_true": "BM3D true σ"}[c]
         for c in cols] + ["shift noisy", "shift SS-BSN", "shift AP-BSN"]
     md = [f"PSNR (dB) / SSIM against the clean photo; SS-BSN and AP-BSN after {main_minutes:g} "
-          "CPU-minutes of training (one thread); shift = mean(output − clean) in grey levels (the "
-          "noisy images' own shift comes from the camera pipeline's clipping).",
+          "CPU-minutes of training (one thread), denoised with the model's own settings, and "
+          "'no blend' without the blend with the noisy pixel; shift = mean(output − clean) in "
+          "grey levels (the noisy images' own shift comes from the camera pipeline's clipping).",
           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"], f"{r['shot']:g}", f"{r['sigma_true']:.1f}/{r['sigma_blind']:.1f}"]
@@ -275,6 +296,14 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
                 cells.append(f"{np.mean(g):+.2f} (min {min(g):+.2f})" if g else "—")
             cells.append(f"{np.mean([abs(r['shift']) for r in t['rows']]):.2f}")
             md.append("| " + " | ".join(cells) + " |")
+            if all("plain" in r for r in t["rows"]):
+                cells = [t["method"] + " no blend", f"{t['minutes']:g}", "″", "″", "″"]
+                for shot in shots:
+                    g = [r["plain"]["psnr"] - by[(r["name"], r["shot"])]["noisy"]["psnr"]
+                         for r in t["rows"] if r["shot"] == shot]
+                    cells.append(f"{np.mean(g):+.2f} (min {min(g):+.2f})" if g else "—")
+                cells.append(f"{np.mean([abs(r['plain']['shift']) for r in t['rows']]):.2f}")
+                md.append("| " + " | ".join(cells) + " |")
     return rows, "\n".join(md) + "\n"
 
 
@@ -414,8 +443,13 @@ def main(argv=None) -> int:
                 f"run_{t['method']}_{t['minutes']:g}_{args.preset}_"
                 f"{'lvl' + str(t['seed']) if args.per_level else 'all'}_{key}.json"))
             if Path(t["cache"]).is_file():
-                run_cached[id(t)] = _load_run(Path(t["cache"]))
-                print(f"quality: {t['method']} {t['minutes']:g} min from {t['cache']}", flush=True)
+                r = _load_run(Path(t["cache"]))
+                model = Path(t["cache"]).with_suffix(".safetensors")
+                if model.is_file():  # today's inference code on the cached model
+                    r.update(denoise_items(model, t["items"]))
+                run_cached[id(t)] = r
+                print(f"quality: {t['method']} {t['minutes']:g} min from {t['cache']}"
+                      f"{' (model re-run)' if model.is_file() else ''}", flush=True)
     cached = None
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:

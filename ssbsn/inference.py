@@ -1,4 +1,5 @@
-"""Inference helpers: geometric self-ensemble, tiling, and position-hashed R3 randomness.
+"""Inference helpers: geometric self-ensemble, tiling, position-hashed R3 randomness, and the
+blend of the blind-spot estimate with the noisy pixel (:func:`noisy_pixel_blend`).
 
 R3 replaces each pixel by the noisy one with probability p. Its random field here is a hash of
 (seed, round, batch, channel, global row, global column) rather than a stream from a generator,
@@ -16,7 +17,7 @@ _M32 = 0xFFFFFFFF
 # What SSBSN.denoise does when not told otherwise (the paper's inference); a trained model
 # carries its own values in its checkpoint (metadata key "ssbsn_inference").
 INFERENCE_DEFAULTS = dict(r3=True, shifts=False, self_ensemble=False, tile=0, overlap=64,
-                          lowpass=0.0)
+                          lowpass=0.0, blend=False)
 
 
 def check_inference_settings(s: dict) -> dict:
@@ -25,7 +26,7 @@ def check_inference_settings(s: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown inference settings: {', '.join(unknown)}")
     out = dict(s)
-    for k in ("r3", "shifts", "self_ensemble"):
+    for k in ("r3", "shifts", "self_ensemble", "blend"):
         if not isinstance(out[k], bool):
             raise ValueError(f"inference setting {k} must be true or false, got {out[k]!r}")
     lp = out["lowpass"]
@@ -69,6 +70,119 @@ def restore_low_frequencies(noisy: torch.Tensor, denoised: torch.Tensor, sigma: 
     if sigma <= 0:
         return denoised
     return denoised + gaussian_lowpass(noisy.to(denoised.dtype) - denoised, sigma)
+
+
+# --- the blend with the noisy pixel ------------------------------------------------------
+
+BLEND_BINS = 16        # equal-count bins of intensity (noise curve) and of texture (prior error)
+BLEND_RADIUS = 2       # texture: local variance of the estimate over (2r+1)² pixels
+BLEND_FLAT = 0.2       # the noise is measured on the flattest fifth of each intensity bin
+_MAX_SAMPLES = 1 << 20  # bin edges from at most this many pixels (a regular subsample)
+
+
+def _local_variance(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Variance of x (B, C, H, W) over the (2r+1)² window around each pixel (reflected borders;
+    replicated where the image is too small to reflect)."""
+    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
+    box = lambda t: torch.nn.functional.avg_pool2d(  # noqa: E731
+        torch.nn.functional.pad(t, (r, r, r, r), mode=mode), 2 * r + 1, stride=1)
+    m = box(x)
+    return (box(x * x) - m * m).clamp_min(0)
+
+
+def _quantile_bins(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Index 0..n−1 of each value of the flat tensor v in n equal-count bins."""
+    sample = v[:: max(1, v.numel() // _MAX_SAMPLES)]
+    edges = torch.quantile(sample, torch.linspace(0, 1, n + 1, dtype=v.dtype, device=v.device))
+    return torch.bucketize(v, edges[1:-1].contiguous())
+
+
+def _bin_means(idx: torch.Tensor, v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of v per bin, count per bin) for bin indices idx."""
+    total = v.new_zeros(n).index_add_(0, idx, v)
+    count = v.new_zeros(n).index_add_(0, idx, torch.ones_like(v))
+    return total / count.clamp_min(1), count
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x, constant outside (numpy.interp);
+    xp increasing."""
+    i = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    t = ((x - x0) / (x1 - x0).clamp_min(torch.finfo(x.dtype).tiny)).clamp(0, 1)
+    return f0 + t * (f1 - f0)
+
+
+def _curve(key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor, n: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean key, mean value) of the non-empty bins, sorted by key."""
+    k, count = _bin_means(idx, key, n)
+    v, _ = _bin_means(idx, value, n)
+    keep = count > 0
+    k, v = k[keep], v[keep]
+    order = torch.argsort(k)
+    return k[order], v[order]
+
+
+def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise variance, the estimate's error variance) at each pixel of (B, C, H, W), fitted
+    per image and channel as :func:`noisy_pixel_blend` says; float64."""
+    n = BLEND_BINS
+    x = estimate.double()
+    e = (noisy.double() - x) ** 2
+    tex = _local_variance(x, BLEND_RADIUS)
+    noise_var, prior_var = torch.zeros_like(x), torch.zeros_like(x)
+    for b in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            xi, ei, ti = x[b, c].flatten(), e[b, c].flatten(), tex[b, c].flatten()
+            if xi.numel() < 2:
+                continue
+            # noise variance against intensity, from the flattest pixels of each intensity bin
+            ib = _quantile_bins(xi, n)
+            flat = torch.zeros_like(ei, dtype=torch.bool)
+            for k in range(n):
+                sel = ib == k
+                if sel.any():
+                    ts = ti[sel]
+                    flat |= sel & (ti <= torch.quantile(ts[:: max(1, ts.numel() // _MAX_SAMPLES)],
+                                                        BLEND_FLAT))
+            level, noise = _curve(xi[flat], ei[flat], ib[flat], n)
+            nv = _interp(xi, level, noise)
+            # error variance of the estimate against texture: what the residual holds beyond
+            # the noise, zero in the flattest bin, never decreasing with texture
+            tb = _quantile_bins(ti, n)
+            t_level, excess = _curve(ti, ei - nv, tb, n)
+            prior = torch.cummax((excess - excess[0]).clamp_min(0), 0).values
+            noise_var[b, c] = nv.view(x.shape[-2:])
+            prior_var[b, c] = _interp(ti, t_level, prior).view(x.shape[-2:])
+    return noise_var, prior_var
+
+
+def noisy_pixel_blend(noisy: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """``estimate + w·(noisy − estimate)``: the blind-spot estimate combined with the noisy pixel
+    it never saw, each weighted by the inverse of its error variance (a Gaussian posterior
+    mean, after Laine et al. 2019, with both variances fitted on the image itself).
+
+    The residual r = noisy − estimate holds the noise plus the estimate's own error, which are
+    independent (the blind spot never sees the pixel's noise). Per image and channel:
+
+    * noise variance σ²(intensity): the mean r² over the flattest fifth (lowest local variance
+      of the estimate) of each of 16 equal-count intensity bins, where the estimate's error is
+      least; linear between bins;
+    * the estimate's error variance τ²(texture), texture being the estimate's local variance
+      over 5×5 pixels: the mean of r² − σ² in 16 equal-count texture bins, zero in the
+      flattest, never decreasing;
+    * w = τ² / (τ² + σ²).
+
+    Where the noise is weak against the detail the blind spot lost (fine texture, low noise),
+    the noisy pixel comes back; in flat regions the estimate stays. Scale-free: blending
+    a·noisy and a·estimate gives a times the blend.
+    """
+    noise_var, prior_var = blend_variances(noisy, estimate)
+    total = noise_var + prior_var
+    w = torch.where(total > 0, prior_var / total.clamp_min(1e-300), torch.zeros_like(total))
+    return estimate + w.to(estimate.dtype) * (noisy.to(estimate.dtype) - estimate)
 
 
 def shift_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s: int

@@ -7,9 +7,9 @@ from torch import nn
 
 from .checkpoint import from_official, load_model, save_model
 from .config import ModelConfig
-from .inference import (INFERENCE_DEFAULTS, check_inference_settings, r3_uniform,
-                        restore_low_frequencies, self_ensemble as _self_ensemble, shift_ensemble,
-                        tiled, transform)
+from .inference import (INFERENCE_DEFAULTS, check_inference_settings, noisy_pixel_blend,
+                        r3_uniform, restore_low_frequencies, self_ensemble as _self_ensemble,
+                        shift_ensemble, tiled, transform)
 from .nn import BSN
 from .pd import pd_down, pd_up
 
@@ -95,7 +95,7 @@ class SSBSN(nn.Module):
     def denoise(self, x: torch.Tensor, r3: bool | None = None, self_ensemble: bool | None = None,
                 tile: int | None = None, overlap: int | None = None, seed: int = 0,
                 shifts: bool | None = None, pd: int | None = None,
-                lowpass: float | None = None) -> torch.Tensor:
+                lowpass: float | None = None, blend: bool | None = None) -> torch.Tensor:
         """Denoise x (B, C, H, W) of any size. Every option left at None takes the model's
         own setting from ``self.inference``.
 
@@ -115,11 +115,16 @@ class SSBSN(nn.Module):
             lowpass: σ (pixels) of :func:`ssbsn.inference.restore_low_frequencies`: keep the
                 noisy image's frequencies below about 1/σ (brightness, colour) and the
                 network's above; 0 = off (the paper).
+            blend: combine the result with the noisy pixel under noise and error variances
+                fitted on the image (:func:`ssbsn.inference.noisy_pixel_blend`): restores
+                the fine detail the blind spot loses where the noise is weak; off for the
+                paper.
             seed: seed of R3's random replacement (a pure function of pixel position).
         """
         self._check_input(x)
         s = self.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile,
-                                    overlap=overlap, shifts=shifts, lowpass=lowpass, pd=pd)
+                                    overlap=overlap, shifts=shifts, lowpass=lowpass, pd=pd,
+                                    blend=blend)
         r3, self_ensemble, tile, overlap, b = (s["r3"], s["self_ensemble"], s["tile"],
                                                s["overlap"], s["pd"])
 
@@ -132,7 +137,8 @@ class SSBSN(nn.Module):
             return shift_ensemble(one, window, b) if s["shifts"] else one(window)
 
         y = run(x, (0, 0)) if not tile else tiled(run, x, tile, overlap, multiple=b)
-        return restore_low_frequencies(x, y, s["lowpass"])
+        y = restore_low_frequencies(x, y, s["lowpass"])
+        return noisy_pixel_blend(x, y) if s["blend"] else y
 
     def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int,
                       b: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ QUICK: dict = dict(
     base_channels=16, num_modules=2, ss_blocks=1, pd_train=3, pd_test=2, pd_pad=0, crop=42,
     batch=4,
     repeat=16, lr=3e-3, lr_schedule="cosine", warmup=20, init_bias=True, minutes=8.0,
-    inference=dict(r3=False, shifts=True, self_ensemble=False, tile=0, overlap=64, lowpass=8.0),
+    inference=dict(r3=False, shifts=True, self_ensemble=False, tile=0, overlap=64, lowpass=8.0,
+                   blend=True),
 )
 
 PRESETS = {"paper": PAPER, "quick": QUICK}

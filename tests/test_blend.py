@@ -1,0 +1,89 @@
+"""The blend of the blind-spot estimate with the noisy pixel (ssbsn.inference.noisy_pixel_blend),
+judged on synthetic images whose noise and estimation error are known (the oracle)."""
+import numpy as np
+import pytest
+import torch
+
+from ssbsn.inference import blend_variances, noisy_pixel_blend
+
+A, B = 4e-3, 1e-4  # noise variance a·x + b on a 0..1 image
+
+
+def scene(seed=0, H=128, W=128, texture=0.15, lost=0.8):
+    """(clean, estimate, noisy, true noise variance, true error variance of the estimate).
+
+    clean: a brightness ramp (0.2 → 0.8 left to right); its lower half carries a fine texture
+    of amplitude ``texture``. The estimate is the clean image with ``lost`` of the texture
+    missing (what a blind spot loses); the noise is Gaussian with variance a·clean + b."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0.2, 0.8, W, dtype=torch.float64).expand(H, W)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    tex = texture * torch.sin(2.1 * xx + 0.7 * yy) * torch.cos(1.3 * yy) * (yy >= H // 2)
+    clean = (ramp + tex)[None, None].repeat(1, 3, 1, 1)
+    estimate = clean - lost * tex[None, None]
+    noise_var = A * clean + B
+    noisy = clean + torch.randn(clean.shape, generator=g, dtype=torch.float64) * noise_var.sqrt()
+    err_var = (lost * tex[None, None]).expand_as(clean) ** 2
+    return clean, estimate, noisy, noise_var, err_var
+
+
+def mse(a, b):
+    return float(((a - b) ** 2).mean())
+
+
+def test_fitted_noise_variance_matches_the_true_one():
+    clean, est, noisy, noise_var, _ = scene()
+    got, _ = blend_variances(noisy, est)
+    flat = slice(0, 64)  # the untextured half: the fit must find a·x + b there
+    rel = (got[..., flat, :] - noise_var[..., flat, :]).abs() / noise_var[..., flat, :]
+    assert float(rel.mean()) < 0.12, float(rel.mean())
+
+
+def test_blend_beats_the_estimate_and_the_noisy_image_and_nears_the_oracle():
+    for seed in range(3):
+        clean, est, noisy, noise_var, err_var = scene(seed)
+        out = noisy_pixel_blend(noisy, est)
+        # the oracle: the posterior mean given the true noise variance of each pixel and the
+        # true error variance of each region (zero in the flat half, its mean in the textured)
+        region = err_var.clone()
+        region[..., 64:, :] = err_var[..., 64:, :].mean()
+        w = region / (region + noise_var)
+        oracle = est + w * (noisy - est)
+        e_out, e_est, e_noisy, e_oracle = (mse(v, clean) for v in (out, est, noisy, oracle))
+        assert e_out < 0.4 * min(e_est, e_noisy), (e_out, e_est, e_noisy)
+        assert e_out < 1.05 * e_oracle, (e_out, e_oracle)
+
+
+def test_flat_regions_keep_the_estimate():
+    """No texture, a perfect estimate: the noisy pixel must not come back (w ≈ 0)."""
+    clean, est, noisy, _, _ = scene(texture=0.0)
+    out = noisy_pixel_blend(noisy, est)
+    assert mse(out, clean) < 0.05 * mse(noisy, clean)
+
+
+def test_blend_is_scale_free_and_per_image():
+    # a smooth random field over the scene, as in a photo (exact ties in texture, as in a
+    # perfect ramp, may fall either side of a bin edge after rounding)
+    field = torch.nn.functional.avg_pool2d(
+        torch.rand(1, 3, 132, 132, generator=torch.Generator().manual_seed(5),
+                   dtype=torch.float64), 5, 1) * 0.2
+    clean, est, noisy, _, _ = scene(1)
+    est, noisy = est + field, noisy + field
+    out = noisy_pixel_blend(noisy, est)
+    torch.testing.assert_close(noisy_pixel_blend(255 * noisy, 255 * est), 255 * out)
+    # a batch is blended image by image: the second image does not change the first's result
+    other = scene(2, texture=0.0)
+    both = noisy_pixel_blend(torch.cat([noisy, other[2]]), torch.cat([est, other[1]]))
+    torch.testing.assert_close(both[:1], out)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 2, 5), (2, 3, 9, 7)])
+def test_tiny_and_constant_images(shape):
+    x = torch.full(shape, 0.5)
+    assert torch.equal(noisy_pixel_blend(x, x), x)  # nothing to blend: unchanged, no NaN
+    y = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    out = noisy_pixel_blend(y, x)
+    assert torch.isfinite(out).all()
+    # a convex combination of the two, pixel by pixel
+    lo, hi = torch.minimum(x, y), torch.maximum(x, y)
+    assert bool(((out >= lo - 1e-6) & (out <= hi + 1e-6)).all())
