@@ -77,7 +77,7 @@ def restore_low_frequencies(noisy: torch.Tensor, denoised: torch.Tensor, sigma: 
 BLEND_BINS = 16        # equal-count bins of intensity (noise curve) and of texture (prior error)
 BLEND_RADIUS = 2       # texture: local variance of the estimate over (2r+1)² pixels
 BLEND_FLAT = 0.2       # the noise is measured on the flattest fifth of each intensity bin
-_MAX_SAMPLES = 1 << 20  # bin edges from at most this many pixels (a regular subsample)
+_MAX_SAMPLES = 1 << 16  # bin edges from at most this many pixels (a regular subsample)
 
 
 def _local_variance(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -113,6 +113,21 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     return f0 + t * (f1 - f0)
 
 
+def _lowest_in_bins(v: torch.Tensor, idx: torch.Tensor, n: int, fraction: float) -> torch.Tensor:
+    """Mask of the ``fraction`` of pixels with the lowest v within each of the n bins idx
+    (at least one per non-empty bin)."""
+    order = torch.argsort(v, stable=True)
+    order = order[torch.argsort(idx[order], stable=True)]  # by bin, then by v within a bin
+    count = torch.bincount(idx, minlength=n)
+    start = torch.cumsum(count, 0) - count
+    sorted_bins = idx[order]
+    rank = torch.arange(v.numel(), device=v.device) - start[sorted_bins]
+    keep = rank < (count[sorted_bins] * fraction).ceil()
+    mask = torch.zeros_like(keep)
+    mask[order] = keep
+    return mask
+
+
 def _curve(key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor, n: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean key, mean value) of the non-empty bins, sorted by key."""
@@ -140,13 +155,7 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor
                 continue
             # noise variance against intensity, from the flattest pixels of each intensity bin
             ib = _quantile_bins(xi, n)
-            flat = torch.zeros_like(ei, dtype=torch.bool)
-            for k in range(n):
-                sel = ib == k
-                if sel.any():
-                    ts = ti[sel]
-                    flat |= sel & (ti <= torch.quantile(ts[:: max(1, ts.numel() // _MAX_SAMPLES)],
-                                                        BLEND_FLAT))
+            flat = _lowest_in_bins(ti, ib, n, BLEND_FLAT)
             level, noise = _curve(xi[flat], ei[flat], ib[flat], n)
             nv = _interp(xi, level, noise)
             # error variance of the estimate against texture: what the residual holds beyond
