@@ -1,6 +1,6 @@
 """Denoising quality of self-supervised training on a handful of photos, on CPU.
 
-    python benchmarks/quality.py                       # the committed run (about 30 min)
+    python benchmarks/quality.py --minutes 2,8,32 --main-minutes 8   # the committed run (~1 h)
     python benchmarks/quality.py --photos DIR          # your own photos instead
     python benchmarks/quality.py --smoke --out /tmp/q  # seconds: the CI check of the pipeline
 
@@ -18,7 +18,8 @@ What it does:
    ``--jobs`` processes of one thread each; the budget is counted in each process's CPU time,
    so a busy machine does not shorten it.
 4. Denoising with the trained model's own inference settings (what ``ssbsn denoise -w MODEL``
-   does with no flags).
+   does with no flags), and, for a model whose settings blend with the noisy pixel, once more
+   without the blend ("no blend" in the tables).
 5. Baselines: non-local means (scikit-image) and BM3D (the ``bm3d`` package), each blind (its
    noise level from ``skimage.restoration.estimate_sigma``) and with the true σ (the standard
    deviation of noisy − clean).
@@ -307,6 +308,47 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
     return rows, "\n".join(md) + "\n"
 
 
+def targets(rows, shots) -> list[dict]:
+    """The issue's quality targets for the main SS-BSN run: each as {name, value, target, met}."""
+    out = []
+    ss = [r for r in rows if r["ssbsn"] is not None]
+    if not ss:
+        return out
+
+    def gain(r, m="ssbsn"):
+        return r[m]["psnr"] - r["noisy"]["psnr"]
+    worst = min(gain(r) for r in ss)
+    out.append(dict(name="every photo improves at every level (worst gain, dB)",
+                    value=round(worst, 2), target="> 0", met=worst > 0))
+    for shot, need in ((4e-3, 2.0), (1e-2, 5.0)):
+        g = [gain(r) for r in ss if r["shot"] == shot]
+        if g:
+            out.append(dict(name=f"every photo gains ≥ {need:g} dB at shot {shot:g} (worst, dB)",
+                            value=round(min(g), 2), target=f"≥ {need:g}", met=min(g) >= need))
+    for shot in shots:
+        both = [r for r in ss if r["shot"] == shot and r["apbsn"] is not None]
+        if both:
+            d = float(np.mean([r["ssbsn"]["psnr"] - r["apbsn"]["psnr"] for r in both]))
+            out.append(dict(name=f"SS-BSN at least as good as AP-BSN at shot {shot:g} "
+                                 "(mean PSNR difference, dB)",
+                            value=round(d, 2), target="≥ 0", met=d >= 0))
+    shift = max(abs(r["ssbsn"]["shift"]) for r in ss)
+    out.append(dict(name="brightness: abs(mean(output − clean)) < 1 grey level (largest)",
+                    value=round(shift, 2), target="< 1", met=shift < 1))
+    own = max(abs(r["ssbsn"]["shift"] - r["noisy"]["shift"]) for r in ss)
+    out.append(dict(name="... of which the model's own: abs(mean(output − noisy)) (largest)",
+                    value=round(own, 2), target="< 1", met=own < 1))
+    return out
+
+
+def targets_table(items: list[dict]) -> str:
+    lines = ["", "Targets (the main SS-BSN run):", "", "| target | value | goal | |",
+             "|---|---|---|---|"]
+    lines += [f"| {t['name']} | {t['value']:+.2f} | {t['target']} | "
+              f"{'MET' if t['met'] else 'MISSED'} |" for t in items]
+    return "\n".join(lines) + "\n"
+
+
 def crops_figure(path, photos, shot, base_imgs, items, ss_imgs, crop: int = 96) -> None:
     """noisy | SS-BSN | BM3D (true σ) | clean, one photo per row, centre crops, with PSNR."""
     import matplotlib
@@ -395,8 +437,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "quality"))
     ap.add_argument("--cache", default=None,
-                    help="folder for the baselines' results (they do not depend on the recipe; "
-                         "a second run with the same photos, levels and seed reuses them)")
+                    help="folder for the baselines' results and the trained models (a second "
+                         "run with the same photos, levels and seed reuses them: the baselines "
+                         "as they are, the models re-denoised with today's inference code)")
     ap.add_argument("--baselines-only", action="store_true",
                     help="compute (and cache) the NLM/BM3D baselines only")
     ap.add_argument("--smoke", action="store_true", help="a few seconds: two tiny photos, one "
@@ -516,6 +559,8 @@ def main(argv=None) -> int:
             m["runs"] += 1
     trained_list = list(trained.values())
     rows, md = build_tables(photos, shots, base, trained_list, main_minutes)
+    goals = targets(rows, shots)
+    md += targets_table(goals) if goals else ""
     ss_main = trained.get(("ssbsn", main_minutes))
     fig_shot = 4e-3 if 4e-3 in shots else shots[-1]
     crops_figure(out / "crops.jpg", photos, fig_shot, base["images"], items,
@@ -526,7 +571,7 @@ def main(argv=None) -> int:
         preset=args.preset, budgets_cpu_minutes=budgets, main_minutes=main_minutes,
         per_level=args.per_level, smoke=args.smoke, seed=args.seed,
         runs=[{k: v for k, v in t.items() if k not in ("rows", "images")} for t in trained_list],
-        images=rows, seconds=round(time.perf_counter() - t0, 1),
+        images=rows, targets=goals, seconds=round(time.perf_counter() - t0, 1),
         command="python benchmarks/quality.py " + " ".join(_public_args(
             argv if argv is not None else sys.argv[1:])))
     header = (f"# Quality benchmark\n\n{env['device']}; torch {env['torch']}, "
