@@ -45,3 +45,17 @@ def test_quality_smoke(tmp_path):
         assert 5.0 < row[k]["psnr"] < 60.0 and -1.0 <= row[k]["ssim"] <= 1.0, k
     # NLM told the true σ smooths more than blind NLM on this correlated noise
     assert row["nlm_true"]["psnr"] > row["nlm_blind"]["psnr"]
+    # the quick preset blends with the noisy pixel, so each run is also scored without it
+    assert row["ssbsn_plain"] is not None and row["apbsn_plain"] is not None
+    assert row["ssbsn_plain"]["psnr"] != row["ssbsn"]["psnr"]
+    # the targets in the report, recomputed here from its own rows
+    goals = {t["name"].split(" (")[0]: t for t in report["targets"]}
+    worst = min(r["ssbsn"]["psnr"] - r["noisy"]["psnr"] for r in report["images"])
+    g = goals["every photo improves at every level"]
+    assert g["value"] == pytest.approx(worst, abs=0.006) and g["met"] == (worst > 0)
+    d = row["ssbsn"]["psnr"] - row["apbsn"]["psnr"]
+    g = goals["SS-BSN at least as good as AP-BSN at shot 0.01"]
+    assert g["value"] == pytest.approx(d, abs=0.006) and g["met"] == (d >= 0)
+    g = goals["brightness: abs(mean(output − clean)) < 1 grey level"]
+    assert g["value"] == pytest.approx(abs(row["ssbsn"]["shift"]), abs=0.006)
+    assert "MET" in (out / "results.md").read_text()
