@@ -82,6 +82,28 @@ def _fmt(nhwc: bool):
     return torch.channels_last if nhwc else torch.contiguous_format
 
 
+def _new_output(t: torch.Tensor, channels: int, nhwc: bool) -> torch.Tensor:
+    """An empty (N, channels, H, W) tensor in t's dtype and device, NHWC or NCHW."""
+    n, _, h, w = t.shape
+    return torch.empty((n, channels, h, w), dtype=t.dtype, device=t.device,
+                       memory_format=_fmt(nhwc))
+
+
+def _forward(t: torch.Tensor, weight: torch.Tensor, transposed: bool, bias, channels: int,
+             dy: list[int], dx: list[int], window: list[int], relu: bool, algo: int
+             ) -> torch.Tensor:
+    """The extension's forward tap-conv of t into a new tensor of ``channels`` channels in t's
+    layout (the op itself, and its input gradient with transposed weights)."""
+    ops = _cuda_ext.require_ops(t)
+    nhwc = _is_nhwc(t)
+    t = t.contiguous(memory_format=_fmt(nhwc))
+    out = _new_output(t, channels, nhwc)
+    if out.numel():
+        ops.conv_fwd(t, packed_weight(weight, window, transposed), bias, out, dy, dx, relu,
+                     nhwc, algo)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
@@ -89,23 +111,13 @@ def _fmt(nhwc: bool):
 def tap_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dy: list[int],
              dx: list[int], window: list[int], relu: bool, algo: int) -> torch.Tensor:
     """y = act(bias + tap-conv(x, weight)), in x's layout; bias is applied in fp32."""
-    ops = _cuda_ext.require_ops(x)
-    nhwc = _is_nhwc(x)
-    x = x.contiguous(memory_format=_fmt(nhwc))
-    n, _, h, w = x.shape
-    y = torch.empty((n, weight.shape[0], h, w), dtype=x.dtype, device=x.device,
-                    memory_format=_fmt(nhwc))
-    if y.numel():
-        b = None if bias is None else bias.to(torch.float32).contiguous()
-        ops.conv_fwd(x, packed_weight(weight, window, False), b, y, dy, dx, relu, nhwc, algo)
-    return y
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    return _forward(x, weight, False, b, weight.shape[0], dy, dx, window, relu, algo)
 
 
 @tap_conv.register_fake
 def _(x, weight, bias, dy, dx, window, relu, algo):
-    n, _, h, w = x.shape
-    return torch.empty((n, weight.shape[0], h, w), dtype=x.dtype, device=x.device,
-                       memory_format=_fmt(_is_nhwc(x)))
+    return _new_output(x, weight.shape[0], _is_nhwc(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,23 +127,13 @@ def _(x, weight, bias, dy, dx, window, relu, algo):
 def tap_conv_input_grad(dz: torch.Tensor, weight: torch.Tensor, dy: list[int], dx: list[int],
                         window: list[int], algo: int) -> torch.Tensor:
     """∂L/∂x: the forward on dz with the negated taps and w[t, co, ci]."""
-    ops = _cuda_ext.require_ops(dz)
-    nhwc = _is_nhwc(dz)
-    dz = dz.contiguous(memory_format=_fmt(nhwc))
-    n, _, h, w = dz.shape
-    out = torch.empty((n, weight.shape[1], h, w), dtype=dz.dtype, device=dz.device,
-                      memory_format=_fmt(nhwc))
-    if out.numel():
-        ops.conv_fwd(dz, packed_weight(weight, window, True), None, out, [-d for d in dy],
-                     [-d for d in dx], False, nhwc, algo)
-    return out
+    return _forward(dz, weight, True, None, weight.shape[1], [-d for d in dy],
+                    [-d for d in dx], window, False, algo)
 
 
 @tap_conv_input_grad.register_fake
 def _(dz, weight, dy, dx, window, algo):
-    n, _, h, w = dz.shape
-    return torch.empty((n, weight.shape[1], h, w), dtype=dz.dtype, device=dz.device,
-                       memory_format=_fmt(_is_nhwc(dz)))
+    return _new_output(dz, weight.shape[1], _is_nhwc(dz))
 
 
 @torch.library.custom_op("ssbsn::tap_conv_weight_grad", mutates_args=())
