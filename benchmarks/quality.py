@@ -234,6 +234,10 @@ def _fmt(v, digits=2):
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def _mean_min(gains) -> str:
+    return f"{np.mean(gains):+.2f} (min {min(gains):+.2f})" if gains else "—"
+
+
 def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict], str]:
     """Per-image rows (one per photo and level) and the markdown report."""
     by = {(r["name"], r["shot"]): r for r in base["rows"]}
@@ -280,7 +284,7 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
         cells = [f"{shot:g}"]
         for c in cols[1:]:
             vals = [r[c]["psnr"] - r["noisy"]["psnr"] for r in sel if r[c] is not None]
-            cells.append(f"{np.mean(vals):+.2f} (min {min(vals):+.2f})" if vals else "—")
+            cells.append(_mean_min(vals))
         md.append("| " + " | ".join(cells) + " |")
     if len({t["minutes"] for t in trained}) > 1 or trained:
         md += ["", "Quality against training minutes (mean PSNR gain in dB over the photos; "
@@ -288,23 +292,19 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
                "| method | minutes | steps | CPU min | wall min | " +
                " | ".join(f"shot {s:g}" for s in shots) + " | mean abs shift |",
                "|---|---|---|---|---|" + "---|" * len(shots) + "---|"]
+        def gain_cells(scored):
+            """Mean (worst) gain per level and the mean |shift| of (row, its scores) pairs."""
+            cells = [_mean_min([s["psnr"] - by[(r["name"], r["shot"])]["noisy"]["psnr"]
+                                for r, s in scored if r["shot"] == shot]) for shot in shots]
+            return cells + [f"{np.mean([abs(s['shift']) for _, s in scored]):.2f}"]
         for t in sorted(trained, key=lambda t: (t["method"], t["minutes"])):
             cells = [t["method"], f"{t['minutes']:g}", str(t["steps"]),
                      f"{t['train_cpu_min']:.1f}", f"{t['train_wall_min']:.1f}"]
-            for shot in shots:
-                g = [r["psnr"] - by[(r["name"], r["shot"])]["noisy"]["psnr"]
-                     for r in t["rows"] if r["shot"] == shot]
-                cells.append(f"{np.mean(g):+.2f} (min {min(g):+.2f})" if g else "—")
-            cells.append(f"{np.mean([abs(r['shift']) for r in t['rows']]):.2f}")
-            md.append("| " + " | ".join(cells) + " |")
+            md.append("| " + " | ".join(cells + gain_cells([(r, r) for r in t["rows"]])) + " |")
             if all("plain" in r for r in t["rows"]):
                 cells = [t["method"] + " no blend", f"{t['minutes']:g}", "″", "″", "″"]
-                for shot in shots:
-                    g = [r["plain"]["psnr"] - by[(r["name"], r["shot"])]["noisy"]["psnr"]
-                         for r in t["rows"] if r["shot"] == shot]
-                    cells.append(f"{np.mean(g):+.2f} (min {min(g):+.2f})" if g else "—")
-                cells.append(f"{np.mean([abs(r['plain']['shift']) for r in t['rows']]):.2f}")
-                md.append("| " + " | ".join(cells) + " |")
+                plain = gain_cells([(r, r["plain"]) for r in t["rows"]])
+                md.append("| " + " | ".join(cells + plain) + " |")
     return rows, "\n".join(md) + "\n"
 
 
@@ -315,13 +315,11 @@ def targets(rows, shots) -> list[dict]:
     if not ss:
         return out
 
-    def gain(r, m="ssbsn"):
-        return r[m]["psnr"] - r["noisy"]["psnr"]
-    worst = min(gain(r) for r in ss)
+    worst = min(r["ssbsn"]["psnr"] - r["noisy"]["psnr"] for r in ss)
     out.append(dict(name="every photo improves at every level (worst gain, dB)",
                     value=round(worst, 2), target="> 0", met=worst > 0))
     for shot, need in ((4e-3, 2.0), (1e-2, 5.0)):
-        g = [gain(r) for r in ss if r["shot"] == shot]
+        g = [r["ssbsn"]["psnr"] - r["noisy"]["psnr"] for r in ss if r["shot"] == shot]
         if g:
             out.append(dict(name=f"every photo gains ≥ {need:g} dB at shot {shot:g} (worst, dB)",
                             value=round(min(g), 2), target=f"≥ {need:g}", met=min(g) >= need))
@@ -486,10 +484,12 @@ def main(argv=None) -> int:
                 f"run_{t['method']}_{t['minutes']:g}_{args.preset}_"
                 f"{'lvl' + str(t['seed']) if args.per_level else 'all'}_{key}.json"))
             if Path(t["cache"]).is_file():
-                r = _load_run(Path(t["cache"]))
                 model = Path(t["cache"]).with_suffix(".safetensors")
                 if model.is_file():  # today's inference code on the cached model
+                    r = json.loads(Path(t["cache"]).read_text())
                     r.update(denoise_items(model, t["items"]))
+                else:
+                    r = _load_run(Path(t["cache"]))
                 run_cached[id(t)] = r
                 print(f"quality: {t['method']} {t['minutes']:g} min from {t['cache']}"
                       f"{' (model re-run)' if model.is_file() else ''}", flush=True)

@@ -173,8 +173,9 @@ def noisy_pixel_blend(noisy: torch.Tensor, estimate: torch.Tensor) -> torch.Tens
     it never saw, each weighted by the inverse of its error variance (a Gaussian posterior
     mean, after Laine et al. 2019, with both variances fitted on the image itself).
 
-    The residual r = noisy − estimate holds the noise plus the estimate's own error, which are
-    independent (the blind spot never sees the pixel's noise). Per image and channel:
+    The residual r = noisy − estimate holds the noise plus the estimate's own error, which the
+    fit takes as independent (the blind spot never sees the pixel itself; docs/model.md says
+    where noise correlated across pixels breaks this). Per image and channel:
 
     * noise variance σ²(intensity): the mean r² over the flattest fifth (lowest local variance
       of the estimate) of each of 16 equal-count intensity bins, where the estimate's error is
