@@ -61,6 +61,10 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
                    help="combine the result with the noisy pixel, weighted by noise and error "
                         "variances fitted on each image (keeps fine detail where the noise is "
                         "weak); default: the model's setting (off for the paper's)")
+    g.add_argument("--debias", action=argparse.BooleanOptionalAction, default=None,
+                   help="remove the brightness shift that a camera's tone curve and clipping "
+                        "give the noise's mean (sRGB camera photos); default: the model's "
+                        "setting (off for the paper's)")
     g.add_argument("--tile", type=int, default=None, metavar="N",
                    help="process in N×N tiles to bound memory; 0 = whole image (default: the "
                         "model's setting, whole image for the paper's)")
@@ -95,7 +99,7 @@ def _infer_kwargs(args) -> dict:
         raise UserError("--lowpass must not be negative")
     return dict(r3=args.r3, self_ensemble=args.self_ensemble, tile=args.tile,
                 overlap=args.overlap, seed=args.seed, shifts=args.shifts, pd=args.pd_test,
-                lowpass=args.lowpass, blend=args.blend)
+                lowpass=args.lowpass, blend=args.blend, debias=args.debias)
 
 
 # ================================================================== train

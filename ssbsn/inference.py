@@ -17,7 +17,7 @@ _M32 = 0xFFFFFFFF
 # What SSBSN.denoise does when not told otherwise (the paper's inference); a trained model
 # carries its own values in its checkpoint (metadata key "ssbsn_inference").
 INFERENCE_DEFAULTS = dict(r3=True, shifts=False, self_ensemble=False, tile=0, overlap=64,
-                          lowpass=0.0, blend=False)
+                          lowpass=0.0, blend=False, debias=False)
 
 
 def check_inference_settings(s: dict) -> dict:
@@ -26,7 +26,7 @@ def check_inference_settings(s: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown inference settings: {', '.join(unknown)}")
     out = dict(s)
-    for k in ("r3", "shifts", "self_ensemble", "blend"):
+    for k in ("r3", "shifts", "self_ensemble", "blend", "debias"):
         if not isinstance(out[k], bool):
             raise ValueError(f"inference setting {k} must be true or false, got {out[k]!r}")
     lp = out["lowpass"]
@@ -139,6 +139,29 @@ def _curve(key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor, n: int
     return k[order], v[order]
 
 
+def _noise_curve(x: torch.Tensor, e: torch.Tensor, tex: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(intensity levels, noise variance at each level) of one channel: the mean squared
+    residual e over the flattest pixels (lowest texture tex) of each intensity bin of x."""
+    n = BLEND_BINS
+    ib = _quantile_bins(x, n)
+    flat = _lowest_in_bins(tex, ib, n, BLEND_FLAT)
+    return _curve(x[flat], e[flat], ib[flat], n)
+
+
+def noise_curves(noisy: torch.Tensor, estimate: torch.Tensor
+                 ) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
+    """The noise variance against intensity of each image and channel of (B, C, H, W), as
+    :func:`noisy_pixel_blend` fits it: ``curves[b][c] = (levels, variances)``, float64, levels
+    increasing (None for a channel of fewer than 2 pixels)."""
+    x = estimate.double()
+    e = (noisy.double() - x) ** 2
+    tex = _local_variance(x, BLEND_RADIUS)
+    return [[_noise_curve(x[b, c].flatten(), e[b, c].flatten(), tex[b, c].flatten())
+             if x[b, c].numel() >= 2 else None for c in range(x.shape[1])]
+            for b in range(x.shape[0])]
+
+
 def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise variance, the estimate's error variance) at each pixel of (B, C, H, W), fitted
@@ -154,9 +177,7 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor
             if xi.numel() < 2:
                 continue
             # noise variance against intensity, from the flattest pixels of each intensity bin
-            ib = _quantile_bins(xi, n)
-            flat = _lowest_in_bins(ti, ib, n, BLEND_FLAT)
-            level, noise = _curve(xi[flat], ei[flat], ib[flat], n)
+            level, noise = _noise_curve(xi, ei, ti)
             nv = _interp(xi, level, noise)
             # error variance of the estimate against texture: what the residual holds beyond
             # the noise, zero in the flattest bin, never decreasing with texture

@@ -7,6 +7,7 @@ from torch import nn
 
 from .checkpoint import from_official, load_model, save_model
 from .config import ModelConfig
+from .debias import tone_curve_debias
 from .inference import (INFERENCE_DEFAULTS, check_inference_settings, noisy_pixel_blend,
                         r3_uniform, restore_low_frequencies, self_ensemble as _self_ensemble,
                         shift_ensemble, tiled, transform)
@@ -95,7 +96,8 @@ class SSBSN(nn.Module):
     def denoise(self, x: torch.Tensor, r3: bool | None = None, self_ensemble: bool | None = None,
                 tile: int | None = None, overlap: int | None = None, seed: int = 0,
                 shifts: bool | None = None, pd: int | None = None,
-                lowpass: float | None = None, blend: bool | None = None) -> torch.Tensor:
+                lowpass: float | None = None, blend: bool | None = None,
+                debias: bool | None = None) -> torch.Tensor:
         """Denoise x (B, C, H, W) of any size. Every option left at None takes the model's
         own setting from ``self.inference``.
 
@@ -119,12 +121,16 @@ class SSBSN(nn.Module):
                 fitted on the image (:func:`ssbsn.inference.noisy_pixel_blend`): restores
                 the fine detail the blind spot loses where the noise is weak; off for the
                 paper.
+            debias: remove the brightness shift that the camera's tone curve and clipping
+                put into the mean of the noise, which a network trained on noisy targets
+                learns (:func:`ssbsn.debias.tone_curve_debias`; sRGB camera photos only);
+                off for the paper.
             seed: seed of R3's random replacement (a pure function of pixel position).
         """
         self._check_input(x)
         s = self.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile,
                                     overlap=overlap, shifts=shifts, lowpass=lowpass, pd=pd,
-                                    blend=blend)
+                                    blend=blend, debias=debias)
         r3, self_ensemble, tile, overlap, b = (s["r3"], s["self_ensemble"], s["tile"],
                                                s["overlap"], s["pd"])
 
@@ -138,7 +144,8 @@ class SSBSN(nn.Module):
 
         y = run(x, (0, 0)) if not tile else tiled(run, x, tile, overlap, multiple=b)
         y = restore_low_frequencies(x, y, s["lowpass"])
-        return noisy_pixel_blend(x, y) if s["blend"] else y
+        out = noisy_pixel_blend(x, y) if s["blend"] else y
+        return tone_curve_debias(x, y, out) if s["debias"] else out
 
     def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int,
                       b: int) -> torch.Tensor:

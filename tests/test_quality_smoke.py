@@ -45,7 +45,8 @@ def test_quality_smoke(tmp_path):
         assert 5.0 < row[k]["psnr"] < 60.0 and -1.0 <= row[k]["ssim"] <= 1.0, k
     # NLM told the true σ smooths more than blind NLM on this correlated noise
     assert row["nlm_true"]["psnr"] > row["nlm_blind"]["psnr"]
-    # the quick preset blends with the noisy pixel, so each run is also scored without it
+    # the quick preset blends with the noisy pixel and debiases, so each run is also scored
+    # as the network's estimate alone
     assert row["ssbsn_plain"] is not None and row["apbsn_plain"] is not None
     assert row["ssbsn_plain"]["psnr"] != row["ssbsn"]["psnr"]
     # the targets in the report, recomputed here from its own rows
@@ -58,4 +59,6 @@ def test_quality_smoke(tmp_path):
     assert g["value"] == pytest.approx(d, abs=0.006) and g["met"] == (d >= 0)
     g = goals["brightness: abs(mean(output − clean)) < 1 grey level"]
     assert g["value"] == pytest.approx(abs(row["ssbsn"]["shift"]), abs=0.006)
+    g = goals["... the noisy input's own shift, for comparison"]
+    assert g["value"] == pytest.approx(abs(row["noisy"]["shift"]), abs=0.006) and g["met"] is None
     assert "MET" in (out / "results.md").read_text()

@@ -1,0 +1,81 @@
+"""Tone-curve debias: the brightness a camera's tone curve and clipping put into the mean of a
+noisy photo, taken back out of an estimate of that mean.
+
+A camera records z = u + ε in its linear space (ε zero-mean, standard deviation s), clips z to
+0..1 and writes y = T(clip(z)) with a concave tone curve T. A network trained on noisy targets
+estimates the mean m(u, s) = E[T(clip(u + ε))], not the clean T(u): the concave curve pulls
+the mean of mid-tones and highlights down, and the clip at black pushes the darkest tones up.
+Given an estimate μ of that mean and the noise variance σ² of y at that level (both measured on
+the image: :func:`ssbsn.inference.noise_curves`), the pair (u, s) with m(u, s) = μ and
+Var[T(clip(u + ε))] = σ² is solved for, and T(u) − μ is added to the output.
+
+T is the standard sRGB tone curve of Brooks et al. 2019 (gamma 2.2, then a smoothstep), the one
+:mod:`ssbsn.noise` uses; ε is taken as Gaussian. A camera with its own curve, noise clipped
+before demosaicking (very dark tones), or noise that was not added before a tone curve at all
+(synthetic AWGN, linear data) is outside the model; see docs/model.md, step 8.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .inference import _interp, noise_curves
+from .noise import gamma_compression, gamma_expansion, inverse_smoothstep, smoothstep
+
+# ε on a uniform grid of ±6 standard deviations (the clip makes the integrand kinked, which
+# a uniform grid handles better than Gauss–Hermite nodes)
+_NODES = np.linspace(-6.0, 6.0, 481)
+_WEIGHTS = np.exp(-0.5 * _NODES ** 2) / np.exp(-0.5 * _NODES ** 2).sum()
+_ITERATIONS = 60
+
+
+def tone(u):
+    """Linear 0..1 → sRGB 0..1 (gamma 2.2, then the smoothstep tone curve)."""
+    return smoothstep(gamma_compression(u))
+
+
+def inverse_tone(c):
+    return gamma_expansion(inverse_smoothstep(c))
+
+
+def noisy_moments(u: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of T(clip(u + s·ε, 0, 1)) for ε ~ N(0, 1), elementwise."""
+    y = tone(np.clip(u[:, None] + s[:, None] * _NODES, 0.0, 1.0))
+    mean = y @ _WEIGHTS
+    return mean, ((y - mean[:, None]) ** 2) @ _WEIGHTS
+
+
+def clean_levels(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """The clean sRGB levels T(u) whose noisy versions have these means and variances (all
+    0..1 scale), by fixed-point iteration on (T(u), s); a mean below what noise at level 0
+    gives maps to 0."""
+    mean = np.clip(np.asarray(mean, dtype=np.float64), 0.0, 1.0)
+    var = np.maximum(np.asarray(var, dtype=np.float64), 0.0)
+    c = mean.copy()
+    h = 1e-4
+    slope = (tone(np.clip(inverse_tone(c) + h, 0, 1)) - tone(np.clip(inverse_tone(c) - h, 0, 1))) / (2 * h)
+    s = np.clip(np.sqrt(var) / np.maximum(slope, 1e-3), 1e-6, 1.0)
+    for _ in range(_ITERATIONS):
+        m, v = noisy_moments(inverse_tone(c), s)
+        c = np.clip(c + 0.7 * (mean - m), 0.0, 1.0)
+        s = np.clip(s * np.clip(var / np.maximum(v, 1e-12), 0.25, 4.0) ** 0.35, 1e-6, 2.0)
+    return c
+
+
+def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch.Tensor,
+                      white: float = 255.0) -> torch.Tensor:
+    """``output + δ(estimate)``: the correction δ = T(u) − μ of each image and channel of
+    (B, C, H, W), fitted at the noise curve's levels μ (:func:`clean_levels`) and linear in the
+    estimate between them. ``white`` is the value of full scale (255 for 0..255 images)."""
+    out = output.double().clone()
+    x = estimate.double()
+    for b, row in enumerate(noise_curves(noisy, estimate)):
+        for c, curve in enumerate(row):
+            if curve is None:
+                continue
+            level, var = curve
+            mean = level.cpu().numpy() / white
+            delta = clean_levels(mean, var.cpu().numpy() / white ** 2) - np.clip(mean, 0, 1)
+            delta = torch.from_numpy(white * delta).to(x.device)
+            out[b, c] += _interp(x[b, c].flatten(), level, delta).view(x.shape[-2:])
+    return out.to(output.dtype)

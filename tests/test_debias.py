@@ -1,0 +1,89 @@
+"""The tone-curve debias (ssbsn.debias), judged against Monte Carlo draws of the noise model and
+against the project's camera pipeline, whose clean rendering is known."""
+import numpy as np
+import pytest
+import torch
+
+from ssbsn.debias import clean_levels, inverse_tone, tone, tone_curve_debias
+from ssbsn.noise import Camera, camera_noise
+
+
+def test_tone_curve_is_the_camera_pipelines():
+    u = np.linspace(0.0, 1.0, 101)
+    from ssbsn.noise import gamma_compression, smoothstep
+    np.testing.assert_allclose(tone(u), smoothstep(gamma_compression(u)))
+    np.testing.assert_allclose(tone(inverse_tone(np.linspace(0.01, 0.99, 50))),
+                               np.linspace(0.01, 0.99, 50), atol=1e-9)
+
+
+@pytest.mark.parametrize("s", [0.03, 0.06, 0.12])
+def test_clean_levels_invert_monte_carlo_moments(s):
+    """Noisy means and variances drawn by Monte Carlo (not by the module's quadrature) map back
+    to the clean levels they came from."""
+    rng = np.random.default_rng(0)
+    clean = np.array([0.1, 0.25, 0.5, 0.75, 0.9])
+    eps = rng.standard_normal((clean.size, 400_000))
+    y = tone(np.clip(inverse_tone(clean)[:, None] + s * eps, 0.0, 1.0))
+    mean, var = y.mean(1), y.var(1)
+    got = clean_levels(mean, var)
+    # the noisy mean is off by up to several grey levels; the recovered level by a fraction of one
+    assert np.abs(mean - clean).max() * 255 > 0.8
+    np.testing.assert_allclose(got * 255, clean * 255, atol=0.25)
+
+
+def test_no_noise_no_correction():
+    est = torch.linspace(5, 250, 64 * 64, dtype=torch.float64).view(1, 1, 64, 64).repeat(1, 3, 1, 1)
+    torch.testing.assert_close(tone_curve_debias(est, est, est), est, atol=1e-3, rtol=0)
+
+
+def ramp_scene(seed=0, n=256, a=8e-3, b=5e-4):
+    """(clean, the exact conditional mean, noisy) of a smooth sRGB ramp 0.05..0.95 whose linear
+    values carry Gaussian noise of variance a·u + b before the clip and the tone curve; the
+    'estimate' is the mean over 512 draws (a perfect denoiser of the noisy-target kind)."""
+    rng = np.random.default_rng(seed)
+    c = np.linspace(0.05, 0.95, n)[None, :].repeat(n, 0)
+    u = inverse_tone(c)
+    sd = np.sqrt(a * u + b)
+    draw = lambda: tone(np.clip(u + sd * rng.standard_normal(u.shape), 0.0, 1.0))  # noqa: E731
+    mean = np.mean([draw() for _ in range(512)], axis=0)
+    t = lambda v: torch.from_numpy(255 * v)[None, None].repeat(1, 3, 1, 1)  # noqa: E731
+    return t(c), t(mean), t(draw())
+
+
+def test_debias_recovers_the_clean_brightness_of_a_noisy_target_estimate():
+    clean, est, noisy = ramp_scene()
+    out = tone_curve_debias(noisy, est, est)
+    before, after = float((est - clean).mean()), float((out - clean).mean())
+    assert abs(before) > 1.0 and abs(after) < 0.25 * abs(before), (before, after)
+    mse = lambda v: float(((v - clean) ** 2).mean())  # noqa: E731
+    assert mse(out) < 0.5 * mse(est), (mse(est), mse(out))  # the rest: 512 draws
+
+
+def test_debias_is_scale_aware_and_per_image():
+    clean, est, noisy = ramp_scene()
+    out = tone_curve_debias(noisy, est, est)
+    torch.testing.assert_close(tone_curve_debias(noisy / 255, est / 255, est / 255, white=1.0) * 255,
+                               out)
+    _, est2, noisy2 = ramp_scene(seed=1, a=2e-2)
+    both = tone_curve_debias(torch.cat([noisy, noisy2]), torch.cat([est, est2]),
+                             torch.cat([est, est2]))
+    torch.testing.assert_close(both[:1], out)
+
+
+def test_debias_moves_the_camera_pipelines_mean_towards_the_clean_rendering():
+    """The project's camera pipeline (noise in raw, demosaic, colour matrix, clip, tone curve):
+    the mean of many noisy renderings is several grey levels darker than the clean rendering in
+    the mid-tones; the debias takes most of that out."""
+    rng = np.random.default_rng(0)
+    cam = Camera(np.eye(3), 1.25, 2.1, 1.7)
+    yy, xx = np.mgrid[0:96, 0:96] / 95.0
+    photo = np.stack([0.3 + 0.5 * xx, 0.35 + 0.4 * yy, 0.6 - 0.3 * xx], -1)
+    clean, _ = camera_noise(photo, rng, shot=0.0, read=0.0, cam=cam)
+    draws = [camera_noise(photo, rng, shot=1e-2, cam=cam)[0] for _ in range(96)]
+    t = lambda v: torch.from_numpy(255 * v.transpose(2, 0, 1).copy())[None]  # noqa: E731
+    clean, est, noisy = t(clean), t(np.mean(draws, 0)), t(draws[0])
+    out = tone_curve_debias(noisy, est, est)
+    core = (..., slice(8, -8), slice(8, -8))  # the demosaic's mirrored border aside
+    before = (est - clean)[core].mean(dim=(-2, -1)).abs()
+    after = (out - clean)[core].mean(dim=(-2, -1)).abs()
+    assert float(before.min()) > 0.8 and bool((after < 0.25 * before).all()), (before, after)
