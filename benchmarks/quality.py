@@ -19,7 +19,9 @@ What it does:
    so a busy machine does not shorten it.
 4. Denoising with the trained model's own inference settings (what ``ssbsn denoise -w MODEL``
    does with no flags), and, for a model whose settings blend with the noisy pixel or debias,
-   once more as the network's estimate alone, without either ("plain" in the tables).
+   once more as the network's estimate alone, without either ("plain" in the tables). A model
+   from the cache runs with the preset's current inference settings, which a model trained
+   today would carry.
 5. Baselines: non-local means (scikit-image) and BM3D (the ``bm3d`` package), each blind (its
    noise level from ``skimage.restoration.estimate_sigma``) and with the true σ (the standard
    deviation of noisy − clean).
@@ -42,6 +44,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from ssbsn.presets import preset_values
 
 HELD_OUT = ("immunohistochemistry", "retina", "motorcycle_left", "hubble_deep_field")
 SHOTS = (2e-3, 4e-3, 1e-2)
@@ -159,7 +163,6 @@ def run_training(task: dict) -> dict:
     ``task`` for its budget, then denoise them with the model's own settings."""
     _one_thread()
     from ssbsn.data.patches import ArraySource
-    from ssbsn.presets import preset_values
     from ssbsn.train import TrainConfig, train
     items = task["items"]
     with tempfile.TemporaryDirectory() as d:
@@ -489,7 +492,6 @@ def main(argv=None) -> int:
                 model = Path(t["cache"]).with_suffix(".safetensors")
                 if model.is_file():  # today's inference code and settings on the cached model
                     r = json.loads(Path(t["cache"]).read_text())
-                    from ssbsn.presets import preset_values
                     r.update(denoise_items(model, t["items"],
                                            preset_values(args.preset).get("inference")))
                 else:
@@ -570,10 +572,11 @@ def main(argv=None) -> int:
     crops_figure(out / "crops.jpg", photos, fig_shot, base["images"], items,
                  ss_main["images"] if ss_main else {})
     env = environment()
+    preset_inference = preset_values(args.preset).get("inference")
     report = dict(
         environment=env, photos=[n for n, _ in photos], size=args.size, shots=list(shots),
         preset=args.preset, budgets_cpu_minutes=budgets, main_minutes=main_minutes,
-        per_level=args.per_level, smoke=args.smoke, seed=args.seed,
+        per_level=args.per_level, smoke=args.smoke, seed=args.seed, inference=preset_inference,
         runs=[{k: v for k, v in t.items() if k not in ("rows", "images")} for t in trained_list],
         images=rows, targets=goals, seconds=round(time.perf_counter() - t0, 1),
         command="python benchmarks/quality.py " + " ".join(_public_args(
@@ -583,8 +586,10 @@ def main(argv=None) -> int:
               f"Photos: {', '.join(report['photos'])} (centre {args.size}²); preset "
               f"`{args.preset}`; training on the noisy photos of "
               f"{'each level separately' if args.per_level else 'all levels together'}; "
-              f"runs of one thread, budgets in CPU minutes; denoised with the model's own "
-              f"inference settings. Command: `{report['command']}`.\n\n")
+              f"runs of one thread, budgets in CPU minutes; denoised with the preset's "
+              f"inference settings (those its models carry: "
+              f"{', '.join(f'{k}={v}' for k, v in (preset_inference or {}).items())}). "
+              f"Command: `{report['command']}`.\n\n")
     (out / "results.md").write_text(header + md)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     print(md)

@@ -87,3 +87,22 @@ def test_debias_moves_the_camera_pipelines_mean_towards_the_clean_rendering():
     before = (est - clean)[core].mean(dim=(-2, -1)).abs()
     after = (out - clean)[core].mean(dim=(-2, -1)).abs()
     assert float(before.min()) > 0.8 and bool((after < 0.25 * before).all()), (before, after)
+
+
+def test_denoise_debiases_the_blended_output_keyed_on_the_estimate():
+    """SSBSN.denoise(blend=True, debias=True) is the blend of the estimate, corrected by the
+    estimate's levels (the order docs/model.md gives: steps 7, then 8)."""
+    from ssbsn import SSBSN
+    from ssbsn.inference import noisy_pixel_blend
+    torch.manual_seed(0)
+    model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1, pd_test=2).eval()
+    with torch.no_grad():  # outputs around mid-grey
+        model.bsn.tail[-1].bias.fill_(128.0)
+    _, _, noisy = ramp_scene(n=48)
+    x = noisy.float()
+    kw = dict(r3=False, shifts=True, lowpass=4.0)
+    est = model.denoise(x, blend=False, debias=False, **kw)
+    want = tone_curve_debias(x, est, noisy_pixel_blend(x, est))
+    got = model.denoise(x, blend=True, debias=True, **kw)
+    torch.testing.assert_close(got, want)
+    assert (got - model.denoise(x, blend=True, debias=False, **kw)).abs().max() > 0.5
