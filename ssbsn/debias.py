@@ -52,10 +52,10 @@ def clean_levels(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     mean = np.clip(np.asarray(mean, dtype=np.float64), 0.0, 1.0)
     var = np.maximum(np.asarray(var, dtype=np.float64), 0.0)
     c = mean.copy()
-    h = 1e-4
-    slope = (tone(np.clip(inverse_tone(c) + h, 0, 1)) - tone(np.clip(inverse_tone(c) - h, 0, 1))) / (2 * h)
-    s = np.clip(np.sqrt(var) / np.maximum(slope, 1e-3), 1e-6, 1.0)
-    for _ in range(_ITERATIONS):
+    u, h = inverse_tone(c), 1e-4
+    slope = (tone(np.clip(u + h, 0, 1)) - tone(np.clip(u - h, 0, 1))) / (2 * h)  # dT/du
+    s = np.clip(np.sqrt(var) / np.maximum(slope, 1e-3), 1e-6, 1.0)  # the linear noise, first guess
+    for _ in range(_ITERATIONS):  # damped: the mean moves about 1:1 with T(u), the variance as s²
         m, v = noisy_moments(inverse_tone(c), s)
         c = np.clip(c + 0.7 * (mean - m), 0.0, 1.0)
         s = np.clip(s * np.clip(var / np.maximum(v, 1e-12), 0.25, 4.0) ** 0.35, 1e-6, 2.0)
