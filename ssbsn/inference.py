@@ -180,10 +180,12 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor
             level, noise = _noise_curve(xi, ei, ti)
             nv = _interp(xi, level, noise)
             # error variance of the estimate against texture: what the residual holds beyond
-            # the noise, zero in the flattest bin, never decreasing with texture
+            # the noise, zero over the flattest fifth of the pixels (the texture bins where the
+            # noise was measured), never decreasing with texture
             tb = _quantile_bins(ti, n)
             t_level, excess = _curve(ti, ei - nv, tb, n)
-            prior = torch.cummax((excess - excess[0]).clamp_min(0), 0).values
+            flattest = excess[:max(1, round(BLEND_FLAT * n))]  # 3 of 16 bins
+            prior = torch.cummax((excess - flattest.max()).clamp_min(0), 0).values
             noise_var[b, c] = nv.view(x.shape[-2:])
             prior_var[b, c] = _interp(ti, t_level, prior).view(x.shape[-2:])
     return noise_var, prior_var
@@ -202,8 +204,8 @@ def noisy_pixel_blend(noisy: torch.Tensor, estimate: torch.Tensor) -> torch.Tens
       of the estimate) of each of 16 equal-count intensity bins, where the estimate's error is
       least; linear between bins;
     * the estimate's error variance τ²(texture), texture being the estimate's local variance
-      over 5×5 pixels: the mean of r² − σ² in 16 equal-count texture bins, zero in the
-      flattest, never decreasing;
+      over 5×5 pixels: the mean of r² − σ² in 16 equal-count texture bins, zero over the
+      flattest fifth (3 bins), never decreasing;
     * w = τ² / (τ² + σ²).
 
     Where the noise is weak against the detail the blind spot lost (fine texture, low noise),
