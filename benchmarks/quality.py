@@ -479,6 +479,8 @@ def main(argv=None) -> int:
     if args.baselines_only:
         tasks = []
     cache = None
+    # the inference settings the preset's models carry (a cached model runs with these)
+    preset_inference = preset_values(args.preset).get("inference")
     run_cached: dict = {}
     if args.cache:
         key = f"{args.photos and Path(args.photos).name}_{args.size}_{args.seed}_" + \
@@ -492,8 +494,7 @@ def main(argv=None) -> int:
                 model = Path(t["cache"]).with_suffix(".safetensors")
                 if model.is_file():  # today's inference code and settings on the cached model
                     r = json.loads(Path(t["cache"]).read_text())
-                    r.update(denoise_items(model, t["items"],
-                                           preset_values(args.preset).get("inference")))
+                    r.update(denoise_items(model, t["items"], preset_inference))
                 else:
                     r = _load_run(Path(t["cache"]))
                 run_cached[id(t)] = r
@@ -572,7 +573,6 @@ def main(argv=None) -> int:
     crops_figure(out / "crops.jpg", photos, fig_shot, base["images"], items,
                  ss_main["images"] if ss_main else {})
     env = environment()
-    preset_inference = preset_values(args.preset).get("inference")
     report = dict(
         environment=env, photos=[n for n, _ in photos], size=args.size, shots=list(shots),
         preset=args.preset, budgets_cpu_minutes=budgets, main_minutes=main_minutes,

@@ -139,6 +139,14 @@ def _curve(key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor, n: int
     return k[order], v[order]
 
 
+def _fit_inputs(noisy: torch.Tensor, estimate: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(estimate, squared residual, texture) in float64, what both fits read: texture is the
+    estimate's local variance over (2·BLEND_RADIUS + 1)² pixels."""
+    x = estimate.double()
+    return x, (noisy.double() - x) ** 2, _local_variance(x, BLEND_RADIUS)
+
+
 def _noise_curve(x: torch.Tensor, e: torch.Tensor, tex: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(intensity levels, noise variance at each level) of one channel: the mean squared
@@ -154,9 +162,7 @@ def noise_curves(noisy: torch.Tensor, estimate: torch.Tensor
     """The noise variance against intensity of each image and channel of (B, C, H, W), as
     :func:`noisy_pixel_blend` fits it: ``curves[b][c] = (levels, variances)``, float64, levels
     increasing (None for a channel of fewer than 2 pixels)."""
-    x = estimate.double()
-    e = (noisy.double() - x) ** 2
-    tex = _local_variance(x, BLEND_RADIUS)
+    x, e, tex = _fit_inputs(noisy, estimate)
     return [[_noise_curve(x[b, c].flatten(), e[b, c].flatten(), tex[b, c].flatten())
              if x[b, c].numel() >= 2 else None for c in range(x.shape[1])]
             for b in range(x.shape[0])]
@@ -167,9 +173,7 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor
     """(noise variance, the estimate's error variance) at each pixel of (B, C, H, W), fitted
     per image and channel as :func:`noisy_pixel_blend` says; float64."""
     n = BLEND_BINS
-    x = estimate.double()
-    e = (noisy.double() - x) ** 2
-    tex = _local_variance(x, BLEND_RADIUS)
+    x, e, tex = _fit_inputs(noisy, estimate)
     noise_var, prior_var = torch.zeros_like(x), torch.zeros_like(x)
     for b in range(x.shape[0]):
         for c in range(x.shape[1]):
