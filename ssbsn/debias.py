@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import ndtr
 
 from .inference import _interp, noise_curves
 from .noise import gamma_compression, gamma_expansion, inverse_smoothstep, smoothstep
@@ -27,6 +28,15 @@ from .noise import gamma_compression, gamma_expansion, inverse_smoothstep, smoot
 _NODES = np.linspace(-6.0, 6.0, 481)
 _WEIGHTS = np.exp(-0.5 * _NODES ** 2) / np.exp(-0.5 * _NODES ** 2).sum()
 _ITERATIONS = 60
+
+# κ per channel of an RGB image: the noise of a raw sample, clipped at black before
+# demosaicking, over the noise seen in that sRGB channel. Red and blue are sampled at one pixel
+# in four and carry the larger white-balance gains, so their raw samples clip more; in green
+# the colour matrix's negative terms cancel what its own clip adds. Fitted on flat patches of
+# simulated cameras (ssbsn.noise: random colour matrices, white balances and noise levels):
+# the darkest tones' remaining shift falls from 3.5 / 0.8 / 2.4 to 1.6 / 0.8 / 1.1 grey levels
+# (RMS). Other channel counts take no raw clip.
+RAW_CLIP_RGB = (0.8, 0.0, 0.95)
 
 
 def tone(u):
@@ -38,17 +48,29 @@ def inverse_tone(c):
     return gamma_expansion(inverse_smoothstep(c))
 
 
-def noisy_moments(u: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of T(clip(u + s·ε, 0, 1)) for ε ~ N(0, 1), elementwise."""
+def raw_clip_bias(u: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """E[max(u + s·ε, 0)] − u for ε ~ N(0, 1): what clipping at black adds to the mean."""
+    s = np.maximum(s, 1e-30)
+    a = u / s
+    return s * np.exp(-0.5 * a * a) / np.sqrt(2 * np.pi) - u * ndtr(-a)
+
+
+def noisy_moments(u: np.ndarray, s: np.ndarray, kappa: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of T(clip(u + b + s·ε, 0, 1)) for ε ~ N(0, 1), elementwise, where
+    b = :func:`raw_clip_bias` (u, κ·s) is the brightening of raw samples clipped at black before
+    demosaicking (κ = 0: none)."""
+    if kappa:
+        u = u + raw_clip_bias(u, kappa * s)
     y = tone(np.clip(u[:, None] + s[:, None] * _NODES, 0.0, 1.0))
     mean = y @ _WEIGHTS
     return mean, ((y - mean[:, None]) ** 2) @ _WEIGHTS
 
 
-def clean_levels(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+def clean_levels(mean: np.ndarray, var: np.ndarray, kappa: float = 0.0) -> np.ndarray:
     """The clean sRGB levels T(u) whose noisy versions have these means and variances (all
-    0..1 scale), by fixed-point iteration on (T(u), s); a mean below what noise at level 0
-    gives maps to 0."""
+    0..1 scale) under :func:`noisy_moments` with this κ, by fixed-point iteration on (T(u), s);
+    a mean below what noise at level 0 gives maps to 0."""
     mean = np.clip(np.asarray(mean, dtype=np.float64), 0.0, 1.0)
     var = np.maximum(np.asarray(var, dtype=np.float64), 0.0)
     c = mean.copy()
@@ -56,26 +78,29 @@ def clean_levels(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     slope = (tone(np.clip(u + h, 0, 1)) - tone(np.clip(u - h, 0, 1))) / (2 * h)  # dT/du
     s = np.clip(np.sqrt(var) / np.maximum(slope, 1e-3), 1e-6, 1.0)  # the linear noise, first guess
     for _ in range(_ITERATIONS):  # damped: the mean moves about 1:1 with T(u), the variance as s²
-        m, v = noisy_moments(inverse_tone(c), s)
+        m, v = noisy_moments(inverse_tone(c), s, kappa)
         c = np.clip(c + 0.7 * (mean - m), 0.0, 1.0)
         s = np.clip(s * np.clip(var / np.maximum(v, 1e-12), 0.25, 4.0) ** 0.35, 1e-6, 2.0)
     return c
 
 
 def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch.Tensor,
-                      white: float = 255.0) -> torch.Tensor:
+                      white: float = 255.0, raw_clip=None) -> torch.Tensor:
     """``output + δ(estimate)``: the correction δ = T(u) − μ of each image and channel of
     (B, C, H, W), fitted at the noise curve's levels μ (:func:`clean_levels`) and linear in the
-    estimate between them. ``white`` is the value of full scale (255 for 0..255 images)."""
+    estimate between them. ``white`` is the value of full scale (255 for 0..255 images);
+    ``raw_clip`` the κ of each channel (None: :data:`RAW_CLIP_RGB` for three channels, else 0)."""
     out = output.double().clone()
     x = estimate.double()
+    if raw_clip is None:
+        raw_clip = RAW_CLIP_RGB if x.shape[1] == 3 else (0.0,) * x.shape[1]
     for b, row in enumerate(noise_curves(noisy, estimate)):
         for c, curve in enumerate(row):
             if curve is None:
                 continue
             level, var = curve
             mean = level.cpu().numpy() / white
-            delta = clean_levels(mean, var.cpu().numpy() / white ** 2) - np.clip(mean, 0, 1)
+            delta = clean_levels(mean, var.cpu().numpy() / white ** 2, raw_clip[c]) - np.clip(mean, 0, 1)
             delta = torch.from_numpy(white * delta).to(x.device)
             out[b, c] += _interp(x[b, c].flatten(), level, delta).view(x.shape[-2:])
     return out.to(output.dtype)
