@@ -18,8 +18,9 @@ What it does:
    ``--jobs`` processes of one thread each; the budget is counted in each process's CPU time,
    so a busy machine does not shorten it.
 4. Denoising with the trained model's own inference settings (what ``ssbsn denoise -w MODEL``
-   does with no flags), and, for a model whose settings blend with the noisy pixel or debias,
-   once more as the network's estimate alone, without either ("plain" in the tables). A model
+   does with no flags), and, for a model whose settings blend with the noisy pixel, refine
+   with the Wiener stage or debias, once more as the network's estimate alone, without any of
+   them ("plain" in the tables). A model
    from the cache runs with the preset's current inference settings, which a model trained
    today would carry.
 5. Baselines: non-local means (scikit-image) and BM3D (the ``bm3d`` package), each blind (its
@@ -206,9 +207,9 @@ def denoise_items(weights, items, inference: dict | None = None) -> dict:
             y = model.denoise(x)  # the model's own inference settings
         out = quantize(y[0].numpy().transpose(1, 2, 0))
         row = dict(name=it["name"], shot=it["shot"], **scores(out, it["clean"]))
-        if model.inference["blend"] or model.inference["debias"]:  # what the two add
+        if any(model.inference[k] for k in ("blend", "wiener", "debias")):  # what they add
             with torch.no_grad():
-                plain = model.denoise(x, blend=False, debias=False)
+                plain = model.denoise(x, blend=False, wiener=False, debias=False)
             row["plain"] = scores(quantize(plain[0].numpy().transpose(1, 2, 0)), it["clean"])
         rows.append(row)
         images[(it["name"], it["shot"])] = out
@@ -270,8 +271,8 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
         for c in cols] + ["shift noisy", "shift SS-BSN", "shift AP-BSN"]
     md = [f"PSNR (dB) / SSIM against the clean photo; SS-BSN and AP-BSN after {main_minutes:g} "
           "CPU-minutes of training (one thread), denoised with the model's own settings, and "
-          "'plain' the network's estimate alone (without the blend with the noisy pixel and the "
-          "tone-curve debias); shift = mean(output − clean) in grey levels (the noisy images' "
+          "'plain' the network's estimate alone (without the blend with the noisy pixel, the "
+          "Wiener refinement and the tone-curve debias); shift = mean(output − clean) in grey levels (the noisy images' "
           "own shift comes from the camera's tone curve and clipping).",
           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

@@ -6,8 +6,8 @@
     >>> d.denoise_files(["photos/"], "denoised/")      # files and folders, atomic writes
     >>> report = evaluate(d, "SIDD/ValidationNoisyBlocksSrgb.mat")   # rows + means
 
-Inference options (``r3``, ``self_ensemble``, ``shifts``, ``lowpass``, ``blend``, ``debias``,
-``tile``, ``overlap``, ``pd``, ``seed``) left at None take the model's own settings (``model.inference``, ``pd_test``).
+Inference options (``r3``, ``self_ensemble``, ``shifts``, ``lowpass``, ``blend``, ``wiener``,
+``debias``, ``tile``, ``overlap``, ``pd``, ``seed``) left at None take the model's own settings (``model.inference``, ``pd_test``).
 Problems with the inputs raise the errors of :mod:`ssbsn.errors`; progress lines go to the
 ``ssbsn`` logger (:mod:`logging`), and bars (tqdm, stderr) appear only when asked for.
 """

@@ -12,7 +12,7 @@ Var[T(clip(u + ε))] = σ² is solved for, and T(u) − μ is added to the outpu
 T is the standard sRGB tone curve of Brooks et al. 2019 (gamma 2.2, then a smoothstep), the one
 :mod:`ssbsn.noise` uses; ε is taken as Gaussian. A camera with its own curve, noise clipped
 before demosaicking (very dark tones), or noise that was not added before a tone curve at all
-(synthetic AWGN, linear data) is outside the model; see docs/model.md, step 8.
+(synthetic AWGN, linear data) is outside the model; see docs/model.md, step 9.
 """
 from __future__ import annotations
 

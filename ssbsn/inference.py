@@ -17,7 +17,7 @@ _M32 = 0xFFFFFFFF
 # What SSBSN.denoise does when not told otherwise (the paper's inference); a trained model
 # carries its own values in its checkpoint (metadata key "ssbsn_inference").
 INFERENCE_DEFAULTS = dict(r3=True, shifts=False, self_ensemble=False, tile=0, overlap=64,
-                          lowpass=0.0, blend=False, debias=False)
+                          lowpass=0.0, blend=False, wiener=False, debias=False)
 
 
 def check_inference_settings(s: dict) -> dict:
@@ -26,7 +26,7 @@ def check_inference_settings(s: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown inference settings: {', '.join(unknown)}")
     out = dict(s)
-    for k in ("r3", "shifts", "self_ensemble", "blend", "debias"):
+    for k in ("r3", "shifts", "self_ensemble", "blend", "wiener", "debias"):
         if not isinstance(out[k], bool):
             raise ValueError(f"inference setting {k} must be true or false, got {out[k]!r}")
     lp = out["lowpass"]

@@ -13,6 +13,7 @@ from .inference import (INFERENCE_DEFAULTS, check_inference_settings, noisy_pixe
                         shift_ensemble, tiled, transform)
 from .nn import BSN
 from .pd import pd_down, pd_up
+from .wiener import bm3d_wiener
 
 
 class SSBSN(nn.Module):
@@ -97,7 +98,7 @@ class SSBSN(nn.Module):
                 tile: int | None = None, overlap: int | None = None, seed: int = 0,
                 shifts: bool | None = None, pd: int | None = None,
                 lowpass: float | None = None, blend: bool | None = None,
-                debias: bool | None = None) -> torch.Tensor:
+                wiener: bool | None = None, debias: bool | None = None) -> torch.Tensor:
         """Denoise x (B, C, H, W) of any size. Every option left at None takes the model's
         own setting from ``self.inference``.
 
@@ -121,6 +122,10 @@ class SSBSN(nn.Module):
                 fitted on the image (:func:`ssbsn.inference.noisy_pixel_blend`): restores
                 the fine detail the blind spot loses where the noise is weak; off for the
                 paper.
+            wiener: refine with BM3D's collaborative Wiener stage, the (blended) result as
+                its pilot, in a variance-stabilised domain with the noise spectrum measured
+                on the image (:func:`ssbsn.wiener.bm3d_wiener`; CPU, numpy); off for the
+                paper.
             debias: remove the brightness shift that the camera's tone curve and clipping
                 put into the mean of the noise, which a network trained on noisy targets
                 learns (:func:`ssbsn.debias.tone_curve_debias`; sRGB camera photos only);
@@ -130,7 +135,7 @@ class SSBSN(nn.Module):
         self._check_input(x)
         s = self.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile,
                                     overlap=overlap, shifts=shifts, lowpass=lowpass, pd=pd,
-                                    blend=blend, debias=debias)
+                                    blend=blend, wiener=wiener, debias=debias)
         r3, self_ensemble, tile, overlap, b = (s["r3"], s["self_ensemble"], s["tile"],
                                                s["overlap"], s["pd"])
 
@@ -145,6 +150,7 @@ class SSBSN(nn.Module):
         y = run(x, (0, 0)) if not tile else tiled(run, x, tile, overlap, multiple=b)
         y = restore_low_frequencies(x, y, s["lowpass"])
         out = noisy_pixel_blend(x, y) if s["blend"] else y
+        out = bm3d_wiener(x, y, out) if s["wiener"] else out
         return tone_curve_debias(x, y, out) if s["debias"] else out
 
     def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int,

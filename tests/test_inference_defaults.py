@@ -76,7 +76,7 @@ def test_unknown_backend_is_one_clear_error():
 
 
 SETTINGS = dict(r3=False, shifts=True, self_ensemble=False, tile=24, overlap=16, lowpass=4.0,
-                blend=True, debias=True)
+                blend=True, wiener=True, debias=True)
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +101,16 @@ def test_inference_settings_travel_in_the_metadata(carried):
     assert loaded.inference == SETTINGS and loaded.pd_test == 3
     x = torch.rand(1, 3, 30, 33) * 255
     explicit = model.denoise(x, r3=False, shifts=True, self_ensemble=False, tile=24,
-                             overlap=16, pd=3, lowpass=4.0, blend=True, debias=True)
+                             overlap=16, pd=3, lowpass=4.0, blend=True, wiener=True,
+                             debias=True)
     # the oracle: the same settings spelled out on a model with the paper's defaults
     paper = SSBSN(**TINY).eval()
     paper.load_state_dict(model.state_dict())
     assert paper.inference == dict(r3=True, shifts=False, self_ensemble=False, tile=0,
-                                   overlap=64, lowpass=0.0, blend=False, debias=False)
+                                   overlap=64, lowpass=0.0, blend=False, wiener=False,
+                                   debias=False)
     spelled = paper.denoise(x, r3=False, shifts=True, tile=24, overlap=16, pd=3, lowpass=4.0,
-                            blend=True, debias=True)
+                            blend=True, wiener=True, debias=True)
     torch.testing.assert_close(loaded.denoise(x), explicit)
     torch.testing.assert_close(spelled, explicit)
     # and the settings change the result (the test could fail)
@@ -139,9 +141,11 @@ def test_cli_denoise_uses_the_models_settings_and_flags_override(carried, tmp_pa
     # flags override: R3 on, no shifts, whole image, PD 2
     assert main(["denoise", str(tmp_path / "in.png"), "-o", str(tmp_path / "b.png"),
                  "-w", str(path), "--device", "cpu", "--r3", "--no-shifts", "--tile", "0",
-                 "--pd-test", "2", "--lowpass", "0", "--no-blend", "--no-debias"]) == 0
+                 "--pd-test", "2", "--lowpass", "0", "--no-blend", "--no-wiener",
+                 "--no-debias"]) == 0
     expect_b = quantize(model.denoise(t, r3=True, shifts=False, tile=0, pd=2, lowpass=0,
-                                      blend=False, debias=False)[0].numpy().transpose(1, 2, 0))
+                                      blend=False, wiener=False, debias=False
+                                      )[0].numpy().transpose(1, 2, 0))
     np.testing.assert_array_equal(read_image(tmp_path / "b.png"), expect_b)
     assert not np.array_equal(expect, expect_b)
 

@@ -32,7 +32,7 @@ def test_paper_preset_is_the_papers_recipe():
     assert preset_values("paper") == {}
     m = SSBSN(**cfg.model_kwargs())
     assert m.inference == dict(r3=True, shifts=False, self_ensemble=False, tile=0, overlap=64,
-                               lowpass=0.0, blend=False, debias=False)
+                               lowpass=0.0, blend=False, wiener=False, debias=False)
     with pytest.raises(ValueError, match="unknown preset"):
         preset_values("fast")
 

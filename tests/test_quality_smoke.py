@@ -45,7 +45,7 @@ def test_quality_smoke(tmp_path):
         assert 5.0 < row[k]["psnr"] < 60.0 and -1.0 <= row[k]["ssim"] <= 1.0, k
     # NLM told the true σ smooths more than blind NLM on this correlated noise
     assert row["nlm_true"]["psnr"] > row["nlm_blind"]["psnr"]
-    # the quick preset blends with the noisy pixel and debiases, so each run is also scored
+    # the quick preset blends with the noisy pixel, refines and debiases, so each run is also scored
     # as the network's estimate alone
     assert row["ssbsn_plain"] is not None and row["apbsn_plain"] is not None
     assert row["ssbsn_plain"]["psnr"] != row["ssbsn"]["psnr"]
