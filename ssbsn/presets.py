@@ -19,7 +19,7 @@ QUICK: dict = dict(
     batch=4,
     repeat=16, lr=3e-3, lr_schedule="cosine", warmup=20, init_bias=True, minutes=8.0,
     inference=dict(r3=False, shifts=True, self_ensemble=False, tile=0, overlap=64, lowpass=8.0,
-                   blend=True, debias=True),
+                   blend=True, wiener=True, debias=True),
 )
 
 PRESETS = {"paper": PAPER, "quick": QUICK}
