@@ -18,8 +18,9 @@ and across channels (the colour matrix). So, per image:
 2. for RGB, an orthonormal opponent-colour transform (luminance, red − blue, green against
    both) separates most of the structure from the chroma;
 3. the noise's power spectrum in each transformed channel is measured on the image: the
-   autocorrelation of the residual f(noisy) − f(estimate), lags up to ±4 pixels, over the
-   flattest fifth of the estimate's texture (where the residual is mostly noise);
+   autocorrelation of the residual f(noisy) − m(estimate), lags up to ±4 pixels, over the
+   flattest fifth of the estimate's texture (where the residual is mostly noise); a channel
+   without noise (the chroma of a grey image) keeps the pilot;
 4. BM3D's Wiener stage runs on each transformed channel (the ``bm3d`` package, whose
    correlated-noise version takes the spectrum and chooses its own parameters from it; Mäkinen
    et al., IEEE TIP 2020); the block matches found on the luminance are reused for the chroma;
@@ -82,14 +83,13 @@ class Stabiliser:
     [lo, hi] and six noise deviations beyond."""
 
     def __init__(self, levels: np.ndarray, variances: np.ndarray, lo: float, hi: float):
-        var = lambda v: np.maximum(np.interp(v, levels, variances), floor)  # noqa: E731
         floor = 1e-12 * max(hi - lo, 1e-12) ** 2
-        reach = 6.0 * np.sqrt(var(np.array([lo, hi])).max())
+        sd_at = lambda v: np.sqrt(np.maximum(np.interp(v, levels, variances), floor))  # noqa: E731
+        reach = 6.0 * sd_at(np.array([lo, hi])).max()
         grid = np.linspace(lo - reach, hi + reach, _GRID)
-        inv_sd = 1.0 / np.sqrt(var(grid))
-        f = np.concatenate([[0.0], np.cumsum(0.5 * (inv_sd[1:] + inv_sd[:-1]) * np.diff(grid))])
+        sd = sd_at(grid)
+        f = np.concatenate([[0.0], np.cumsum(0.5 * (1 / sd[1:] + 1 / sd[:-1]) * np.diff(grid))])
         self._grid, self._f = grid, f
-        sd = np.sqrt(var(grid))
         m = np.interp(grid[:, None] + sd[:, None] * _NODES, grid, f) @ _WEIGHTS
         self._m = np.maximum.accumulate(m)  # increasing (it is, up to rounding)
 
@@ -131,18 +131,23 @@ def _refine_one(y: np.ndarray, est: np.ndarray, pilot: np.ndarray, curves, tex: 
     lo = min(y.min(), est.min(), pilot.min())
     hi = max(y.max(), est.max(), pilot.max())
     lo, hi = lo - 0.1 * (hi - lo + 1e-12), hi + 0.1 * (hi - lo + 1e-12)
-    fs = [Stabiliser(*(t.numpy() for t in curves[c]), lo, hi) for c in range(C)]
+    fs = [Stabiliser(*(t.cpu().numpy() for t in curves[c]), lo, hi) for c in range(C)]
     T = _OPPONENT if C == 3 else np.eye(C)
     mix = lambda a: np.einsum("ij,jhw->ihw", T, a)  # noqa: E731
     z = mix(np.stack([fs[c](y[c]) for c in range(C)]))
     p, e = (mix(np.stack([fs[c].mean(a[c]) for c in range(C)])) for a in (pilot, est))
-    flat = np.stack([t <= np.quantile(t, BLEND_FLAT) for t in tex]).all(0).astype(np.float64)
+    texture = tex.mean(0)
+    flat = (texture <= np.quantile(texture, BLEND_FLAT)).astype(np.float64)
     profile = bm3d.BM3DProfile()
-    out, matches = [], False
+    out, matches = [], None
     with _numpy_trapz():
         for c in range(C):
-            psd = noise_psd(z[c] - e[c], flat)
-            if c == 0:
+            r = z[c] - e[c]
+            if np.sum(r * r * flat) <= 1e-6 * flat.sum():  # no noise here (e.g. the chroma
+                out.append(p[c])                           # of a grey image): the pilot
+                continue
+            psd = noise_psd(r, flat)
+            if matches is None:  # the first channel filtered (the luminance) finds the groups
                 w, matches = bm3d.bm3d(z[c], psd, profile, stage_arg=p[c],
                                        blockmatches=(False, True))
             else:

@@ -121,6 +121,20 @@ def test_scale_free_per_image_and_small_images_pass_through():
     assert bm3d_wiener(small, small, small) is small
 
 
+def test_noiseless_channels_keep_the_pilot():
+    """A constant image, and a grey image in three identical channels (its chroma holds no
+    noise to measure): finite results, the constant unchanged, the grey channels equal."""
+    c = torch.full((1, 3, 40, 40), 100.0, dtype=torch.float64)
+    torch.testing.assert_close(bm3d_wiener(c, c, c), c)
+    clean, noisy, pilot = _grey_scene()
+    rgb = lambda t: t.expand(1, 3, *t.shape[-2:]).contiguous()  # noqa: E731
+    out = bm3d_wiener(rgb(noisy), rgb(pilot), rgb(pilot))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, 1], out[:, 0])
+    torch.testing.assert_close(out[:, 2], out[:, 0])
+    assert psnr(np.clip(out[0, 0].numpy(), 0, 255), clean) > psnr(pilot[0, 0].numpy(), clean) + 1
+
+
 def test_missing_bm3d_is_one_clear_error(monkeypatch):
     clean, noisy, pilot = _grey_scene()
     monkeypatch.setitem(sys.modules, "bm3d", None)
