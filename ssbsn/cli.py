@@ -63,8 +63,8 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
                         "weak); default: the model's setting (off for the paper's)")
     g.add_argument("--wiener", action=argparse.BooleanOptionalAction, default=None,
                    help="refine with BM3D's collaborative Wiener stage, the network's result "
-                        "as its pilot (+0.8 to 1 dB on the benchmark; about 35 s per "
-                        "megapixel on 2 CPU cores); default: the model's setting (off for "
+                        "as its pilot (+0.9 to 1.1 dB on the benchmark; about 75 s per "
+                        "megapixel on one CPU thread); default: the model's setting (off for "
                         "the paper's)")
     g.add_argument("--debias", action=argparse.BooleanOptionalAction, default=None,
                    help="remove the brightness shift that a camera's tone curve and clipping "

@@ -26,8 +26,8 @@ and across channels (the colour matrix). So, per image:
    et al., IEEE TIP 2020); the block matches found on the luminance are reused for the chroma;
 5. back through the colour transform and the stabiliser's inverse.
 
-It runs on the CPU (numpy), about 2.3 s for a 256×256 RGB image on two cores, in proportion to
-the pixel count. See docs/model.md, step 8.
+It runs on the CPU (numpy, one thread so that the output is repeatable to the bit), about 4 s
+for a 256×256 RGB image, in proportion to the pixel count. See docs/model.md, step 8.
 """
 from __future__ import annotations
 
@@ -139,6 +139,8 @@ def _refine_one(y: np.ndarray, est: np.ndarray, pilot: np.ndarray, curves, tex: 
     texture = tex.mean(0)
     flat = (texture <= np.quantile(texture, BLEND_FLAT)).astype(np.float64)
     profile = bm3d.BM3DProfile()
+    profile.num_threads = 1  # the package's threads add up overlapping blocks in any order:
+    #                          one thread makes the output repeatable to the bit
     out, matches = [], None
     with _numpy_trapz():
         for c in range(C):

@@ -109,9 +109,10 @@ def test_camera_noise_refinement_beats_its_pilot_and_a_white_noise_wiener():
     assert p(ours) > p(white) + 0.4, (p(ours), p(white))  # measured: +0.69 dB
 
 
-def test_scale_free_per_image_and_small_images_pass_through():
+def test_repeatable_scale_free_per_image_and_small_images_pass_through():
     clean, noisy, pilot = _grey_scene()
     out = bm3d_wiener(noisy, pilot, pilot)
+    assert torch.equal(bm3d_wiener(noisy, pilot, pilot), out)  # repeatable to the bit
     torch.testing.assert_close(bm3d_wiener(noisy / 255, pilot / 255, pilot / 255), out / 255)
     _, noisy2, pilot2 = _grey_scene(seed=5, sd=20.0)
     both = bm3d_wiener(torch.cat([noisy, noisy2]), torch.cat([pilot, pilot2]),
