@@ -20,9 +20,8 @@ What it does:
 4. Denoising with the trained model's own inference settings (what ``ssbsn denoise -w MODEL``
    does with no flags), and, for a model whose settings blend with the noisy pixel, refine
    with the Wiener stage or debias, once more as the network's estimate alone, without any of
-   them ("plain" in the tables). A model
-   from the cache runs with the preset's current inference settings, which a model trained
-   today would carry.
+   them ("plain" in the tables). A model from the cache runs with the preset's current
+   inference settings, which a model trained today would carry.
 5. Baselines: non-local means (scikit-image) and BM3D (the ``bm3d`` package), each blind (its
    noise level from ``skimage.restoration.estimate_sigma``) and with the true σ (the standard
    deviation of noisy − clean).
@@ -272,8 +271,9 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
     md = [f"PSNR (dB) / SSIM against the clean photo; SS-BSN and AP-BSN after {main_minutes:g} "
           "CPU-minutes of training (one thread), denoised with the model's own settings, and "
           "'plain' the network's estimate alone (without the blend with the noisy pixel, the "
-          "Wiener refinement and the tone-curve debias); shift = mean(output − clean) in grey levels (the noisy images' "
-          "own shift comes from the camera's tone curve and clipping).",
+          "Wiener refinement and the tone-curve debias); shift = mean(output − clean) in grey "
+          "levels (the noisy images' own shift comes from the camera's tone curve and "
+          "clipping).",
           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["name"], f"{r['shot']:g}", f"{r['sigma_true']:.1f}/{r['sigma_blind']:.1f}"]

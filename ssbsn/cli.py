@@ -57,19 +57,18 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
                    help="keep the noisy image's low frequencies (Gaussian σ in pixels; removes "
                         "brightness drift); 0 = off; default: the model's setting (off for "
                         "the paper's)")
-    g.add_argument("--blend", action=argparse.BooleanOptionalAction, default=None,
-                   help="combine the result with the noisy pixel, weighted by noise and error "
-                        "variances fitted on each image (keeps fine detail where the noise is "
-                        "weak); default: the model's setting (off for the paper's)")
-    g.add_argument("--wiener", action=argparse.BooleanOptionalAction, default=None,
-                   help="refine with BM3D's collaborative Wiener stage, the network's result "
-                        "as its pilot (+0.9 to 1.1 dB on the benchmark; about 75 s per "
-                        "megapixel on one CPU thread); default: the model's setting (off for "
-                        "the paper's)")
-    g.add_argument("--debias", action=argparse.BooleanOptionalAction, default=None,
-                   help="remove the brightness shift that a camera's tone curve and clipping "
-                        "give the noise's mean (sRGB camera photos); default: the model's "
-                        "setting (off for the paper's)")
+    # the steps after the network (docs/model.md, steps 7-9), each off for the paper's models
+    for name, what in (
+            ("blend", "combine the result with the noisy pixel, weighted by noise and error "
+                      "variances fitted on each image (keeps fine detail where the noise is "
+                      "weak)"),
+            ("wiener", "refine with BM3D's collaborative Wiener stage, the result so far as its "
+                       "pilot (+0.9 to 1.1 dB on the benchmark; about 75 s per megapixel on "
+                       "one CPU thread)"),
+            ("debias", "remove the brightness shift that a camera's tone curve and clipping "
+                       "give the noise's mean (sRGB camera photos)")):
+        g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{what}; default: the model's setting (off for the paper's)")
     g.add_argument("--tile", type=int, default=None, metavar="N",
                    help="process in N×N tiles to bound memory; 0 = whole image (default: the "
                         "model's setting, whole image for the paper's)")

@@ -10,9 +10,11 @@ the image: :func:`ssbsn.inference.noise_curves`), the pair (u, s) with m(u, s) =
 Var[T(clip(u + ε))] = σ² is solved for, and T(u) − μ is added to the output.
 
 T is the standard sRGB tone curve of Brooks et al. 2019 (gamma 2.2, then a smoothstep), the one
-:mod:`ssbsn.noise` uses; ε is taken as Gaussian. A camera with its own curve, noise clipped
-before demosaicking (very dark tones), or noise that was not added before a tone curve at all
-(synthetic AWGN, linear data) is outside the model; see docs/model.md, step 9.
+:mod:`ssbsn.noise` uses; ε is taken as Gaussian. Raw samples clipped at black before
+demosaicking add a further brightening b in red and blue (:data:`RAW_CLIP_RGB`, the one part
+fitted to simulated cameras). A camera with its own curve, or noise that was not added before a
+tone curve at all (synthetic AWGN, linear data), is outside the model; see docs/model.md,
+step 9.
 """
 from __future__ import annotations
 
@@ -100,7 +102,8 @@ def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch
                 continue
             level, var = curve
             mean = level.cpu().numpy() / white
-            delta = clean_levels(mean, var.cpu().numpy() / white ** 2, raw_clip[c]) - np.clip(mean, 0, 1)
+            clean = clean_levels(mean, var.cpu().numpy() / white ** 2, raw_clip[c])
+            delta = clean - np.clip(mean, 0, 1)
             delta = torch.from_numpy(white * delta).to(x.device)
             out[b, c] += _interp(x[b, c].flatten(), level, delta).view(x.shape[-2:])
     return out.to(output.dtype)

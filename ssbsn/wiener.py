@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .inference import BLEND_FLAT, BLEND_RADIUS, _local_variance, noise_curves
+from .inference import BLEND_FLAT, _fit_inputs, noise_curves
 
 PSD_LAGS = 4     # the noise autocorrelation is measured up to ±4 pixels (demosaicking: ~2)
 MIN_SIZE = 16    # smaller images are returned as the pilot (BM3D's blocks are 8×8)
@@ -169,7 +169,7 @@ def bm3d_wiener(noisy: torch.Tensor, estimate: torch.Tensor, pilot: torch.Tensor
         return pilot
     bm3d = _bm3d()
     curves = noise_curves(noisy, estimate)
-    tex = _local_variance(estimate.double(), BLEND_RADIUS).cpu().numpy()
+    tex = _fit_inputs(noisy, estimate)[2].cpu().numpy()  # the texture the noise curve read
     y, e, p = (t.detach().double().cpu().numpy() for t in (noisy, estimate, pilot))
     out = np.stack([_refine_one(y[b], e[b], p[b], curves[b], tex[b], bm3d)
                     for b in range(y.shape[0])])
