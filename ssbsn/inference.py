@@ -168,12 +168,14 @@ def noise_curves(noisy: torch.Tensor, estimate: torch.Tensor
             for b in range(x.shape[0])]
 
 
-def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor,
+                    reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise variance, the estimate's error variance) at each pixel of (B, C, H, W), fitted
-    per image and channel as :func:`noisy_pixel_blend` says; float64."""
+    per image and channel as :func:`noisy_pixel_blend` says; float64. ``reference``: the
+    estimate whose texture keys the error variance (None: ``estimate`` itself)."""
     n = BLEND_BINS
     x, e, tex = _fit_inputs(noisy, estimate)
+    ref_tex = tex if reference is None else _local_variance(reference.double(), BLEND_RADIUS)
     noise_var, prior_var = torch.zeros_like(x), torch.zeros_like(x)
     for b in range(x.shape[0]):
         for c in range(x.shape[1]):
@@ -183,19 +185,21 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor
             # noise variance against intensity, from the flattest pixels of each intensity bin
             level, noise = _noise_curve(xi, ei, ti)
             nv = _interp(xi, level, noise)
-            # error variance of the estimate against texture: what the residual holds beyond
-            # the noise, zero over the flattest fifth of the pixels (the texture bins where the
-            # noise was measured), never decreasing with texture
-            tb = _quantile_bins(ti, n)
-            t_level, excess = _curve(ti, ei - nv, tb, n)
+            # error variance of the estimate against the reference's texture: what the residual
+            # holds beyond the noise, zero over the flattest fifth of the pixels (the texture
+            # bins where the noise was measured), never decreasing with texture
+            ri = ref_tex[b, c].flatten()
+            tb = _quantile_bins(ri, n)
+            t_level, excess = _curve(ri, ei - nv, tb, n)
             flattest = excess[:max(1, round(BLEND_FLAT * n))]  # 3 of 16 bins
             prior = torch.cummax((excess - flattest.max()).clamp_min(0), 0).values
             noise_var[b, c] = nv.view(x.shape[-2:])
-            prior_var[b, c] = _interp(ti, t_level, prior).view(x.shape[-2:])
+            prior_var[b, c] = _interp(ri, t_level, prior).view(x.shape[-2:])
     return noise_var, prior_var
 
 
-def noisy_pixel_blend(noisy: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+def noisy_pixel_blend(noisy: torch.Tensor, estimate: torch.Tensor,
+                      reference: torch.Tensor | None = None) -> torch.Tensor:
     """``estimate + w·(noisy − estimate)``: the blind-spot estimate combined with the noisy pixel
     it never saw, each weighted by the inverse of its error variance (a Gaussian posterior
     mean, after Laine et al. 2019, with both variances fitted on the image itself).
@@ -207,16 +211,23 @@ def noisy_pixel_blend(noisy: torch.Tensor, estimate: torch.Tensor) -> torch.Tens
     * noise variance σ²(intensity): the mean r² over the flattest fifth (lowest local variance
       of the estimate) of each of 16 equal-count intensity bins, where the estimate's error is
       least; linear between bins;
-    * the estimate's error variance τ²(texture), texture being the estimate's local variance
-      over 5×5 pixels: the mean of r² − σ² in 16 equal-count texture bins, zero over the
-      flattest fifth (3 bins), never decreasing;
+    * the estimate's error variance τ²(texture), texture being the local variance over 5×5
+      pixels of ``reference`` (None: of the estimate itself): the mean of r² − σ² in 16
+      equal-count texture bins, zero over the flattest fifth (3 bins), never decreasing;
     * w = τ² / (τ² + σ²).
+
+    The reference is a second blind-spot estimate whose blind spot also covers the pixels
+    whose noise is correlated with the pixel's own (:meth:`ssbsn.SSBSN.denoise` passes the
+    estimate at the training PD stride). The estimate's own texture around a pixel is made of
+    neighbours that saw that pixel's noise, so binning by it selects pixels by the size of their
+    own noise: on a smooth photo the pixels of its highest texture bins carry about twice the
+    noise variance of its lowest, and τ² would take that excess for lost detail.
 
     Where the noise is weak against the detail the blind spot lost (fine texture, low noise),
     the noisy pixel comes back; in flat regions the estimate stays. Scale-free: blending
     a·noisy and a·estimate gives a times the blend.
     """
-    noise_var, prior_var = blend_variances(noisy, estimate)
+    noise_var, prior_var = blend_variances(noisy, estimate, reference)
     total = noise_var + prior_var
     w = torch.where(total > 0, prior_var / total.clamp_min(1e-300), torch.zeros_like(total))
     return estimate + w.to(estimate.dtype) * (noisy.to(estimate.dtype) - estimate)

@@ -120,8 +120,9 @@ class SSBSN(nn.Module):
                 network's above; 0 = off (the paper).
             blend: combine the result with the noisy pixel under noise and error variances
                 fitted on the image (:func:`ssbsn.inference.noisy_pixel_blend`): restores
-                the fine detail the blind spot loses where the noise is weak; off for the
-                paper.
+                the fine detail the blind spot loses where the noise is weak; the error
+                variance is keyed on the texture of a second estimate at the training PD
+                stride ``pd_train`` (one more network pass); off for the paper.
             wiener: refine with BM3D's collaborative Wiener stage, the (blended) result as
                 its pilot, in a variance-stabilised domain with the noise spectrum measured
                 on the image (:func:`ssbsn.wiener.bm3d_wiener`; CPU, numpy); off for the
@@ -139,17 +140,23 @@ class SSBSN(nn.Module):
         r3, self_ensemble, tile, overlap, b = (s["r3"], s["self_ensemble"], s["tile"],
                                                s["overlap"], s["pd"])
 
-        def run(window: torch.Tensor, origin) -> torch.Tensor:
-            def member(img: torch.Tensor, k: int) -> torch.Tensor:
-                return self._denoise_once(img, r3, seed + 7919 * k, origin, k, b)
+        def estimate(stride: int) -> torch.Tensor:
+            """The network's estimate with PD stride ``stride``, ensembles, tiles and lowpass."""
+            def run(window: torch.Tensor, origin) -> torch.Tensor:
+                def member(img: torch.Tensor, k: int) -> torch.Tensor:
+                    return self._denoise_once(img, r3, seed + 7919 * k, origin, k, stride)
 
-            def one(img: torch.Tensor) -> torch.Tensor:
-                return _self_ensemble(member, img) if self_ensemble else member(img, 0)
-            return shift_ensemble(one, window, b) if s["shifts"] else one(window)
+                def one(img: torch.Tensor) -> torch.Tensor:
+                    return _self_ensemble(member, img) if self_ensemble else member(img, 0)
+                return shift_ensemble(one, window, stride) if s["shifts"] else one(window)
 
-        y = run(x, (0, 0)) if not tile else tiled(run, x, tile, overlap, multiple=b)
-        y = restore_low_frequencies(x, y, s["lowpass"])
-        out = noisy_pixel_blend(x, y) if s["blend"] else y
+            y = run(x, (0, 0)) if not tile else tiled(run, x, tile, overlap, multiple=stride)
+            return restore_low_frequencies(x, y, s["lowpass"])
+
+        y = estimate(b)
+        out = y
+        if s["blend"]:  # texture from the training stride's estimate (noisy_pixel_blend says why)
+            out = noisy_pixel_blend(x, y, y if self.pd_train == b else estimate(self.pd_train))
         out = bm3d_wiener(x, y, out) if s["wiener"] else out
         return tone_curve_debias(x, y, out) if s["debias"] else out
 

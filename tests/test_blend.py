@@ -87,3 +87,39 @@ def test_tiny_and_constant_images(shape):
     # a convex combination of the two, pixel by pixel
     lo, hi = torch.minimum(x, y), torch.maximum(x, y)
     assert bool(((out >= lo - 1e-6) & (out <= hi + 1e-6)).all())
+
+
+def _box(t, r):
+    return torch.nn.functional.avg_pool2d(
+        torch.nn.functional.pad(t, (r, r, r, r), mode="reflect"), 2 * r + 1, stride=1)
+
+
+def leaky_scene(seed):
+    """(clean, estimate, reference, noisy) of a smooth photo with demosaicking-like noise: each
+    pixel's noise spreads to its 8 neighbours, and the estimate, which sees those neighbours,
+    carries part of the pixel's own noise (the leak). The reference's error is independent
+    of the noise (a blind spot wide enough to cover the spread)."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.linspace(60, 190, 128, dtype=torch.float64).expand(128, 128)[None, None]
+    clean = clean.repeat(1, 3, 1, 1)
+    w = torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    noise = 10 * (w + 0.5 * (9 * _box(w, 1) - w))
+    neighbours = (9 * _box(noise, 1) - noise) / 8
+    est = clean + 0.3 * neighbours + torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    ref = clean + 1.5 * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    return clean, est, ref, clean + noise
+
+
+def test_reference_texture_keeps_noise_out_of_a_smooth_photo():
+    """Keyed on its own texture, the blend of a leaky estimate brings the noise back (its
+    texture is highest where the pixel's own noise is largest); keyed on an independent
+    reference's texture, it keeps the estimate."""
+    for seed in range(3):
+        clean, est, ref, noisy = leaky_scene(seed)
+        e_est = mse(est, clean)
+        e_own = mse(noisy_pixel_blend(noisy, est), clean)
+        e_ref = mse(noisy_pixel_blend(noisy, est, ref), clean)
+        assert e_own > 3 * e_est, (e_own, e_est)
+        assert e_ref < 1.25 * e_est, (e_ref, e_est)
+    # the estimate as its own reference is the default
+    torch.testing.assert_close(noisy_pixel_blend(noisy, est, est), noisy_pixel_blend(noisy, est))

@@ -139,8 +139,9 @@ def test_debias_moves_the_camera_pipelines_mean_towards_the_clean_rendering():
 
 
 def test_denoise_debiases_the_blended_output_keyed_on_the_estimate():
-    """SSBSN.denoise(blend=True, debias=True) is the blend of the estimate, corrected by the
-    estimate's levels (the order docs/model.md gives: steps 7, then 8)."""
+    """SSBSN.denoise(blend=True, debias=True) is the blend of the estimate (its error variance
+    keyed on the training stride's estimate), corrected by the estimate's levels (the order
+    docs/model.md gives: steps 7, then 9)."""
     from ssbsn import SSBSN
     from ssbsn.inference import noisy_pixel_blend
     torch.manual_seed(0)
@@ -151,7 +152,8 @@ def test_denoise_debiases_the_blended_output_keyed_on_the_estimate():
     x = noisy.float()
     kw = dict(r3=False, shifts=True, lowpass=4.0)
     est = model.denoise(x, blend=False, debias=False, **kw)
-    want = tone_curve_debias(x, est, noisy_pixel_blend(x, est))
+    ref = model.denoise(x, blend=False, debias=False, pd=model.pd_train, **kw)
+    want = tone_curve_debias(x, est, noisy_pixel_blend(x, est, ref))
     got = model.denoise(x, blend=True, debias=True, **kw)
     torch.testing.assert_close(got, want)
     assert (got - model.denoise(x, blend=True, debias=False, **kw)).abs().max() > 0.5
