@@ -174,6 +174,9 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor,
     per image and channel as :func:`noisy_pixel_blend` says; float64. ``reference``: the
     estimate whose texture keys the error variance (None: ``estimate`` itself)."""
     n = BLEND_BINS
+    if reference is not None and reference.shape != estimate.shape:
+        raise ValueError(f"the blend's reference has shape {tuple(reference.shape)}, the "
+                         f"estimate {tuple(estimate.shape)}")
     x, e, tex = _fit_inputs(noisy, estimate)
     ref_tex = tex if reference is None else _local_variance(reference.double(), BLEND_RADIUS)
     noise_var, prior_var = torch.zeros_like(x), torch.zeros_like(x)
@@ -186,8 +189,8 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor,
             level, noise = _noise_curve(xi, ei, ti)
             nv = _interp(xi, level, noise)
             # error variance of the estimate against the reference's texture: what the residual
-            # holds beyond the noise, zero over the flattest fifth of the pixels (the texture
-            # bins where the noise was measured), never decreasing with texture
+            # holds beyond the noise, zero over the flattest fifth of the pixels (the share the
+            # noise was measured on), never decreasing with texture
             ri = ref_tex[b, c].flatten()
             tb = _quantile_bins(ri, n)
             t_level, excess = _curve(ri, ei - nv, tb, n)

@@ -121,5 +121,7 @@ def test_reference_texture_keeps_noise_out_of_a_smooth_photo():
         e_ref = mse(noisy_pixel_blend(noisy, est, ref), clean)
         assert e_own > 3 * e_est, (e_own, e_est)
         assert e_ref < 1.25 * e_est, (e_ref, e_est)
-    # the estimate as its own reference is the default
+    # the estimate as its own reference is the default; a reference of another shape is refused
     torch.testing.assert_close(noisy_pixel_blend(noisy, est, est), noisy_pixel_blend(noisy, est))
+    with pytest.raises(ValueError, match="reference has shape"):
+        noisy_pixel_blend(noisy, est, ref[..., :64])
