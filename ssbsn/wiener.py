@@ -26,7 +26,7 @@ and across channels (the colour matrix). So, per image:
    et al., IEEE TIP 2020); the block matches found on the luminance are reused for the chroma;
 5. back through the colour transform and the stabiliser's inverse.
 
-It runs on the CPU (numpy, one thread so that the output is repeatable to the bit), about 4 s
+It runs on the CPU (numpy, one thread so that the output is repeatable to the bit), about 5 s
 for a 256×256 RGB image, in proportion to the pixel count. See docs/model.md, step 8.
 """
 from __future__ import annotations
