@@ -139,12 +139,18 @@ def _curve(key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor, n: int
     return k[order], v[order]
 
 
+def _texture(t: torch.Tensor) -> torch.Tensor:
+    """The texture the fits key on: t's local variance over (2·BLEND_RADIUS + 1)² pixels,
+    in float64."""
+    return _local_variance(t.double(), BLEND_RADIUS)
+
+
 def _fit_inputs(noisy: torch.Tensor, estimate: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(estimate, squared residual, texture) in float64, what both fits read: texture is the
-    estimate's local variance over (2·BLEND_RADIUS + 1)² pixels."""
+    estimate's :func:`_texture`."""
     x = estimate.double()
-    return x, (noisy.double() - x) ** 2, _local_variance(x, BLEND_RADIUS)
+    return x, (noisy.double() - x) ** 2, _texture(x)
 
 
 def _noise_curve(x: torch.Tensor, e: torch.Tensor, tex: torch.Tensor
@@ -178,7 +184,7 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor,
         raise ValueError(f"the blend's reference has shape {tuple(reference.shape)}, the "
                          f"estimate {tuple(estimate.shape)}")
     x, e, tex = _fit_inputs(noisy, estimate)
-    ref_tex = tex if reference is None else _local_variance(reference.double(), BLEND_RADIUS)
+    ref_tex = tex if reference is None else _texture(reference)
     noise_var, prior_var = torch.zeros_like(x), torch.zeros_like(x)
     for b in range(x.shape[0]):
         for c in range(x.shape[1]):
