@@ -67,7 +67,10 @@ heavily at C = 128). Measured: with the products' operands rounded to tf32 (an e
 CPU, 1×128×40×40, g = 4) the output's error against fp64 is ~200× that of fp32 products, far
 outside the FA3 rule's 2× of an fp32 reference — so plain tf32 only when the user asked for it.
 Autotuning: keyed on (C, E, next power of two of N) and the dtypes, over per-dtype tile lists
-(``TILES``: what compiles for sm_90 within shared memory, see ``benchmarks/aot.py``). The fp32 epilogue products of half inputs (dq·Wᵀ, yᵀ·dq) use tf32.
+(``TILES``: what compiles for sm_90 within shared memory, see ``benchmarks/aot.py``). The fp32
+epilogue products (dq·Wᵀ, yᵀ·dq) follow the fp32 policy for every input dtype: with plain tf32
+there, fp16's dW missed the FA3 rule on an H200 (2.09× at 1×128×264×264; 3xTF32: 0.75×, for
++3 % backward time).
 Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) bf16 dot operands are upcast to
 fp32 (the interpreter's bf16 tl.dot is wrong).
 """
@@ -109,7 +112,10 @@ def tune_bucket(n: int) -> int:
 #   step keep six [64, 128] fp32 tiles live, a limit of 3xTF32 at C = 128 that no tile shape
 #   removed); one, because a 3xTF32 kernel takes 5-20 s to compile and the fp32 path is for
 #   exactness — models train fast in bf16 (autocast). FMA ("ieee") dots spill more (2-43 KB);
-#   plain tf32 misses the FA3 rule by ~200× against an fp32 reference.
+#   plain tf32 misses the FA3 rule by ~200× against an fp32 reference. Measured on an H200
+#   (Triton 3.6): bwd_cols at 64×16 with 8 warps, the least spilling, faults (illegal memory
+#   access, or wrong dx/dW where it does not), while the same tile with fp16 data and the
+#   4-warp 64×16 tile (3.3 KB spills) are exact — so 4 warps.
 # * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (spills 16 B fwd, 280 B
 #   bwd_rows, ~1 KB bwd_cols). fp32 with C or E above 128 cannot launch on sm_90 at all: the
 #   bwd_cols epilogue alone holds the [C, E] fp32 W tile (256 KB at 256 × 256).
@@ -121,7 +127,7 @@ TILES = {
                  "fp32": [(32, 16, 4, 2)],
                  "wide": [(64, 32, 8, 1)]},
     "bwd_cols": {"half": [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
-                 "fp32": [(64, 16, 8, 2)],
+                 "fp32": [(64, 16, 4, 2)],
                  "wide": [(64, 32, 8, 1)]},
 }
 

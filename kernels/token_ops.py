@@ -301,10 +301,11 @@ class Geometry:
         self.BG = self.B * grid * grid
         self.BLOCK_C, self.BLOCK_E = block_dim(self.C), block_dim(self.E)
         dt = x.dtype
-        # fp32 dots: the attention dots of fp32 inputs, and the fp32 epilogue products
-        # (dq·Wᵀ, yᵀ·dq) of every input dtype; plain tf32 for half inputs (their own precision)
+        # fp32 dots: the attention dots of fp32 inputs (half inputs use half dots), and the
+        # fp32 epilogue products (dq·Wᵀ, yᵀ·dq) of every input dtype, by the fp32 policy: with
+        # plain tf32 there fp16's dW missed the FA3 rule on an H200 (ss_attention.py's notes)
         self.PREC = fp32_precision() if dt == torch.float32 else "tf32"
-        self.PREC_EPI = self.PREC
+        self.PREC_EPI = fp32_precision()
         self.UPCAST = INTERPRET and dt == torch.bfloat16
 
     def real_counts(self, device) -> torch.Tensor:

@@ -90,3 +90,20 @@ def test_compile_fullgraph_fused_module_cpu():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m.wqk.grad, gw_eager, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_takes_sdpa_only_inside_compile_at_small_groups():
+    """backend "fused" on CUDA: the SDPA formulation inside torch.compile for groups of at most
+    COMPILED_SDPA_MAX_TOKENS tokens (measured faster there on an H200), the kernels otherwise."""
+    from ssbsn.attention.functional import COMPILED_SDPA_MAX_TOKENS, compiled_prefers_sdpa
+    train, sidd = torch.empty(4, 8, 140, 140), torch.empty(1, 8, 264, 264)  # N = 1225, 4356 at g = 4
+    assert compiled_prefers_sdpa(train, 4, False, compiling=True)
+    assert compiled_prefers_sdpa(train, 6, False, compiling=True)  # N = 576
+    assert not compiled_prefers_sdpa(sidd, 4, False, compiling=True)
+    assert not compiled_prefers_sdpa(train, 4, False, compiling=False)
+    assert not compiled_prefers_sdpa(train, 4, True, compiling=True)  # deterministic keeps kernels
+    edge = torch.empty(1, 8, 4 * 32, 4 * 64)  # exactly the limit at g = 4
+    assert 32 * 64 == COMPILED_SDPA_MAX_TOKENS
+    assert compiled_prefers_sdpa(edge, 4, False, compiling=True)
+    assert not compiled_prefers_sdpa(torch.empty(1, 8, 4 * 32, 4 * 64 + 1), 4, False, compiling=True)
+    assert not compiled_prefers_sdpa(train, 4, False)  # eager: torch.compiler.is_compiling() is False

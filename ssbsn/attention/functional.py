@@ -9,7 +9,14 @@
     Triton's interpreter (TRITON_INTERPRET=1). Raises if they cannot run the inputs.
   * ``"fused"``: ``"triton"`` for CUDA tensors when triton is importable and supports the
     dtype/shape, ``"sdpa"`` for CPU tensors; any other case falls back to ``"sdpa"`` with a
-    warning that names the reason.
+    warning that names the reason. One exception, by measurement: inside ``torch.compile`` and
+    with groups of at most :data:`COMPILED_SDPA_MAX_TOKENS` tokens, ``"sdpa"`` (the compiler
+    fuses its gather and normalisation around SDPA; our op is opaque to it and pays its Python
+    launch cost on every call). On an H200 at the training shapes (4×128×140×140, g = 4 and 6:
+    1,225 and 576 tokens per group, bf16 fwd+bwd) the compiled SDPA chain took 1.53 and 1.70 ms
+    against the kernels' 3.08 and 2.59 ms, of which ~2.2 ms is host time
+    (benchmarks/results/h200/). At 4,356 tokens and above the kernels stay (5.7× faster than
+    eager SDPA there).
 """
 from __future__ import annotations
 
@@ -18,9 +25,24 @@ import warnings
 import torch
 
 from ..config import BACKENDS
+from .common import tokens_per_group
 from .reference import ss_attention_reference
 from .sdpa import ss_attention_sdpa
 
+#: Inside ``torch.compile``, backend "fused" on CUDA takes the SDPA formulation for groups of at
+#: most this many tokens (see the module docstring for the measurement).
+COMPILED_SDPA_MAX_TOKENS = 2048
+
+
+def compiled_prefers_sdpa(x: torch.Tensor, grid: int, deterministic: bool,
+                          compiling: bool | None = None) -> bool:
+    """Whether backend "fused" takes the SDPA formulation for ``x`` (see the module docstring).
+    ``compiling`` defaults to ``torch.compiler.is_compiling()``; deterministic gradients always
+    keep the kernels (their dW reduction order is fixed, SDPA's backward is not)."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    return (compiling and not deterministic and x.dim() == 4
+            and tokens_per_group(x.shape[-2], x.shape[-1], grid) <= COMPILED_SDPA_MAX_TOKENS)
 
 
 def _kernels():
@@ -50,7 +72,7 @@ def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bo
         return kernels.ss_attention(x, w, grid, group_stats=group_stats,
                                     deterministic=deterministic)
     if backend == "fused":
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" or compiled_prefers_sdpa(x, grid, deterministic):
             return ss_attention_sdpa(x, w, grid, group_stats=group_stats)
         kernels, why = _kernels()
         if kernels is not None:

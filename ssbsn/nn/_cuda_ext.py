@@ -33,6 +33,10 @@ def _csrc() -> Path:
 CSRC = _csrc()
 ALGOS = {"auto": 0, "fma": 1, "wmma": 2}
 _BUILD_FLAGS = ["-O3"]  # the C++ standard is torch's choice (its headers need it)
+# Every build keeps its symbols to itself: the CUDA build and the host emulation compile the same
+# binding and the same ssbsn_conv:: entry points, and both may be loaded in one process (the
+# tests); with default visibility the second module's calls could bind to the first's.
+_HIDDEN = "-fvisibility=hidden"
 
 
 class ConvOps:
@@ -158,7 +162,8 @@ def _jit_ops(verbose: bool) -> ConvOps:
     _ninja_on_path()
     module = load(name="ssbsn_conv_jit",
                   sources=[str(CSRC / "conv_binding.cpp"), str(CSRC / "conv_kernels.cu")],
-                  extra_cflags=_BUILD_FLAGS, extra_cuda_cflags=_BUILD_FLAGS + ["-lineinfo"],
+                  extra_cflags=_BUILD_FLAGS + [_HIDDEN],
+                  extra_cuda_cflags=_BUILD_FLAGS + ["-lineinfo", "-Xcompiler", _HIDDEN],
                   verbose=verbose)
     return ConvOps(module, "JIT build of csrc/")
 
@@ -205,6 +210,6 @@ def build_host_emulation(verbose: bool = False, use_shim: bool | None = None) ->
     _ninja_on_path()
     module = load(name=name,
                   sources=[str(CSRC / "conv_binding.cpp"), str(CSRC / "emulation" / "conv_host_api.cpp")],
-                  extra_cflags=["-O2", "-DSSBSN_CONV_HOST_EMULATION", f"-I{inc}"],
+                  extra_cflags=["-O2", _HIDDEN, "-DSSBSN_CONV_HOST_EMULATION", f"-I{inc}"],
                   verbose=verbose)
     return ConvOps(module, f"host emulation of csrc/ kernels ({headers})", device_type="cpu")
