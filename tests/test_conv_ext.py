@@ -460,6 +460,12 @@ def test_emulated_binding_rejects_bad_tensors(emu_ops):
     x = torch.randn(1, 4, 5, 5)
     w = torch.randn(9, 4, 3)
     y = torch.empty(1, 3, 5, 5)
+    # the binding returns its errors rather than throwing them (a thrown c10::Error crashed the
+    # process on an H200 image); ConvOps raises them
+    bad = w.transpose(1, 2).contiguous()
+    msg = emu_ops.module.conv_fwd(x, bad, None, y, list(taps.dy), list(taps.dx), False, False, 0, 0, -1)
+    assert isinstance(msg, str) and msg.startswith("ssbsn conv: w must be") and "\n" not in msg
+    assert emu_ops.module.conv_fwd(x, w, None, y, list(taps.dy), list(taps.dx), False, False, 0, 0, -1) == ""
     with pytest.raises(RuntimeError, match="w must be"):
         emu_ops.conv_fwd(x, w.transpose(1, 2).contiguous(), None, y, taps.dy, taps.dx, False, False, 0)
     with pytest.raises(RuntimeError, match="channels_last"):

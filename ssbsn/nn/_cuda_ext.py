@@ -66,21 +66,30 @@ class ConvOps:
             self._sms[idx] = torch.cuda.get_device_properties(t.device).multi_processor_count
         return self._sms[idx]
 
+    # The binding returns its errors ("" = none) instead of throwing them (csrc/conv_binding.cpp
+    # says why); they are raised here.
     def conv_fwd(self, x, w, bias, y, dys, dxs, relu: bool, nhwc: bool, algo: int) -> None:
         """y = act(bias + Σ_t w[t]ᵀ·x(shifted by tap t)); w [taps, Ci, Co], bias fp32 or None."""
-        self.module.conv_fwd(x, w, bias, y, list(dys), list(dxs), relu, nhwc, algo, *self._where(x))
+        _raise(self.module.conv_fwd(x, w, bias, y, list(dys), list(dxs), relu, nhwc, algo,
+                                    *self._where(x)))
 
     def conv_wgrad(self, x, dz, dw, dys, dxs, nhwc: bool, algo: int, splits: int = 0) -> None:
         """dw[t, ci, co] (fp32) = Σ_pixels x(shifted by tap t)[ci] · dz[co]; splits 0 = auto."""
-        self.module.conv_wgrad(x, dz, dw, list(dys), list(dxs), nhwc, algo, splits, self._num_sms(x),
-                               *self._where(x))
+        _raise(self.module.conv_wgrad(x, dz, dw, list(dys), list(dxs), nhwc, algo, splits,
+                                      self._num_sms(x), *self._where(x)))
 
     def relu_grad_bias(self, grad, out, dz, db, nhwc: bool, hw_chunk: int = 0) -> None:
         """dz = grad·(out > 0) when out is given; db (fp32) = Σ dz over N, H, W when given."""
-        self.module.relu_grad_bias(grad, out, dz, db, nhwc, hw_chunk, *self._where(grad))
+        _raise(self.module.relu_grad_bias(grad, out, dz, db, nhwc, hw_chunk, *self._where(grad)))
 
     def implementation(self) -> str:
         return self.module.implementation()
+
+
+def _raise(error) -> None:
+    """The binding's error message as a RuntimeError (an empty message: no error)."""
+    if error:
+        raise RuntimeError(error)
 
 
 _ops: ConvOps | None = None
