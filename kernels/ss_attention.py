@@ -70,7 +70,8 @@ Autotuning: keyed on (C, E, next power of two of N) and the dtypes, over per-dty
 (``TILES``: what compiles for sm_90 within shared memory, see ``benchmarks/aot.py``). The fp32
 epilogue products (dq·Wᵀ, yᵀ·dq) follow the fp32 policy for every input dtype: with plain tf32
 there, fp16's dW missed the FA3 rule on an H200 (2.09× at 1×128×264×264; 3xTF32: 0.75×, for
-+3 % backward time).
++3 % backward time, channels_last; the LayerNorm-backward kernel now spills 16 B channels_last,
+~700 B NCHW: benchmarks/results/sm90-aot/after.md).
 Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) bf16 dot operands are upcast to
 fp32 (the interpreter's bf16 tl.dot is wrong).
 """
