@@ -29,6 +29,7 @@ speed targets are then "not applicable" and do not decide the exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -180,6 +181,18 @@ def reference_attention(x, w, g, per_group: bool):
     checkpointing (N = 17.7k tokens: 2.5 GB per fp64 N×N matrix)."""
     from ssbsn.attention.common import materialised_attention
     return materialised_attention(x, w, g, per_group=per_group)
+
+
+@contextlib.contextmanager
+def _cudnn_tf32_off():
+    """cuDNN without TF32 for the block (torch's default for convolutions is TF32)."""
+    import torch
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def _fwd_bwd(fn, x, w, go):
@@ -479,16 +492,12 @@ def step_train(a) -> dict:
     # or the convolutions round the attention paths' 1e-7 differences apart (tests/test_kernels.py)
     noisy = torch.rand(batch, 3, crop, crop, device=dev, generator=None) * 255
     losses, grads = [], []
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with _cudnn_tf32_off():
         for m in (ref, fused):
             m.train()
             opt = torch.optim.Adam(m.parameters(), lr=1e-4)
             losses.append(_train_step(m, noisy, opt))
             grads.append([p.grad.detach().clone() for p in m.parameters()])
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
     rel = max(((gf - gr).norm() / gr.norm().clamp_min(1e-12)).item()
               for gr, gf in zip(*grads))
     dl = abs(losses[1].item() - losses[0].item()) / max(abs(losses[0].item()), 1e-12)
@@ -629,16 +638,11 @@ def _conv_error(fn, x, w, b, go, be, taps) -> float:
     """Largest relative error (max |err| / max |oracle|) of backend ``be``'s output, dx, dW and
     db against the float64 oracle. The oracle's backward uses ``be``'s own ReLU mask: a
     pre-activation within rounding of 0 may fall either way, and a flipped pixel is no error."""
-    import torch
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with _cudnn_tf32_off():
         x.grad = w.grad = b.grad = None
         y = fn(x, w, b, be)
         y.backward(go)
         got = [y.detach(), x.grad, w.grad, b.grad]
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
     xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
     z = tap_conv_oracle(xr, wr, br, taps)
     z.backward(go.double() * (y.detach() > 0))

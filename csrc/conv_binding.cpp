@@ -68,6 +68,14 @@ std::string check_act(const at::Tensor& t, const char* name, const at::Tensor& r
   return "";
 }
 
+// The call's primary [N, C, H, W] input (x, or grad): its device, rank, layout and dtype, against
+// itself (the other tensors are checked against it).
+std::string check_input(const at::Tensor& t, const char* name, bool nhwc) {
+  SSBSN_TRY(check_device(t, name, t));
+  SSBSN_REQUIRE(t.dim() == 4, "ssbsn conv: ", name, " must be 4-D, got ", t.sizes());
+  return check_act(t, name, t, t.size(1), nhwc);
+}
+
 std::string make_taps(const std::vector<int64_t>& dys, const std::vector<int64_t>& dxs, Taps* taps) {
   SSBSN_REQUIRE(dys.size() == dxs.size(), "ssbsn conv: tap offset lists differ in length");
   SSBSN_REQUIRE(!dys.empty() && dys.size() <= static_cast<size_t>(ssbsn_conv::kMaxTaps),
@@ -113,9 +121,7 @@ std::string conv_fwd(const at::Tensor& x, const at::Tensor& w, const std::option
                      bool nhwc, int64_t algo, int64_t stream, int64_t device) {
   Taps taps;
   SSBSN_TRY(make_taps(dys, dxs, &taps));
-  SSBSN_TRY(check_device(x, "x", x));
-  SSBSN_REQUIRE(x.dim() == 4, "ssbsn conv: x must be 4-D, got ", x.sizes());
-  SSBSN_TRY(check_act(x, "x", x, x.size(1), nhwc));
+  SSBSN_TRY(check_input(x, "x", nhwc));
   SSBSN_TRY(check_device(w, "w", x));
   SSBSN_REQUIRE(w.dim() == 3 && w.size(0) == taps.count && w.size(1) == x.size(1) && w.is_contiguous() &&
                     w.scalar_type() == x.scalar_type(),
@@ -146,9 +152,7 @@ std::string conv_wgrad(const at::Tensor& x, const at::Tensor& dz, const at::Tens
                        int64_t splits, int64_t num_sms, int64_t stream, int64_t device) {
   Taps taps;
   SSBSN_TRY(make_taps(dys, dxs, &taps));
-  SSBSN_TRY(check_device(x, "x", x));
-  SSBSN_REQUIRE(x.dim() == 4, "ssbsn conv: x must be 4-D, got ", x.sizes());
-  SSBSN_TRY(check_act(x, "x", x, x.size(1), nhwc));
+  SSBSN_TRY(check_input(x, "x", nhwc));
   SSBSN_REQUIRE(dz.dim() == 4, "ssbsn conv: dz must be 4-D, got ", dz.sizes());
   SSBSN_TRY(check_act(dz, "dz", x, dz.size(1), nhwc));
   SSBSN_TRY(check_device(dw, "dw", x));
@@ -181,9 +185,7 @@ std::string conv_wgrad(const at::Tensor& x, const at::Tensor& dz, const at::Tens
 std::string relu_grad_bias(const at::Tensor& grad, const std::optional<at::Tensor>& out,
                            const std::optional<at::Tensor>& dz, const std::optional<at::Tensor>& db, bool nhwc,
                            int64_t hw_chunk, int64_t stream, int64_t device) {
-  SSBSN_TRY(check_device(grad, "grad", grad));
-  SSBSN_REQUIRE(grad.dim() == 4, "ssbsn conv: grad must be 4-D, got ", grad.sizes());
-  SSBSN_TRY(check_act(grad, "grad", grad, grad.size(1), nhwc));
+  SSBSN_TRY(check_input(grad, "grad", nhwc));
   SSBSN_REQUIRE(out.has_value() == dz.has_value(), "ssbsn conv: out and dz go together");
   ssbsn_conv::ReluGradBiasArgs a;
   SSBSN_TRY(dtype_code(grad, &a.dtype));

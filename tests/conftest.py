@@ -16,6 +16,16 @@ def _seed():
 
 
 @pytest.fixture
+def exact_reference():
+    """No TF32 anywhere (cuDNN convolutions and matmuls) for the test: references and
+    comparisons in full fp32/fp64."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
 def one_thread():
     """torch on one thread for the test (see helpers.torch_threads)."""
     from helpers import torch_threads

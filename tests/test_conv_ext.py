@@ -491,15 +491,6 @@ def gpu_ops():
     return ops
 
 
-@pytest.fixture
-def exact_reference():
-    """fp64 references on the GPU, without TF32 anywhere."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("relu,bias", [(True, True), (False, False)], ids=["relu-bias", "plain"])
 @pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])

@@ -270,21 +270,13 @@ def test_gpu_fused_backend_and_fallback_warning():
 
 @pytest.mark.gpu
 @requires_gpu
-def test_gpu_ssbsn_training_step_fused_vs_reference():
+def test_gpu_ssbsn_training_step_fused_vs_reference(exact_reference):
     """One full SS-BSN training step (L1 self-supervised loss, Adam): fused vs reference.
-    cuDNN's TF32 is off: with it on (torch's default for convolutions) the 1e-7 differences of
-    the attention outputs are rounded apart in the TF32 convolutions around them, and wqk's
-    gradient differed by 1.2e-3 on an H200 — noise of the convolutions, not of the kernels."""
+    No TF32 (``exact_reference``): with cuDNN's TF32 on (torch's default for convolutions) the
+    1e-7 differences of the attention outputs are rounded apart in the TF32 convolutions around
+    them, and wqk's gradient differed by 1.2e-3 on an H200 — noise of the convolutions, not of
+    the kernels."""
     from ssbsn import SSBSN
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        _training_step_fused_vs_reference(SSBSN)
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved
-
-
-def _training_step_fused_vs_reference(SSBSN):
     torch.manual_seed(0)
     noisy = torch.rand(4, 3, 120, 120, device="cuda") * 255
     ref = SSBSN(fused=False).cuda()

@@ -13,10 +13,10 @@
     with groups of at most :data:`COMPILED_SDPA_MAX_TOKENS` tokens, ``"sdpa"`` (the compiler
     fuses its gather and normalisation around SDPA; our op is opaque to it and pays its Python
     launch cost on every call). On an H200 at the training shapes (4×128×140×140, g = 4 and 6:
-    1,225 and 576 tokens per group, bf16 fwd+bwd) the compiled SDPA chain took 1.53 and 1.70 ms
-    against the kernels' 3.08 and 2.59 ms, of which ~2.2 ms is host time
-    (benchmarks/results/h200/). At 4,356 tokens and above the kernels stay (5.7× faster than
-    eager SDPA there).
+    1,225 and 576 tokens per group, bf16 fwd+bwd) the compiled SDPA chain took 1.45 and 1.38 ms
+    against the kernels' 3.03 and 2.45 ms, of which ~2.3 ms is host time; "fused" inside
+    torch.compile, so routed, took 1.22 and 1.44 ms (benchmarks/results/h200/). At 4,356 tokens
+    and above the kernels stay (5.4× faster than eager SDPA there).
 """
 from __future__ import annotations
 
