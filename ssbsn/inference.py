@@ -77,17 +77,29 @@ def restore_low_frequencies(noisy: torch.Tensor, denoised: torch.Tensor, sigma: 
 BLEND_BINS = 16        # equal-count bins of intensity (noise curve) and of texture (prior error)
 BLEND_RADIUS = 2       # texture: local variance of the estimate over (2r+1)² pixels
 BLEND_FLAT = 0.2       # the noise is measured on the flattest fifth of each intensity bin
-_MAX_SAMPLES = 1 << 16  # bin edges from at most this many pixels (a regular subsample)
+BLEND_LOCAL_RADIUS = 2  # local error: the mean squared residual over (2r+1)² pixels beyond
+BLEND_LOCAL_MARGIN = 3.0  # 3× the level the noise alone reaches at the 90th percentile
+BLEND_LOCAL_Q = 0.9     # of the flattest fifth of the pixels (in units of the noise variance)
+_MAX_SAMPLES = 1 << 16  # bin edges and quantiles from at most this many pixels (a regular subsample)
+
+
+def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean of x (B, C, H, W) over the (2r+1)² window around each pixel (reflected borders;
+    replicated where the image is too small to reflect)."""
+    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
+    return torch.nn.functional.avg_pool2d(
+        torch.nn.functional.pad(x, (r, r, r, r), mode=mode), 2 * r + 1, stride=1)
 
 
 def _local_variance(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Variance of x (B, C, H, W) over the (2r+1)² window around each pixel (reflected borders;
-    replicated where the image is too small to reflect)."""
-    mode = "reflect" if min(x.shape[-2:]) > r else "replicate"
-    box = lambda t: torch.nn.functional.avg_pool2d(  # noqa: E731
-        torch.nn.functional.pad(t, (r, r, r, r), mode=mode), 2 * r + 1, stride=1)
-    m = box(x)
-    return (box(x * x) - m * m).clamp_min(0)
+    """Variance of x (B, C, H, W) over the (2r+1)² window around each pixel."""
+    m = _box_mean(x, r)
+    return (_box_mean(x * x, r) - m * m).clamp_min(0)
+
+
+def _quantile(v: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of the flat tensor v, from a regular subsample of at most _MAX_SAMPLES."""
+    return torch.quantile(v[:: max(1, v.numel() // _MAX_SAMPLES)], q)
 
 
 def _quantile_bins(v: torch.Tensor, n: int) -> torch.Tensor:
@@ -185,6 +197,7 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor,
                          f"estimate {tuple(estimate.shape)}")
     x, e, tex = _fit_inputs(noisy, estimate)
     ref_tex = tex if reference is None else _texture(reference)
+    e_local = _box_mean(e, BLEND_LOCAL_RADIUS)
     noise_var, prior_var = torch.zeros_like(x), torch.zeros_like(x)
     for b in range(x.shape[0]):
         for c in range(x.shape[1]):
@@ -202,8 +215,17 @@ def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor,
             t_level, excess = _curve(ri, ei - nv, tb, n)
             flattest = excess[:max(1, round(BLEND_FLAT * n))]  # 3 of 16 bins
             prior = torch.cummax((excess - flattest.max()).clamp_min(0), 0).values
+            prior = _interp(ri, t_level, prior)
+            # the local error: what the residual around the pixel holds beyond the noise, counted
+            # from 3× the level the noise alone reaches at 90 % of the flattest pixels
+            mi = e_local[b, c].flatten()
+            ratio = mi / nv.clamp_min(torch.finfo(nv.dtype).tiny)
+            flat = ri <= _quantile(ri, BLEND_FLAT)
+            k = BLEND_LOCAL_MARGIN * _quantile(ratio[flat], BLEND_LOCAL_Q)
+            if torch.isfinite(k):
+                prior = torch.maximum(prior, (mi - k * nv).clamp_min(0))
             noise_var[b, c] = nv.view(x.shape[-2:])
-            prior_var[b, c] = _interp(ri, t_level, prior).view(x.shape[-2:])
+            prior_var[b, c] = prior.view(x.shape[-2:])
     return noise_var, prior_var
 
 
@@ -223,6 +245,11 @@ def noisy_pixel_blend(noisy: torch.Tensor, estimate: torch.Tensor,
     * the estimate's error variance τ²(texture), texture being the local variance over 5×5
       pixels of ``reference`` (None: of the estimate itself): the mean of r² − σ² in 16
       equal-count texture bins, zero over the flattest fifth (3 bins), never decreasing;
+    * the local error: the mean r² over the 5×5 pixels around, less σ² times 3× the 90th
+      percentile of that ratio (mean r² over σ²) over the flattest fifth of the reference's
+      texture, where the noise alone sets it; τ² is the larger of the two. It catches what no
+      texture shows: detail of one or two pixels that both estimates missed (a star) leaves a
+      residual far above the noise;
     * w = τ² / (τ² + σ²).
 
     The reference is a second blind-spot estimate whose blind spot also covers the pixels

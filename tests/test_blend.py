@@ -125,3 +125,34 @@ def test_reference_texture_keeps_noise_out_of_a_smooth_photo():
     torch.testing.assert_close(noisy_pixel_blend(noisy, est, est), noisy_pixel_blend(noisy, est))
     with pytest.raises(ValueError, match="reference has shape"):
         noisy_pixel_blend(noisy, est, ref[..., :64])
+
+
+def star_scene(seed=0, H=128, W=128, stars=8, amplitude=0.5):
+    """A dark, flat sky with small bright stars (2×2 pixels) that the estimate misses and its
+    reference, blind to them too, finds flat: only the residual says where they are."""
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.full((1, 3, H, W), 0.1, dtype=torch.float64)
+    ys = torch.randint(2, H - 4, (stars,), generator=g)
+    xs = torch.randint(2, W - 4, (stars,), generator=g)
+    for y, x in zip(ys.tolist(), xs.tolist()):
+        clean[..., y:y + 2, x:x + 2] += amplitude
+    estimate = torch.full_like(clean, 0.1)
+    noise_var = A * clean + B
+    noisy = clean + torch.randn(clean.shape, generator=g, dtype=torch.float64) * noise_var.sqrt()
+    return clean, estimate, noisy, noise_var, (clean - estimate) ** 2
+
+
+def test_stars_the_estimate_missed_come_back_and_the_sky_stays():
+    for seed in range(3):
+        clean, est, noisy, noise_var, err_var = star_scene(seed)
+        out = noisy_pixel_blend(noisy, est, est)
+        star = err_var > 0
+        oracle = est + err_var / (err_var + noise_var) * (noisy - est)
+        # the stars: nearly the noisy pixel's error (the oracle's), not the estimate's
+        e_star = mse(out[star], clean[star])
+        assert e_star < 2 * mse(oracle[star], clean[star]), e_star
+        assert e_star < 0.02 * mse(est[star], clean[star]), e_star
+        # the sky: almost all of it keeps the estimate; overall far better than either input
+        _, prior = blend_variances(noisy, est, est)
+        assert float((prior[~star] > 0).double().mean()) < 0.05
+        assert mse(out, clean) < 0.1 * min(mse(est, clean), mse(noisy, clean))
