@@ -97,15 +97,14 @@ def _local_variance(x: torch.Tensor, r: int) -> torch.Tensor:
     return (_box_mean(x * x, r) - m * m).clamp_min(0)
 
 
-def _quantile(v: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile of the flat tensor v, from a regular subsample of at most _MAX_SAMPLES."""
+def _quantile(v: torch.Tensor, q: float | torch.Tensor) -> torch.Tensor:
+    """The q-quantile(s) of the flat tensor v, from a regular subsample of at most _MAX_SAMPLES."""
     return torch.quantile(v[:: max(1, v.numel() // _MAX_SAMPLES)], q)
 
 
 def _quantile_bins(v: torch.Tensor, n: int) -> torch.Tensor:
     """Index 0..n−1 of each value of the flat tensor v in n equal-count bins."""
-    sample = v[:: max(1, v.numel() // _MAX_SAMPLES)]
-    edges = torch.quantile(sample, torch.linspace(0, 1, n + 1, dtype=v.dtype, device=v.device))
+    edges = _quantile(v, torch.linspace(0, 1, n + 1, dtype=v.dtype, device=v.device))
     return torch.bucketize(v, edges[1:-1].contiguous())
 
 
