@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --minutes 2,8,32 --main-minutes 8   # the committed run (~1 h)
     python benchmarks/quality.py --photos DIR          # your own photos instead
+    python benchmarks/quality.py --seed 3 --train-seed 1003  # train again on seed 3's photos
     python benchmarks/quality.py --smoke --out /tmp/q  # seconds: the CI check of the pipeline
 
 What it does:
@@ -439,6 +440,9 @@ def main(argv=None) -> int:
                     help="which trained models: ssbsn (the recipe), apbsn (ss_blocks=0)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="seed of the training runs (default: --seed); another value trains "
+                         "again on the same noisy photos, for the spread of single runs")
     ap.add_argument("--out", default=str(HERE / "results" / "quality"))
     ap.add_argument("--cache", default=None,
                     help="folder for the baselines' results and the trained models (a second "
@@ -453,6 +457,7 @@ def main(argv=None) -> int:
     shots = tuple(float(s) for s in args.shots.split(","))
     budgets = [float(m) for m in args.minutes.split(",")]
     main_minutes = args.main_minutes or max(budgets)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
     steps = None
     overrides: dict = {}
     if args.smoke:
@@ -475,7 +480,7 @@ def main(argv=None) -> int:
             for gi, group in enumerate(groups):
                 tasks.append(dict(kind="train", method=method, minutes=m, items=group,
                                   preset=args.preset, overrides={**overrides, **extra},
-                                  seed=args.seed + gi, steps=steps))
+                                  seed=train_seed + gi, steps=steps))
     tasks.sort(key=lambda t: -t["minutes"])  # the longest first
     if args.baselines_only:
         tasks = []
@@ -486,11 +491,12 @@ def main(argv=None) -> int:
     if args.cache:
         key = f"{args.photos and Path(args.photos).name}_{args.size}_{args.seed}_" + \
               "_".join(f"{s:g}" for s in shots)
+        run_key = key if train_seed == args.seed else f"{key}_train{train_seed}"
         cache = Path(args.cache) / f"base_{key}.npz"
         for t in tasks:
             t["cache"] = str(Path(args.cache) / (
                 f"run_{t['method']}_{t['minutes']:g}_{args.preset}_"
-                f"{'lvl' + str(t['seed']) if args.per_level else 'all'}_{key}.json"))
+                f"{'lvl' + str(t['seed']) if args.per_level else 'all'}_{run_key}.json"))
             if Path(t["cache"]).is_file():
                 model = Path(t["cache"]).with_suffix(".safetensors")
                 if model.is_file():  # today's inference code and settings on the cached model
@@ -577,7 +583,7 @@ def main(argv=None) -> int:
     report = dict(
         environment=env, photos=[n for n, _ in photos], size=args.size, shots=list(shots),
         preset=args.preset, budgets_cpu_minutes=budgets, main_minutes=main_minutes,
-        per_level=args.per_level, smoke=args.smoke, seed=args.seed, inference=preset_inference,
+        per_level=args.per_level, smoke=args.smoke, seed=args.seed, train_seed=train_seed, inference=preset_inference,
         runs=[{k: v for k, v in t.items() if k not in ("rows", "images")} for t in trained_list],
         images=rows, targets=goals, seconds=round(time.perf_counter() - t0, 1),
         command="python benchmarks/quality.py " + " ".join(_public_args(

@@ -14,13 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
 
 
-def test_quality_smoke(tmp_path):
-    pytest.importorskip("bm3d")
+def _benchmark(name: str):
+    """A module of benchmarks/ (a folder of scripts, not a package on the path)."""
+    import importlib
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import quality
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_quality_smoke(tmp_path):
+    pytest.importorskip("bm3d")
+    quality = _benchmark("quality")
     out = tmp_path / "q"
     assert quality.main(["--smoke", "--out", str(out), "--jobs", "1"]) == 0
     report = json.loads((out / "results.json").read_text())
@@ -62,3 +68,50 @@ def test_quality_smoke(tmp_path):
     g = goals["... the noisy input's own shift, for comparison"]
     assert g["value"] == pytest.approx(abs(row["noisy"]["shift"]), abs=0.006) and g["met"] is None
     assert "MET" in (out / "results.md").read_text()
+
+
+def test_quality_train_seed_trains_again_on_the_same_photos(tmp_path):
+    """--train-seed: the same noisy photos and cached baselines, the training runs with another
+    seed, kept in the cache apart from the runs with the default seed."""
+    pytest.importorskip("bm3d")
+    quality = _benchmark("quality")
+    cache = tmp_path / "cache"
+    reports = {}
+    for seed in (None, 7):
+        out = tmp_path / f"q{seed}"
+        argv = ["--smoke", "--out", str(out), "--jobs", "1", "--cache", str(cache)]
+        assert quality.main(argv + ([] if seed is None else ["--train-seed", str(seed)])) == 0
+        reports[seed] = json.loads((out / "results.json").read_text())
+    a, b = reports[None], reports[7]
+    assert (a["seed"], a["train_seed"], b["seed"], b["train_seed"]) == (0, 0, 0, 7)
+    assert {r["config"]["seed"] for r in a["runs"]} == {0}
+    assert {r["config"]["seed"] for r in b["runs"]} == {7}
+    # the same noisy photo and the same (cached) baselines
+    for k in ("noisy", "bm3d_true", "nlm_true"):
+        assert a["images"][0][k] == b["images"][0][k]
+    assert "--train-seed 7" in b["command"]
+    runs = sorted(p.name for p in cache.glob("run_*.json"))
+    assert len(runs) == 4 and sum("_train7" in n for n in runs) == 2
+    assert len(list(cache.glob("base_*.npz"))) == 1
+    # the two runs summarised: the mean difference, its standard error and the targets, recomputed
+    # here from the runs' own rows
+    import statistics
+    quality_summary = _benchmark("quality_summary")
+    s = quality_summary.summarize(quality_summary.load_runs(tmp_path, smoke=True))
+    diffs = [r["images"][0]["ssbsn"]["psnr"] - r["images"][0]["apbsn"]["psnr"] for r in (a, b)]
+    assert sorted(p["train_seed"] for p in s["runs"]) == [0, 7]
+    assert s["mean"]["diff"][0] == pytest.approx(statistics.mean(diffs), abs=1e-9)
+    assert s["mean"]["diff_stderr"][0] == pytest.approx(statistics.stdev(diffs) / 2 ** 0.5,
+                                                         abs=1e-9)
+    assert s["mean"]["ss_ahead"] == [sum(d >= 0 for d in diffs)]
+    worst = min(r["images"][0]["ssbsn"]["psnr"] - r["images"][0]["noisy"]["psnr"] for r in (a, b))
+    assert s["targets"][0]["value"] == pytest.approx(worst, abs=0.006)
+    assert quality_summary.load_runs(tmp_path) == []  # smoke runs are left out by default
+    b["preset"] = "paper"  # unlike runs are refused
+    with pytest.raises(SystemExit, match="preset"):
+        quality_summary.summarize([("a", a), ("b", b)])
+    bad = tmp_path / "bad" / "x"
+    bad.mkdir(parents=True)
+    (bad / "results.json").write_text("{")  # a broken file: one clear line, no traceback
+    with pytest.raises(SystemExit, match="is not a results.json of benchmarks/quality.py"):
+        quality_summary.load_runs(tmp_path / "bad")
