@@ -583,7 +583,8 @@ def main(argv=None) -> int:
     report = dict(
         environment=env, photos=[n for n, _ in photos], size=args.size, shots=list(shots),
         preset=args.preset, budgets_cpu_minutes=budgets, main_minutes=main_minutes,
-        per_level=args.per_level, smoke=args.smoke, seed=args.seed, train_seed=train_seed, inference=preset_inference,
+        per_level=args.per_level, smoke=args.smoke, seed=args.seed, train_seed=train_seed,
+        inference=preset_inference,
         runs=[{k: v for k, v in t.items() if k not in ("rows", "images")} for t in trained_list],
         images=rows, targets=goals, seconds=round(time.perf_counter() - t0, 1),
         command="python benchmarks/quality.py " + " ".join(_public_args(

@@ -57,13 +57,14 @@ def _gains(rows: list[dict], method: str, shot: float) -> list[float]:
 def run_summary(name: str, r: dict) -> dict:
     """One run's mean gains per level (SS-BSN, AP-BSN, difference), steps, worst photo, shift."""
     rows, shots = r["images"], r["shots"]
-    ss = [float(np.mean(_gains(rows, "ssbsn", s))) for s in shots]
+    ss_gains = [_gains(rows, "ssbsn", s) for s in shots]
+    ss = [float(np.mean(g)) for g in ss_gains]
     ap = [float(np.mean(_gains(rows, "apbsn", s))) for s in shots]
     steps = {t["method"]: t["steps"] for t in r["runs"] if t["minutes"] == r["main_minutes"]}
     return dict(run=name, seed=r["seed"], train_seed=r.get("train_seed", r["seed"]),
                 ssbsn=ss, apbsn=ap, diff=[a - b for a, b in zip(ss, ap)],
                 steps_ssbsn=steps.get("ssbsn"), steps_apbsn=steps.get("apbsn"),
-                worst=min(min(_gains(rows, "ssbsn", s)) for s in shots),
+                worst=min(min(g) for g in ss_gains),
                 shift=max(abs(x["ssbsn"]["shift"]) for x in rows))
 
 
@@ -134,9 +135,10 @@ def main(argv=None) -> int:
     if not root.is_dir():
         raise SystemExit(f"quality_summary: {root} is not a folder")
     s = summarize(load_runs(root))
+    md = markdown(s)
     (root / "summary.json").write_text(json.dumps(s, indent=1) + "\n")
-    (root / "summary.md").write_text(markdown(s))
-    print(markdown(s))
+    (root / "summary.md").write_text(md)
+    print(md)
     return 0
 
 
