@@ -12,7 +12,10 @@ For the chosen image pixel we
    softmax((1 + q̂·q̂ᵀ)/√E) over the group's tokens, zero-padded tokens included as keys with
    q̂ = 0 — which costs O(N), not O(N²),
 3. map every key's map position back to the image pixel it holds (keys on the PD padding hold
-   no image pixel; their total weight is reported as ``pad_share``).
+   no image pixel; their total weight is reported as ``pad_share``),
+4. say how far the row is from uniform attention over those pixels (:func:`concentration`):
+   the heaviest weight relative to the uniform one, and the entropy relative to the uniform
+   row's. The cosine logits bound the first: any two weights differ by at most e^{2/√E}.
 """
 from __future__ import annotations
 
@@ -74,11 +77,30 @@ def attention_row(x: torch.Tensor, attn: SSAttention, r: int, c: int):
             float(weights[logits.numel():].sum()))
 
 
+def relative_weights(weights: np.ndarray) -> np.ndarray:
+    """The weights over the uniform weight of the same keys (1 everywhere = uniform attention)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return w * (len(w) / max(float(w.sum()), 1e-300))
+
+
+def concentration(weights: np.ndarray) -> tuple[float, float]:
+    """(peak, entropy) of one attention row over its keys: the heaviest weight over the uniform
+    one (1 = uniform), and the row's entropy over that of the uniform row, log n (1 = uniform;
+    1 for a single key). Both are taken over the weights renormalised to sum to 1."""
+    rel = relative_weights(weights)
+    n = len(rel)
+    if n <= 1:
+        return 1.0, 1.0
+    p = rel[rel > 0] / n
+    return float(rel.max()), float(-(p * np.log(p)).sum() / math.log(n))
+
+
 @torch.no_grad()
 def attention_maps(model, image: np.ndarray, pixel: tuple[int, int]) -> list[dict]:
     """For image pixel ``pixel`` = (y, x) of ``image`` (H, W, C) floats in 0..255, one entry
     per SS-Block (branch order, then depth): branch dilation, block index, grid, and the keys'
-    image coordinates ``ys``, ``xs`` with their ``weights``, plus ``pad_share``."""
+    image coordinates ``ys``, ``xs`` with their ``weights``, plus ``pad_share`` and the row's
+    ``peak`` and ``entropy`` over those pixels (:func:`concentration`)."""
     y0, x0 = pixel
     H, W = image.shape[:2]
     b, p = model.pd_test, model.pd_pad
@@ -106,8 +128,9 @@ def attention_maps(model, image: np.ndarray, pixel: tuple[int, int]) -> list[dic
         ys, xs, valid = map_to_image(rows, cols, Hp, Wp, b, p)
         valid &= (ys < H) & (xs < W)  # the bottom/right padding to a multiple of b
         pad_share += float(w[~valid].sum())
+        peak, entropy = concentration(w[valid])
         out.append(dict(dilation=d, block=i, grid=attn.grid, ys=ys[valid], xs=xs[valid],
-                        weights=w[valid], pad_share=pad_share))
+                        weights=w[valid], pad_share=pad_share, peak=peak, entropy=entropy))
     return out
 
 
@@ -128,7 +151,7 @@ def plot_attention(image: np.ndarray, pixel, maps: list[dict], path, top: int = 
     for ax, m in zip(axes.flat, maps):
         ax.imshow(shown, cmap="gray", alpha=0.45, vmin=0, vmax=1)
         w = m["weights"]
-        rel = w * (len(w) / max(w.sum(), 1e-30))  # 1 = uniform attention
+        rel = relative_weights(w)
         sc = ax.scatter(m["xs"], m["ys"], c=rel, s=6, cmap="inferno", linewidths=0)
         if top > 0 and len(w):
             k = np.argsort(w)[::-1][:top]

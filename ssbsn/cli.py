@@ -376,6 +376,10 @@ def cmd_attention(args) -> int:
     model = load_model(args.weights, args.device, "fused")
     maps = attention_map_of_file(model, args.image, tuple(args.pixel), out, top=args.top)
     print(f"wrote {out} ({len(maps)} SS-Blocks)")
+    for m in maps:
+        print(f"  d={m['dilation']} block {m['block']} (grid {m['grid']}): {len(m['weights'])} "
+              f"pixels, heaviest weight {m['peak']:.2f}x uniform, entropy {m['entropy']:.3f} of "
+              f"uniform's, padding {m['pad_share']:.1%} of the weight")
     return 0
 
 

@@ -10,7 +10,8 @@ from ssbsn import SSBSN
 from ssbsn.attention.module import SSAttention
 from ssbsn.attention.common import NORM_EPS
 from ssbsn.attention.common import layer_norm, padded_size, to_groups
-from ssbsn.attention_map import attention_maps, attention_row, image_to_map, map_to_image
+from ssbsn.attention_map import (attention_maps, attention_row, concentration, image_to_map,
+                                 map_to_image)
 from ssbsn.pd import pd_down
 
 
@@ -74,3 +75,50 @@ def test_attention_maps_keys_share_the_query_grid_phase():
         r, c = zip(*(image_to_map(y, x, Hp, Wp, 2, 2) for y, x in zip(m["ys"], m["xs"])))
         assert (np.array(r) % g == r0 % g).all() and (np.array(c) % g == c0 % g).all()
         assert any(y == pixel[0] and x == pixel[1] for y, x in zip(m["ys"], m["xs"]))
+
+
+def test_concentration_against_scipy_and_its_limits():
+    from scipy.stats import entropy
+    w = np.random.default_rng(3).random(37) * 0.02  # not normalised: pad keys took the rest
+    peak, ent = concentration(w)
+    assert peak == pytest.approx(w.max() / w.mean(), rel=1e-12)
+    assert ent == pytest.approx(entropy(w) / math.log(len(w)), rel=1e-12)  # scipy normalises
+    assert concentration(np.full(9, 0.05)) == pytest.approx((1.0, 1.0))
+    one_hot = np.zeros(9)
+    one_hot[4] = 0.3
+    assert concentration(one_hot) == pytest.approx((9.0, 0.0), abs=1e-12)
+    assert concentration(np.array([0.4])) == (1.0, 1.0)
+
+
+def test_concentration_of_a_row_at_the_cosine_logits_bound():
+    """A query whose key direction is opposite to every other key's uses the whole band of the
+    cosine logits (2/√E): its row is e^{2/√E} on itself against 1 on the n − 1 others, so
+    peak = n·e^a/(e^a + n − 1) with a = 2/√E, and no row can be more concentrated."""
+    C, g, H, W = 4, 4, 16, 20
+    attn = SSAttention(C, g).double()
+    with torch.no_grad():
+        attn.wqk.copy_(torch.eye(C))
+    v = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)  # zero mean over channels
+    x = (-v).view(1, C, 1, 1).repeat(1, 1, H, W)
+    r, c = 9, 6
+    x[0, :, r, c] = v
+    rows, cols, w, pad_share = attention_row(x, attn, r, c)
+    n, ea = len(w), math.exp(2 / math.sqrt(C))
+    assert pad_share == 0.0 and n == (H // g) * (W // g)
+    peak, ent = concentration(w)
+    assert peak == pytest.approx(n * ea / (ea + n - 1), rel=1e-7)  # the eps terms: 1e-8
+    p = np.array([ea] + [1.0] * (n - 1)) / (ea + n - 1)
+    assert ent == pytest.approx(-(p * np.log(p)).sum() / math.log(n), rel=1e-7)
+
+
+def test_attention_maps_report_rows_within_the_cosine_logits_bound():
+    """For any features, a row's heaviest weight is at most e^{2/√E} times the uniform one; the
+    reported numbers are those of the returned weights."""
+    img = np.random.default_rng(1).random((20, 22, 3)).astype(np.float32) * 255
+    torch.manual_seed(0)
+    model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1).eval()
+    bound = math.exp(2 / math.sqrt(8))  # E = C = 8
+    for m in attention_maps(model, img, (9, 5)):
+        assert 1.0 <= m["peak"] <= bound
+        assert 0.0 < m["entropy"] <= 1.0 + 1e-12
+        assert (m["peak"], m["entropy"]) == pytest.approx(concentration(m["weights"]))

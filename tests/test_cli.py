@@ -367,6 +367,9 @@ def test_attention_map_command(tmp_path, weights, capsys):
     assert main(["attention-map", str(tmp_path / "x.png"), "--pixel", "5", "7", "-w",
                  str(weights), "-o", str(out)]) == 0
     assert read_image(out).shape[-1] in (3, 4)
+    lines = capsys.readouterr().out.splitlines()
+    blocks = [ln for ln in lines if "x uniform" in ln]  # one line per SS-Block
+    assert len(blocks) == 2 and "grid 4" in blocks[0] and "grid 6" in blocks[1], lines
     assert main(["attention-map", str(tmp_path / "x.png"), "--pixel", "30", "7", "-w",
                  str(weights), "-o", str(tmp_path / "b.png")]) == 1
     assert "outside" in capsys.readouterr().err
