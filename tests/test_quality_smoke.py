@@ -115,3 +115,35 @@ def test_quality_train_seed_trains_again_on_the_same_photos(tmp_path):
     (bad / "results.json").write_text("{")  # a broken file: one clear line, no traceback
     with pytest.raises(SystemExit, match="is not a results.json of benchmarks/quality.py"):
         quality_summary.load_runs(tmp_path / "bad")
+
+
+def test_equal_steps_trains_the_runs_own_apbsn_again(tmp_path):
+    """quality_equal_steps on a smoke run, whose AP-BSN took the same 3 steps as its SS-BSN with
+    the same seed and configuration: AP-BSN trained again from the run's record (SS-BSN's
+    configuration less its SS-Blocks, its steps, the noisy photos rebuilt from the noise seed, the
+    run's inference settings) gives the run's own AP-BSN rows to the bit."""
+    pytest.importorskip("bm3d")
+    quality = _benchmark("quality")
+    run = tmp_path / "runs" / "smoke"
+    assert quality.main(["--smoke", "--out", str(run), "--jobs", "1"]) == 0
+    equal_steps = _benchmark("quality_equal_steps")
+    with pytest.raises(SystemExit, match="no results.json"):  # smoke runs only when asked
+        equal_steps.main([str(tmp_path / "runs"), "--jobs", "1"])
+    assert equal_steps.main([str(tmp_path / "runs"), "--smoke", "--jobs", "1"]) == 0
+    s = json.loads((tmp_path / "runs" / "equal_steps.json").read_text())
+    r = json.loads((run / "results.json").read_text())
+    (p,) = s["runs"]
+    assert p["steps_apbsn_equal"] == p["steps_ssbsn"] == 3
+    ap_rows = {(x["name"], x["shot"]): x["apbsn"] for x in r["images"]}
+    for x in p["rows"]:
+        assert (x["psnr"], x["shift"]) == (ap_rows[(x["name"], x["shot"])]["psnr"],
+                                           ap_rows[(x["name"], x["shot"])]["shift"])
+    (row,) = r["images"]
+    assert p["ssbsn"] == [pytest.approx(row["ssbsn"]["psnr"] - row["noisy"]["psnr"], abs=1e-9)]
+    assert p["diff"] == [pytest.approx(p["ssbsn"][0] - p["apbsn_equal_steps"][0], abs=1e-12)]
+    assert "| smoke |" in (tmp_path / "runs" / "equal_steps.md").read_text()
+    # a run whose noisy photos cannot be rebuilt (another noise seed recorded) is refused
+    r["seed"] = 5
+    (run / "results.json").write_text(json.dumps(r))
+    with pytest.raises(SystemExit, match="is not the run's"):
+        equal_steps.main([str(tmp_path / "runs"), "--smoke", "--jobs", "1"])
