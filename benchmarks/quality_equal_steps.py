@@ -75,11 +75,10 @@ def compare(name: str, r: dict, trained: dict) -> dict:
     """One run's mean gains per level: SS-BSN, AP-BSN at SS-BSN's steps, AP-BSN at the run's
     minutes; and SS − AP at equal steps."""
     noisy = {(x["name"], x["shot"]): x["noisy"]["psnr"] for x in r["images"]}
-    eq_rows = [dict(name=x["name"], shot=x["shot"], apbsn=dict(psnr=x["psnr"]),
-                    noisy=dict(psnr=noisy[(x["name"], x["shot"])])) for x in trained["rows"]]
     shots = r["shots"]
     ss = [float(np.mean(_gains(r["images"], "ssbsn", s))) for s in shots]
-    ap_eq = [float(np.mean(_gains(eq_rows, "apbsn", s))) for s in shots]
+    ap_eq = [float(np.mean([x["psnr"] - noisy[(x["name"], s)] for x in trained["rows"]
+                            if x["shot"] == s])) for s in shots]
     ap = [float(np.mean(_gains(r["images"], "apbsn", s))) for s in shots]
     steps = {t["method"]: t["steps"] for t in r["runs"] if t["minutes"] == r["main_minutes"]}
     return dict(run=name, seed=r["seed"], train_seed=r.get("train_seed", r["seed"]),
