@@ -25,20 +25,20 @@ and AP-BSN rows. It writes ``equal_steps.md`` and ``equal_steps.json`` into the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
 try:  # imported as benchmarks.quality_equal_steps
     from .quality import environment, load_photos, make_items, run_training
-    from .quality_summary import SAME, _gains, _three, load_runs
+    from .quality_summary import (_gains, _three, check_alike, folder, load_runs,
+                                  mean_over_runs, stderr_text, write_report)
 except ImportError:  # run as a script: benchmarks/ is on the path
     from quality import environment, load_photos, make_items, run_training
-    from quality_summary import SAME, _gains, _three, load_runs
+    from quality_summary import (_gains, _three, check_alike, folder, load_runs, mean_over_runs,
+                                 stderr_text, write_report)
 
 # TrainConfig fields that run_training sets itself
 _SET_BY_RUN = ("out", "progress", "seed", "budget_clock", "log_every", "steps", "minutes",
@@ -91,18 +91,9 @@ def compare(name: str, r: dict, trained: dict) -> dict:
 
 
 def summarize(per_run: list[dict], first: dict) -> dict:
-    diff = np.array([p["diff"] for p in per_run])
-    n = len(per_run)
     return dict(preset=first["preset"], shots=first["shots"], main_minutes=first["main_minutes"],
                 photos=first["photos"], environment=environment(), runs=per_run,
-                mean=dict(ssbsn=np.mean([p["ssbsn"] for p in per_run], axis=0).tolist(),
-                          apbsn_equal_steps=np.mean([p["apbsn_equal_steps"] for p in per_run],
-                                                    axis=0).tolist(),
-                          apbsn=np.mean([p["apbsn"] for p in per_run], axis=0).tolist(),
-                          diff=diff.mean(axis=0).tolist(),
-                          diff_stderr=(diff.std(axis=0, ddof=1) / np.sqrt(n)).tolist()
-                          if n > 1 else None,
-                          ss_ahead=[int(v) for v in (diff >= 0).sum(axis=0)]))
+                mean=mean_over_runs(per_run, ("ssbsn", "apbsn_equal_steps", "apbsn")))
 
 
 def markdown(s: dict) -> str:
@@ -125,10 +116,8 @@ def markdown(s: dict) -> str:
                   f"{_three(p['ssbsn'])} | {_three(p['apbsn_equal_steps'])} | "
                   f"{_three(p['diff'])} | {_three(p['apbsn'])} ({p['steps_apbsn']:,}) |")
     m = s["mean"]
-    err = "" if m["diff_stderr"] is None else \
-        " (± " + " / ".join(f"{e:.2f}" for e in m["diff_stderr"]) + ")"
     md.append(f"| mean | | | | {_three(m['ssbsn'])} | {_three(m['apbsn_equal_steps'])} | "
-              f"{_three(m['diff'])}{err} | {_three(m['apbsn'])} |")
+              f"{_three(m['diff'])}{stderr_text(m)} | {_three(m['apbsn'])} |")
     md += ["", f"SS − AP at the same steps: the mean over the {n} runs" +
            ("" if m["diff_stderr"] is None else ", ± its standard error") +
            f"; SS-BSN at least level in {' / '.join(str(k) for k in m['ss_ahead'])} of the "
@@ -143,17 +132,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
     ap.add_argument("--smoke", action="store_true", help="take the smoke runs too")
     args = ap.parse_args(argv)
-    root = Path(args.folder)
-    if not root.is_dir():
-        raise SystemExit(f"quality_equal_steps: {root} is not a folder")
+    root = folder(args.folder, "quality_equal_steps")
     runs = load_runs(root, smoke=args.smoke)
     if not runs:
         raise SystemExit(f"quality_equal_steps: no results.json of quality.py under {root}")
-    for name, r in runs[1:]:
-        for k in SAME:
-            if r.get(k) != runs[0][1].get(k):
-                raise SystemExit(f"quality_equal_steps: {name} differs from {runs[0][0]} in {k!r}"
-                                 "; compare like runs")
+    check_alike(runs, "quality_equal_steps")
     tasks = [task_for(name, r, args.photos) for name, r in runs]
     t0 = time.perf_counter()
     print(f"quality_equal_steps: {len(tasks)} AP-BSN runs, {args.jobs} jobs", flush=True)
@@ -169,10 +152,7 @@ def main(argv=None) -> int:
         results = [run_training(t) for t in tasks]
     per_run = [compare(name, r, res) for (name, r), res in zip(runs, results)]
     s = summarize(per_run, runs[0][1])
-    md = markdown(s)
-    (root / "equal_steps.json").write_text(json.dumps(s, indent=1) + "\n")
-    (root / "equal_steps.md").write_text(md)
-    print(md)
+    write_report(root, "equal_steps", s, markdown(s))
     return 0
 
 

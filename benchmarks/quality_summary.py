@@ -68,33 +68,63 @@ def run_summary(name: str, r: dict) -> dict:
                 shift=max(abs(x["ssbsn"]["shift"]) for x in rows))
 
 
-def summarize(runs: list[tuple[str, dict]]) -> dict:
-    if not runs:
-        raise SystemExit("quality_summary: no results.json (other than smoke runs) found")
-    first = runs[0][1]
+def check_alike(runs: list[tuple[str, dict]], prog: str) -> None:
+    """One clear line (from ``prog``) unless every run has the first one's SAME fields."""
+    name0, first = runs[0]
     for name, r in runs[1:]:
         for k in SAME:
             if r.get(k) != first.get(k):
-                raise SystemExit(f"quality_summary: {name} differs from {runs[0][0]} in {k!r} "
-                                 f"({r.get(k)!r} against {first.get(k)!r}); summarize like runs")
-    per_run = [run_summary(n, r) for n, r in runs]
+                raise SystemExit(f"{prog}: {name} differs from {name0} in {k!r} "
+                                 f"({r.get(k)!r} against {first.get(k)!r}); take like runs")
+
+
+def mean_over_runs(per_run: list[dict], keys) -> dict:
+    """The runs' mean of each per-level list ``keys``, and of their SS − AP ``diff`` its mean,
+    standard error (None for one run) and how many runs have SS-BSN at least level."""
     diff = np.array([p["diff"] for p in per_run])  # (runs, levels)
     n = len(per_run)
+    return {**{k: np.mean([p[k] for p in per_run], axis=0).tolist() for k in keys},
+            "diff": diff.mean(axis=0).tolist(),
+            "diff_stderr": (diff.std(axis=0, ddof=1) / np.sqrt(n)).tolist() if n > 1 else None,
+            "ss_ahead": [int(v) for v in (diff >= 0).sum(axis=0)]}
+
+
+def summarize(runs: list[tuple[str, dict]]) -> dict:
+    if not runs:
+        raise SystemExit("quality_summary: no results.json (other than smoke runs) found")
+    check_alike(runs, "quality_summary")
+    first = runs[0][1]
+    per_run = [run_summary(n, r) for n, r in runs]
     all_rows = [row for _, r in runs for row in r["images"]]
     return dict(
         preset=first["preset"], shots=first["shots"], main_minutes=first["main_minutes"],
-        photos=first["photos"], runs=per_run,
-        mean=dict(ssbsn=np.mean([p["ssbsn"] for p in per_run], axis=0).tolist(),
-                  apbsn=np.mean([p["apbsn"] for p in per_run], axis=0).tolist(),
-                  diff=diff.mean(axis=0).tolist(),
-                  diff_stderr=(diff.std(axis=0, ddof=1) / np.sqrt(n)).tolist() if n > 1
-                  else None,
-                  ss_ahead=[int(v) for v in (diff >= 0).sum(axis=0)]),
+        photos=first["photos"], runs=per_run, mean=mean_over_runs(per_run, ("ssbsn", "apbsn")),
         targets=targets(all_rows, first["shots"]))
 
 
 def _three(v) -> str:
     return " / ".join(f"{x:+.2f}" for x in v)
+
+
+def stderr_text(m: dict) -> str:
+    """' (± a / b / c)' of a mean_over_runs' standard error; '' for one run."""
+    if m["diff_stderr"] is None:
+        return ""
+    return " (± " + " / ".join(f"{e:.2f}" for e in m["diff_stderr"]) + ")"
+
+
+def folder(path: str, prog: str) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise SystemExit(f"{prog}: {root} is not a folder")
+    return root
+
+
+def write_report(root: Path, stem: str, s: dict, md: str) -> None:
+    """``stem``.json and ``stem``.md into root, and the markdown on stdout."""
+    (root / f"{stem}.json").write_text(json.dumps(s, indent=1) + "\n")
+    (root / f"{stem}.md").write_text(md)
+    print(md)
 
 
 def markdown(s: dict) -> str:
@@ -114,10 +144,8 @@ def markdown(s: dict) -> str:
                   f"{p['steps_ssbsn']:,} / {p['steps_apbsn']:,} | {p['worst']:+.2f} | "
                   f"{p['shift']:.2f} |")
     m = s["mean"]
-    err = "" if m["diff_stderr"] is None else \
-        " (± " + " / ".join(f"{e:.2f}" for e in m["diff_stderr"]) + ")"
     md.append(f"| mean | | | {_three(m['ssbsn'])} | {_three(m['apbsn'])} | "
-              f"{_three(m['diff'])}{err} | | | |")
+              f"{_three(m['diff'])}{stderr_text(m)} | | | |")
     md += ["", f"SS − AP: the mean over the {n} runs" +
            ("" if m["diff_stderr"] is None else ", ± its standard error (the runs' standard "
             "deviation over √n)") + f"; SS-BSN at least level with AP-BSN in "
@@ -131,14 +159,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="All quality-benchmark runs in one table.")
     ap.add_argument("folder", help="folder holding the runs' results.json (searched recursively)")
     args = ap.parse_args(argv)
-    root = Path(args.folder)
-    if not root.is_dir():
-        raise SystemExit(f"quality_summary: {root} is not a folder")
+    root = folder(args.folder, "quality_summary")
     s = summarize(load_runs(root))
-    md = markdown(s)
-    (root / "summary.json").write_text(json.dumps(s, indent=1) + "\n")
-    (root / "summary.md").write_text(md)
-    print(md)
+    write_report(root, "summary", s, markdown(s))
     return 0
 
 
