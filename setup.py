@@ -3,11 +3,15 @@ build of torch and nvcc are present, builds the blind-spot convolution extension
 """
 from setuptools import find_packages, setup
 
-PACKAGES = ["ssbsn." + p for p in find_packages("ssbsn")] + ["ssbsn", "ssbsn.kernels", "ssbsn.csrc"]
-PACKAGE_DIR = {"ssbsn": "ssbsn", "ssbsn.kernels": "kernels", "ssbsn.csrc": "csrc"}
-# csrc/ travels with the package (ssbsn/csrc/), so an installed copy can JIT-build the extension
-PACKAGE_DATA = {"ssbsn.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp", "*.sh", "*.md", "emulation/*.cpp",
-                               "emulation/shim/*.h"]}
+# csrc/ travels with the package (ssbsn/csrc/), so an installed copy can JIT-build the extension;
+# its folders are listed as (data-only) packages so that setuptools ships them without warnings
+CSRC = ["ssbsn.csrc", "ssbsn.csrc.emulation", "ssbsn.csrc.emulation.shim"]
+PACKAGES = ["ssbsn." + p for p in find_packages("ssbsn")] + ["ssbsn", "ssbsn.kernels"] + CSRC
+PACKAGE_DIR = {"ssbsn": "ssbsn", "ssbsn.kernels": "kernels", "ssbsn.csrc": "csrc",
+               "ssbsn.csrc.emulation": "csrc/emulation",
+               "ssbsn.csrc.emulation.shim": "csrc/emulation/shim"}
+PACKAGE_DATA = {"ssbsn.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp", "*.sh", "*.md"],
+                "ssbsn.csrc.emulation": ["*.cpp"], "ssbsn.csrc.emulation.shim": ["*.h"]}
 
 
 def cuda_extensions():
