@@ -2,13 +2,15 @@
 
     python benchmarks/quality.py --minutes 2,8,32 --main-minutes 8   # the committed run (~1 h)
     python benchmarks/quality.py --photos DIR          # your own photos instead
+    python benchmarks/quality.py --skimage camera,cat,coins,colorwheel  # other built-in photos
     python benchmarks/quality.py --seed 3 --train-seed 1003  # train again on seed 3's photos
     python benchmarks/quality.py --smoke --out /tmp/q  # seconds: the CI check of the pipeline
 
 What it does:
 
 1. Photos: held-out scikit-image colour photos (not the demo's, on which the quick recipe was
-   tuned), centre crops of ``--size`` (256) pixels; or every image of ``--photos DIR``.
+   tuned), centre crops of ``--size`` (256) pixels; or every image of ``--photos DIR``, or the
+   scikit-image photos named by ``--skimage`` (grey ones repeated into three channels).
 2. Noise: the project's camera pipeline (:func:`ssbsn.noise.camera_noise`: raw shot/read noise
    through demosaicking, colour correction and tone curve) at shot 2e-3, 4e-3 and 1e-2, one
    random camera per photo and level; the clean reference is the same camera without noise.
@@ -59,7 +61,15 @@ def _skimage_photo(name: str) -> np.ndarray:
     from skimage import data
     if name == "motorcycle_left":
         return data.stereo_motorcycle()[0]
-    return getattr(data, name)()
+    img = getattr(data, name, None)
+    try:
+        img = img() if callable(img) else None
+    except Exception:  # noqa: BLE001 -- e.g. a photo that needs a download (pooch)
+        img = None
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim not in (2, 3):
+        raise SystemExit(f"quality: {name!r} is not one of scikit-image's 8-bit photos "
+                         "(skimage.data) that ship with it")
+    return img
 
 
 def load_photos(folder: str | None, size: int, names=HELD_OUT) -> list[tuple[str, np.ndarray]]:
@@ -427,6 +437,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Denoising quality of the quick recipe.")
     ap.add_argument("--photos", default=None, help="folder of clean photos (default: held-out "
                                                    "scikit-image photos)")
+    ap.add_argument("--skimage", default=None, metavar="NAMES",
+                    help="comma-separated scikit-image photos instead of the held-out ones "
+                         "(e.g. camera,cat,coins,colorwheel)")
     ap.add_argument("--size", type=int, default=256, help="centre crop (default 256)")
     ap.add_argument("--shots", default=",".join(f"{s:g}" for s in SHOTS))
     ap.add_argument("--preset", default="quick")
@@ -453,6 +466,11 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="a few seconds: two tiny photos, one "
                                                          "level, a few training steps")
     args = ap.parse_args(argv)
+    if args.photos and args.skimage:
+        ap.error("give --photos or --skimage, not both")
+    names = tuple(n for n in (args.skimage or "").split(",") if n) or HELD_OUT
+    for n in names if args.skimage else ():  # every name checked, also where --smoke takes one
+        _skimage_photo(n)
 
     shots = tuple(float(s) for s in args.shots.split(","))
     budgets = [float(m) for m in args.minutes.split(",")]
@@ -465,7 +483,7 @@ def main(argv=None) -> int:
         overrides = dict(base_channels=8, crop=24, batch=2, warmup=1)
         args.size = 32
     photos = load_photos(args.photos, args.size,
-                         names=HELD_OUT[:1] if args.smoke else HELD_OUT)
+                         names=names[:1] if args.smoke else names)
     items = make_items(photos, shots, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -489,7 +507,10 @@ def main(argv=None) -> int:
     preset_inference = preset_values(args.preset).get("inference")
     run_cached: dict = {}
     if args.cache:
-        key = f"{args.photos and Path(args.photos).name}_{args.size}_{args.seed}_" + \
+        source = args.photos and Path(args.photos).name
+        if args.skimage:
+            source = "skimage-" + "-".join(names)
+        key = f"{source}_{args.size}_{args.seed}_" + \
               "_".join(f"{s:g}" for s in shots)
         run_key = key if train_seed == args.seed else f"{key}_train{train_seed}"
         cache = Path(args.cache) / f"base_{key}.npz"

@@ -70,6 +70,33 @@ def test_quality_smoke(tmp_path):
     assert "MET" in (out / "results.md").read_text()
 
 
+def test_quality_skimage_photos_by_name(tmp_path):
+    """--skimage NAMES: other scikit-image photos than the held-out set (a grey one repeated into
+    three channels); an unknown name or --photos beside it is one clear line."""
+    pytest.importorskip("bm3d")
+    from skimage import data
+    from skimage.metrics import peak_signal_noise_ratio
+    quality = _benchmark("quality")
+    out = tmp_path / "q"
+    assert quality.main(["--smoke", "--skimage", "coins", "--out", str(out), "--jobs", "1"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["photos"] == ["coins"] and "--skimage coins" in report["command"]
+    (photo,) = quality.load_photos(None, 32, ("coins",))
+    coins = data.coins()
+    assert photo[1].shape == (32, 32, 3) and (photo[1] == photo[1][..., :1]).all()
+    assert any(np.array_equal(photo[1][..., 0], coins[y:y + 32, x:x + 32])
+               for y in range(coins.shape[0] - 31) for x in range(coins.shape[1] - 31))
+    it = quality.make_items([photo], (1e-2,), 0)[0]
+    (row,) = report["images"]
+    assert row["noisy"]["psnr"] == pytest.approx(
+        peak_signal_noise_ratio(it["clean"], it["noisy"], data_range=255), abs=1e-3)
+    with pytest.raises(SystemExit, match="'nonsense' is not one of scikit-image's"):
+        quality.main(["--smoke", "--skimage", "coins,nonsense", "--out", str(out), "--jobs", "1"])
+    with pytest.raises(SystemExit):
+        quality.main(["--smoke", "--skimage", "coins", "--photos", str(tmp_path), "--out",
+                      str(out), "--jobs", "1"])
+
+
 def test_quality_train_seed_trains_again_on_the_same_photos(tmp_path):
     """--train-seed: the same noisy photos and cached baselines, the training runs with another
     seed, kept in the cache apart from the runs with the default seed."""
