@@ -469,8 +469,6 @@ def main(argv=None) -> int:
     if args.photos and args.skimage:
         ap.error("give --photos or --skimage, not both")
     names = tuple(n for n in (args.skimage or "").split(",") if n) or HELD_OUT
-    for n in names if args.skimage else ():  # every name checked, also where --smoke takes one
-        _skimage_photo(n)
 
     shots = tuple(float(s) for s in args.shots.split(","))
     budgets = [float(m) for m in args.minutes.split(",")]
@@ -482,8 +480,9 @@ def main(argv=None) -> int:
         shots, budgets, main_minutes, steps = (1e-2,), [0.0], 0.0, 3
         overrides = dict(base_channels=8, crop=24, batch=2, warmup=1)
         args.size = 32
-    photos = load_photos(args.photos, args.size,
-                         names=names[:1] if args.smoke else names)
+    photos = load_photos(args.photos, args.size, names=names)  # every name checked once
+    if args.smoke and not args.photos:
+        photos = photos[:1]
     items = make_items(photos, shots, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
