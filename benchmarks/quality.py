@@ -396,14 +396,13 @@ def crops_figure(path, photos, shot, base_imgs, items, ss_imgs, crop: int = 96) 
     plt.close(fig)
 
 
-def _public_args(argv) -> list[str]:
-    """The command line without this machine's paths (values of --cache, --out, --photos)."""
+def _public_args(argv, paths=("--cache", "--out", "--photos")) -> list[str]:
+    """The command line without this machine's paths (the values of the options ``paths``)."""
     out, hide = [], False
     for a in argv:
         out.append(a.split("=")[0] + "=PATH" if hide is False and "=" in a and
-                   a.split("=")[0] in ("--cache", "--out", "--photos") else
-                   ("PATH" if hide else a))
-        hide = a in ("--cache", "--out", "--photos")
+                   a.split("=")[0] in paths else ("PATH" if hide else a))
+        hide = a in paths
     return out
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
-from .inference import _interp, noise_curves
+from .inference import _interp, noise_curves, variance_curves
 from .noise import gamma_compression, gamma_expansion, inverse_smoothstep, smoothstep
 
 # ε on a uniform grid of ±6 standard deviations (the clip makes the integrand kinked, which
@@ -87,16 +87,23 @@ def clean_levels(mean: np.ndarray, var: np.ndarray, kappa: float = 0.0) -> np.nd
 
 
 def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch.Tensor,
-                      white: float = 255.0, raw_clip=None) -> torch.Tensor:
+                      white: float = 255.0, raw_clip=None,
+                      noise_var: torch.Tensor | None = None) -> torch.Tensor:
     """``output + δ(estimate)``: the correction δ = T(u) − μ of each image and channel of
     (B, C, H, W), fitted at the noise curve's levels μ (:func:`clean_levels`) and linear in the
     estimate between them. ``white`` is the value of full scale (255 for 0..255 images);
-    ``raw_clip`` the κ of each channel (None: :data:`RAW_CLIP_RGB` for three channels, else 0)."""
+    ``raw_clip`` the κ of each channel (None: :data:`RAW_CLIP_RGB` for three channels, else 0).
+    ``noise_var``: the noise variance of each pixel of ``noisy`` where it is known (a calibrated
+    camera, or Monte Carlo draws of a simulated one), averaged in the estimate's intensity bins
+    (:func:`ssbsn.inference.variance_curves`); None fits it on the image as the blend does
+    (:func:`ssbsn.inference.noise_curves`)."""
     out = output.double().clone()
     x = estimate.double()
     if raw_clip is None:
         raw_clip = RAW_CLIP_RGB if x.shape[1] == 3 else (0.0,) * x.shape[1]
-    for b, row in enumerate(noise_curves(noisy, estimate)):
+    curves = noise_curves(noisy, estimate) if noise_var is None else \
+        variance_curves(estimate, noise_var)
+    for b, row in enumerate(curves):
         for c, curve in enumerate(row):
             if curve is None:
                 continue

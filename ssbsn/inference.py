@@ -185,6 +185,26 @@ def noise_curves(noisy: torch.Tensor, estimate: torch.Tensor
             for b in range(x.shape[0])]
 
 
+def variance_curves(estimate: torch.Tensor, variance: torch.Tensor
+                    ) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
+    """A known noise variance of each pixel (B, C, H, W), e.g. a calibrated camera's, as curves
+    against intensity in the form of :func:`noise_curves`: its mean over each of the same 16
+    equal-count intensity bins of the estimate (all pixels of a bin, not only the flattest)."""
+    if variance.shape != estimate.shape:
+        raise ValueError(f"the noise variance has shape {tuple(variance.shape)}, the estimate "
+                         f"{tuple(estimate.shape)}")
+    x, v = estimate.double(), variance.double().to(estimate.device)
+    out = []
+    for b in range(x.shape[0]):
+        row = []
+        for c in range(x.shape[1]):
+            xi, vi = x[b, c].flatten(), v[b, c].flatten()
+            row.append(_curve(xi, vi, _quantile_bins(xi, BLEND_BINS), BLEND_BINS)
+                       if xi.numel() >= 2 else None)
+        out.append(row)
+    return out
+
+
 def blend_variances(noisy: torch.Tensor, estimate: torch.Tensor,
                     reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise variance, the estimate's error variance) at each pixel of (B, C, H, W), fitted

@@ -157,3 +157,37 @@ def test_denoise_debiases_the_blended_output_keyed_on_the_estimate():
     got = model.denoise(x, blend=True, debias=True, **kw)
     torch.testing.assert_close(got, want)
     assert (got - model.denoise(x, blend=True, debias=False, **kw)).abs().max() > 0.5
+
+
+def test_a_known_noise_variance_takes_the_place_of_the_fitted_curve():
+    """Dark colours through random cameras of the project's pipeline, and an estimate that
+    carries a share of each pixel's own noise (as an estimate at PD 2 does where demosaicking
+    spread the noise): the residual then understates the noise, and the fitted curve with it,
+    so the raw-clip term is too weak. The true variance of the renderings (Monte Carlo), given
+    as ``noise_var``, brings the debiased mean back to the clean rendering."""
+    from ssbsn.inference import noise_curves, variance_curves
+    rng = np.random.default_rng(7)
+    t = lambda v: torch.from_numpy(255 * v.transpose(2, 0, 1).copy())[None]  # noqa: E731
+    core = (..., slice(8, -8), slice(8, -8))  # the demosaic's mirrored border aside
+    err = {"fitted": [], "known": []}
+    for _ in range(3):
+        cam = random_camera(rng)
+        xx = np.linspace(0.0, 1.0, 64)[None, :, None]
+        photo = np.broadcast_to(0.02 + 0.2 * xx * rng.uniform(0.5, 1.0, 3), (64, 64, 3))
+        clean, _ = camera_noise(photo, rng, shot=0.0, read=0.0, cam=cam)
+        draws = np.stack([camera_noise(photo, rng, shot=1e-2, cam=cam)[0] for _ in range(48)])
+        mean, noisy = t(draws.mean(0)), t(draws[0])
+        var = 255 * t(draws.var(0, ddof=1))  # in 0..255 units, as t scales by 255
+        leaky = mean + 0.3 * (noisy - mean)
+        # the curve fitted on the leaky estimate is low; the known variance's curve is not
+        fitted = noise_curves(noisy, leaky)[0][0][1].mean()
+        known = variance_curves(leaky, var)[0][0][1].mean()
+        assert fitted < 0.7 * known, (fitted, known)
+        for kind, nv in (("fitted", None), ("known", var)):
+            out = tone_curve_debias(noisy, leaky, mean, noise_var=nv)
+            err[kind].append((out - t(clean))[core].mean(dim=(-2, -1))[0, [0, 2]].abs().numpy())
+    fitted, known = np.mean(err["fitted"]), np.mean(err["known"])
+    assert known < 0.6 * fitted, (fitted, known)
+    with pytest.raises(ValueError, match="noise variance has shape"):
+        tone_curve_debias(noisy, leaky, mean, noise_var=var[..., :-1])
+

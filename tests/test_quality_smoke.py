@@ -174,3 +174,54 @@ def test_equal_steps_trains_the_runs_own_apbsn_again(tmp_path):
     (run / "results.json").write_text(json.dumps(r))
     with pytest.raises(SystemExit, match="is not the run's"):
         equal_steps.main([str(tmp_path / "runs"), "--smoke", "--jobs", "1"])
+
+
+def test_debias_ceiling_scores_what_the_benchmark_scores_and_the_true_variance(tmp_path):
+    """benchmarks/debias_ceiling.py on tiny crops with an untrained model: its 'fitted' row is the
+    model's own output as the quality benchmark scores it, recomputed here; its 'true variance'
+    row is the debias told the variance of renderings through the same camera, also recomputed
+    here from draws of that camera; a missing model is one line."""
+    pytest.importorskip("bm3d")
+    from ssbsn import SSBSN
+    from ssbsn.debias import tone_curve_debias
+    from ssbsn.metrics import quantize
+    from ssbsn.noise import add_camera_noise, random_camera
+    ceiling, quality = _benchmark("debias_ceiling"), _benchmark("quality")
+    torch.manual_seed(0)
+    settings = dict(r3=False, shifts=True, self_ensemble=False, tile=0, overlap=16, lowpass=4.0,
+                    blend=True, wiener=False, debias=True)
+    model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1, pd_test=2, inference=settings)
+    weights = tmp_path / "m.safetensors"
+    model.save(weights)
+    out = tmp_path / "c"
+    argv = ["--weights", str(weights), "--size", "32", "--shots", "0.01", "--draws", "6",
+            "--skimage", "coins", "--jobs", "1", "--out", str(out)]
+    assert ceiling.main(argv) == 0
+    report = json.loads((out / "results.json").read_text())
+    (row,) = report["images"]
+    assert "--weights PATH" in report["command"] and str(tmp_path) not in report["command"]
+    assert "| coins | 0.01 |" in (out / "results.md").read_text()
+    (photo,) = quality.load_photos(None, 32, ("coins",))
+    it = quality.make_items([photo], (1e-2,), 0)[0]
+    x = torch.from_numpy(it["noisy"].astype(np.float32).transpose(2, 0, 1).copy())[None]
+    model = SSBSN.load(weights).eval()
+    with torch.no_grad():
+        own = quantize(model.denoise(x)[0].numpy().transpose(1, 2, 0))
+        pre = model.denoise(x, debias=False)
+        est = model.denoise(x, blend=False, wiener=False, debias=False)
+    assert row["fitted"]["shift_rgb"] == pytest.approx(
+        list((own.astype(float) - it["clean"]).mean(axis=(0, 1))), abs=1e-3)
+    assert row["fitted"]["psnr"] == quality.scores(own, it["clean"])["psnr"]
+    assert row["fitted"]["shift"] == quality.scores(own, it["clean"])["shift"]
+    rng = np.random.default_rng([0, 0, 0])  # make_items' generator for the first photo and level
+    cam = random_camera(rng)
+    draws = np.stack([add_camera_noise(photo[1], np.random.default_rng([0, 0, 0, 1, r]),
+                                       shot=1e-2, cam=cam) for r in range(6)]).astype(float)
+    var = torch.from_numpy(draws.var(0, ddof=1).transpose(2, 0, 1).copy())[None]
+    known = quantize(tone_curve_debias(x, est, pre, noise_var=var)[0].numpy().transpose(1, 2, 0))
+    assert row["true_variance"]["psnr"] == quality.scores(known, it["clean"])["psnr"]
+    assert row["true_variance"]["shift"] == quality.scores(known, it["clean"])["shift"]
+    assert len(row["darkest_ratio"]) == 3 and all(r > 0 for r in row["darkest_ratio"])
+    with pytest.raises(SystemExit) as e:
+        ceiling.main(["--weights", str(tmp_path / "none.safetensors"), "--out", str(out)])
+    assert e.value.code == 2
