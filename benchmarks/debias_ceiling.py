@@ -72,7 +72,7 @@ def run_image(task: dict) -> dict:
     v = chw(var)
     fitted, known = noise_curves(x, y)[0], variance_curves(y, v)[0]
     row = dict(name=it["name"], shot=it["shot"],
-               noisy_shift=round(float(np.mean(it["noisy"].astype(float) - it["clean"])), 3),
+               noisy_shift=quality.scores(it["noisy"], it["clean"])["shift"],
                darkest_ratio=[round(float((f[1][:DARKEST_BINS] / k[1][:DARKEST_BINS]).mean()), 3)
                               for f, k in zip(fitted, known)])
     for kind, nv in (("fitted", None), ("true_variance", v)):
