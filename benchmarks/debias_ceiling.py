@@ -58,7 +58,8 @@ def run_image(task: dict) -> dict:
 
     from ssbsn import SSBSN
     from ssbsn.debias import tone_curve_debias
-    from ssbsn.inference import noise_curves, variance_curves
+    from ssbsn.debias import KEY_BLUR
+    from ssbsn.inference import gaussian_lowpass, lag_noise_curves, variance_curves
     from ssbsn.metrics import quantize
     it = task["item"]
     var = true_variance(task["photo"], task["seed"], task["level"], task["index"], it["shot"],
@@ -70,13 +71,16 @@ def run_image(task: dict) -> dict:
         out = model.denoise(x, debias=False)  # blend and refinement, as the model's settings say
         y = model.denoise(x, blend=False, wiener=False, debias=False)  # what the debias keys on
     v = chw(var)
-    fitted, known = noise_curves(x, y)[0], variance_curves(y, v)[0]
+    key = gaussian_lowpass(y.double(), KEY_BLUR)  # what the debias keys its curve on
+    fitted = lag_noise_curves(x, y, model.pd_train, key=key)[0]
+    known = variance_curves(key, v)[0]
     row = dict(name=it["name"], shot=it["shot"],
                noisy_shift=quality.scores(it["noisy"], it["clean"])["shift"],
                darkest_ratio=[round(float((f[1][:DARKEST_BINS] / k[1][:DARKEST_BINS]).mean()), 3)
                               for f, k in zip(fitted, known)])
     for kind, nv in (("fitted", None), ("true_variance", v)):
-        o = quantize(tone_curve_debias(x, y, out, noise_var=nv)[0].numpy().transpose(1, 2, 0))
+        o = quantize(tone_curve_debias(x, y, out, noise_var=nv, lag=model.pd_train)[0]
+                     .numpy().transpose(1, 2, 0))
         s = quality.scores(o, it["clean"])
         row[kind] = dict(psnr=s["psnr"], shift=s["shift"],
                          shift_rgb=[round(float(c), 3) for c in

@@ -6,7 +6,7 @@ A camera records z = u + ε in its linear space (ε zero-mean, standard deviatio
 estimates the mean m(u, s) = E[T(clip(u + ε))], not the clean T(u): the concave curve pulls
 the mean of mid-tones and highlights down, and the clip at black pushes the darkest tones up.
 Given an estimate μ of that mean and the noise variance σ² of y at that level (both measured on
-the image: :func:`ssbsn.inference.noise_curves`), the pair (u, s) with m(u, s) = μ and
+the image: :func:`ssbsn.inference.lag_noise_curves`), the pair (u, s) with m(u, s) = μ and
 Var[T(clip(u + ε))] = σ² is solved for, and T(u) − μ is added to the output.
 
 T is the standard sRGB tone curve of Brooks et al. 2019 (gamma 2.2, then a smoothstep), the one
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
-from .inference import _interp, noise_curves, variance_curves
+from .inference import (_interp, gaussian_lowpass, lag_noise_curves, noise_curves,
+                        variance_curves)
 from .noise import gamma_compression, gamma_expansion, inverse_smoothstep, smoothstep
 
 # ε on a uniform grid of ±6 standard deviations (the clip makes the integrand kinked, which
@@ -30,6 +31,10 @@ from .noise import gamma_compression, gamma_expansion, inverse_smoothstep, smoot
 _NODES = np.linspace(-6.0, 6.0, 481)
 _WEIGHTS = np.exp(-0.5 * _NODES ** 2) / np.exp(-0.5 * _NODES ** 2).sum()
 _ITERATIONS = 60
+
+# σ in pixels of the Gaussian that turns the estimate into the local brightness the correction
+# is keyed on (tone_curve_debias)
+KEY_BLUR = 2.0
 
 # κ per channel of an RGB image: the noise of a raw sample, clipped at black before
 # demosaicking, over the noise seen in that sRGB channel. Red and blue are sampled at one pixel
@@ -88,21 +93,34 @@ def clean_levels(mean: np.ndarray, var: np.ndarray, kappa: float = 0.0) -> np.nd
 
 def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch.Tensor,
                       white: float = 255.0, raw_clip=None,
-                      noise_var: torch.Tensor | None = None) -> torch.Tensor:
-    """``output + δ(estimate)``: the correction δ = T(u) − μ of each image and channel of
-    (B, C, H, W), fitted at the noise curve's levels μ (:func:`clean_levels`) and linear in the
-    estimate between them. ``white`` is the value of full scale (255 for 0..255 images);
-    ``raw_clip`` the κ of each channel (None: :data:`RAW_CLIP_RGB` for three channels, else 0).
+                      noise_var: torch.Tensor | None = None, lag: int | None = 3
+                      ) -> torch.Tensor:
+    """``output + δ``: the correction δ = T(u) − μ of each image and channel of (B, C, H, W),
+    fitted at the noise curve's levels μ (:func:`clean_levels`) and linear in the local
+    brightness between them. The local brightness is the estimate smoothed by a Gaussian of
+    σ = :data:`KEY_BLUR` pixels: it keys the noise curve's intensity bins and the correction,
+    so that both follow the neighbourhood's brightness rather than what is left of the noise in
+    the estimate. ``white`` is the value of full scale (255 for 0..255 images); ``raw_clip``
+    the κ of each channel (None: :data:`RAW_CLIP_RGB` for three channels, else 0).
     ``noise_var``: the noise variance of each pixel of ``noisy`` where it is known (a calibrated
-    camera, or Monte Carlo draws of a simulated one), averaged in the estimate's intensity bins
-    (:func:`ssbsn.inference.variance_curves`); None fits it on the image as the blend does
-    (:func:`ssbsn.inference.noise_curves`)."""
+    camera, or Monte Carlo draws of a simulated one), averaged in the intensity bins
+    (:func:`ssbsn.inference.variance_curves`); None measures it on the image. ``lag``: how it is
+    measured, the distance in pixels beyond which the noise is independent (the PD stride the
+    network was trained with; :meth:`ssbsn.SSBSN.denoise` passes it): the noisy image's
+    second differences at that lag (:func:`ssbsn.inference.lag_noise_curves`). None: the
+    residual against the estimate, as the blend fits it (:func:`ssbsn.inference.noise_curves`),
+    which reads the noise low where the estimate saw neighbours that share the pixel's noise
+    (docs/model.md, step 9)."""
     out = output.double().clone()
-    x = estimate.double()
+    key = gaussian_lowpass(estimate.double(), KEY_BLUR)
     if raw_clip is None:
-        raw_clip = RAW_CLIP_RGB if x.shape[1] == 3 else (0.0,) * x.shape[1]
-    curves = noise_curves(noisy, estimate) if noise_var is None else \
-        variance_curves(estimate, noise_var)
+        raw_clip = RAW_CLIP_RGB if key.shape[1] == 3 else (0.0,) * key.shape[1]
+    if noise_var is not None:
+        curves = variance_curves(key, noise_var)
+    elif lag is not None:
+        curves = lag_noise_curves(noisy, estimate, lag, key=key)
+    else:
+        curves = noise_curves(noisy, estimate, key=key)
     for b, row in enumerate(curves):
         for c, curve in enumerate(row):
             if curve is None:
@@ -111,6 +129,6 @@ def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch
             mean = level.cpu().numpy() / white
             clean = clean_levels(mean, var.cpu().numpy() / white ** 2, raw_clip[c])
             delta = clean - np.clip(mean, 0, 1)
-            delta = torch.from_numpy(white * delta).to(x.device)
-            out[b, c] += _interp(x[b, c].flatten(), level, delta).view(x.shape[-2:])
+            delta = torch.from_numpy(white * delta).to(key.device)
+            out[b, c] += _interp(key[b, c].flatten(), level, delta).view(key.shape[-2:])
     return out.to(output.dtype)

@@ -80,6 +80,8 @@ BLEND_FLAT = 0.2       # the noise is measured on the flattest fifth of each int
 BLEND_LOCAL_RADIUS = 2  # local error: the mean squared residual over (2r+1)² pixels beyond
 BLEND_LOCAL_MARGIN = 3.0  # 3× the level the noise alone reaches at the 90th percentile
 BLEND_LOCAL_Q = 0.9     # of the flattest fifth of the pixels (in units of the noise variance)
+LAG_FLAT = 0.5         # lag_noise_curves: the flattest half of each intensity bin,
+LAG_FLAT_BLUR = 0.5    # flatness read on the estimate blurred by this σ
 _MAX_SAMPLES = 1 << 16  # bin edges and quantiles from at most this many pixels (a regular subsample)
 
 
@@ -164,25 +166,72 @@ def _fit_inputs(noisy: torch.Tensor, estimate: torch.Tensor
     return x, (noisy.double() - x) ** 2, _texture(x)
 
 
-def _noise_curve(x: torch.Tensor, e: torch.Tensor, tex: torch.Tensor
+def _noise_curve(x: torch.Tensor, e: torch.Tensor, tex: torch.Tensor, share: float = BLEND_FLAT
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(intensity levels, noise variance at each level) of one channel: the mean squared
-    residual e over the flattest pixels (lowest texture tex) of each intensity bin of x."""
+    residual e over the flattest ``share`` (lowest texture tex) of each intensity bin of x."""
     n = BLEND_BINS
     ib = _quantile_bins(x, n)
-    flat = _lowest_in_bins(tex, ib, n, BLEND_FLAT)
+    flat = _lowest_in_bins(tex, ib, n, share)
     return _curve(x[flat], e[flat], ib[flat], n)
 
 
-def noise_curves(noisy: torch.Tensor, estimate: torch.Tensor
+def _check_key(key: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    if key.shape != estimate.shape:
+        raise ValueError(f"the intensity key has shape {tuple(key.shape)}, the estimate "
+                         f"{tuple(estimate.shape)}")
+    return key
+
+
+def noise_curves(noisy: torch.Tensor, estimate: torch.Tensor, key: torch.Tensor | None = None
                  ) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
     """The noise variance against intensity of each image and channel of (B, C, H, W), as
     :func:`noisy_pixel_blend` fits it: ``curves[b][c] = (levels, variances)``, float64, levels
-    increasing (None for a channel of fewer than 2 pixels)."""
+    increasing (None for a channel of fewer than 2 pixels). ``key``: what the intensity bins
+    and levels are read on (None: the estimate)."""
     x, e, tex = _fit_inputs(noisy, estimate)
+    if key is not None:
+        x = _check_key(key, estimate).double()
     return [[_noise_curve(x[b, c].flatten(), e[b, c].flatten(), tex[b, c].flatten())
              if x[b, c].numel() >= 2 else None for c in range(x.shape[1])]
             for b in range(x.shape[0])]
+
+
+def lag_noise_curves(noisy: torch.Tensor, estimate: torch.Tensor, lag: int,
+                     key: torch.Tensor | None = None
+                     ) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
+    """The noise variance against intensity of each image and channel of (B, C, H, W), in the
+    form of :func:`noise_curves`, measured on the noisy image's own second differences rather
+    than on the residual against the estimate.
+
+    Noise ``lag`` pixels apart is independent (``lag``: the PD stride the network was trained
+    with, which rests on that assumption), so where the image is flat the second difference
+    n(p) − (n(p − lag) + n(p + lag))/2 along a row or a column has variance 1.5 σ²(p). The
+    curve is its mean, both directions together and divided by 1.5, over the flattest
+    :data:`LAG_FLAT` of each of the 16 equal-count intensity bins of ``key`` (None: the
+    estimate). Flatness is the local variance over 5×5 pixels of the estimate smoothed by a
+    Gaussian of σ = :data:`LAG_FLAT_BLUR`: the estimate's own texture holds some of the noise of
+    the pixels around (PD 2 at test beside demosaicked noise), so the flattest pixels by it are
+    also those of the smallest noise. The residual against a blind-spot estimate reads the
+    noise low for the same reason (about 0.6 of the truth in the darkest red of a dark photo).
+    Pixels within ``lag`` of the border are left out; an image with fewer than two pixels
+    inside that margin takes :func:`noise_curves` instead."""
+    if lag < 1:
+        raise ValueError(f"the lag must be at least 1 pixel, got {lag}")
+    key = estimate if key is None else _check_key(key, estimate)
+    h, w = noisy.shape[-2] - 2 * lag, noisy.shape[-1] - 2 * lag
+    if h < 1 or w < 1 or h * w < 2:
+        return noise_curves(noisy, estimate, key)
+    n, L = noisy.double(), lag
+    centre = n[..., L:-L, L:-L]
+    rows = centre - 0.5 * (n[..., L:-L, :-2 * L] + n[..., L:-L, 2 * L:])
+    cols = centre - 0.5 * (n[..., :-2 * L, L:-L] + n[..., 2 * L:, L:-L])
+    var = (rows ** 2 + cols ** 2) / 3.0  # each has variance 1.5 σ² on flat noise
+    k = key.double()[..., L:-L, L:-L]
+    tex = _local_variance(gaussian_lowpass(estimate.double(), LAG_FLAT_BLUR),
+                          BLEND_RADIUS)[..., L:-L, L:-L]
+    return [[_noise_curve(k[b, c].flatten(), var[b, c].flatten(), tex[b, c].flatten(), LAG_FLAT)
+             for c in range(k.shape[1])] for b in range(k.shape[0])]
 
 
 def variance_curves(estimate: torch.Tensor, variance: torch.Tensor

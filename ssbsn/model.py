@@ -158,7 +158,7 @@ class SSBSN(nn.Module):
         if s["blend"]:  # texture from the training stride's estimate (noisy_pixel_blend says why)
             out = noisy_pixel_blend(x, y, y if self.pd_train == b else estimate(self.pd_train))
         out = bm3d_wiener(x, y, out) if s["wiener"] else out
-        return tone_curve_debias(x, y, out) if s["debias"] else out
+        return tone_curve_debias(x, y, out, lag=self.pd_train) if s["debias"] else out
 
     def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int,
                       b: int) -> torch.Tensor:

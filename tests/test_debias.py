@@ -140,8 +140,8 @@ def test_debias_moves_the_camera_pipelines_mean_towards_the_clean_rendering():
 
 def test_denoise_debiases_the_blended_output_keyed_on_the_estimate():
     """SSBSN.denoise(blend=True, debias=True) is the blend of the estimate (its error variance
-    keyed on the training stride's estimate), corrected by the estimate's levels (the order
-    docs/model.md gives: steps 7, then 9)."""
+    keyed on the training stride's estimate), corrected by the estimate's levels with the noise
+    read at the training stride (the order docs/model.md gives: steps 7, then 9)."""
     from ssbsn import SSBSN
     from ssbsn.inference import noisy_pixel_blend
     torch.manual_seed(0)
@@ -153,41 +153,101 @@ def test_denoise_debiases_the_blended_output_keyed_on_the_estimate():
     kw = dict(r3=False, shifts=True, lowpass=4.0)
     est = model.denoise(x, blend=False, debias=False, **kw)
     ref = model.denoise(x, blend=False, debias=False, pd=model.pd_train, **kw)
-    want = tone_curve_debias(x, est, noisy_pixel_blend(x, est, ref))
+    want = tone_curve_debias(x, est, noisy_pixel_blend(x, est, ref), lag=model.pd_train)
     got = model.denoise(x, blend=True, debias=True, **kw)
     torch.testing.assert_close(got, want)
     assert (got - model.denoise(x, blend=True, debias=False, **kw)).abs().max() > 0.5
 
 
-def test_a_known_noise_variance_takes_the_place_of_the_fitted_curve():
-    """Dark colours through random cameras of the project's pipeline, and an estimate that
-    carries a share of each pixel's own noise (as an estimate at PD 2 does where demosaicking
-    spread the noise): the residual then understates the noise, and the fitted curve with it,
-    so the raw-clip term is too weak. The true variance of the renderings (Monte Carlo), given
-    as ``noise_var``, brings the debiased mean back to the clean rendering."""
-    from ssbsn.inference import noise_curves, variance_curves
+CORE = (..., slice(8, -8), slice(8, -8))  # the demosaic's mirrored border aside
+
+
+def _rgb(v):
+    """(H, W, 3) in 0..1 → (1, 3, H, W) in 0..255."""
+    return torch.from_numpy(255 * v.transpose(2, 0, 1).copy())[None]
+
+
+def _dark_ramps(count=3):
+    """Dark colour ramps through random cameras of the project's pipeline at shot 1e-2:
+    (clean rendering, one noisy rendering, the mean and the variance of 48 renderings, and an
+    estimate that carries 30 % of the noisy pixel's own noise, as an estimate at PD 2 does
+    where demosaicking spread the noise), all (1, 3, 64, 64) in 0..255."""
     rng = np.random.default_rng(7)
-    t = lambda v: torch.from_numpy(255 * v.transpose(2, 0, 1).copy())[None]  # noqa: E731
-    core = (..., slice(8, -8), slice(8, -8))  # the demosaic's mirrored border aside
-    err = {"fitted": [], "known": []}
-    for _ in range(3):
+    for _ in range(count):
         cam = random_camera(rng)
         xx = np.linspace(0.0, 1.0, 64)[None, :, None]
         photo = np.broadcast_to(0.02 + 0.2 * xx * rng.uniform(0.5, 1.0, 3), (64, 64, 3))
         clean, _ = camera_noise(photo, rng, shot=0.0, read=0.0, cam=cam)
         draws = np.stack([camera_noise(photo, rng, shot=1e-2, cam=cam)[0] for _ in range(48)])
-        mean, noisy = t(draws.mean(0)), t(draws[0])
-        var = 255 * t(draws.var(0, ddof=1))  # in 0..255 units, as t scales by 255
-        leaky = mean + 0.3 * (noisy - mean)
-        # the curve fitted on the leaky estimate is low; the known variance's curve is not
-        fitted = noise_curves(noisy, leaky)[0][0][1].mean()
-        known = variance_curves(leaky, var)[0][0][1].mean()
-        assert fitted < 0.7 * known, (fitted, known)
-        for kind, nv in (("fitted", None), ("known", var)):
-            out = tone_curve_debias(noisy, leaky, mean, noise_var=nv)
-            err[kind].append((out - t(clean))[core].mean(dim=(-2, -1))[0, [0, 2]].abs().numpy())
-    fitted, known = np.mean(err["fitted"]), np.mean(err["known"])
-    assert known < 0.6 * fitted, (fitted, known)
+        mean, noisy = _rgb(draws.mean(0)), _rgb(draws[0])
+        var = 255 * _rgb(draws.var(0, ddof=1))  # in 0..255 units, as _rgb scales by 255
+        yield _rgb(clean), noisy, mean, var, mean + 0.3 * (noisy - mean)
+
+
+def test_the_lag_curve_and_a_known_variance_take_the_place_of_the_residual_curve():
+    """Dark ramps through random cameras and an estimate that carries a share of each pixel's
+    own noise: the residual then understates the noise, and the curve fitted on it
+    (``lag=None``), so the raw-clip term is too weak. The noisy image's own second differences
+    at lag 3, beyond the bilinear demosaic's reach (the default), and the true variance of the
+    renderings (Monte Carlo) given as ``noise_var``, both read the noise nearer its true level
+    and bring the debiased red and blue back towards the clean rendering."""
+    from ssbsn.inference import gaussian_lowpass, lag_noise_curves, noise_curves, variance_curves
+    err = {"residual": [], "lag": [], "known": []}
+    for clean, noisy, mean, var, leaky in _dark_ramps():
+        key = gaussian_lowpass(leaky.double(), 2.0)
+        known = variance_curves(key, var)[0]
+        for c in range(3):
+            residual = noise_curves(noisy, leaky, key=key)[0][c][1].mean()
+            lag = lag_noise_curves(noisy, leaky, 3, key=key)[0][c][1].mean()
+            assert residual < 0.5 * known[c][1].mean(), (c, residual, known[c][1].mean())
+            assert 1.5 * residual < lag < 1.25 * known[c][1].mean(), (c, residual, lag, known[c])
+        for kind, kw in (("residual", dict(lag=None)), ("lag", {}), ("known", dict(noise_var=var))):
+            out = tone_curve_debias(noisy, leaky, mean, **kw)
+            err[kind].append((out - clean)[CORE].mean(dim=(-2, -1))[0, [0, 2]].abs().numpy())
+    residual, lag, known = (np.mean(err[k]) for k in ("residual", "lag", "known"))
+    assert known < 0.6 * residual and lag < 0.8 * residual, (residual, lag, known)
     with pytest.raises(ValueError, match="noise variance has shape"):
         tone_curve_debias(noisy, leaky, mean, noise_var=var[..., :-1])
 
+
+def test_the_correction_is_keyed_on_the_local_brightness(monkeypatch):
+    """The same dark ramps, told the true variance: keyed on the estimate smoothed over a few
+    pixels (the default), the debiased mean lands closer to the clean rendering, on average and
+    pixel by pixel, than keyed on the estimate itself, whose leftover noise then sorts the
+    pixels into the intensity bins (a σ of 1e-3 pixels leaves the estimate as it is)."""
+    import ssbsn.debias as debias
+    shift, rmse = {}, {}
+    for clean, noisy, mean, var, leaky in _dark_ramps():
+        for blur in (debias.KEY_BLUR, 1e-3):
+            monkeypatch.setattr(debias, "KEY_BLUR", blur)
+            err = (tone_curve_debias(noisy, leaky, mean, noise_var=var) - clean)[CORE]
+            shift.setdefault(blur, []).append(err.mean(dim=(-2, -1)).abs().mean().item())
+            rmse.setdefault(blur, []).append(err.pow(2).mean().sqrt().item())
+    smooth, raw = sorted(shift, reverse=True)
+    assert np.mean(shift[smooth]) < 0.7 * np.mean(shift[raw]), shift
+    assert np.mean(rmse[smooth]) < 0.8 * np.mean(rmse[raw]), rmse
+
+
+def test_lag_noise_curves_read_white_noise_and_fall_back_on_tiny_images():
+    """On white Gaussian noise of known σ over a ramp, the second differences read σ² at every
+    level (any lag: white noise is independent at every distance); an image with no pixel
+    farther than the lag from the border takes the residual curve; a bad lag or key is one
+    ValueError."""
+    from ssbsn.inference import lag_noise_curves, noise_curves
+    g = torch.Generator().manual_seed(3)
+    ramp = torch.linspace(40.0, 200.0, 96, dtype=torch.float64).expand(1, 2, 96, 96)
+    sigma = torch.tensor([4.0, 9.0], dtype=torch.float64).view(1, 2, 1, 1)
+    noisy = ramp + sigma * torch.randn(ramp.shape, generator=g, dtype=torch.float64)
+    for lag in (1, 3):
+        for c, (level, var) in enumerate(lag_noise_curves(noisy, ramp, lag)[0]):
+            assert len(level) == 16  # about 250 pixels a bin: each within 30 %, all within 6 %
+            np.testing.assert_allclose(var.numpy(), sigma.flatten()[c].item() ** 2, rtol=0.3)
+            np.testing.assert_allclose(var.mean().item(), sigma.flatten()[c].item() ** 2,
+                                       rtol=0.06)
+    tiny, est = noisy[..., :6, :6], ramp[..., :6, :6]
+    for got, want in zip(lag_noise_curves(tiny, est, 3)[0], noise_curves(tiny, est)[0]):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="lag must be at least 1"):
+        lag_noise_curves(noisy, ramp, 0)
+    with pytest.raises(ValueError, match="intensity key has shape"):
+        lag_noise_curves(noisy, ramp, 3, key=ramp[..., :-1])

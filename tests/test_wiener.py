@@ -145,7 +145,8 @@ def test_missing_bm3d_is_one_clear_error(monkeypatch):
 
 def test_denoise_refines_the_blend_then_debiases():
     """SSBSN.denoise(blend, wiener, debias): the blend is the Wiener stage's pilot, and the
-    debias is keyed on the network's estimate (docs/model.md, steps 7 to 9)."""
+    debias is keyed on the network's estimate, its noise read at the training stride
+    (docs/model.md, steps 7 to 9)."""
     from ssbsn import SSBSN
     from ssbsn.debias import tone_curve_debias
     from ssbsn.inference import noisy_pixel_blend
@@ -159,7 +160,8 @@ def test_denoise_refines_the_blend_then_debiases():
     kw = dict(r3=False, shifts=True, lowpass=4.0)
     est = model.denoise(x, blend=False, wiener=False, debias=False, **kw)
     ref = model.denoise(x, blend=False, wiener=False, debias=False, pd=model.pd_train, **kw)
-    want = tone_curve_debias(x, est, bm3d_wiener(x, est, noisy_pixel_blend(x, est, ref)))
+    want = tone_curve_debias(x, est, bm3d_wiener(x, est, noisy_pixel_blend(x, est, ref)),
+                             lag=model.pd_train)
     got = model.denoise(x, blend=True, wiener=True, debias=True, **kw)
     torch.testing.assert_close(got, want)
     assert (got - model.denoise(x, blend=True, wiener=False, debias=True, **kw)).abs().max() > 1
