@@ -57,8 +57,7 @@ def run_image(task: dict) -> dict:
     import torch
 
     from ssbsn import SSBSN
-    from ssbsn.debias import tone_curve_debias
-    from ssbsn.debias import KEY_BLUR
+    from ssbsn.debias import KEY_BLUR, tone_curve_debias
     from ssbsn.inference import gaussian_lowpass, lag_noise_curves, variance_curves
     from ssbsn.metrics import quantize
     it = task["item"]
