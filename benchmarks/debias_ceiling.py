@@ -57,8 +57,7 @@ def run_image(task: dict) -> dict:
     import torch
 
     from ssbsn import SSBSN
-    from ssbsn.debias import KEY_BLUR, tone_curve_debias
-    from ssbsn.inference import gaussian_lowpass, lag_noise_curves, variance_curves
+    from ssbsn.debias import debias_curves, tone_curve_debias
     from ssbsn.metrics import quantize
     it = task["item"]
     var = true_variance(task["photo"], task["seed"], task["level"], task["index"], it["shot"],
@@ -70,9 +69,8 @@ def run_image(task: dict) -> dict:
         out = model.denoise(x, debias=False)  # blend and refinement, as the model's settings say
         y = model.denoise(x, blend=False, wiener=False, debias=False)  # what the debias keys on
     v = chw(var)
-    key = gaussian_lowpass(y.double(), KEY_BLUR)  # what the debias keys its curve on
-    fitted = lag_noise_curves(x, y, model.pd_train, key=key)[0]
-    known = variance_curves(key, v)[0]
+    fitted = debias_curves(x, y, lag=model.pd_train)[1][0]  # the curve the debias measures
+    known = debias_curves(x, y, noise_var=v)[1][0]
     row = dict(name=it["name"], shot=it["shot"],
                noisy_shift=quality.scores(it["noisy"], it["clean"])["shift"],
                darkest_ratio=[round(float((f[1][:DARKEST_BINS] / k[1][:DARKEST_BINS]).mean()), 3)

@@ -91,6 +91,18 @@ def clean_levels(mean: np.ndarray, var: np.ndarray, kappa: float = 0.0) -> np.nd
     return c
 
 
+def debias_curves(noisy: torch.Tensor, estimate: torch.Tensor,
+                  noise_var: torch.Tensor | None = None, lag: int | None = 3):
+    """(local brightness, noise curves): what :func:`tone_curve_debias` keys its correction on
+    and the noise variance against that brightness it is given, with the same arguments."""
+    key = gaussian_lowpass(estimate.double(), KEY_BLUR)
+    if noise_var is not None:
+        return key, variance_curves(key, noise_var)
+    if lag is not None:
+        return key, lag_noise_curves(noisy, estimate, lag, key=key)
+    return key, noise_curves(noisy, estimate, key=key)
+
+
 def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch.Tensor,
                       white: float = 255.0, raw_clip=None,
                       noise_var: torch.Tensor | None = None, lag: int | None = 3
@@ -112,15 +124,9 @@ def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch
     which reads the noise low where the estimate saw neighbours that share the pixel's noise
     (docs/model.md, step 9)."""
     out = output.double().clone()
-    key = gaussian_lowpass(estimate.double(), KEY_BLUR)
+    key, curves = debias_curves(noisy, estimate, noise_var, lag)
     if raw_clip is None:
         raw_clip = RAW_CLIP_RGB if key.shape[1] == 3 else (0.0,) * key.shape[1]
-    if noise_var is not None:
-        curves = variance_curves(key, noise_var)
-    elif lag is not None:
-        curves = lag_noise_curves(noisy, estimate, lag, key=key)
-    else:
-        curves = noise_curves(noisy, estimate, key=key)
     for b, row in enumerate(curves):
         for c, curve in enumerate(row):
             if curve is None:

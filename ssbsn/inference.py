@@ -228,8 +228,7 @@ def lag_noise_curves(noisy: torch.Tensor, estimate: torch.Tensor, lag: int,
     cols = centre - 0.5 * (n[..., :-2 * L, L:-L] + n[..., 2 * L:, L:-L])
     var = (rows ** 2 + cols ** 2) / 3.0  # each has variance 1.5 σ² on flat noise
     k = key.double()[..., L:-L, L:-L]
-    tex = _local_variance(gaussian_lowpass(estimate.double(), LAG_FLAT_BLUR),
-                          BLEND_RADIUS)[..., L:-L, L:-L]
+    tex = _texture(gaussian_lowpass(estimate.double(), LAG_FLAT_BLUR))[..., L:-L, L:-L]
     return [[_noise_curve(k[b, c].flatten(), var[b, c].flatten(), tex[b, c].flatten(), LAG_FLAT)
              for c in range(k.shape[1])] for b in range(k.shape[0])]
 
