@@ -193,7 +193,10 @@ def run_training(task: dict) -> dict:
         if task.get("cache"):  # keep the model: a later run re-denoises with today's code
             Path(task["cache"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(summary["weights"], Path(task["cache"]).with_suffix(".safetensors"))
+            shutil.copyfile(Path(cfg.out) / "log.jsonl",
+                            Path(task["cache"]).with_suffix(".log.jsonl"))
         r = dict(method=task["method"], minutes=task["minutes"], steps=summary["steps"],
+                 check=summary["check"],
                  train_cpu_min=round(cpu / 60, 2), train_wall_min=round(wall / 60, 2),
                  config={k: v for k, v in cfg.to_dict().items() if k not in ("data", "out")})
         return {**r, **denoise_items(summary["weights"], items)}
@@ -322,6 +325,16 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
                 cells = [t["method"] + " plain", f"{t['minutes']:g}", "″", "″", "″"]
                 plain = gain_cells([(r, r["plain"]) for r in t["rows"]])
                 md.append("| " + " | ".join(cells + plain) + " |")
+        checked = [t for t in trained if t.get("check")]
+        if checked:  # runs trained since the check exists
+            md += ["", "Training check (`ssbsn.health`: the network's blind-spot loss over that "
+                   "of the mean of the 8 pixels at the training PD stride, per channel, on "
+                   "whole training images; a model at or above 1 in any channel failed):", ""]
+            for t in sorted(checked, key=lambda t: (t["method"], t["minutes"])):
+                c = t["check"]
+                md.append(f"- {t['method']} {t['minutes']:g} min: "
+                          + " / ".join(f"{v:.2f}" for v in c["ratio"])
+                          + (" (ok)" if c["ok"] else " (**failed**)"))
     return rows, "\n".join(md) + "\n"
 
 
@@ -442,6 +455,9 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256, help="centre crop (default 256)")
     ap.add_argument("--shots", default=",".join(f"{s:g}" for s in SHOTS))
     ap.add_argument("--preset", default="quick")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one training option of the preset for both models (e.g. "
+                         "--set pd_layout=batch --set crop=36); repeatable")
     ap.add_argument("--minutes", default="8", help="training budgets in CPU minutes, comma-"
                                                   "separated (e.g. 2,8,32); the last is the "
                                                   "main table's unless --main-minutes")
@@ -474,10 +490,38 @@ def main(argv=None) -> int:
     main_minutes = args.main_minutes or max(budgets)
     train_seed = args.seed if args.train_seed is None else args.train_seed
     steps = None
+    import yaml
+
+    from ssbsn.train import TrainConfig
     overrides: dict = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in TrainConfig.__dataclass_fields__ or key in ("ss_blocks", "data",
+                                                                              "out", "seed"):
+            ap.error(f"--set {item!r}: expected KEY=VALUE with KEY a training option "
+                     "(not ss_blocks, data, out or seed)")
+        default = TrainConfig.__dataclass_fields__[key].default
+        kind = type(default)
+        try:
+            if kind in (int, float):
+                overrides[key] = kind(value)
+            elif kind is bool:
+                overrides[key] = {"true": True, "false": False}[value.lower()]
+            elif kind is str:
+                overrides[key] = value
+            else:  # no simple default (e.g. minutes: None)
+                overrides[key] = yaml.safe_load(value)
+        except (ValueError, KeyError):
+            wants = {int: "an integer", float: "a number", bool: "true or false"}
+            ap.error(f"--set {item!r}: {key} takes {wants.get(kind, 'a value')}")
+    try:  # a bad value is one line here, not a traceback from a worker
+        TrainConfig(**{**preset_values(args.preset), **overrides}).validate()
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+        ap.error(f"--set: {e}")
+    user_set = dict(overrides)  # what --set changed (the smoke run's sizes are not the user's)
     if args.smoke:
         shots, budgets, main_minutes, steps = (1e-2,), [0.0], 0.0, 3
-        overrides = dict(base_channels=8, crop=24, batch=2, warmup=1)
+        overrides = {**dict(base_channels=8, crop=24, batch=2, warmup=1), **overrides}
         args.size = 32
     photos = load_photos(args.photos, args.size, names=names)  # every name checked once
     if args.smoke and not args.photos:
@@ -511,6 +555,8 @@ def main(argv=None) -> int:
         key = f"{source}_{args.size}_{args.seed}_" + \
               "_".join(f"{s:g}" for s in shots)
         run_key = key if train_seed == args.seed else f"{key}_train{train_seed}"
+        if args.set:  # models trained with other options are other models
+            run_key += "_" + "_".join(f"{k}-{v}" for k, v in sorted(overrides.items()))
         cache = Path(args.cache) / f"base_{key}.npz"
         for t in tasks:
             t["cache"] = str(Path(args.cache) / (
@@ -601,7 +647,7 @@ def main(argv=None) -> int:
     env = environment()
     report = dict(
         environment=env, photos=[n for n, _ in photos], size=args.size, shots=list(shots),
-        preset=args.preset, budgets_cpu_minutes=budgets, main_minutes=main_minutes,
+        preset=args.preset, set=user_set, budgets_cpu_minutes=budgets, main_minutes=main_minutes,
         per_level=args.per_level, smoke=args.smoke, seed=args.seed, train_seed=train_seed,
         inference=preset_inference,
         runs=[{k: v for k, v in t.items() if k not in ("rows", "images")} for t in trained_list],
@@ -611,7 +657,9 @@ def main(argv=None) -> int:
     header = (f"# Quality benchmark\n\n{env['device']}; torch {env['torch']}, "
               f"scikit-image {env['skimage']}, bm3d {env['bm3d']}; {env['date']}.\n"
               f"Photos: {', '.join(report['photos'])} (centre {args.size}²); preset "
-              f"`{args.preset}`; training on the noisy photos of "
+              f"`{args.preset}`"
+              + (f" with {', '.join(f'{k}={v}' for k, v in user_set.items())}" if user_set else "")
+              + "; training on the noisy photos of "
               f"{'each level separately' if args.per_level else 'all levels together'}; "
               f"runs of one thread, budgets in CPU minutes; denoised with the preset's "
               f"inference settings (those its models carry: "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .atomic import atomic_path
 from .attention.module import SSAttention
 from .attention.common import layer_norm, normalize, softmax_scale, tokens_per_group
-from .pd import pd_down
+from .pd import pd_down, pd_down_batch
 
 
 def image_to_map(y: int, x: int, height: int, width: int, f: int, pad: int) -> tuple[int, int]:
@@ -116,16 +116,25 @@ def attention_maps(model, image: np.ndarray, pixel: tuple[int, int]) -> list[dic
     captured: dict[int, torch.Tensor] = {}
     hooks = [a.register_forward_hook(lambda mod, inp, out, k=k: captured.__setitem__(k, inp[0]))
              for k, (_, _, a) in enumerate(blocks)]
+    batch = getattr(model, "pd_layout", "mosaic") == "batch"
     try:
-        model.bsn(pd_down(xp, b, p))
+        model.bsn((pd_down_batch if batch else pd_down)(xp, b, p))
     finally:
         for h in hooks:
             h.remove()
-    r, c = image_to_map(y0, x0, Hp, Wp, b, p)
+    if batch:  # the pixel's sub-image alone: batch item (y mod b)·b + (x mod b)
+        item, r, c = (y0 % b) * b + x0 % b, y0 // b + p, x0 // b + p
+    else:
+        item, (r, c) = 0, image_to_map(y0, x0, Hp, Wp, b, p)
     out = []
     for k, (d, i, attn) in enumerate(blocks):
-        rows, cols, w, pad_share = attention_row(captured[k].cpu(), attn, r, c)
-        ys, xs, valid = map_to_image(rows, cols, Hp, Wp, b, p)
+        rows, cols, w, pad_share = attention_row(captured[k][item:item + 1].cpu(), attn, r, c)
+        if batch:
+            lr, lc = rows - p, cols - p
+            ys, xs = lr * b + y0 % b, lc * b + x0 % b
+            valid = (lr >= 0) & (lr < Hp // b) & (lc >= 0) & (lc < Wp // b)
+        else:
+            ys, xs, valid = map_to_image(rows, cols, Hp, Wp, b, p)
         valid &= (ys < H) & (xs < W)  # the bottom/right padding to a multiple of b
         pad_share += float(w[~valid].sum())
         peak, entropy = concentration(w[valid])

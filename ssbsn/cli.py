@@ -202,6 +202,9 @@ def cmd_train(args) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {summary['steps']} steps, final loss {summary['loss']:.4f}; "
               f"weights: {summary['weights']}")
+        check = summary.get("check")
+        if check:
+            print(check["message"], file=sys.stdout if check["ok"] else sys.stderr)
     return 0
 
 

@@ -35,6 +35,7 @@ from .errors import ConfigError
 
 BACKENDS = ("fused", "reference", "sdpa", "triton")
 CONV_BACKENDS = ("torch", "cuda")
+PD_LAYOUTS = ("mosaic", "batch")
 # runtime choices: the same weights run with any value, so checkpoints do not store them
 RUNTIME_FIELDS = ("backend", "deterministic")
 
@@ -69,6 +70,10 @@ class ModelConfig:
     pd_pad: int = field(default=2, metadata=_opt(
         "padding of each PD sub-image", "--pd-pad", lambda v: 0 <= v <= 64, "0..64",
         metavar="N"))
+    pd_layout: str = field(default="mosaic", metadata=_opt(
+        "how the PD sub-images meet the network: mosaic (tiled into one map, the authors') or "
+        "batch (each its own image: no convolution or attention reaches across sub-images)",
+        "--pd-layout", lambda v: v in PD_LAYOUTS, "'mosaic' or 'batch'", choices=PD_LAYOUTS))
     r3_T: int = field(default=8, metadata=_opt(
         "R3 rounds", "--r3-rounds", lambda v: 1 <= v <= 1000, "1..1000", metavar="T"))
     r3_p: float = field(default=0.16, metadata=_opt(

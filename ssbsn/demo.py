@@ -132,7 +132,7 @@ def _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log,
                   mean_psnr_denoised=float(np.mean([r["psnr_denoised"] for r in rows])),
                   mean_gain_db=gain, steps=summary["steps"], seconds=time.perf_counter() - t0,
                   settings=dict(p, inference=dict(model.inference, pd_test=model.pd_test)),
-                  cpu_seconds=summary.get("cpu_seconds"), seed=seed)
+                  cpu_seconds=summary.get("cpu_seconds"), seed=seed, check=summary.get("check"))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     for r in rows:
         log(f"  {r['image']:<10} noisy {r['psnr_noisy']:6.2f} dB -> denoised "
@@ -140,6 +140,8 @@ def _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log,
     log(f"PSNR gain {gain:+.2f} dB (mean over {len(rows)} photos: {report['mean_psnr_noisy']:.2f} "
         f"-> {report['mean_psnr_denoised']:.2f} dB), {summary['steps']} training steps, "
         f"{report['seconds']:.0f} s; images in {out}/")
+    if report["check"] and not report["check"]["ok"]:
+        log(report["check"]["message"])
     return report
 
 

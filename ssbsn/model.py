@@ -6,13 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import from_official, load_model, save_model
-from .config import ModelConfig
+from .config import PD_LAYOUTS, ModelConfig
 from .debias import tone_curve_debias
 from .inference import (INFERENCE_DEFAULTS, check_inference_settings, noisy_pixel_blend,
                         r3_uniform, restore_low_frequencies, self_ensemble as _self_ensemble,
                         shift_ensemble, tiled, transform)
 from .nn import BSN
-from .pd import pd_down, pd_up
+from .pd import pd_down, pd_down_batch, pd_up, pd_up_batch
 from .wiener import bm3d_wiener
 
 
@@ -48,11 +48,15 @@ class SSBSN(nn.Module):
         c = config
         if c.pd_train < 1 or c.pd_test < 1 or c.pd_pad < 0:
             raise ValueError("PD strides must be ≥ 1 and the PD pad ≥ 0")
+        if c.pd_layout not in PD_LAYOUTS:
+            raise ValueError(f"pd_layout must be one of {', '.join(map(repr, PD_LAYOUTS))}, "
+                             f"got {c.pd_layout!r}")
         if c.r3_T < 1 or not 0.0 <= c.r3_p <= 1.0:
             raise ValueError(f"R3 needs T ≥ 1 and 0 ≤ p ≤ 1, got T={c.r3_T}, p={c.r3_p}")
         self.config = config
         self.in_channels = c.in_channels
         self.pd_train, self.pd_test, self.pd_pad = c.pd_train, c.pd_test, c.pd_pad
+        self.pd_layout = c.pd_layout
         self.r3_T, self.r3_p = c.r3_T, c.r3_p
         self.bsn = BSN(c.in_channels, c.in_channels, c.base_channels, c.num_modules,
                        c.ss_blocks, c.gamma, backend=c.backend, group_stats=c.group_stats,
@@ -65,6 +69,8 @@ class SSBSN(nn.Module):
         self._check_input(x)
         f = self.pd_train if pd is None else pd
         p = self.pd_pad
+        if f > 1 and self.pd_layout == "batch":
+            return pd_up_batch(self.bsn(pd_down_batch(x, f, p)), f, p)
         if f > 1:
             return pd_up(self.bsn(pd_down(x, f, p)), f, p)
         y = self.bsn(F.pad(x, (p, p, p, p)))

@@ -12,6 +12,8 @@ A run lives in one folder::
     ckpt/step_00001000.state.pt    optimizer, step, schedule and RNG state: tensors and plain
                                    containers only, read back with ``torch.load(weights_only=True)``
     model.safetensors              the final weights
+    check.json                     did it learn? the trained network's blind-spot loss against
+                                   a plain mean of each pixel's PD neighbours (ssbsn.health)
 
 Every file is written to a temporary name and renamed, and the state file of a checkpoint is
 written after its weights, so a run killed at any moment leaves complete checkpoints only;
@@ -681,14 +683,30 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
         _save(r, meter, step, step // r.steps_per_epoch, step, t_start)
     bar.close()
     final = r.run / "model.safetensors"
+    seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
+    check = None
     if r.main:
         _check_weights(r.run, cfg, r.model, step)
         r.model.save(final)
+        check = _health_check(r)
     if r.world > 1:
         dist.barrier()
     return dict(steps=step, loss=r.last_loss, run=str(r.run), weights=str(final),
-                seconds=time.perf_counter() - t_start, cpu_seconds=time.process_time() - cpu_start,
-                budget_spent=r.budget.spent())
+                seconds=seconds, cpu_seconds=cpu_seconds, budget_spent=r.budget.spent(),
+                check=check)
+
+
+def _health_check(r: _Run) -> dict | None:
+    """:func:`ssbsn.health.check_training` on the trained model, written to check.json (None
+    where the crop has no interior at the training PD stride)."""
+    from .health import check_training
+    cfg = r.cfg
+    if cfg.crop <= 2 * cfg.pd_train:
+        return None
+    check = check_training(r.model, r.dataset.source, cfg.pd_train, cfg.crop, cfg.in_channels,
+                           cfg.seed, batch=cfg.batch, device=r.device).to_dict()
+    write_text_atomic(r.run / "check.json", json.dumps(check, indent=2) + "\n")
+    return check
 
 
 def _diverged(run: Path, cfg: TrainConfig, step: int, what: str):

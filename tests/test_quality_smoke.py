@@ -38,6 +38,12 @@ def test_quality_smoke(tmp_path):
     # the AP-BSN run really has no SS-Blocks, the SS-BSN run has the preset's
     cfg = {r["method"]: r["config"] for r in report["runs"]}
     assert cfg["apbsn"]["ss_blocks"] == 0 and cfg["ssbsn"]["ss_blocks"] >= 1
+    # each run carries the trainer's check, and the report lists it
+    md = (out / "results.md").read_text()
+    for r in report["runs"]:
+        c = r["check"]
+        assert c["ok"] == all(v < 1 for v in c["ratio"]) and c["size"] == 30  # 32 px, PD 3
+        assert f"- {r['method']} 0 min: " + " / ".join(f"{v:.2f}" for v in c["ratio"]) in md
     # independent oracle for the noisy row and the true σ: the same pairs, skimage's PSNR
     from skimage.metrics import peak_signal_noise_ratio
     items = quality.make_items(quality.load_photos(None, 32, quality.HELD_OUT[:1]), (1e-2,), 0)
@@ -225,3 +231,31 @@ def test_debias_ceiling_scores_what_the_benchmark_scores_and_the_true_variance(t
     with pytest.raises(SystemExit) as e:
         ceiling.main(["--weights", str(tmp_path / "none.safetensors"), "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_quality_set_changes_the_recipe_of_both_models_and_bad_values_are_one_line(
+        tmp_path, capsys):
+    pytest.importorskip("bm3d")
+    quality = _benchmark("quality")
+    out, cache = tmp_path / "q", tmp_path / "cache"
+    assert quality.main(["--smoke", "--out", str(out), "--jobs", "1", "--cache", str(cache),
+                         "--set", "pd_layout=batch", "--set", "lr=1e-3"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["set"] == {"pd_layout": "batch", "lr": 1e-3}
+    for r in report["runs"]:
+        assert r["config"]["pd_layout"] == "batch" and r["config"]["lr"] == 1e-3
+    assert "preset `quick` with pd_layout=batch, lr=0.001" in (out / "results.md").read_text()
+    # the models are cached under names of their own: without --set they are not reused
+    models = sorted(p.name for p in cache.glob("run_*.safetensors"))
+    assert len(models) == 2 and all("pd_layout-batch" in m for m in models)
+    assert all(p.with_suffix(".log.jsonl").is_file() for p in cache.glob("run_*.safetensors"))
+    capsys.readouterr()
+    for bad, says in (("crop=abc", "crop takes an integer"), ("ss_blocks=2", "not ss_blocks"),
+                      ("pd_layout=tiles", "pd_layout='tiles' out of range"),
+                      ("init_bias=maybe", "true or false"), ("nonsense=1", "KEY=VALUE")):
+        with pytest.raises(SystemExit) as e:
+            quality.main(["--smoke", "--out", str(tmp_path / "bad"), "--set", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert says in err and ": error: --set" in err
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,121 @@
+"""Did the training work? A check that needs no clean image.
+
+A blind-spot network is trained to predict each noisy pixel from the pixels around it, never
+from the pixel itself. The simplest such prediction needs no training at all: the mean of the
+8 pixels at the training PD stride f around it (offsets f·(±1, 0), f·(0, ±1), f·(±1, ±1)),
+the nearest pixels the network sees once PD has split the image. A trained network that
+predicts the noisy pixels worse than that mean, measured with the training loss (L1), has not
+learned: its training went wrong or was far too short.
+
+The check measures both on large crops of the training images (up to 256 px: the scale the
+model denoises at, not the training crop's). A model can look fine on training-sized crops
+and fail on whole images: with PD's tiled map (``pd_layout="mosaic"``) and small crops the
+network can reach pixels next to the blind spot in the image (:mod:`ssbsn.pd`), and one quick
+model of the quality benchmark learned to rely on them, which no larger image offers
+(benchmarks/results/quality_lag_debias/seed1/).
+
+The check runs once at the end of :func:`ssbsn.train.train`; its result is part of the run's
+summary and of check.json in the run folder.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+CHECK_SIZE = 256  # the largest crop side the check uses
+CHECK_PIXELS = 8 * 256 * 256  # about how many pixels it looks at
+CHECK_IMAGES = 32  # at most this many images, spread over the source
+
+
+def neighbour_mean(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """The mean of the 8 pixels at offsets stride·(−1..1, −1..1) except the centre, for the
+    interior of ``x`` (B, C, H, W): a (B, C, H − 2·stride, W − 2·stride) tensor."""
+    s = stride
+    H, W = x.shape[-2:]
+    if H <= 2 * s or W <= 2 * s:
+        raise ValueError(f"a {H}×{W} crop has no interior at stride {s}")
+    parts = [x[..., s + dy:H - s + dy, s + dx:W - s + dx]
+             for dy in (-s, 0, s) for dx in (-s, 0, s) if (dy, dx) != (0, 0)]
+    return torch.stack(parts).mean(0)
+
+
+@dataclass
+class TrainingCheck:
+    """Per channel, the mean |prediction − noisy| over the interior of the check's crops: of
+    the trained network (its training forward) and of the 8-neighbour mean."""
+    network: list
+    neighbours: list
+    stride: int
+    crops: int
+    size: int
+
+    @property
+    def ratio(self) -> list:
+        return [n / b if b > 0 else float("inf") for n, b in zip(self.network, self.neighbours)]
+
+    @property
+    def ok(self) -> bool:
+        """The network beats the 8-neighbour mean in every channel."""
+        return all(r < 1.0 for r in self.ratio)
+
+    def describe(self) -> str:
+        """One line for the user."""
+        ratios = " / ".join(f"{r:.2f}" for r in self.ratio)
+        head = (f"the network's blind-spot loss is {ratios} of that of the plain mean of the 8 "
+                f"pixels at PD stride {self.stride} around each pixel (per channel, "
+                f"{self.crops} crops of {self.size} px of the training images)")
+        if self.ok:
+            return f"check: {head}"
+        return (f"warning: training failed: {head}, so the network has not learned to denoise; "
+                "train again with another --seed, a lower --lr, or longer")
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), ratio=self.ratio, ok=self.ok, message=self.describe())
+
+
+def check_size(source, stride: int, crop: int) -> int:
+    """The check's crop side: the smallest image side of ``source``, at most
+    :data:`CHECK_SIZE`, rounded down to a multiple of ``stride``, and at least ``crop``."""
+    side = min(min(source.shape(i)[:2]) for i in range(len(source)))
+    return max(min(side, CHECK_SIZE) // stride * stride, crop)
+
+
+@torch.no_grad()
+def check_training(model, source, stride: int, crop: int, channels: int = 3, seed: int = 0,
+                   batch: int = 4, device=None) -> TrainingCheck:
+    """Compare ``model``'s blind-spot loss with the 8-neighbour mean's on crops of the images
+    of ``source`` (a training image source, :mod:`ssbsn.data`) of side :func:`check_size`,
+    one or more crops of each image (:data:`CHECK_IMAGES` images at most, spread over the
+    source), about :data:`CHECK_PIXELS` pixels in all where the images allow."""
+    from .data import PatchDataset
+    size = check_size(source, stride, crop)
+    dataset = PatchDataset(source, size, channels, augment=False, repeat=1, seed=seed)
+    n = len(source)
+    images = sorted({round(i * (n - 1) / max(CHECK_IMAGES - 1, 1)) for i in range(CHECK_IMAGES)}
+                    if n > CHECK_IMAGES else range(n))  # spread over the source
+    places = min((h - size + 1) * (w - size + 1)
+                 for h, w in (source.shape(i)[:2] for i in images))
+    per_image = max(1, min(places, -(-CHECK_PIXELS // (size * size * len(images))), 8))
+    # crop j of image i is the dataset's item i + n·j (its own random place)
+    index = [i + n * j for i in images for j in range(per_image)]
+    crops = len(index)
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    s = int(stride)
+    net = bse = None
+    try:
+        for start in range(0, crops, batch):
+            x = torch.stack([dataset[(0, i)] for i in index[start:start + batch]])
+            x = x.to(device)
+            y = model(x).float()  # the training forward: PD at the training stride
+            inner = x[..., s:-s, s:-s]
+            a = (y[..., s:-s, s:-s] - inner).abs().sum((0, 2, 3)).double()
+            b = (neighbour_mean(x, s) - inner).abs().sum((0, 2, 3)).double()
+            net, bse = (a, b) if net is None else (net + a, bse + b)
+    finally:
+        model.train(was_training)
+    count = crops * (size - 2 * s) ** 2
+    return TrainingCheck(network=(net / count).tolist(), neighbours=(bse / count).tolist(),
+                         stride=s, crops=crops, size=size)
