@@ -333,7 +333,7 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
             for t in sorted(checked, key=lambda t: (t["method"], t["minutes"])):
                 c = t["check"]
                 md.append(f"- {t['method']} {t['minutes']:g} min: "
-                          + " / ".join(f"{v:.2f}" for v in c["ratio"])
+                          + " / ".join("—" if v is None else f"{v:.2f}" for v in c["ratio"])
                           + (" (ok)" if c["ok"] else " (**failed**)"))
     return rows, "\n".join(md) + "\n"
 

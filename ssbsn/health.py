@@ -52,7 +52,8 @@ class TrainingCheck:
 
     @property
     def ratio(self) -> list:
-        return [n / b if b > 0 else float("inf") for n, b in zip(self.network, self.neighbours)]
+        return [n / b if b > 0 else (0.0 if n == 0 else float("inf"))
+                for n, b in zip(self.network, self.neighbours)]
 
     @property
     def ok(self) -> bool:
@@ -71,7 +72,10 @@ class TrainingCheck:
                 "train again with another --seed, a lower --lr, or longer")
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), ratio=self.ratio, ok=self.ok, message=self.describe())
+        """Plain JSON values (an infinite ratio, where the mean is exact and the network is
+        not, is written as null)."""
+        ratio = [r if r != float("inf") else None for r in self.ratio]
+        return dict(asdict(self), ratio=ratio, ok=self.ok, message=self.describe())
 
 
 def check_size(source, stride: int, crop: int) -> int:

@@ -136,3 +136,14 @@ def test_cli_train_prints_the_check_and_a_failed_one_on_stderr(tmp_path, capsys)
     assert err.strip().startswith("warning: training failed") and err.count("\n") == 1
     saved = json.loads((tmp_path / "a" / "check.json").read_text())
     assert saved["ok"] is False and saved["message"] == err.strip()
+
+
+def test_a_noise_free_flat_image_is_judged_without_dividing_by_zero():
+    from ssbsn.health import TrainingCheck
+    exact = TrainingCheck(network=[0.0, 0.0, 0.0], neighbours=[0.0, 0.0, 0.0], stride=2,
+                          crops=1, size=8)
+    assert exact.ok and exact.ratio == [0.0, 0.0, 0.0]
+    worse = TrainingCheck(network=[0.5, 0.0, 0.0], neighbours=[0.0, 0.0, 0.0], stride=2,
+                          crops=1, size=8)
+    assert not worse.ok and json.loads(json.dumps(worse.to_dict(), allow_nan=False))["ratio"] == [
+        None, 0.0, 0.0]
