@@ -329,7 +329,7 @@ def build_tables(photos, shots, base, trained, main_minutes) -> tuple[list[dict]
         if checked:  # runs trained since the check exists
             md += ["", "Training check (`ssbsn.health`: the network's blind-spot loss over that "
                    "of the mean of the 8 pixels at the training PD stride, per channel, on "
-                   "whole training images; a model at or above 1 in any channel failed):", ""]
+                   "whole training images; a model above 1.1 in any channel failed):", ""]
             for t in sorted(checked, key=lambda t: (t["method"], t["minutes"])):
                 c = t["check"]
                 md.append(f"- {t['method']} {t['minutes']:g} min: "

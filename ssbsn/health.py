@@ -4,8 +4,12 @@ A blind-spot network is trained to predict each noisy pixel from the pixels arou
 from the pixel itself. The simplest such prediction needs no training at all: the mean of the
 8 pixels at the training PD stride f around it (offsets f·(±1, 0), f·(0, ±1), f·(±1, ±1)),
 the nearest pixels the network sees once PD has split the image. A trained network that
-predicts the noisy pixels worse than that mean, measured with the training loss (L1), has not
-learned: its training went wrong or was far too short.
+predicts the noisy pixels clearly worse than that mean, measured with the training loss (L1),
+has not learned: its training went wrong or was far too short. "Clearly": the loss against the
+noisy pixels is mostly the noise itself, so it tells models apart by little. Healthy 8-minute
+quick models of the quality benchmark reached 0.92–1.02 of the mean's loss (the 1.02 in the
+blue channel of an SS-BSN model that denoised better than the AP-BSN beside it), the one failed
+model it recorded 1.39–1.55; the check fails a model above :data:`LIMIT` (1.1) in any channel.
 
 The check measures both on large crops of the training images (up to 256 px: the scale the
 model denoises at, not the training crop's). A model can look fine on training-sized crops
@@ -23,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+LIMIT = 1.1  # a network above 1.1 times the mean's loss in any channel has failed
 CHECK_SIZE = 256  # the largest crop side the check uses
 CHECK_PIXELS = 8 * 256 * 256  # about how many pixels it looks at
 CHECK_IMAGES = 32  # at most this many images, spread over the source
@@ -57,8 +62,9 @@ class TrainingCheck:
 
     @property
     def ok(self) -> bool:
-        """The network beats the 8-neighbour mean in every channel."""
-        return all(r < 1.0 for r in self.ratio)
+        """The network is within :data:`LIMIT` of the 8-neighbour mean's loss, or below it, in
+        every channel."""
+        return all(r <= LIMIT for r in self.ratio)
 
     def describe(self) -> str:
         """One line for the user."""
@@ -67,9 +73,9 @@ class TrainingCheck:
                 f"pixels at PD stride {self.stride} around each pixel (per channel, "
                 f"{self.crops} crops of {self.size} px of the training images)")
         if self.ok:
-            return f"check: {head}"
-        return (f"warning: training failed: {head}, so the network has not learned to denoise; "
-                "train again with another --seed, a lower --lr, or longer")
+            return f"check: {head}; a failed training is above {LIMIT:g}"
+        return (f"warning: training failed: {head}, above {LIMIT:g}, so the network has not "
+                "learned to denoise; train again with another --seed, a lower --lr, or longer")
 
     def to_dict(self) -> dict:
         """Plain JSON values (an infinite ratio, where the mean is exact and the network is

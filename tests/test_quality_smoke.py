@@ -42,7 +42,7 @@ def test_quality_smoke(tmp_path):
     md = (out / "results.md").read_text()
     for r in report["runs"]:
         c = r["check"]
-        assert c["ok"] == all(v < 1 for v in c["ratio"]) and c["size"] == 30  # 32 px, PD 3
+        assert c["ok"] == all(v <= 1.1 for v in c["ratio"]) and c["size"] == 30  # 32 px, PD 3
         assert f"- {r['method']} 0 min: " + " / ".join(f"{v:.2f}" for v in c["ratio"]) in md
     # independent oracle for the noisy row and the true σ: the same pairs, skimage's PSNR
     from skimage.metrics import peak_signal_noise_ratio
