@@ -7,7 +7,7 @@ the nearest pixels the network sees once PD has split the image. A trained netwo
 predicts the noisy pixels clearly worse than that mean, measured with the training loss (L1),
 has not learned: its training went wrong or was far too short. "Clearly": the loss against the
 noisy pixels is mostly the noise itself, so it tells models apart by little. Healthy 8-minute
-quick models of the quality benchmark reached 0.92–1.02 of the mean's loss (the 1.02 in the
+quick models of the quality benchmark reached 0.90–1.02 of the mean's loss (the 1.02 in the
 blue channel of an SS-BSN model that denoised better than the AP-BSN beside it), the one failed
 model it recorded 1.39–1.55; the check fails a model above :data:`LIMIT` (1.1) in any channel.
 
