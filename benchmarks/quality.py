@@ -493,31 +493,20 @@ def main(argv=None) -> int:
     import yaml
 
     from ssbsn.train import TrainConfig
-    overrides: dict = {}
+    given: dict = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or key not in TrainConfig.__dataclass_fields__ or key in ("ss_blocks", "data",
                                                                               "out", "seed"):
             ap.error(f"--set {item!r}: expected KEY=VALUE with KEY a training option "
                      "(not ss_blocks, data, out or seed)")
-        default = TrainConfig.__dataclass_fields__[key].default
-        kind = type(default)
-        try:
-            if kind in (int, float):
-                overrides[key] = kind(value)
-            elif kind is bool:
-                overrides[key] = {"true": True, "false": False}[value.lower()]
-            elif kind is str:
-                overrides[key] = value
-            else:  # no simple default (e.g. minutes: None)
-                overrides[key] = yaml.safe_load(value)
-        except (ValueError, KeyError):
-            wants = {int: "an integer", float: "a number", bool: "true or false"}
-            ap.error(f"--set {item!r}: {key} takes {wants.get(kind, 'a value')}")
-    try:  # a bad value is one line here, not a traceback from a worker
-        TrainConfig(**{**preset_values(args.preset), **overrides}).validate()
-    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+        given[key] = yaml.safe_load(value)  # as config.yaml reads it
+    try:  # typed and checked as a config.yaml is: one line here, not a worker's traceback
+        cfg = TrainConfig.from_dict({**preset_values(args.preset), **given})
+        cfg.validate()
+    except ValueError as e:  # ConfigError is a ValueError
         ap.error(f"--set: {e}")
+    overrides: dict = {k: getattr(cfg, k) for k in given}
     user_set = dict(overrides)  # what --set changed (the smoke run's sizes are not the user's)
     if args.smoke:
         shots, budgets, main_minutes, steps = (1e-2,), [0.0], 0.0, 3

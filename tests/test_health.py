@@ -45,8 +45,7 @@ def test_losses_match_a_direct_computation():
     torch.manual_seed(0)
     imgs = _noisy_images()
     src = ArraySource(imgs, ["a", "b", "c"])
-    model = SSBSN(base_channels=8, num_modules=1, ss_blocks=1, pd_train=3, pd_pad=0).double()
-    model.float()
+    model = SSBSN(base_channels=8, num_modules=1, ss_blocks=1, pd_train=3, pd_pad=0)
     c = check_training(model, src, 3, 24)
     assert c.size == check_size(src, 3, 24) == 60 and c.crops == 3  # the whole images, once
     net, nb = np.zeros(3), np.zeros(3)

@@ -250,7 +250,8 @@ def test_quality_set_changes_the_recipe_of_both_models_and_bad_values_are_one_li
     assert len(models) == 2 and all("pd_layout-batch" in m for m in models)
     assert all(p.with_suffix(".log.jsonl").is_file() for p in cache.glob("run_*.safetensors"))
     capsys.readouterr()
-    for bad, says in (("crop=abc", "crop takes an integer"), ("ss_blocks=2", "not ss_blocks"),
+    for bad, says in (("crop=abc", "configuration key crop: 'abc' is not an integer"),
+                      ("ss_blocks=2", "not ss_blocks"),
                       ("pd_layout=tiles", "pd_layout='tiles' out of range"),
                       ("init_bias=maybe", "true or false"), ("nonsense=1", "KEY=VALUE")):
         with pytest.raises(SystemExit) as e:
