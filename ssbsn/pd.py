@@ -18,11 +18,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _check_sides(H: int, W: int, f: int) -> None:
+    if H % f or W % f:
+        raise ValueError(f"PD stride {f} needs H and W multiples of {f}, got {H}×{W}")
+
+
 def pd_down(x: torch.Tensor, f: int, pad: int = 0, value: float = 0.0) -> torch.Tensor:
     """(B, C, H, W) → (B, C, H + 2·f·pad, W + 2·f·pad); H and W must be multiples of f."""
     B, C, H, W = x.shape
-    if H % f or W % f:
-        raise ValueError(f"PD stride {f} needs H and W multiples of {f}, got {H}×{W}")
+    _check_sides(H, W, f)
     h, w = H // f, W // f
     sub = F.pixel_unshuffle(x, f)  # (B, C·f·f, h, w), channel index c·f² + i·f + j
     if pad:
@@ -47,8 +51,7 @@ def pd_down_batch(x: torch.Tensor, f: int, pad: int = 0, value: float = 0.0) -> 
     """(B, C, H, W) → (B·f², C, H/f + 2·pad, W/f + 2·pad): sub-image (i, j) of sample b is
     batch item b·f² + i·f + j. H and W must be multiples of f."""
     B, C, H, W = x.shape
-    if H % f or W % f:
-        raise ValueError(f"PD stride {f} needs H and W multiples of {f}, got {H}×{W}")
+    _check_sides(H, W, f)
     h, w = H // f, W // f
     sub = F.pixel_unshuffle(x, f).view(B, C, f * f, h, w).transpose(1, 2)
     sub = sub.reshape(B * f * f, C, h, w)

@@ -3,7 +3,7 @@
 * ``paper`` (the default): the paper's recipe, unchanged (128 channels, 9 modules, 3 SS-Blocks,
   PD 5, crop 120, batch 4, Adam 1e-4 ×0.1 at 80 %, 20 epochs) — for GPUs and large data.
 * ``quick``: a handful of photos on a CPU within minutes (default 8). Chosen by measurement on
-  the demo's photos with synthetic camera noise; see the README ("Training presets") for
+  the demo's photos with synthetic camera noise; see docs/quality.md for
   what each choice is worth. The model it trains carries inference settings that suit it.
 
 Options given on the command line override a preset's values. ``--minutes`` works with every
