@@ -3,13 +3,16 @@
     python -m benchmarks.aot                      # attention kernels, bf16/fp16, channels_last
     python -m benchmarks.aot --all                # every kernel, every dtype, both layouts
     python -m benchmarks.aot --json report.json   # also write the rows as JSON
+    python -m benchmarks.aot --window 64          # launches of windowed groups (64 pixels)
 
 Each row is one (kernel, tile configuration, dtype, memory layout) compiled by Triton for
 ``GPUTarget("cuda", 90, 32)`` (H100/H200) with the same argument specialisation a real launch
 gets (the launch arguments are recorded by running the host launchers with the kernels' ``run``
 replaced by a recorder; integer arguments equal to 1 become constants and multiples of 16 are
-marked divisible, as Triton does). Reported: registers per thread, spill stores/loads (bytes,
-from ptxas' own log) and shared memory per block. A configuration needing more shared memory
+marked divisible, as Triton does, except those the kernel names in ``do_not_specialize``: the
+window sizes TH, TW and the autotuning bucket stay plain i32). Reported: registers per thread,
+spill stores/loads (bytes, from ptxas' own log), shared memory per block, and the types of the
+runtime integer arguments (``ints``). A configuration needing more shared memory
 than an sm_90 block can have (227 KB) cannot launch; one that spills is slow.
 
 Needs ``TRITON_INTERPRET`` unset (the kernels must be built as real JIT functions): run it as
@@ -46,7 +49,7 @@ def _modules():
 
 
 def record_launches(dtype: str, layout: str, shape=(4, 128, 140, 140), grid: int = 4,
-                    deterministic: bool = False):
+                    deterministic: bool = False, window: int | None = None):
     """[(kernel object, positional args, keyword args)] of one forward + backward, in launch
     order, first launch of each kernel only. Runs the host code on empty CPU tensors."""
     import torch
@@ -68,8 +71,8 @@ def record_launches(dtype: str, layout: str, shape=(4, 128, 140, 140), grid: int
     try:
         x = torch.zeros(shape, dtype=tdt).contiguous(memory_format=fmt)
         w = torch.zeros(shape[1], shape[1], dtype=tdt)
-        _, l, mean, rstd = K._forward(x, w, grid, False)
-        K._backward(x, x, w, l, mean, rstd, grid, False, deterministic)
+        _, l, mean, rstd = K._forward(x, w, grid, False, window or 0)
+        K._backward(x, x, w, l, mean, rstd, grid, False, deterministic, window or 0)
     finally:
         for obj in saved:
             del obj.run  # back to the class's method
@@ -118,6 +121,8 @@ def _signature(fn, args, kw, meta):
             attrs[(i,)] = [["tt.divisibility", 16]]  # CUDA allocations are 256-byte aligned
         elif isinstance(v, bool):
             sig[name] = "i1"
+        elif isinstance(v, int) and getattr(p, "do_not_specialize", False):
+            sig[name] = "i32" if abs(v) < 2 ** 31 else "i64"
         elif isinstance(v, int):
             if v == 1:  # Triton specialises integer arguments equal to 1 into constants
                 sig[name], const[name] = "constexpr", 1
@@ -143,7 +148,8 @@ def compile_one(obj, args, kw, meta, num_warps, num_stages, arch: int = 90) -> d
     from triton.compiler import ASTSource
     fn = _jit_fn(obj)
     sig, const, attrs = _signature(fn, args, kw, meta)
-    row = {"kernel": fn.__name__, "config": _config_name(meta, num_warps, num_stages)}
+    row = {"kernel": fn.__name__, "config": _config_name(meta, num_warps, num_stages),
+           "ints": {k: t for k, t in sig.items() if t in ("i32", "i64")}}
     log = io.StringIO()
     knobs = getattr(triton, "knobs", None)
     t0 = time.perf_counter()
@@ -227,16 +233,17 @@ def ptxas_available() -> str | None:
 
 
 def report(dtypes=("bf16", "fp16"), layouts=("cl",), kernels=ATTENTION_KERNELS,
-           deterministic=False, shape=(4, 128, 140, 140), grid=4, max_configs=None) -> list[dict]:
+           deterministic=False, shape=(4, 128, 140, 140), grid=4, max_configs=None,
+           window=None) -> list[dict]:
     rows = []
     for dt in dtypes:
         for lay in layouts:
-            for obj, args, kw in record_launches(dt, lay, shape, grid, deterministic):
+            for obj, args, kw in record_launches(dt, lay, shape, grid, deterministic, window):
                 if kernels and kernel_name(obj) not in kernels:
                     continue
                 for meta, w, s in configurations(obj, args, kw)[:max_configs]:
                     row = compile_one(obj, args, kw, meta, w, s)
-                    row.update(dtype=dt, layout=lay, C=shape[1])
+                    row.update(dtype=dt, layout=lay, C=shape[1], window=window)
                     rows.append(row)
     return rows
 
@@ -257,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="bf16,fp16")
     ap.add_argument("--layouts", default="cl")
     ap.add_argument("--channels", type=int, default=128)
+    ap.add_argument("--window", type=int, default=None,
+                    help="SS-Attention's window in pixels (default: whole-map groups)")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     why = ptxas_available()
@@ -264,12 +273,13 @@ def main(argv=None) -> int:
         print(f"benchmarks.aot: cannot compile for sm_90 here: {why}")
         return 3
     if a.all:
-        rows = report(DTYPES, LAYOUTS, kernels=(), shape=(4, a.channels, 140, 140))
+        rows = report(DTYPES, LAYOUTS, kernels=(), shape=(4, a.channels, 140, 140),
+                      window=a.window)
         rows += report(("bf16",), ("cl",), kernels=("_dw_kernel",), deterministic=True,
-                       shape=(4, a.channels, 140, 140))
+                       shape=(4, a.channels, 140, 140), window=a.window)
     else:
         rows = report(tuple(a.dtypes.split(",")), tuple(a.layouts.split(",")),
-                      shape=(4, a.channels, 140, 140))
+                      shape=(4, a.channels, 140, 140), window=a.window)
     print(table(rows))
     if a.json:
         with open(a.json, "w") as f:

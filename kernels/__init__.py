@@ -1,9 +1,11 @@
 """Fused Triton kernels for SS-Attention (installed as ``ssbsn.kernels``).
 
-``ss_attention(x, w, grid, *, group_stats=False, deterministic=False)`` returns
-``x + attention(x)``; it is registered as the ``torch.library`` op ``ssbsn::ss_attention``
-(with its backward ``ssbsn::ss_attention_backward``) so that ``torch.compile(fullgraph=True)``
-sees one opaque, differentiable op. CUDA tensors run compiled kernels; CPU tensors run under
+``ss_attention(x, w, grid, *, group_stats=False, deterministic=False, window=None)`` returns
+``x + attention(x)`` (``window``: the bounded scope in pixels; None: whole-map groups); it is
+registered as the ``torch.library`` op ``ssbsn::ss_attention(x, w, grid, group_stats,
+deterministic, window=0)`` (window 0: whole map; with its backward
+``ssbsn::ss_attention_backward``) so that ``torch.compile(fullgraph=True)`` sees one opaque,
+differentiable op. CUDA tensors run compiled kernels; CPU tensors run under
 Triton's interpreter when TRITON_INTERPRET=1 was set before triton was imported.
 """
 from .ss_attention import INTERPRET, SUPPORTED_DTYPES, ss_attention, unsupported_reason

@@ -8,15 +8,21 @@ functional entry ``ss_attention``. The per-token kernels (LayerNorm statistics, 
 projection, LayerNorm/projection backward, dW) and the token addressing live in
 ``token_ops.py``.
 
+Groups: one grid phase of one sample, inside one window of TH × TW tokens with the bounded
+scope (``window``), or over the whole map (one window: TH, TW = the phase's token grid). Every
+kernel takes TH, TW as runtime ints and derives its group's pixels from them
+(``token_ops.group_geometry``); per-token buffers have NB = TH·TW rows per group. Only the
+bottom/right windows hold padded tokens, n_pad = th·tw − (real tokens) for a th × tw window.
+
 Algorithm
 ---------
 Forward (3 launches + a few tiny host reductions):
   1. ``_ln_partials_kernel``: per token tile (count, mean, M2) → per-sample (or per-group, with
      ``group_stats``) mean and rstd, combined on the host in float64 (Chan's formula).
   2. ``_qhat_kernel``: q̂ = q/(‖q‖+NORM_EPS), q = ((x−μ)·rstd)·W, for every real token, into a
-     (B·g², NB, E) buffer in the input dtype. The projection is done once per token rather than
-     once per (query tile, key tile) pair: recomputing it inside the attention loop would add
-     C·E/(BLOCK_M·(C+E)) ≈ 50 % to the attention FLOPs at C = E = 128, BLOCK_M = 64.
+     (BG, NB, E) buffer (BG groups) in the input dtype. The projection is done once per token
+     rather than once per (query tile, key tile) pair: recomputing it inside the attention loop
+     would add C·E/(BLOCK_M·(C+E)) ≈ 50 % to the attention FLOPs at C = E = 128, BLOCK_M = 64.
   3. ``_ss_attn_fwd_kernel``: one program per (query tile, group); loop over the group's key
      tiles: S = q̂_i q̂_jᵀ, P = exp2((S − 1)·log2(e)/√E), l += ΣP, acc += P·V_j. Padded keys
      (q̂ = 0, value 0) are not loaded: they add n_pad·exp(−1/√E) to l, counted analytically.
@@ -70,8 +76,9 @@ Autotuning: keyed on (C, E, next power of two of N) and the dtypes, over per-dty
 (``TILES``: what compiles for sm_90 within shared memory, see ``benchmarks/aot.py``). The fp32
 epilogue products (dq·Wᵀ, yᵀ·dq) follow the fp32 policy for every input dtype: with plain tf32
 there, fp16's dW missed the FA3 rule on an H200 (2.09× at 1×128×264×264; 3xTF32: 0.75×, for
-+3 % backward time, channels_last; the LayerNorm-backward kernel now spills 16 B channels_last,
-~700 B NCHW: benchmarks/results/sm90-aot/after.md).
++3 % backward time, channels_last; the LayerNorm-backward kernel then spilled 16 B
+channels_last, ~700 B NCHW: benchmarks/results/sm90-aot/after.md; with the windows' runtime
+group geometry 44 B and ~900 B, ``python -m benchmarks.aot --all`` with Triton 3.9).
 Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) bf16 dot operands are upcast to
 fp32 (the interpreter's bf16 tl.dot is wrong).
 """
@@ -83,10 +90,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention.common import NORM_EPS, tokens_per_group
-from .token_ops import (INTERPRET, MAX_CHANNELS, Geometry, group_geometry,
-                        layer_norm_projection_backward, layer_norm_stats, load_y, loop_bound, mma,
-                        project_qhat, token_offsets)
+from ..attention.common import NORM_EPS, check_window
+from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, group_geometry,
+                        group_index, layer_norm_projection_backward, layer_norm_stats, load_y,
+                        loop_bound, mma, project_qhat, token_offsets, window_sizes)
 
 LOG2E = 1.4426950408889634
 
@@ -170,16 +177,16 @@ def _autotune(kind: str):
 # Forward
 # ---------------------------------------------------------------------------------------------
 @_autotune("fwd")
-@triton.jit(do_not_specialize=["NB_BUCKET"])
+@triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
 def _ss_attn_fwd_kernel(X, QH, OUT, L,
                         s_xb, s_xc, s_xh, s_xw, s_ob, s_oc, s_oh, s_ow,
-                        C, E, H, W, NB, NB_BUCKET, qk_scale,
+                        C, E, H, W, TH, TW, NB, NB_BUCKET, qk_scale,
                         G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                         UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    pid_bg = group_index(G)
+    b, p_row, p_col, hr, wr, n_win = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -205,19 +212,19 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
         p = tl.exp2(s * qk_scale - qk_scale)  # ≤ 1: cos ≤ 1, no running maximum needed
         p = tl.where(n_mask[None, :], p, 0.0)
         l_i += tl.sum(p, 1)
-        pix_n = token_offsets(offs_n, a, c, wr, G, s_xh, s_xw)
+        pix_n = token_offsets(offs_n, p_row, p_col, wr, G, s_xh, s_xw)
         v = tl.load(x_base + pix_n[:, None] + offs_c[None, :] * s_xc,
                     mask=n_mask[:, None] & c_mask[None, :], other=0.0)
         acc = mma(p.to(v.dtype), v, acc, PREC, UPCAST)
-    # padded keys: q̂ = 0 → p = exp2(−qk_scale), value 0
-    l_i += (NB - n_real).to(tl.float32) * tl.exp2(-qk_scale)
+    # the window's padded keys: q̂ = 0 → p = exp2(−qk_scale), value 0
+    l_i += (n_win - n_real).to(tl.float32) * tl.exp2(-qk_scale)
     l_safe = tl.where(m_mask, l_i, 1.0)
 
     mask = m_mask[:, None] & c_mask[None, :]
-    pix_m = token_offsets(offs_m, a, c, wr, G, s_xh, s_xw)
+    pix_m = token_offsets(offs_m, p_row, p_col, wr, G, s_xh, s_xw)
     xq = tl.load(x_base + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
     res = xq.to(tl.float32) + acc / l_safe[:, None]
-    pix_o = token_offsets(offs_m, a, c, wr, G, s_oh, s_ow)
+    pix_o = token_offsets(offs_m, p_row, p_col, wr, G, s_oh, s_ow)
     tl.store(OUT + b.to(tl.int64) * s_ob + pix_o[:, None] + offs_c[None, :] * s_oc,
              res.to(OUT.dtype.element_ty), mask=mask)
     tl.store(L + pid_bg.to(tl.int64) * NB + offs_m, l_i, mask=m_mask)
@@ -227,16 +234,16 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
 # Backward, kernel 1: the row half of dq̂ (and D = rowsum(dO ∘ O)) for a tile of queries
 # ---------------------------------------------------------------------------------------------
 @_autotune("bwd_rows")
-@triton.jit(do_not_specialize=["NB_BUCKET"])
+@triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
 def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw,
-                             C, E, H, W, NB, NB_BUCKET, qk_scale,
+                             C, E, H, W, TH, TW, NB, NB_BUCKET, qk_scale,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                              UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    pid_bg = group_index(G)
+    b, p_row, p_col, hr, wr, n_win = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -252,10 +259,10 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
     q = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :],
                 mask=m_mask[:, None] & e_mask[None, :], other=0.0)
     mask = m_mask[:, None] & c_mask[None, :]
-    pix_d = token_offsets(offs_m, a, c, wr, G, s_dh, s_dw)
+    pix_d = token_offsets(offs_m, p_row, p_col, wr, G, s_dh, s_dw)
     do = tl.load(DO + b.to(tl.int64) * s_db + pix_d[:, None] + offs_c[None, :] * s_dc,
                  mask=mask, other=0.0)
-    pix_m = token_offsets(offs_m, a, c, wr, G, s_xh, s_xw)
+    pix_m = token_offsets(offs_m, p_row, p_col, wr, G, s_xh, s_xw)
     xm = tl.load(x_base + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
     cen = tl.sum(do.to(tl.float32) * xm.to(tl.float32), 1)  # c_k = dO_k·v_k, centres dA
     do = do.to(QH.dtype.element_ty)
@@ -272,7 +279,7 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
         s = mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
         p = tl.exp2(s * qk_scale - qk_scale)
         p = tl.where(n_mask[None, :], p, 0.0)
-        pix_n = token_offsets(offs_n, a, c, wr, G, s_xh, s_xw)
+        pix_n = token_offsets(offs_n, p_row, p_col, wr, G, s_xh, s_xw)
         vt = tl.load(x_base + pix_n[None, :] + offs_c[:, None] * s_xc,
                      mask=c_mask[:, None] & n_mask[None, :], other=0.0)
         da = mma(do, vt.to(do.dtype), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
@@ -282,7 +289,7 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
         acc1 = mma(pd.to(k.dtype), k, acc1, PREC, UPCAST)
         acc2 = mma(p.to(k.dtype), k, acc2, PREC, UPCAST)
     # padded keys: p = exp2(−qk_scale), dA = 0 → dA − c = −c
-    dsum -= (NB - n_real).to(tl.float32) * tl.exp2(-qk_scale) * cen
+    dsum -= (n_win - n_real).to(tl.float32) * tl.exp2(-qk_scale) * cen
     l_i = tl.load(L + row_base + offs_m, mask=m_mask, other=1.0)
     dp = dsum / l_i
     rows = (acc1 - dp[:, None] * acc2) / l_i[:, None]
@@ -296,16 +303,16 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
 # normalisation q̂ = q/(‖q‖+ε) to dq, and dO + dV (the residual and value paths of dx)
 # ---------------------------------------------------------------------------------------------
 @_autotune("bwd_cols")
-@triton.jit(do_not_specialize=["NB_BUCKET"])
+@triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
 def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
-                             C, E, H, W, NB, NB_BUCKET, qk_scale, inv_sqrt_e,
+                             C, E, H, W, TH, TW, NB, NB_BUCKET, qk_scale, inv_sqrt_e,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                              UPCAST: tl.constexpr, NORM_EPS: tl.constexpr):
     pid_m = tl.program_id(0)  # tile of keys
-    pid_bg = tl.program_id(1)
-    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    pid_bg = group_index(G)
+    b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -322,7 +329,7 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
     k = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :],
                 mask=m_mask[:, None] & e_mask[None, :], other=0.0)
     mask = m_mask[:, None] & c_mask[None, :]
-    pix_m = token_offsets(offs_m, a, c, wr, G, s_xh, s_xw)
+    pix_m = token_offsets(offs_m, p_row, p_col, wr, G, s_xh, s_xw)
     v = tl.load(X + x_off + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
     dv = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
     dk = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
@@ -337,7 +344,7 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
         d_n = tl.load(DD + row_base + offs_n, mask=n_mask, other=0.0)
         pt = tl.exp2(st * qk_scale - qk_scale) / l_n[None, :]  # Aᵀ
         pt = tl.where(n_mask[None, :], pt, 0.0)
-        pix_n = token_offsets(offs_n, a, c, wr, G, s_dh, s_dw)
+        pix_n = token_offsets(offs_n, p_row, p_col, wr, G, s_dh, s_dw)
         do = tl.load(d_base + pix_n[:, None] + offs_c[None, :] * s_dc,
                      mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(v.dtype)
         dv = mma(pt.to(v.dtype), do, dv, PREC, UPCAST)
@@ -346,7 +353,7 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
         dk = mma(dst.to(qt.dtype), tl.trans(qt), dk, PREC, UPCAST)
 
     # epilogue (ordered so that dv and dk die early): dO + dV, the residual and value paths of dx
-    pix_d = token_offsets(offs_m, a, c, wr, G, s_dh, s_dw)
+    pix_d = token_offsets(offs_m, p_row, p_col, wr, G, s_dh, s_dw)
     do_m = tl.load(d_base + pix_d[:, None] + offs_c[None, :] * s_dc, mask=mask, other=0.0)
     tl.store(DXV + row_base * C + offs_m[:, None] * C + offs_c[None, :],
              do_m.to(tl.float32) + dv, mask=mask)
@@ -368,22 +375,22 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
 # ---------------------------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------------------------
-def _forward(x, w, grid, group_stats):
-    geo = Geometry(x, w, grid)
+def _forward(x, w, grid, group_stats, window=0):
+    geo = Geometry(x, w, grid, window)
     mean, rstd = layer_norm_stats(x, geo, group_stats)
     qh = project_qhat(x, w, mean, rstd, geo)
     out = torch.empty_like(x)
     l = torch.zeros(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # padded rows stay 0
     qk_scale = LOG2E / math.sqrt(geo.E)
-    _ss_attn_fwd_kernel[lambda meta: (triton.cdiv(geo.NB, meta["BLOCK_M"]), geo.BG)](
-        x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB,
-        tune_bucket(geo.NB), qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
+    _ss_attn_fwd_kernel[lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))](
+        x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
+        geo.NB, tune_bucket(geo.NB), qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
         PREC=geo.PREC, UPCAST=geo.UPCAST)
     return out, l, mean, rstd
 
 
-def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
-    geo = Geometry(x, w, grid)
+def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, window=0):
+    geo = Geometry(x, w, grid, window)
     qh = project_qhat(x, w, mean, rstd, geo)
     qk_scale = LOG2E / math.sqrt(geo.E)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -391,15 +398,16 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
     dd = torch.empty(geo.BG, geo.NB, **f32)
     consts = dict(G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
                   UPCAST=geo.UPCAST)
-    launch = lambda meta: (triton.cdiv(geo.NB, meta["BLOCK_M"]), geo.BG)  # noqa: E731
+    launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
     _ss_attn_bwd_rows_kernel[launch](
         x, dout, qh, l, rows, dd, *x.stride(), *dout.stride(), geo.C, geo.E, geo.H, geo.W,
-        geo.NB, tune_bucket(geo.NB), qk_scale, **consts)
+        geo.TH, geo.TW, geo.NB, tune_bucket(geo.NB), qk_scale, **consts)
     dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dxv = torch.empty(geo.BG, geo.NB, geo.C, **f32)
     _ss_attn_bwd_cols_kernel[launch](
         x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv, *x.stride(), *dout.stride(),
-        *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, tune_bucket(geo.NB), qk_scale,
+        *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, tune_bucket(geo.NB),
+        qk_scale,
         1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS, **consts)
     del rows, dd, qh
     return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo, group_stats,
@@ -409,22 +417,25 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
 # ---------------------------------------------------------------------------------------------
 # torch.library op (opaque to torch.compile, with fake and autograd registrations)
 # ---------------------------------------------------------------------------------------------
-def _fake_sizes(x, w, grid):
+def _fake_sizes(x, grid, window):
+    """(BG, NB): groups and per-group rows of the saved statistics (as ``Geometry``)."""
     B, C, H, W = x.shape
-    return B * grid * grid, tokens_per_group(H, W, grid)
+    TH, TW, NWH, NWW = window_sizes(H, W, grid, window)
+    return B * NWH * NWW * grid * grid, TH * TW
 
 
 @torch.library.custom_op("ssbsn::ss_attention", mutates_args=())
 def ss_attention_op(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool,
-                    deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                  torch.Tensor]:
-    """(x + attention(x), l, mean, rstd); the last three are the statistics saved for backward."""
-    return _forward(x, w, grid, group_stats)
+                    deterministic: bool, window: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x + attention(x), l, mean, rstd); the last three are the statistics saved for backward.
+    ``window``: the bounded scope in pixels, 0 for whole-map groups."""
+    return _forward(x, w, grid, group_stats, window)
 
 
 @ss_attention_op.register_fake
-def _(x, w, grid, group_stats, deterministic):
-    BG, NB = _fake_sizes(x, w, grid)
+def _(x, w, grid, group_stats, deterministic, window=0):
+    BG, NB = _fake_sizes(x, grid, window)
     return (torch.empty_like(x), x.new_empty((BG, NB), dtype=torch.float32),
             x.new_empty((BG,), dtype=torch.float32), x.new_empty((BG,), dtype=torch.float32))
 
@@ -432,29 +443,29 @@ def _(x, w, grid, group_stats, deterministic):
 @torch.library.custom_op("ssbsn::ss_attention_backward", mutates_args=())
 def ss_attention_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                              l: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, grid: int,
-                             group_stats: bool, deterministic: bool
+                             group_stats: bool, deterministic: bool, window: int = 0
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dW) of ss_attention for the upstream gradient dout."""
-    return _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic)
+    return _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, window)
 
 
 @ss_attention_backward_op.register_fake
-def _(dout, x, w, l, mean, rstd, grid, group_stats, deterministic):
+def _(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, window=0):
     return torch.empty_like(x), w.new_empty(w.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, grid, group_stats, deterministic = inputs
+    x, w, grid, group_stats, deterministic, window = inputs
     _, l, mean, rstd = output
     ctx.save_for_backward(x, w, l, mean, rstd)
     ctx.mark_non_differentiable(l, mean, rstd)
-    ctx.cfg = (grid, group_stats, deterministic)
+    ctx.cfg = (grid, group_stats, deterministic, window)
 
 
 def _backward_fn(ctx, dout, *_unused):
     x, w, l, mean, rstd = ctx.saved_tensors
     dx, dw = torch.ops.ssbsn.ss_attention_backward(dout, x, w, l, mean, rstd, *ctx.cfg)
-    return dx, dw, None, None, None
+    return dx, dw, None, None, None, None
 
 
 torch.library.register_autograd("ssbsn::ss_attention", _backward_fn, setup_context=_setup_context)
@@ -466,8 +477,9 @@ torch.library.register_autograd("ssbsn::ss_attention", _backward_fn, setup_conte
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def unsupported_reason(x: torch.Tensor, w: torch.Tensor, grid: int) -> str | None:
-    """Why the fused kernels cannot run these inputs, or None when they can."""
+def unsupported_reason(x: torch.Tensor, w: torch.Tensor, grid: int,
+                       window: int | None = None) -> str | None:
+    """Why the fused kernels cannot run these inputs (with this window), or None when they can."""
     if x.dim() != 4:
         return f"expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}"
     if w.dim() != 2 or w.shape[0] != x.shape[1]:
@@ -480,6 +492,14 @@ def unsupported_reason(x: torch.Tensor, w: torch.Tensor, grid: int) -> str | Non
         return f"C={x.shape[1]}, E={w.shape[1]}: more than {MAX_CHANNELS} channels"
     if x.numel() == 0:
         return "empty tensor"
+    try:
+        check_window(window)
+    except ValueError as e:
+        return str(e)
+    _, _, nwh, nww = window_sizes(x.shape[2], x.shape[3], grid, window)
+    if x.shape[0] * nwh * nww > MAX_GRID_YZ:
+        return (f"{x.shape[0]} samples × {nwh * nww} windows: more than {MAX_GRID_YZ} (a launch "
+                f"grid's extent); use a larger window")
     if x.device != w.device:
         return f"x on {x.device} and W on {w.device}"
     if x.device.type == "cpu":
@@ -497,7 +517,7 @@ def unsupported_reason(x: torch.Tensor, w: torch.Tensor, grid: int) -> str | Non
 
 
 def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bool = False,
-                 deterministic: bool = False) -> torch.Tensor:
+                 deterministic: bool = False, window: int | None = None) -> torch.Tensor:
     """Return ``x + attention(x)`` with the fused Triton kernels (differentiable in x and w).
 
     Args:
@@ -507,9 +527,13 @@ def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bo
         group_stats: LayerNorm statistics per attention group instead of per sample.
         deterministic: bitwise-repeatable gradients (dW reduced in a fixed order, no atomics);
             also on when ``torch.use_deterministic_algorithms(True)`` is set.
+        window: the bounded scope in pixels (``ssbsn.attention.common``: groups are one grid
+            phase inside one window of ceil(window/g) tokens a side); None: the whole map.
     """
+    check_window(window)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    reason = unsupported_reason(x, w, grid)
+    reason = unsupported_reason(x, w, grid, window)
     if reason is not None:
         raise RuntimeError(f"ssbsn.kernels.ss_attention: {reason}")
-    return torch.ops.ssbsn.ss_attention(x, w.to(x.dtype), grid, group_stats, deterministic)[0]
+    return torch.ops.ssbsn.ss_attention(x, w.to(x.dtype), grid, group_stats, deterministic,
+                                        window or 0)[0]

@@ -6,22 +6,30 @@ wrapper), then the forward kernels (``_ln_partials_kernel`` → host combine →
 ``_qhat_kernel``), then the backward kernels (``_ln_bwd_sums_kernel`` → host combine →
 ``_ln_bwd_dx_kernel``, and ``_dw_kernel``), then the host launchers.
 
-Token addressing (shared with ``ss_attention.py``). The grid group (a, c) of sample b holds the
-pixels (a + g·i, c + g·j). Only *real* pixels are tokens here: group (a, c) has
-hr = ceil((H − a)/g) real rows and wr = ceil((W − c)/g) real columns, and its real token
-t ∈ [0, hr·wr) is pixel (a + g·(t // wr), c + g·(t % wr)). The zero-padded tokens of the
-reference (bottom/right padding to multiples of g) are never touched: they are counted
-analytically by the attention kernels (n_pad = NB − hr·wr, NB = ceil(H/g)·ceil(W/g)).
-Every kernel reads x through its four strides, so NCHW and channels_last (the fast path on
-GPU: one token = C contiguous values) both work without copies.
+Token addressing (shared with ``ss_attention.py``). Phase (a, c) of the map zero-padded to
+Hp × Wp (multiples of g) is a grid of Ht × Wt = Hp/g × Wp/g tokens, token (i, j) being pixel
+(a + g·i, c + g·j). The bounded scope cuts that grid into windows of TH × TW tokens from the
+top-left (the last window of a row/column is smaller: th × tw); whole-map groups are the one
+window TH = Ht, TW = Wt. A group (b, window (r, k), phase (a, c)) starts at token
+(row0, col0) = (r·TH, k·TW) and has hr = clamp(ceil((H − a)/g) − row0, 0, th) real rows and
+wr (likewise) real columns; only *real* pixels are tokens here: real token t ∈ [0, hr·wr) is
+pixel (a + g·(row0 + t // wr), c + g·(col0 + t % wr)). The zero-padded tokens of the reference
+are never touched: the attention kernels count them analytically (n_pad = th·tw − hr·wr; only
+bottom/right windows have any). Every kernel reads x through its four strides, so NCHW and
+channels_last (the fast path on GPU: one token = C contiguous values) both work without copies.
+The window sizes TH, TW are runtime ints (not specialised): one compiled kernel serves every
+window.
 
-Per-token buffers (q̂, row statistics, gradient scratch) are laid out (B·g², NB, ·), group
-(b, a, c) at index b·g² + a·g + c, token t at row t.
+Per-token buffers (q̂, row statistics, gradient scratch) are laid out (BG, NB, ·) with
+NB = TH·TW (the most tokens a group has) and BG = B·NWH·NWW·g² (NWH × NWW windows): group
+(b, r, k, a, c) at index ((b·NWH + r)·NWW + k)·g² + a·g + c, token t at row t. The sample is
+outermost, so per-sample reductions are views (B, NWH·NWW·g², ...). Programs take the phase
+from grid axis 1 and (sample, window) from axis 2 (each limited to 65,535 by CUDA).
 
-LayerNorm statistics are one (mean, rstd) per *group* index: with per-image statistics the g²
-entries of a sample are equal, with ``group_stats`` they differ. Partial (count, mean, M2) per
-token tile are combined on the host with Chan's formula in float64 (fixed order: bitwise
-deterministic, no E[x²] − E[x]² cancellation).
+LayerNorm statistics are one (mean, rstd) per *group* index: with per-image statistics the
+entries of a sample are equal, with ``group_stats`` they differ (one per windowed group).
+Partial (count, mean, M2) per token tile are combined on the host with Chan's formula in
+float64 (fixed order: bitwise deterministic, no E[x²] − E[x]² cancellation).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention.common import LN_EPS, NORM_EPS, tokens_per_group
+from ..attention.common import LN_EPS, NORM_EPS, window_tokens
 
 
 def _interpreting() -> bool:
@@ -48,6 +56,7 @@ def _interpreting() -> bool:
 INTERPRET = _interpreting()
 
 MAX_CHANNELS = 256  # C and E up to this are supported by the fused kernels
+MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's second and third extents
 
 
 def device_fn(fn):
@@ -61,24 +70,45 @@ def device_fn(fn):
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
 @device_fn
-def group_geometry(pid_bg, H, W, G: tl.constexpr):
-    """(sample b, row phase a, column phase c, real rows hr, real columns wr) of group pid_bg."""
-    b = pid_bg // (G * G)
-    r = pid_bg - b * (G * G)
-    a = r // G
-    c = r - a * G
-    hr = (H - a + (G - 1)) // G
-    wr = (W - c + (G - 1)) // G
-    return b, a, c, hr, wr
+def group_index(G: tl.constexpr):
+    """This program's group index: phase a·g + c on grid axis 1, (sample, window) on axis 2."""
+    return tl.program_id(2) * (G * G) + tl.program_id(1)
 
 
 @device_fn
-def token_offsets(t, a, c, wr, G: tl.constexpr, s_h, s_w):
-    """Offsets (within one sample) of the pixels of real tokens t of group (a, c)."""
+def group_geometry(pid_bg, H, W, TH, TW, G: tl.constexpr):
+    """(sample b, pixel (p_row, p_col) of the group's first token, real token rows hr and
+    columns wr, the window's tokens th·tw padding included) of group pid_bg = (b, window
+    (r, k), phase (a, c)) for windows of TH × TW tokens: p_row = a + g·r·TH, p_col = c + g·k·TW
+    (the window's first token row0 = r·TH, col0 = k·TW)."""
+    Ht = (H + (G - 1)) // G
+    Wt = (W + (G - 1)) // G
+    nww = (Wt + TW - 1) // TW
+    per_b = (Ht + TH - 1) // TH * nww * (G * G)  # groups per sample
+    b = pid_bg // per_b
+    r = pid_bg - b * per_b
+    win = r // (G * G)
+    r = r - win * (G * G)
+    a = r // G
+    c = r - a * G
+    wrow = win // nww
+    row0 = wrow * TH
+    col0 = (win - wrow * nww) * TW
+    # a phase has Ht or Ht − 1 real token rows and row0 ≤ Ht − 1: no clamp at 0 needed
+    hr = tl.minimum((H - a + (G - 1)) // G - row0, TH)
+    wr = tl.minimum((W - c + (G - 1)) // G - col0, TW)
+    n_win = tl.minimum(Ht - row0, TH) * tl.minimum(Wt - col0, TW)
+    return b, a + G * row0, c + G * col0, hr, wr, n_win
+
+
+@device_fn
+def token_offsets(t, p_row, p_col, wr, G: tl.constexpr, s_h, s_w):
+    """Offsets (within one sample) of the pixels of real tokens t of the group whose first
+    token is pixel (p_row, p_col)."""
     wr1 = tl.maximum(wr, 1)
     i = t // wr1
     j = t - i * wr1
-    return (a + G * i) * s_h + (c + G * j) * s_w
+    return (p_row + G * i) * s_h + (p_col + G * j) * s_w
 
 
 if INTERPRET:
@@ -123,18 +153,18 @@ def load_y(X, MEAN, RSTD, pid_bg, x_base, pix, offs_t, n_real, offs_c, C, s_xc):
 # ---------------------------------------------------------------------------------------------
 # Forward: LayerNorm statistics (partials), then q̂ = normalize(y · W)
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, NBLK,
+@triton.jit(do_not_specialize=["TH", "TW"])
+def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, TH, TW, NBLK,
                         G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """(count, mean, M2) of the x values of one token tile of one group."""
     pid_t = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    pid_bg = group_index(G)
+    b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.arange(0, BLOCK_C)
     mask = (offs_t < n_real)[:, None] & (offs_c < C)[None, :]
-    pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+    pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
     x = tl.load(X + b.to(tl.int64) * s_xb + pix[:, None] + offs_c[None, :] * s_xc,
                 mask=mask, other=0.0).to(tl.float32)
     n_tok = tl.minimum(tl.maximum(n_real - pid_t * BLOCK_T, 0), BLOCK_T)
@@ -148,20 +178,20 @@ def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, NBLK,
     tl.store(out + 2, m2)
 
 
-@triton.jit
-def _qhat_kernel(X, Wm, MEAN, RSTD, QH, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E, H, W, NB,
-                 G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+@triton.jit(do_not_specialize=["TH", "TW"])
+def _qhat_kernel(X, Wm, MEAN, RSTD, QH, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E, H, W, TH, TW,
+                 NB, G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                  BLOCK_E: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                  NORM_EPS: tl.constexpr):
     """q̂ = q / (‖q‖ + NORM_EPS), q = y · W, for one token tile; stored in the input dtype."""
     pid_t = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    pid_bg = group_index(G)
+    b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.arange(0, BLOCK_C)
     offs_e = tl.arange(0, BLOCK_E)
-    pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+    pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
     y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
     w = tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
                 mask=(offs_c < C)[:, None] & (offs_e < E)[None, :], other=0.0)
@@ -185,19 +215,19 @@ def _load_dy(DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_w
     return dq, dy
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TH", "TW"])
 def _ln_bwd_sums_kernel(X, Wm, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, s_wc, s_we,
-                        C, E, H, W, NB, NBLK, G: tl.constexpr, BLOCK_T: tl.constexpr,
+                        C, E, H, W, TH, TW, NB, NBLK, G: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
     """Partial Σ dy and Σ dy·y of one token tile (the LayerNorm backward's two reductions)."""
     pid_t = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    pid_bg = group_index(G)
+    b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.arange(0, BLOCK_C)
     offs_e = tl.arange(0, BLOCK_E)
-    pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+    pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
     y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
     dq, dy = _load_dy(DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
                       BLOCK_T, BLOCK_C, PREC)
@@ -206,24 +236,24 @@ def _ln_bwd_sums_kernel(X, Wm, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, s_w
     tl.store(out + 1, tl.sum(tl.sum(dy * y, 1), 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TH", "TW"])
 def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, MOM, DX, DW,
                       s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_wc, s_we,
-                      C, E, H, W, NB, G: tl.constexpr, BLOCK_T: tl.constexpr,
+                      C, E, H, W, TH, TW, NB, G: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                       ATOMIC_DW: tl.constexpr):
     """dx = (dO + dV) + rstd·(dy − mean(dy) − y·mean(dy·y)), written into the x-shaped map;
     with ATOMIC_DW also dW += yᵀ·dq by float atomics (the non-deterministic mode)."""
     pid_t = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+    pid_bg = group_index(G)
+    b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.arange(0, BLOCK_C)
     offs_e = tl.arange(0, BLOCK_E)
     t_mask = offs_t < n_real
     c_mask = offs_c < C
-    pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+    pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
     y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
     dq, dy = _load_dy(DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
                       BLOCK_T, BLOCK_C, PREC)
@@ -234,7 +264,7 @@ def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, MOM, DX, DW,
     dxv = tl.load(DXV + pid_bg.to(tl.int64) * NB * C + offs_t[:, None] * C + offs_c[None, :],
                   mask=mask, other=0.0)
     dx = dxv + rs * (dy - m1 - y * m2)
-    gpix = token_offsets(offs_t, a, c, wr, G, s_gh, s_gw)
+    gpix = token_offsets(offs_t, p_row, p_col, wr, G, s_gh, s_gw)
     tl.store(DX + b.to(tl.int64) * s_gb + gpix[:, None] + offs_c[None, :] * s_gc,
              dx.to(DX.dtype.element_ty), mask=mask)
     if ATOMIC_DW:
@@ -243,9 +273,9 @@ def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, MOM, DX, DW,
                       mask=c_mask[:, None] & (offs_e < E)[None, :])
 
 
-@triton.jit
-def _dw_kernel(X, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, C, E, H, W, NB, NBLK, NTILES,
-               G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
+@triton.jit(do_not_specialize=["TH", "TW"])
+def _dw_kernel(X, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, C, E, H, W, TH, TW, NB, NBLK,
+               NTILES, G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
                BLOCK_CT: tl.constexpr, BLOCK_ET: tl.constexpr, PREC: tl.constexpr):
     """Deterministic dW: program (tile of W, split s) sums yᵀ·dq over the token tiles
     s, s + SPLIT, s + 2·SPLIT, ... in that order and writes one partial; the host adds the
@@ -261,10 +291,10 @@ def _dw_kernel(X, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, C, E, H, W, NB, 
     for tau in range(loop_bound(pid_s), loop_bound(NTILES), SPLIT):
         pid_bg = tau // NBLK
         pid_t = tau - pid_bg * NBLK
-        b, a, c, hr, wr = group_geometry(pid_bg, H, W, G)
+        b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
         n_real = hr * wr
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        pix = token_offsets(offs_t, a, c, wr, G, s_xh, s_xw)
+        pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
         y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C,
                    s_xc)
         dq = tl.load(DQ + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :],
@@ -290,15 +320,28 @@ def fp32_precision() -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-class Geometry:
-    """Sizes of the grouped view of a (B, C, H, W) map with grid g."""
+def window_sizes(height: int, width: int, grid: int, window: int | None):
+    """(TH, TW, NWH, NWW): tokens per window side and windows per token row/column of one phase
+    for ``window`` pixels (None or 0: one window over the whole map; a window past the map's
+    side is cut to it, so a window covering the map gives the whole-map groups)."""
+    Ht, Wt = -(-height // grid), -(-width // grid)
+    T = window_tokens(window or None, grid)
+    TH, TW = min(T or Ht, Ht), min(T or Wt, Wt)
+    return TH, TW, -(-Ht // TH), -(-Wt // TW)
 
-    def __init__(self, x: torch.Tensor, w: torch.Tensor, grid: int):
+
+class Geometry:
+    """Sizes of the grouped view of a (B, C, H, W) map with grid g and window (pixels; None or
+    0: whole-map groups)."""
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, grid: int, window: int | None = None):
         self.B, self.C, self.H, self.W = x.shape
         self.E = w.shape[1]
         self.G = grid
-        self.NB = tokens_per_group(self.H, self.W, grid)  # padding included
-        self.BG = self.B * grid * grid
+        self.TH, self.TW, self.NWH, self.NWW = window_sizes(self.H, self.W, grid, window)
+        self.NB = self.TH * self.TW  # tokens of the largest group, padding included
+        self.GPS = self.NWH * self.NWW * grid * grid  # groups per sample
+        self.BG = self.B * self.GPS
         self.BLOCK_C, self.BLOCK_E = block_dim(self.C), block_dim(self.E)
         dt = x.dtype
         # fp32 dots: the attention dots of fp32 inputs (half inputs use half dots), and the
@@ -308,12 +351,20 @@ class Geometry:
         self.PREC_EPI = fp32_precision()
         self.UPCAST = INTERPRET and dt == torch.bfloat16
 
+    def launch(self, tiles: int) -> tuple[int, int, int]:
+        """The launch grid of per-group kernels: (token tiles, phases, samples × windows)."""
+        return tiles, self.G * self.G, self.BG // (self.G * self.G)
+
     def real_counts(self, device) -> torch.Tensor:
-        """Real tokens per group, shape (g, g)."""
-        ph = torch.arange(self.G, device=device)
-        hr = torch.div(self.H - ph + self.G - 1, self.G, rounding_mode="floor")
-        wr = torch.div(self.W - ph + self.G - 1, self.G, rounding_mode="floor")
-        return hr[:, None] * wr[None, :]
+        """Real tokens per group of a sample, shape (GPS,) in group order (r, k, a, c)."""
+        def side(n, t, nw):  # (windows, phases): real tokens of each along one side
+            ph = torch.arange(self.G, device=device)
+            n_ph = torch.div(n - ph + self.G - 1, self.G, rounding_mode="floor")
+            start = torch.arange(nw, device=device)[:, None] * t
+            return (n_ph[None, :] - start).clamp(0, t)
+        hr = side(self.H, self.TH, self.NWH)
+        wr = side(self.W, self.TW, self.NWW)
+        return (hr[:, None, :, None] * wr[None, :, None, :]).reshape(-1)
 
 
 TOKEN_BLOCK = 64
@@ -329,48 +380,48 @@ def _warps(geo: Geometry) -> int:
 
 
 def layer_norm_stats(x: torch.Tensor, geo: Geometry, group_stats: bool, eps: float = LN_EPS):
-    """Per-group-index (mean, rstd), fp32 tensors of shape (B·g²,)."""
+    """Per-group-index (mean, rstd), fp32 tensors of shape (BG,)."""
     BT = _token_block(geo)
     nblk = triton.cdiv(geo.NB, BT)
     part = torch.empty(geo.BG, nblk, 3, device=x.device, dtype=torch.float32)
-    _ln_partials_kernel[(nblk, geo.BG)](x, part, *x.stride(), geo.C, geo.H, geo.W, nblk,
-                                        G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C)
-    p = part.double().view(geo.B, geo.G * geo.G, nblk, 3)
+    _ln_partials_kernel[geo.launch(nblk)](x, part, *x.stride(), geo.C, geo.H, geo.W, geo.TH,
+                                        geo.TW, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C)
+    p = part.double().view(geo.B, geo.GPS, nblk, 3)
     n, m, m2 = p.unbind(-1)
     dims = (2,) if group_stats else (1, 2)
     cnt = n.sum(dims, keepdim=True)
     mean = (n * m).sum(dims, keepdim=True) / cnt.clamp_min(1)
     var = (m2 + n * (m - mean) ** 2).sum(dims, keepdim=True) / cnt.clamp_min(1)
     rstd = torch.rsqrt(var + eps)
-    shape = (geo.B, geo.G * geo.G, 1)
+    shape = (geo.B, geo.GPS, 1)
     mean = mean.expand(shape).reshape(geo.BG).float().contiguous()
     rstd = rstd.expand(shape).reshape(geo.BG).float().contiguous()
     return mean, rstd
 
 
 def project_qhat(x, w, mean, rstd, geo: Geometry) -> torch.Tensor:
-    """q̂ of every real token, (B·g², NB, E) in the input dtype (padded rows left unwritten)."""
+    """q̂ of every real token, (BG, NB, E) in the input dtype (padded rows left unwritten)."""
     BT = _token_block(geo)
     qh = torch.empty(geo.BG, geo.NB, geo.E, device=x.device, dtype=x.dtype)
-    _qhat_kernel[(triton.cdiv(geo.NB, BT), geo.BG)](
-        x, w, mean, rstd, qh, *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB,
-        G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
-        UPCAST=geo.UPCAST, NORM_EPS=NORM_EPS, num_warps=_warps(geo))
+    _qhat_kernel[geo.launch(triton.cdiv(geo.NB, BT))](
+        x, w, mean, rstd, qh, *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH,
+        geo.TW, geo.NB, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
+        PREC=geo.PREC, UPCAST=geo.UPCAST, NORM_EPS=NORM_EPS, num_warps=_warps(geo))
     return qh
 
 
 def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo: Geometry, group_stats: bool,
                                    deterministic: bool):
-    """From dq (fp32, (B·g², NB, E)) and dxv = dO + dV (fp32, (B·g², NB, C)) to (dx, dW)."""
+    """From dq (fp32, (BG, NB, E)) and dxv = dO + dV (fp32, (BG, NB, C)) to (dx, dW)."""
     BT = _token_block(geo)
     nblk = triton.cdiv(geo.NB, BT)
     part = torch.empty(geo.BG, nblk, 2, device=x.device, dtype=torch.float32)
-    _ln_bwd_sums_kernel[(nblk, geo.BG)](
+    _ln_bwd_sums_kernel[geo.launch(nblk)](
         x, w, mean, rstd, dq, part, *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W,
-        geo.NB, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
-        PREC=geo.PREC_EPI, num_warps=_warps(geo))
-    s = part.double().view(geo.B, geo.G * geo.G, nblk, 2).sum(2)  # (B, g², 2)
-    counts = geo.real_counts(x.device).reshape(1, -1).double() * geo.C  # (1, g²)
+        geo.TH, geo.TW, geo.NB, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C,
+        BLOCK_E=geo.BLOCK_E, PREC=geo.PREC_EPI, num_warps=_warps(geo))
+    s = part.double().view(geo.B, geo.GPS, nblk, 2).sum(2)  # (B, GPS, 2)
+    counts = geo.real_counts(x.device).reshape(1, -1).double() * geo.C  # (1, GPS)
     if group_stats:
         mom = s / counts.clamp_min(1)[..., None]
     else:
@@ -379,10 +430,10 @@ def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo: Geometry, gro
     dx = torch.empty_like(x)
     dw32 = torch.zeros(geo.C, geo.E, device=x.device, dtype=torch.float32) if not deterministic \
         else torch.empty(0, device=x.device, dtype=torch.float32)
-    _ln_bwd_dx_kernel[(nblk, geo.BG)](
+    _ln_bwd_dx_kernel[geo.launch(nblk)](
         x, w, mean, rstd, dq, dxv, mom, dx, dw32, *x.stride(), *dx.stride(), *w.stride(),
-        geo.C, geo.E, geo.H, geo.W, geo.NB, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C,
-        BLOCK_E=geo.BLOCK_E, PREC=geo.PREC_EPI, ATOMIC_DW=not deterministic,
+        geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, G=geo.G, BLOCK_T=BT,
+        BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC_EPI, ATOMIC_DW=not deterministic,
         num_warps=_warps(geo))
     if deterministic:
         BCT, BET = min(geo.BLOCK_C, 64), min(geo.BLOCK_E, 64)
@@ -391,8 +442,8 @@ def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo: Geometry, gro
         partw = torch.empty(split, geo.C, geo.E, device=x.device, dtype=torch.float32)
         n_ce = triton.cdiv(geo.C, BCT) * triton.cdiv(geo.E, BET)
         _dw_kernel[(n_ce, split)](
-            x, mean, rstd, dq, partw, *x.stride(), geo.C, geo.E, geo.H, geo.W, geo.NB, nblk,
-            ntiles, G=geo.G, SPLIT=split, BLOCK_T=BT, BLOCK_CT=BCT, BLOCK_ET=BET,
+            x, mean, rstd, dq, partw, *x.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
+            geo.NB, nblk, ntiles, G=geo.G, SPLIT=split, BLOCK_T=BT, BLOCK_CT=BCT, BLOCK_ET=BET,
             PREC=geo.PREC_EPI)
         dw32 = partw.sum(0)
     return dx, dw32.to(w.dtype)

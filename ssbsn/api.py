@@ -39,13 +39,15 @@ def inference_options(model) -> tuple[str, ...]:
 
 
 def load_model(weights, device: str = "auto", backend: str | None = None,
-               deterministic: bool | None = None):
+               deterministic: bool | None = None, attention_window: int | None = None):
     """An SSBSN from our safetensors file or the authors' checkpoint, on ``device``, in eval
     mode. ``backend``: SS-Attention's (:data:`ssbsn.config.BACKENDS`; default "fused", the
-    memory-efficient path; "reference" materialises the N×N matrix)."""
+    memory-efficient path; "reference" materialises the N×N matrix). ``attention_window``:
+    SS-Attention's scope in pixels (0: whole-map groups; None: the model's own)."""
     from .model import SSBSN
     from .train import pick_device
-    runtime = {k: v for k, v in dict(backend=backend, deterministic=deterministic).items()
+    runtime = {k: v for k, v in dict(backend=backend, deterministic=deterministic,
+                                     attention_window=attention_window).items()
                if v is not None}
     model = SSBSN.load(weights, **runtime)
     return model.to(pick_device(device)).eval()
@@ -53,20 +55,26 @@ def load_model(weights, device: str = "auto", backend: str | None = None,
 
 def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | None = None,
                    tile: int | None = None, shifts: bool | None = None,
-                   pd: int | None = None) -> int:
+                   pd: int | None = None, blend: bool | None = None) -> int:
     """How many times ``model.denoise`` runs the BSN on an (H, W) image: per tile, one pass
     plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
-    the PD stride's s² shifts with the shifted-PD ensemble. None: the model's own setting."""
+    the PD stride's s² shifts with the shifted-PD ensemble; the blend adds its second estimate
+    at the training stride when that differs. None: the model's own setting."""
     from .inference import tile_starts
     s = model.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
-                                 pd=pd)
-    b = s["pd"]
-    windows = 1
-    if s["tile"]:
-        t = -(-s["tile"] // b) * b  # as inference.tiled rounds it
-        windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
-    return (windows * (8 if s["self_ensemble"] else 1) * (b * b if s["shifts"] else 1)
-            * (1 + model.r3_T if s["r3"] else 1))
+                                 pd=pd, blend=blend)
+
+    def one_estimate(b: int) -> int:
+        windows = 1
+        if s["tile"]:
+            t = -(-s["tile"] // b) * b  # as inference.tiled rounds it
+            windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
+        return (windows * (8 if s["self_ensemble"] else 1) * (b * b if s["shifts"] else 1)
+                * (1 + model.r3_T if s["r3"] else 1))
+    total = one_estimate(s["pd"])
+    if s["blend"] and model.pd_train != s["pd"]:
+        total += one_estimate(model.pd_train)
+    return total
 
 
 @contextmanager
@@ -111,7 +119,8 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
     dev = next(model.parameters()).device
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
     total = network_passes(model, img.shape, **{k: options.get(k) for k in
-                                                ("r3", "self_ensemble", "tile", "shifts", "pd")})
+                                                ("r3", "self_ensemble", "tile", "shifts", "pd",
+                                                 "blend")})
     with network_progress(model, total, desc, progress):
         y = model.denoise(t.to(dev), **options)[0].float().cpu().numpy().transpose(1, 2, 0)
     if c == 1 and m == 3:
@@ -162,9 +171,11 @@ class Denoiser:
 
     @classmethod
     def from_weights(cls, path, device: str = "auto", backend: str | None = None,
-                     deterministic: bool | None = None, **options) -> "Denoiser":
+                     deterministic: bool | None = None, attention_window: int | None = None,
+                     **options) -> "Denoiser":
         """Load our safetensors file or the authors' checkpoint (see :func:`load_model`)."""
-        return cls(load_model(path, device, backend, deterministic), **options)
+        return cls(load_model(path, device, backend, deterministic, attention_window),
+                   **options)
 
     @property
     def device(self):

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .atomic import atomic_path
 from .attention.module import SSAttention
-from .attention.common import layer_norm, normalize, softmax_scale, tokens_per_group
+from .attention.common import (LN_EPS, layer_norm, normalize, padded_size, softmax_scale,
+                               tokens_per_group, window_tokens)
 from .pd import pd_down, pd_down_batch
 
 
@@ -58,17 +59,31 @@ def attention_row(x: torch.Tensor, attn: SSAttention, r: int, c: int):
     """
     g = attn.grid
     _, C, H, W = x.shape
-    y = layer_norm(x.double(), g, attn.group_stats)
-    rows = torch.arange(r % g, H, g)
-    cols = torch.arange(c % g, W, g)
+    T = window_tokens(getattr(attn, "window", None), g)
+    if T is None:  # whole-map groups
+        y = layer_norm(x.double(), g, attn.group_stats)
+        rows = torch.arange(r % g, H, g)
+        cols = torch.arange(c % g, W, g)
+        n_group = tokens_per_group(H, W, g)
+    else:  # the token's window: T×T tokens of its phase (fewer in the last row/column)
+        Ht, Wt = padded_size(H, g) // g, padded_size(W, g) // g
+        i0, j0 = (r // g) // T * T, (c // g) // T * T
+        rows = torch.arange(r % g + g * i0, min(H, g * (i0 + T)), g)
+        cols = torch.arange(c % g + g * j0, min(W, g * (j0 + T)), g)
+        n_group = (min(i0 + T, Ht) - i0) * (min(j0 + T, Wt) - j0)
+        if attn.group_stats:  # one mean/variance over the window's group: its real pixels
+            v = x.double()[0][:, rows][:, :, cols]
+            y = ((x.double() - v.mean()) / torch.sqrt(v.var(unbiased=False) + LN_EPS))
+        else:
+            y = layer_norm(x.double(), g, False)
     tokens = y[0][:, rows][:, :, cols].reshape(C, -1).T  # (n, C), row-major over (rows, cols)
     w = attn.wqk.detach().double()
     q = tokens @ w
     qh = normalize(q)
-    qi = int(((r - r % g) // g) * len(cols) + (c - c % g) // g)
+    qi = int(((r - int(rows[0])) // g) * len(cols) + (c - int(cols[0])) // g)
     scale = softmax_scale(w.shape[1])
     logits = (1.0 + qh @ qh[qi]) * scale
-    n_pad = tokens_per_group(H, W, g) - logits.numel()
+    n_pad = n_group - logits.numel()
     # padded keys: q̂ = 0, logit 1/√E
     all_logits = torch.cat([logits, torch.full((n_pad,), scale, dtype=logits.dtype)])
     weights = torch.softmax(all_logits, dim=0)

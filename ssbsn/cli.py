@@ -76,6 +76,10 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
                    help="context pixels around each tile (default: the model's, 64)")
     g.add_argument("--seed", type=int, default=0, help="seed of R3's random replacement")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    g.add_argument("--attention-window", type=int, default=None, metavar="N",
+                   help="bound SS-Attention's scope to windows of N pixels of the map it sees "
+                        "(time linear in the image area); 0 = the whole map (the paper's); "
+                        "default: the model's own (42 for the quick preset)")
     add_model_options(g, names=("backend",))
     _add_progress_option(p)
 
@@ -88,7 +92,11 @@ def _add_progress_option(p: argparse.ArgumentParser) -> None:
 
 def _denoiser(args):
     from .api import Denoiser
-    return Denoiser.from_weights(args.weights, args.device, args.backend)
+    if args.attention_window is not None and not 0 <= args.attention_window <= 65536:
+        raise UserError(f"--attention-window must lie in 0..65536 (0 = the whole map), "
+                        f"got {args.attention_window}")
+    return Denoiser.from_weights(args.weights, args.device, args.backend,
+                                 attention_window=args.attention_window)
 
 
 def _infer_kwargs(args) -> dict:
@@ -546,6 +554,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _configure_logging(args.debug)
+    from .allocator import use_huge_pages
+    use_huge_pages()  # before torch: full-resolution feature maps without 4 KiB page faults
     try:
         if args.threads is not None:
             if args.threads < 1:

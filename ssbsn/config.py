@@ -79,6 +79,11 @@ class ModelConfig:
     r3_p: float = field(default=0.16, metadata=_opt(
         "R3 replacement probability", "--r3-p", lambda v: 0.0 <= v <= 1.0, "0..1",
         metavar="P"))
+    attention_window: int = field(default=0, metadata=_opt(
+        "SS-Attention's scope: groups are one grid phase inside windows of N pixels of the "
+        "map the attention sees (rounded up to whole grid cells), so the cost grows linearly "
+        "with the image area; 0 = the whole map (the paper's)", "--attention-window",
+        lambda v: 0 <= v <= 65536, "0..65536", metavar="N"))
     group_stats: bool = field(default=False, metadata=_opt(
         "SS-Attention LayerNorm statistics per attention group (exact blind spot; the paper: "
         "per image)", "--group-stats"))

@@ -1,6 +1,8 @@
 """SSBSN: the blind-spot network wrapped in AP-BSN's asymmetric PD and R3 refinement."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,8 +62,15 @@ class SSBSN(nn.Module):
         self.r3_T, self.r3_p = c.r3_T, c.r3_p
         self.bsn = BSN(c.in_channels, c.in_channels, c.base_channels, c.num_modules,
                        c.ss_blocks, c.gamma, backend=c.backend, group_stats=c.group_stats,
-                       conv_backend=c.conv_backend, deterministic=c.deterministic)
+                       conv_backend=c.conv_backend, deterministic=c.deterministic,
+                       window=c.attention_window or None)
         self.inference = check_inference_settings({**INFERENCE_DEFAULTS, **(inference or {})})
+
+    def set_attention_window(self, window: int | None) -> None:
+        """SS-Attention's scope in pixels of the map it sees (0 or None: whole-map groups);
+        ``config.attention_window`` follows, so :meth:`save` stores it."""
+        self.bsn.set_attention_window(window or None)
+        self.config = dataclasses.replace(self.config, attention_window=window or 0)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, x: torch.Tensor, pd: int | None = None) -> torch.Tensor:

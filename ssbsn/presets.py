@@ -2,7 +2,10 @@
 
 * ``paper`` (the default): the paper's recipe, unchanged (128 channels, 9 modules, 3 SS-Blocks,
   PD 5, crop 120, batch 4, Adam 1e-4 ×0.1 at 80 %, 20 epochs) — for GPUs and large data.
-* ``quick``: a handful of photos on a CPU within minutes (default 8). Chosen by measurement on
+* ``quick``: a handful of photos on a CPU within minutes (default 8). Its SS-Attention scope
+  is bounded to 42-pixel windows (``attention_window``): its training crops' scope, so that
+  a photo of any size denoises in time linear in its area
+  (``benchmarks/results/inference_scaling/``). Chosen by measurement on
   the demo's photos with synthetic camera noise; see docs/quality.md for
   what each choice is worth. The model it trains carries inference settings that suit it.
 
@@ -16,6 +19,7 @@ PAPER: dict = {}  # TrainConfig's defaults are the paper's recipe
 
 QUICK: dict = dict(
     base_channels=16, num_modules=2, ss_blocks=1, pd_train=3, pd_test=2, pd_pad=0, crop=42,
+    attention_window=42,
     batch=4,
     repeat=16, lr=3e-3, lr_schedule="cosine", warmup=20, init_bias=True, minutes=8.0,
     inference=dict(r3=False, shifts=True, self_ensemble=False, tile=0, overlap=64, lowpass=8.0,

@@ -1,6 +1,8 @@
 """Every tile configuration of the fused attention kernels compiles for sm_90 (H100/H200) within
 the block's shared memory and without register spills — checked on CPU, ahead of time, with
 Triton's own compiler and ptxas (``benchmarks/aot.py``), so a regression shows up without a GPU.
+The window sizes (TH, TW) must reach every kernel as runtime i32 arguments, not specialised
+constants, so that one compiled kernel serves every window.
 
 The compilation runs in its own process: the kernels must be real JIT functions there, while
 this test session runs them under the interpreter (TRITON_INTERPRET=1).
@@ -41,6 +43,9 @@ def _check(rows, tiles_class, spill_budget=None):
     bad = [r for r in rows if r["smem"] > SM90_SMEM_LIMIT or r["spill_stores"] is None
            or r["spill_stores"] > spill_budget]
     assert not bad, "configurations over budget:\n" + "\n".join(map(str, bad))
+    fixed = [(r["kernel"], r["ints"]) for r in rows
+             if r["ints"].get("TH") != "i32" or r["ints"].get("TW") != "i32"]
+    assert not fixed, f"window sizes not runtime i32 arguments: {fixed}"
     for dtype in {r["dtype"] for r in rows}:
         for name, kind in kinds.items():
             got = [r["config"] for r in rows if r["kernel"] == name and r["dtype"] == dtype]

@@ -129,7 +129,8 @@ def test_model_config_is_the_model_the_checkpoint_and_the_options():
     ssbsn.config.add_model_options(p)
     helps = {a.dest: a.help for a in p._actions}
     for f in ssbsn.config.model_fields():
-        default = {True: "on", False: "off"}.get(f.default, f.default)
+        default = ({True: "on", False: "off"}[f.default] if isinstance(f.default, bool)
+                   else f.default)
         assert helps[f.name] == f"{f.metadata['help']} (default {default})"
     args = p.parse_args(["--channels", "16", "--deterministic", "--backend", "sdpa"])
     assert (args.base_channels, args.deterministic, args.backend) == (16, True, "sdpa")
@@ -260,3 +261,21 @@ def test_denoise_files_decodes_each_input_once(weights, tmp_path, monkeypatch):
     reads.clear()
     d.denoise_files([tmp_path / "in"], tmp_path / "out2")
     assert sorted(reads) == sorted(["a.png", "b.png", "c.png"] * 2)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(blend=False), dict(shifts=False, tile=24),
+                                     dict(r3=True, shifts=False)])
+def test_network_passes_counts_every_pass(options):
+    """The progress bar's total is the number of BSN forward calls denoise really makes,
+    the blend's second estimate at the training stride included (the quick preset: 4 + 9)."""
+    from ssbsn.api import network_passes
+    torch.manual_seed(0)
+    model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1, pd_train=3, pd_test=2, pd_pad=0,
+                  r3_T=2, inference=dict(r3=False, shifts=True, blend=True)).eval()
+    calls = []
+    handle = model.bsn.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(1, 3, 40, 52) * 255
+    with torch.no_grad():
+        model.denoise(x, **options)
+    handle.remove()
+    assert network_passes(model, (40, 52), **options) == len(calls) > 1

@@ -122,3 +122,23 @@ def test_attention_maps_report_rows_within_the_cosine_logits_bound():
         assert 1.0 <= m["peak"] <= bound
         assert 0.0 < m["entropy"] <= 1.0 + 1e-12
         assert (m["peak"], m["entropy"]) == pytest.approx(concentration(m["weights"]))
+
+
+@pytest.mark.parametrize("group_stats", [False, True])
+@pytest.mark.parametrize("r,c", [(0, 0), (5, 9), (13, 10), (17, 3), (18, 7), (20, 10)])
+def test_attention_row_within_its_window(group_stats, r, c):
+    """With a bounded scope the row covers the token's window only (ragged last windows and
+    padded keys included), and the module's windowed output at (r, c) is x + Σ_k w_k x(key_k)."""
+    torch.manual_seed(2)
+    C, H, W, g = 6, 21, 11, 4
+    attn = SSAttention(C, g, group_stats=group_stats, backend="reference", window=8).double()
+    x = torch.randn(1, C, H, W, dtype=torch.float64)
+    rows, cols, w, pad_share = attention_row(x, attn, r, c)
+    assert (rows // 8 == r // 8).all() and (cols // 8 == c // 8).all()  # one 8-px window
+    assert ((rows - r) % g == 0).all() and ((cols - c) % g == 0).all()
+    assert w.sum() + pad_share == pytest.approx(1.0, abs=1e-12)
+    # H = 21 pads row 21 + 4k: the last windows' groups of phases 1-3 have a padded key
+    assert (pad_share > 0) == (r >= 16 and r % g != 0)
+    out = attn(x)
+    mixed = (torch.from_numpy(w) * x[0][:, rows, cols]).sum(-1)
+    torch.testing.assert_close(out[0, :, r, c] - x[0, :, r, c], mixed)

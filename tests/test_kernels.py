@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from ssbsn.attention.common import materialised_attention
+from ssbsn.attention.common import (from_window_groups, materialised_attention, softmax_scale,
+                                    to_window_groups, window_queries)
 from ssbsn.attention.reference import ss_attention_reference
 
 from helpers import attention_inputs, run_grads
@@ -57,21 +58,38 @@ def _same_dtype_reference(grid, group_stats, per_group=False):
     return lambda x, w: materialised_attention(x, w, grid, group_stats, per_group)
 
 
+def _windowed_same_dtype_reference(grid, group_stats, window):
+    """The FA3 rule's yardstick for windowed groups: the materialised math of
+    :func:`_same_dtype_reference`, one window block at a time (q̂ from
+    ``common.window_queries``: fp32 normalisation, padded tokens without gradient)."""
+    def fn(x, w):
+        outs = []
+        for q, v in zip(window_queries(x, w, grid, window, group_stats),
+                        to_window_groups(x, grid, window)):
+            a = torch.softmax((1.0 + q @ q.transpose(-1, -2)) * softmax_scale(w.shape[1]), dim=-1)
+            outs.append(a @ v)
+        return x + from_window_groups(outs, x.shape[0], *x.shape[-2:], grid, window)
+    return fn
+
+
 def _compare(x64, w64, grid, group_stats, dtype, memory_format, *, deterministic=False,
-             per_group=False):
+             per_group=False, window=None):
     """Kernel vs same-dtype reference vs fp64 oracle, forward and both gradients."""
     if per_group:
         oracle_fn = _same_dtype_reference(grid, group_stats, per_group=True)
     else:
-        oracle_fn = lambda a, b: ss_attention_reference(a, b, grid, group_stats=group_stats)  # noqa: E731
-    same_fn = _same_dtype_reference(grid, group_stats, per_group)
+        oracle_fn = lambda a, b: ss_attention_reference(  # noqa: E731
+            a, b, grid, group_stats=group_stats, window=window)
+    same_fn = (_same_dtype_reference(grid, group_stats, per_group) if window is None else
+               _windowed_same_dtype_reference(grid, group_stats, window))
     go64 = torch.randn_like(x64)
     oracle = run_grads(oracle_fn, x64, w64, go64)
     x = x64.to(dtype).contiguous(memory_format=memory_format)
     w, go = w64.to(dtype), go64.to(dtype)
     same = run_grads(same_fn, x, w, go)
     ours = run_grads(lambda a, b: kernels.ss_attention(a, b, grid, group_stats=group_stats,
-                                                  deterministic=deterministic), x, w, go)
+                                                  deterministic=deterministic, window=window),
+                     x, w, go)
     assert ours[0].stride() == x.stride(), "output must keep the input's memory layout"
     _fa3_check(ours, same, oracle)
     return ours
@@ -101,6 +119,63 @@ def test_matches_reference(shape, grid, dtype, fmt, group_stats):
 
 
 @interp
+@pytest.mark.parametrize("shape,grid,window,dtype,fmt,group_stats", [
+    # few groups (the interpreter runs programs one by one), so mostly g = 2. T = 4 on 7 × 6
+    # tokens: last windows ragged both ways (4 + 3 rows, 4 + 2 columns); H and W not multiples
+    # of g: padded tokens in the bottom/right windows
+    ((1, 16, 13, 11), 2, 8, torch.float32, NCHW, False),
+    # B > 1 (sample-outermost groups), T = 3 on 6 × 5: 3 + 3 rows, 3 + 2 columns
+    ((2, 16, 11, 9), 2, 6, torch.float32, CL, True),
+    # g = 3, T = 3 on 4 × 5: 3 + 1 rows, 3 + 2 columns
+    ((1, 16, 11, 13), 3, 7, torch.float32, NCHW, True),
+    # window < g: T = 1, one token per group on 3 × 2; phase 1 has no real token in the last
+    # window row and column (all-padded groups)
+    ((1, 16, 5, 3), 2, 1, torch.float32, CL, False),
+    # rows split only (T = 3 ≥ Wt = 3; 3 + 3 + 3 + 1 rows), fp16, per-window statistics
+    ((1, 16, 19, 6), 2, 6, torch.float16, NCHW, True),
+    # columns split only (3 + 3 + 2), bf16 (dots upcast in the interpreter)
+    ((1, 32, 6, 15), 2, 6, torch.bfloat16, CL, True),
+])
+def test_windowed_matches_reference(shape, grid, window, dtype, fmt, group_stats):
+    x64, w64 = attention_inputs(shape)
+    _compare(x64, w64, grid, group_stats, dtype, fmt, window=window)
+
+
+@interp
+def test_window_covering_the_map_is_whole_map():
+    """A window at least the map's size (T ≥ Ht and T ≥ Wt) runs exactly the whole-map kernels."""
+    x64, w64 = attention_inputs((1, 16, 9, 7))  # g = 2: 5 × 4 tokens per phase
+    x, w = x64.float().contiguous(memory_format=CL), w64.float()
+    go = torch.randn_like(x)
+    fn = lambda window: lambda a, b: kernels.ss_attention(  # noqa: E731
+        a, b, 2, group_stats=True, deterministic=True, window=window)
+    whole = run_grads(fn(None), x, w, go)
+    for window in (9, 1000):  # T = 5 = Ht; far past the map
+        for a, b in zip(run_grads(fn(window), x, w, go), whole):
+            assert torch.equal(a, b)
+
+
+def test_window_geometry():
+    """Geometry's window sizes and per-group real-token counts against the reference grouping
+    (``common.to_window_groups`` of a map of ones), in the kernels' group order."""
+    from ssbsn.attention.common import window_blocks
+    for H, W, g, window in [(13, 11, 2, 8), (11, 13, 3, 7), (5, 3, 2, 1), (6, 5, 4, 3),
+                            (19, 6, 2, 6), (6, 15, 2, 6), (13, 11, 4, None), (13, 11, 4, 1000)]:
+        geo = T.Geometry(torch.empty(2, 1, H, W), torch.empty(1, 1), g, window)
+        Ht, Wt = -(-H // g), -(-W // g)
+        assert geo.NB == max(th * tw for _, _, th, _, _, tw in window_blocks(H, W, g, window))
+        assert (geo.NWH * geo.TH >= Ht > (geo.NWH - 1) * geo.TH
+                and geo.NWW * geo.TW >= Wt > (geo.NWW - 1) * geo.TW)
+        counts = torch.zeros(geo.NWH, geo.NWW, g, g, dtype=torch.long)
+        ones = torch.ones(1, 1, H, W)
+        for blk, (r0, nr, th, c0, nc, tw) in zip(to_window_groups(ones, g, window),
+                                                  window_blocks(H, W, g, window)):
+            n = blk.sum(dim=(1, 2)).long().view(nr, nc, g, g)
+            counts[r0 // geo.TH:r0 // geo.TH + nr, c0 // geo.TW:c0 // geo.TW + nc] = n
+        assert torch.equal(geo.real_counts("cpu"), counts.reshape(-1)), (H, W, g, window)
+
+
+@interp
 def test_embed_differs_from_channels():
     x64, w64 = attention_inputs((1, 16, 12, 10), embed=24)
     _compare(x64, w64, 4, False, torch.float32, NCHW)
@@ -121,26 +196,31 @@ def test_arbitrary_strides():
 
 
 @interp
-def test_deterministic_bitwise():
-    x64, w64 = attention_inputs((1, 16, 21, 19))
+@pytest.mark.parametrize("shape,grid,window", [((1, 16, 21, 19), 4, None),
+                                               ((1, 16, 13, 11), 2, 10)])  # 5 + 2 by 5 + 1 tokens
+def test_deterministic_bitwise(shape, grid, window):
+    x64, w64 = attention_inputs(shape)
     x = x64.float().contiguous(memory_format=CL)
     w = w64.float()
     go = torch.randn_like(x)
-    fn = lambda a, b: kernels.ss_attention(a, b, 4, deterministic=True)  # noqa: E731
+    fn = lambda a, b: kernels.ss_attention(  # noqa: E731
+        a, b, grid, deterministic=True, window=window)
     first, second = run_grads(fn, x, w, go), run_grads(fn, x, w, go)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    atomic = run_grads(lambda a, b: kernels.ss_attention(a, b, 4), x, w, go)
+    atomic = run_grads(lambda a, b: kernels.ss_attention(a, b, grid, window=window), x, w, go)
     for a, b in zip(first, atomic):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @interp
-def test_op_registration():
-    """Schema, fake tensor, autograd registration and AOT dispatch of ssbsn::ss_attention."""
-    x = torch.randn(1, 16, 6, 5, requires_grad=True)
+@pytest.mark.parametrize("shape,grid,window", [((1, 16, 6, 5), 4, 0), ((1, 16, 6, 3), 2, 4)])
+def test_op_registration(shape, grid, window):
+    """Schema, fake tensor, autograd registration and AOT dispatch of ssbsn::ss_attention (window
+    4 at g = 2: 2 + 1 token rows by 2 columns; the fake shapes follow the windowed groups)."""
+    x = torch.randn(*shape, requires_grad=True)
     w = torch.randn(16, 16, requires_grad=True)
-    torch.library.opcheck(torch.ops.ssbsn.ss_attention.default, (x, w, 4, False, True))
+    torch.library.opcheck(torch.ops.ssbsn.ss_attention.default, (x, w, grid, False, True, window))
 
 
 @interp
@@ -202,6 +282,14 @@ def test_unsupported_inputs_are_named():
     assert "does not fit" in kernels.unsupported_reason(x, torch.randn(7, 8), 4)
     with pytest.raises(RuntimeError, match="dtype"):
         kernels.ss_attention(x.double(), torch.randn(8, 8).double(), 4)
+    w = torch.randn(8, 8)
+    for window in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window"):
+            kernels.ss_attention(x, w, 4, window=window)
+        assert "window" in kernels.unsupported_reason(x, w, 4, window)
+    big = torch.empty(1, 1, 1, 1).expand(2, 8, 1024, 1030)  # g = 4: 256 × 258 tokens a phase
+    assert "windows" in kernels.unsupported_reason(big, w, 4, 4)  # 2 × 256 × 258 windows
+    assert "windows" not in (kernels.unsupported_reason(big, w, 4, 16) or "")  # 2 × 64 × 65
 
 
 def test_fused_backend_on_cpu_is_sdpa_without_warning():
@@ -241,6 +329,16 @@ def test_gpu_matches_reference(shape, grid, dtype, group_stats):
     _compare(x64, w64, grid, group_stats, dtype, CL, per_group=big)
     if shape[0] == 4 and not group_stats and dtype == torch.float16:  # NCHW too, once
         _compare(x64, w64, grid, group_stats, dtype, NCHW)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group_stats", [False, True])
+def test_gpu_windowed_matches_reference(dtype, group_stats):
+    """Training shape, g = 4, window 64: T = 16 on 35 × 35 tokens (16 + 16 + 3 both ways)."""
+    x64, w64 = attention_inputs((4, 128, 140, 140), device="cuda")
+    _compare(x64, w64, 4, group_stats, dtype, CL, window=64)
 
 
 @pytest.mark.gpu

@@ -13,6 +13,15 @@ Math (per sample, per grid group of tokens sharing row and column phase mod g):
     out = x + softmax((1 + q̂ q̂ᵀ)/√E) · x
 Padding: the map is zero-padded bottom/right to multiples of g *after* the LayerNorm; padded
 tokens are keys with q̂ = 0 (logit 1/√E) and value 0.
+
+Bounded scope (``window``): a group is the tokens of one grid phase inside one window of the
+padded map. Windows are T = ceil(window/g) tokens (T·g pixels) on a side, laid from the top-left
+corner; the last window of a row or column holds what is left (so only the bottom/right windows
+hold padded tokens). ``window=None`` is one window over the whole map: today's groups, by the
+unchanged code paths. The windowed grouping returns *blocks*, at most four, each a batch of
+equally sized windows (interior, right column, bottom row, corner), so every backend computes
+without masks: group (b, window row, window column, a, c) of a block at index
+((b·nr + r)·nc + k)·g² + a·g + c.
 """
 from __future__ import annotations
 
@@ -35,6 +44,114 @@ def padded_size(n: int, grid: int) -> int:
 def tokens_per_group(height: int, width: int, grid: int) -> int:
     """N: tokens of one grid group, padded ones included."""
     return (padded_size(height, grid) // grid) * (padded_size(width, grid) // grid)
+
+
+def window_tokens(window: int | None, grid: int) -> int | None:
+    """T, the tokens on a side of a window of ``window`` pixels (rounded up to whole grid cells);
+    None for whole-map groups."""
+    return None if window is None else -(-window // grid)
+
+
+def check_window(window) -> None:
+    """One clear error for a window SS-Attention cannot take (None or a positive int)."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"SS-Attention's window must be None or a positive number of pixels, "
+                         f"got {window!r}")
+
+
+def is_windowed(height: int, width: int, grid: int, window: int | None) -> bool:
+    """Whether ``window`` splits the padded map into more than one window (otherwise the
+    groups are the whole map's and every path takes its whole-map code)."""
+    T = window_tokens(window, grid)
+    return T is not None and (T < padded_size(height, grid) // grid
+                              or T < padded_size(width, grid) // grid)
+
+
+def window_spans(n: int, t: int) -> list[tuple[int, int, int]]:
+    """The windows along one side of ``n`` tokens with ``t`` tokens each, as runs of
+    (first token, number of windows, tokens per window): the full windows, then the rest."""
+    full = n // t
+    spans = [(0, full, t)] if full else []
+    if n - full * t:
+        spans.append((full * t, 1, n - full * t))
+    return spans
+
+
+def window_blocks(height: int, width: int, grid: int, window: int | None
+                  ) -> list[tuple[int, int, int, int, int, int]]:
+    """The blocks of the windowed grouping: (row0, nr, th, col0, nc, tw) in tokens of one
+    phase: ``nr × nc`` windows of ``th × tw`` tokens starting at token (row0, col0)."""
+    Ht, Wt = padded_size(height, grid) // grid, padded_size(width, grid) // grid
+    T = window_tokens(window, grid)
+    rows = window_spans(Ht, T or Ht)
+    cols = window_spans(Wt, T or Wt)
+    return [(r0, nr, th, c0, nc, tw) for r0, nr, th in rows for c0, nc, tw in cols]
+
+
+def to_window_groups(t: torch.Tensor, grid: int, window: int | None) -> list[torch.Tensor]:
+    """(B, C, H, W) → one (B·nr·nc·g², th·tw, C) tensor per block of :func:`window_blocks`,
+    zero-padded bottom/right as :func:`to_groups`."""
+    B, C, H, W = t.shape
+    Hp, Wp = padded_size(H, grid), padded_size(W, grid)
+    v = F.pad(t, (0, Wp - W, 0, Hp - H)).view(B, C, Hp // grid, grid, Wp // grid, grid)
+    out = []
+    for r0, nr, th, c0, nc, tw in window_blocks(H, W, grid, window):
+        blk = v[:, :, r0:r0 + nr * th, :, c0:c0 + nc * tw, :]
+        blk = blk.reshape(B, C, nr, th, grid, nc, tw, grid).permute(0, 2, 5, 4, 7, 3, 6, 1)
+        out.append(blk.reshape(B * nr * nc * grid * grid, th * tw, C))
+    return out
+
+
+def from_window_groups(blocks: list[torch.Tensor], batch: int, height: int, width: int,
+                       grid: int, window: int | None) -> torch.Tensor:
+    """Inverse of :func:`to_window_groups`, cropping the padding."""
+    C = blocks[0].shape[-1]
+    Hp, Wp = padded_size(height, grid), padded_size(width, grid)
+    g = grid
+    out = blocks[0].new_empty(batch, C, Hp // g, g, Wp // g, g)
+    for blk, (r0, nr, th, c0, nc, tw) in zip(blocks, window_blocks(height, width, grid, window)):
+        blk = blk.view(batch, nr, nc, g, g, th, tw, C).permute(0, 7, 1, 5, 3, 2, 6, 4)
+        out[:, :, r0:r0 + nr * th, :, c0:c0 + nc * tw, :] = blk.reshape(
+            batch, C, nr * th, g, nc * tw, g)
+    return out.view(batch, C, Hp, Wp)[:, :, :height, :width]
+
+
+def window_layer_norm(x: torch.Tensor, grid: int, window: int | None, group_stats: bool,
+                      eps: float = LN_EPS) -> list[torch.Tensor]:
+    """y = LayerNorm(x) in the windowed grouping (one tensor per block, padded tokens 0): the
+    image-wide statistics, or with ``group_stats`` one mean/variance per windowed group over its
+    real tokens and all channels (the blind spot stays exact)."""
+    if not group_stats:
+        return to_window_groups(F.layer_norm(x, x.shape[-3:], eps=eps), grid, window)
+    B, C, H, W = x.shape
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    ones = torch.ones(1, 1, H, W, device=x.device, dtype=xf.dtype)
+    out = []
+    for xb, mb in zip(to_window_groups(xf, grid, window), to_window_groups(ones, grid, window)):
+        xb = xb.view(B, -1, *xb.shape[1:])
+        count = (mb.sum(dim=(1, 2)) * C).clamp_min(1)[None, :, None, None]
+        m = xb.sum(dim=(2, 3), keepdim=True) / count
+        var = (((xb - m) * mb) ** 2).sum(dim=(2, 3), keepdim=True) / count
+        y = (xb - m) * torch.rsqrt(var + eps) * mb
+        out.append(y.reshape(-1, *y.shape[2:]).to(x.dtype))
+    return out
+
+
+def window_queries(x: torch.Tensor, w: torch.Tensor, grid: int, window: int | None,
+                   group_stats: bool = False) -> list[torch.Tensor]:
+    """q̂ of every token in the windowed grouping (one (groups, N, E) tensor per block); padded
+    tokens are exactly 0 and carry no gradient (see :func:`normalized_queries`)."""
+    B, C, H, W = x.shape
+    ones = torch.ones(1, 1, H, W, device=x.device, dtype=x.dtype)
+    out = []
+    for yb, mb in zip(window_layer_norm(x, grid, window, group_stats),
+                      to_window_groups(ones, grid, window)):
+        qh = normalize(yb @ w.to(yb.dtype))
+        if H % grid or W % grid:
+            qh = (qh.view(B, -1, *qh.shape[1:]) * mb.to(qh.dtype)).view_as(qh)
+        out.append(qh)
+    return out
 
 
 def softmax_scale(embed: int) -> float:

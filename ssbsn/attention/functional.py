@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from ..config import BACKENDS
-from .common import tokens_per_group
+from .common import check_window, padded_size, tokens_per_group, window_tokens
 from .reference import ss_attention_reference
 from .sdpa import ss_attention_sdpa
 
@@ -34,15 +34,23 @@ from .sdpa import ss_attention_sdpa
 COMPILED_SDPA_MAX_TOKENS = 2048
 
 
+def group_tokens(height: int, width: int, grid: int, window: int | None = None) -> int:
+    """The most tokens one group holds (padded ones included), with or without a window."""
+    T = window_tokens(window, grid)
+    if T is None:
+        return tokens_per_group(height, width, grid)
+    return min(T, padded_size(height, grid) // grid) * min(T, padded_size(width, grid) // grid)
+
+
 def compiled_prefers_sdpa(x: torch.Tensor, grid: int, deterministic: bool,
-                          compiling: bool | None = None) -> bool:
+                          compiling: bool | None = None, window: int | None = None) -> bool:
     """Whether backend "fused" takes the SDPA formulation for ``x`` (see the module docstring).
     ``compiling`` defaults to ``torch.compiler.is_compiling()``; deterministic gradients always
     keep the kernels (their dW reduction order is fixed, SDPA's backward is not)."""
     if compiling is None:
         compiling = torch.compiler.is_compiling()
     return (compiling and not deterministic and x.dim() == 4
-            and tokens_per_group(x.shape[-2], x.shape[-1], grid) <= COMPILED_SDPA_MAX_TOKENS)
+            and group_tokens(x.shape[-2], x.shape[-1], grid, window) <= COMPILED_SDPA_MAX_TOKENS)
 
 
 def _kernels():
@@ -55,32 +63,38 @@ def _kernels():
 
 
 def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bool = False,
-                 backend: str = "reference", deterministic: bool = False) -> torch.Tensor:
+                 backend: str = "reference", deterministic: bool = False,
+                 window: int | None = None) -> torch.Tensor:
     """Return ``x + attention(x)`` (docs/ss_attention.md, steps 1-6).
 
-    ``deterministic`` (triton/fused on CUDA) makes the gradients bitwise repeatable; the other
-    backends ignore it (their determinism is PyTorch's).
+    ``window``: the bounded scope in pixels of x (docs/ss_attention.md, "Bounded scope"):
+    groups are one grid phase inside one window, so the cost grows linearly with the area;
+    None: whole-map groups (the paper's). ``deterministic`` (triton/fused on CUDA) makes the
+    gradients bitwise repeatable; the other backends ignore it (their determinism is
+    PyTorch's).
     """
+    check_window(window)
     if backend == "reference":
-        return ss_attention_reference(x, w, grid, group_stats=group_stats)
+        return ss_attention_reference(x, w, grid, group_stats=group_stats, window=window)
     if backend == "sdpa":
-        return ss_attention_sdpa(x, w, grid, group_stats=group_stats)
+        return ss_attention_sdpa(x, w, grid, group_stats=group_stats, window=window)
     if backend == "triton":
         kernels, why = _kernels()
         if kernels is None:
             raise RuntimeError(f"backend='triton': {why}")
         return kernels.ss_attention(x, w, grid, group_stats=group_stats,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, window=window)
     if backend == "fused":
-        if x.device.type == "cpu" or compiled_prefers_sdpa(x, grid, deterministic):
-            return ss_attention_sdpa(x, w, grid, group_stats=group_stats)
+        if x.device.type == "cpu" or compiled_prefers_sdpa(x, grid, deterministic,
+                                                           window=window):
+            return ss_attention_sdpa(x, w, grid, group_stats=group_stats, window=window)
         kernels, why = _kernels()
         if kernels is not None:
-            why = kernels.unsupported_reason(x, w, grid)
+            why = kernels.unsupported_reason(x, w, grid, window)
             if why is None:
                 return kernels.ss_attention(x, w, grid, group_stats=group_stats,
-                                            deterministic=deterministic)
+                                            deterministic=deterministic, window=window)
         warnings.warn(f"SS-Attention backend 'fused': the Triton kernels cannot run this input "
                       f"({why}); falling back to the SDPA path", RuntimeWarning, stacklevel=2)
-        return ss_attention_sdpa(x, w, grid, group_stats=group_stats)
+        return ss_attention_sdpa(x, w, grid, group_stats=group_stats, window=window)
     raise ValueError(f"unknown SS-Attention backend {backend!r}; choose one of {BACKENDS}")

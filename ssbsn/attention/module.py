@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .common import check_window
 from .functional import BACKENDS, ss_attention
 
 
@@ -23,12 +24,14 @@ class SSAttention(nn.Module):
             the blind spot exact (the authors' checkpoints use per-image statistics).
         embed: width E of the shared Q/K projection (default C).
         deterministic: bitwise-repeatable gradients from the fused Triton kernels.
+        window: the bounded scope in pixels (groups are one grid phase inside one window of
+            the map; the cost grows linearly with the area); None: whole-map groups.
     """
 
     def __init__(self, channels: int, grid: int, fused: bool | None = None,
                  group_stats: bool = False,
                  embed: int | None = None, deterministic: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, window: int | None = None):
         super().__init__()
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown SS-Attention backend {backend!r}; choose one of {BACKENDS}")
@@ -36,6 +39,8 @@ class SSAttention(nn.Module):
         self.backend = backend or ("reference" if fused is False else "fused")
         self.fused, self.group_stats = self.backend != "reference", group_stats
         self.deterministic = deterministic
+        check_window(window)
+        self.window = window
         self.wqk = nn.Parameter(torch.empty(channels, embed or channels))
         self.reset_parameters()
 
@@ -45,8 +50,8 @@ class SSAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ss_attention(x, self.wqk, self.grid, group_stats=self.group_stats,
                             backend=self.backend,
-                            deterministic=self.deterministic)
+                            deterministic=self.deterministic, window=self.window)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, grid={self.grid}, embed={self.wqk.shape[1]}, "
-                f"backend={self.backend}, group_stats={self.group_stats}")
+                f"backend={self.backend}, group_stats={self.group_stats}, window={self.window}")

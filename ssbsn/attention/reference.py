@@ -16,7 +16,8 @@ import math
 
 import torch
 
-from .common import check_inputs, from_groups, layer_norm, normalize, to_groups
+from .common import (check_inputs, check_window, from_groups, from_window_groups, is_windowed,
+                     layer_norm, normalize, to_groups, to_window_groups, window_layer_norm)
 
 
 def ss_attention_reference(
@@ -25,10 +26,23 @@ def ss_attention_reference(
     grid: int,
     *,
     group_stats: bool = False,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Return ``x + attention(x)`` for x of shape (B, C, H, W) and the shared Q/K matrix w (C, E)."""
+    """Return ``x + attention(x)`` for x of shape (B, C, H, W) and the shared Q/K matrix w (C, E).
+
+    ``window``: the bounded scope (pixels; docs/ss_attention.md): groups are one grid phase
+    inside one window; None: the whole map."""
     check_inputs(x, w)
+    check_window(window)
     B, C, H, W = x.shape
+    if is_windowed(H, W, grid, window):
+        outs = []
+        for yb, vb in zip(window_layer_norm(x, grid, window, group_stats),
+                          to_window_groups(x, grid, window)):
+            q = normalize(yb @ w.to(yb.dtype))
+            attn = torch.softmax((1.0 + q @ q.transpose(1, 2)) / math.sqrt(w.shape[1]), dim=-1)
+            outs.append(attn @ vb)
+        return x + from_window_groups(outs, B, H, W, grid, window)
     y = layer_norm(x, grid, group_stats)
     # q̂ in at least fp32, as autocast would: in fp16 the eps rounds to 0 and the padded tokens
     # (q = 0) would become 0/0

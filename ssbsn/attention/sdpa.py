@@ -14,16 +14,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import (check_inputs, from_groups, normalized_queries, softmax_scale,
-                     to_groups)
+from .common import (check_inputs, check_window, from_groups, from_window_groups, is_windowed,
+                     normalized_queries, softmax_scale, to_groups, to_window_groups,
+                     window_queries)
 
 
-def ss_attention_sdpa(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool = False
-                      ) -> torch.Tensor:
-    """Return ``x + attention(x)`` (docs/ss_attention.md, steps 1-6), differentiable in x and w."""
+def ss_attention_sdpa(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool = False,
+                      window: int | None = None) -> torch.Tensor:
+    """Return ``x + attention(x)`` (docs/ss_attention.md, steps 1-6), differentiable in x and w.
+    ``window``: the bounded scope in pixels (None: whole-map groups); each block of equally
+    sized windows is one SDPA call with the windows as its heads."""
     check_inputs(x, w)
+    check_window(window)
     B, C, H, W = x.shape
     E = w.shape[1]
+    if is_windowed(H, W, grid, window):
+        outs = []
+        for qb, vb in zip(window_queries(x, w, grid, window, group_stats),
+                          to_window_groups(x, grid, window)):
+            ob = F.scaled_dot_product_attention(qb[None], qb[None], vb[None],
+                                                scale=softmax_scale(E))
+            outs.append(ob[0])
+        return x + from_window_groups(outs, B, H, W, grid, window)
     g2 = grid * grid
     q = normalized_queries(x, w, grid, group_stats)
     v = to_groups(x, grid)

@@ -32,10 +32,10 @@ class DConvBlock(nn.Module):
 class SSBlock(DConvBlock):
     def __init__(self, channels: int, dilation: int, grid: int, *, backend: str = "fused",
                  group_stats: bool = False, conv_backend: str = "torch",
-                 deterministic: bool = False):
+                 deterministic: bool = False, window: int | None = None):
         super().__init__(channels, dilation, conv_backend=conv_backend)
         self.attn = SSAttention(channels, grid, group_stats=group_stats, backend=backend,
-                                deterministic=deterministic)
+                                deterministic=deterministic, window=window)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(self.attn(x))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..attention import SSAttention
+from ..attention.common import check_window
 from .blocks import DConvBlock, SSBlock
 from .conv import CentralMaskedConv2d
 
@@ -20,7 +22,8 @@ from .conv import CentralMaskedConv2d
 class Branch(nn.Module):
     def __init__(self, dilation: int, channels: int, num_modules: int, ss_blocks: int, gamma: int,
                  *, backend: str = "fused", group_stats: bool = False,
-                 conv_backend: str = "torch", deterministic: bool = False):
+                 conv_backend: str = "torch", deterministic: bool = False,
+                 window: int | None = None):
         super().__init__()
         if not 0 <= ss_blocks <= num_modules:
             raise ValueError(f"ss_blocks must lie in 0..{num_modules}, got {ss_blocks}")
@@ -37,7 +40,7 @@ class Branch(nn.Module):
             else:
                 layers.append(SSBlock(channels, dilation, gamma * dilation, backend=backend,
                                       group_stats=group_stats, conv_backend=conv_backend,
-                                      deterministic=deterministic))
+                                      deterministic=deterministic, window=window))
         layers += [nn.Conv2d(channels, channels, 1), nn.ReLU()]
         self.body = nn.Sequential(*layers)
 
@@ -49,13 +52,14 @@ class BSN(nn.Module):
     """The blind-spot network: output at a pixel does not depend on the input at that pixel.
 
     ``backend``: SS-Attention's (:data:`ssbsn.config.BACKENDS`); ``fused`` is its older
-    spelling (True = "fused", False = "reference")."""
+    spelling (True = "fused", False = "reference"). ``window``: SS-Attention's bounded scope
+    in pixels (None: whole-map groups)."""
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, base_channels: int = 128,
                  num_modules: int = 9, ss_blocks: int = 3, gamma: int = 2, dilations=(2, 3), *,
                  backend: str | None = None, group_stats: bool = False,
                  conv_backend: str = "torch", deterministic: bool = False,
-                 fused: bool | None = None):
+                 fused: bool | None = None, window: int | None = None):
         super().__init__()
         backend = backend or ("reference" if fused is False else "fused")
         if base_channels % 2:
@@ -63,7 +67,7 @@ class BSN(nn.Module):
         C = base_channels
         self.head = nn.Sequential(nn.Conv2d(in_channels, C, 1), nn.ReLU())
         opts = dict(backend=backend, group_stats=group_stats, conv_backend=conv_backend,
-                    deterministic=deterministic)
+                    deterministic=deterministic, window=window)
         # named branch1, branch2, ... as in the authors' layout
         for i, d in enumerate(dilations, start=1):
             self.add_module(f"branch{i}", Branch(d, C, num_modules, ss_blocks, gamma, **opts))
@@ -77,6 +81,13 @@ class BSN(nn.Module):
 
     def branches(self) -> list[Branch]:
         return [getattr(self, f"branch{i}") for i in range(1, self.num_branches + 1)]
+
+    def set_attention_window(self, window: int | None) -> None:
+        """Change every SS-Attention's scope (the weights are the same for any window)."""
+        for m in self.modules():
+            if isinstance(m, SSAttention):
+                check_window(window)
+                m.window = window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(x)
