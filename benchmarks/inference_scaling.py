@@ -2,8 +2,8 @@
 (``attention_window``), and what the scope does to quality — side by side in one run.
 
     python -m benchmarks.inference_scaling --out benchmarks/results/inference_scaling \\
-        --quality-cache /tmp/qcache --demo-model demo_out/run/model.safetensors
-    python -m benchmarks.inference_scaling --smoke --out /tmp/s     # seconds: the CI check
+        --quality-cache CACHE --demo-model demo_out/run/model.safetensors
+    python -m benchmarks.inference_scaling --smoke --out OUT       # seconds: the CI check
 
 Timing (the quick preset's network, random weights unless ``--weights``: the time does not
 depend on their values; large tensors on huge pages, as the ``ssbsn`` command runs,
