@@ -236,8 +236,8 @@ def targets(rows, summary, window, windows) -> list[dict]:
 def markdown(res) -> str:
     md = [f"# Inference scaling ({res['preset']} preset's model): whole-map groups against "
           f"window {res['window']}", "",
-          f"{res['env']['device']}; torch {res['env']['torch']}; {res['env']['date']}; "
-          f"commit {res['env']['commit']}", ""]
+          f"CPU: {res['env']['cpu']}; torch {res['env']['torch']}; {res['env']['date']}; "
+          f"commit {res['env']['git_commit']}; load {res['env']['loadavg_1m']}", ""]
     if res["timing"]:
         md += ["| kind | size | threads | whole map (s) | window (s) | whole map µs/px | "
                "window µs/px | split of the windowed run (network / Wiener / rest, s) |",
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from ssbsn.allocator import use_huge_pages
     huge_pages = use_huge_pages()  # as the ssbsn command does, before torch is imported
-    from benchmarks.env import cpu_model_name, git_commit
+    from benchmarks.env import env_info
     from ssbsn.presets import preset_values
     window = args.window or preset_values("quick").get("attention_window", 0)
     try:
@@ -307,11 +307,8 @@ def main(argv=None) -> int:
         windows = [0] + windows
     if args.smoke:
         args.sizes = [(48, 64), (96, 128)]
-    import torch
     res = dict(preset=args.preset, window=window, windows=windows, sizes=args.sizes,
-               env=dict(device=f"CPU: {cpu_model_name()}", torch=torch.__version__,
-                        commit=git_commit(), huge_pages=huge_pages, date=time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                time.gmtime())),
+               env={**env_info(), "huge_pages": huge_pages},
                timing=timing(args, window) if args.timing else [])
     res["quality_runs"] = quality(args, windows)
     res["quality"] = quality_summary(res["quality_runs"], windows)
@@ -319,8 +316,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    (out / "results.md").write_text(markdown(res))
-    print(markdown(res))
+    md = markdown(res)
+    (out / "results.md").write_text(md)
+    print(md)
     return 0
 
 
