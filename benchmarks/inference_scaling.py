@@ -60,13 +60,13 @@ def preset_model(weights: str | None, window: int, preset: str = "quick"):
 
 class StepClock:
     """Wall time of the network passes (forward hooks on ``model.bsn``) and of the Wiener
-    stage (``ssbsn.model.bm3d_wiener`` wrapped) during one ``denoise`` call."""
+    stage (``ssbsn.model.collaborative_refinement`` wrapped) during one ``denoise`` call."""
 
     def __init__(self, model):
         import ssbsn.model as sm
         self.model, self.sm, self.net, self.wiener, self.passes = model, sm, 0.0, 0.0, 0
         self._t = None
-        self._orig = sm.bm3d_wiener
+        self._orig = sm.collaborative_refinement
 
     def __enter__(self):
         def pre(*_):
@@ -84,13 +84,13 @@ class StepClock:
                 self.wiener += time.perf_counter() - t
         self._hooks = [self.model.bsn.register_forward_pre_hook(pre),
                        self.model.bsn.register_forward_hook(post)]
-        self.sm.bm3d_wiener = wiener
+        self.sm.collaborative_refinement = wiener
         return self
 
     def __exit__(self, *exc):
         for h in self._hooks:
             h.remove()
-        self.sm.bm3d_wiener = self._orig
+        self.sm.collaborative_refinement = self._orig
 
 
 def time_one(kind: str, model, size, threads: int) -> dict:

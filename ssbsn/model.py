@@ -15,7 +15,7 @@ from .inference import (INFERENCE_DEFAULTS, check_inference_settings, noisy_pixe
                         shift_ensemble, tiled, transform)
 from .nn import BSN
 from .pd import pd_down, pd_down_batch, pd_up, pd_up_batch
-from .wiener import bm3d_wiener
+from .wiener import collaborative_refinement
 
 
 class SSBSN(nn.Module):
@@ -138,10 +138,11 @@ class SSBSN(nn.Module):
                 the fine detail the blind spot loses where the noise is weak; the error
                 variance is keyed on the texture of a second estimate at the training PD
                 stride ``pd_train`` (one more network pass); off for the paper.
-            wiener: refine with BM3D's collaborative Wiener stage, the (blended) result as
-                its pilot, in a variance-stabilised domain with the noise spectrum measured
-                on the image (:func:`ssbsn.wiener.bm3d_wiener`; CPU, numpy); off for the
-                paper.
+            wiener: refine with a collaborative Wiener filter (BM3D's second stage, this
+                project's own), the (blended) result as its pilot, in a variance-stabilised
+                domain with the noise spectrum measured on the image
+                (:func:`ssbsn.wiener.collaborative_refinement`: the noise model in numpy on
+                the CPU, the filter in torch on x's device); off for the paper.
             debias: remove the brightness shift that the camera's tone curve and clipping
                 put into the mean of the noise, which a network trained on noisy targets
                 learns (:func:`ssbsn.debias.tone_curve_debias`; sRGB camera photos only);
@@ -172,7 +173,7 @@ class SSBSN(nn.Module):
         out = y
         if s["blend"]:  # texture from the training stride's estimate (noisy_pixel_blend says why)
             out = noisy_pixel_blend(x, y, y if self.pd_train == b else estimate(self.pd_train))
-        out = bm3d_wiener(x, y, out) if s["wiener"] else out
+        out = collaborative_refinement(x, y, out) if s["wiener"] else out
         return tone_curve_debias(x, y, out, lag=self.pd_train) if s["debias"] else out
 
     def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int,

@@ -2,6 +2,7 @@
 to ``ssbsn.kernels`` and ships ``csrc/`` inside the package, which an editable install (what
 the rest of the suite runs on) never exercises. Built here without the CUDA extension."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,91 @@ def test_installed_wheel_imports_its_own_copy(wheel, tmp_path):
     for p in paths:
         assert p.is_file()
         assert p.resolve().is_relative_to(site.resolve()), p
+
+
+# A licence is acceptable when its SPDX expression, its trove classifiers or its License field
+# name a permissive or weak-copyleft licence, and nothing in them restricts commercial use or
+# redistribution (bm3d's "Free for non-commercial use", a proprietary licence).
+_RESTRICTED = re.compile(r"non[- ]?commercial|proprietary|not for commercial|"
+                         r"commercial use (is )?(not|prohibited|forbidden)|CC-BY-NC", re.I)
+_PERMISSIVE = re.compile(r"\b(MIT|BSD|Apache|PSF|Python Software Foundation|MPL|ISC|Zlib|"
+                         r"0BSD|CC0|Unlicense|HPND|MIT-CMU|BSL-1\.0|LGPL)\b", re.I)
+
+
+def licence_verdict(meta) -> tuple[bool, str]:
+    """(acceptable, what was read) for one distribution's metadata (an email.Message): its
+    SPDX expression, its licence classifiers and the opening lines of its License field (a
+    full licence text there may quote others', e.g. the GPL's words on proprietary programs
+    in scipy's bundled runtime notices)."""
+    named = [meta.get("License-Expression") or "",
+             *(c for c in meta.get_all("Classifier") or [] if c.startswith("License ::")),
+             *(meta.get("License") or "").strip().splitlines()[:3]]
+    named = [f.strip() for f in named if f.strip()]
+    said = " | ".join(named)
+    if any(_RESTRICTED.search(f) for f in named):
+        return False, said
+    return any(_PERMISSIVE.search(f) for f in named), said
+
+
+def _runtime_requirements(name: str) -> dict[str, object]:
+    """The installed distributions that ``pip install name`` pulls (no extras), transitively."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    found, todo = {}, [name]
+    while todo:
+        n = todo.pop()
+        key = re.sub(r"[-_.]+", "-", n).lower()
+        if key in found:
+            continue
+        try:
+            dist = metadata.distribution(n)
+        except metadata.PackageNotFoundError:
+            found[key] = None
+            continue
+        found[key] = dist
+        for r in dist.requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return found
+
+
+def test_installed_requirements_allow_commercial_use_and_redistribution():
+    """Every distribution ``pip install .`` pulls, read from the installed metadata, carries a
+    permissive licence; the install is the checkout's (its requirements are pyproject's)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from importlib import metadata
+    declared = {Requirement(r).name.lower() for r in
+                tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    installed = {Requirement(r).name.lower() for r in metadata.requires("ssbsn") or []
+                 if Requirement(r).marker is None}
+    assert installed == declared, "the installed ssbsn is not this checkout's: pip install -e ."
+    assert "bm3d" not in declared and "bm4d" not in declared
+    dists = _runtime_requirements("ssbsn")
+    missing = sorted(k for k, d in dists.items() if d is None)
+    assert not missing, f"requirements not installed, licence unknown: {missing}"
+    bad = {k: said for k, d in dists.items() if k != "ssbsn"
+           for ok, said in [licence_verdict(d.metadata)] if not ok}
+    assert not bad, bad
+
+
+def test_licence_verdict_refuses_non_commercial_and_unknown():
+    """The check itself: bm3d's licence metadata (non-commercial use only), a proprietary
+    classifier and a distribution that says nothing are refused; MIT and BSD pass."""
+    from email.message import Message
+
+    def meta(**fields):
+        m = Message()
+        for k, v in fields.items():
+            for item in (v if isinstance(v, list) else [v]):
+                m[k.replace("_", "-")] = item
+        return m
+    assert not licence_verdict(meta(Classifier=["License :: Free for non-commercial use"]))[0]
+    assert not licence_verdict(meta(License="Free for non-commercial use; see LICENSE"))[0]
+    assert not licence_verdict(meta(Classifier=["License :: Other/Proprietary License"]))[0]
+    assert not licence_verdict(meta(Summary="no licence field"))[0]
+    assert licence_verdict(meta(License_Expression="MIT"))[0]
+    assert licence_verdict(meta(Classifier=["License :: OSI Approved :: BSD License"]))[0]
