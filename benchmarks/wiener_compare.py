@@ -15,16 +15,18 @@ computes them, then steps 1–5 of :mod:`ssbsn.wiener` with step 4 done by
   the groups found on the luminance reused for the chroma), when the package is installed,
 
 then the tone-curve debias; PSNR/SSIM of the 8-bit outputs against the clean photo, and the
-seconds each refinement took. ``--demo`` adds the demo's photos when a demo model exists.
+seconds each refinement took. ``--demo MODEL`` adds the demo's photos with a demo model.
 
 Speed (``--size``): the whole refinement (steps 1–5) and step 4 alone on a synthetic photo of
 4000×3000 pixels (a mosaic of scikit-image's colour photos through a simulated camera, the
 estimate and pilot a blur of the noisy photo) and on a 1000×1000 crop of it, with each number
 of torch threads of ``--timing-threads`` (``--repeat`` times), the machine's load average
-beside each time; and the peak memory of step 4 alone on the large photo (a fresh process).
+beside each time; the blend's and the debias's fits on the same photos (their seconds per
+megapixel at 1 and 12 MP); and the peak memory of step 4 alone on the large photo (a fresh
+process).
 
-    python benchmarks/wiener_compare.py --cache /tmp/qcache --seeds 0,1 --demo --threads 1 \
-        --timing-threads 2,1 --repeat 2 --out benchmarks/results/wiener   # the committed run
+    python benchmarks/wiener_compare.py --cache CACHE --seeds 0,1 --demo DEMO/run/model.safetensors \
+        --threads 1 --timing-threads 2,1 --repeat 2 --out benchmarks/results/wiener  # committed
 
 Writes ``results.json`` and ``results.md`` to ``--out``.
 """
@@ -46,7 +48,6 @@ sys.path.insert(0, str(HERE))
 import quality  # noqa: E402  (a sibling script: photos, noise and scores shared with it)
 
 MODEL = "run_ssbsn_8_quick_all_None_256_{seed}_0.002_0.004_0.01.safetensors"
-DEMO_MODEL = Path("/tmp/demo_out/run/model.safetensors")
 
 
 # ------------------------------------------------------------------ the bm3d package's step 4
@@ -207,6 +208,37 @@ def time_refinement(noisy: np.ndarray, threads: int) -> dict:
                 load_after=[round(v, 2) for v in os.getloadavg()])
 
 
+def time_fits(noisy: np.ndarray, threads: int) -> dict:
+    """Seconds of the blend's fit (:func:`ssbsn.inference.noisy_pixel_blend`) and of the debias's
+    (:func:`ssbsn.debias.tone_curve_debias`, the quick preset's lag) on ``noisy``, the estimate a
+    blur of it, with ``threads`` torch threads."""
+    import torch
+
+    from ssbsn.debias import tone_curve_debias
+    from ssbsn.inference import gaussian_lowpass, noisy_pixel_blend
+    from ssbsn.presets import preset_values
+    lag = preset_values("quick")["pd_train"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.from_numpy(noisy.astype(np.float32).transpose(2, 0, 1).copy())[None]
+        est = gaussian_lowpass(x, 1.0)
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        out = noisy_pixel_blend(x, est, est)
+        t1 = time.perf_counter()
+        tone_curve_debias(x, est, out, lag=lag)
+        t2 = time.perf_counter()
+    finally:
+        torch.set_num_threads(before)
+    mp = noisy.shape[0] * noisy.shape[1] / 1e6
+    return dict(height=noisy.shape[0], width=noisy.shape[1], threads=threads,
+                blend_s=round(t1 - t0, 2), debias_s=round(t2 - t1, 2),
+                blend_s_per_mp=round((t1 - t0) / mp, 3), debias_s_per_mp=round((t2 - t1) / mp, 3),
+                load_before=[round(v, 2) for v in load0],
+                load_after=[round(v, 2) for v in os.getloadavg()])
+
+
 def _peak_rss() -> int:
     """The process's peak resident memory so far (bytes; Linux)."""
     with open("/proc/self/status") as f:
@@ -267,7 +299,7 @@ def summary(rows: list[dict], have_old: bool) -> list[dict]:
     return out
 
 
-def report_md(env, rows, summ, speed, have_old, memory=()) -> str:
+def report_md(env, rows, summ, speed, have_old, memory=(), fits=()) -> str:
     md = ["# The Wiener refinement's step 4: torch collaborative filter against the bm3d package",
           "", f"{env['device']}; torch {env['torch']}, bm3d {env['bm3d']}; {env['date']}. "
           f"Command: `{env['command']}`.", ""]
@@ -313,6 +345,16 @@ def report_md(env, rows, summ, speed, have_old, memory=()) -> str:
             md.append(f"| {s['width']}×{s['height']} | {s['threads']} | {s['total_s']:.1f} | "
                       f"{s['step4_s']:.1f} | {s['cpu_s']:.0f} | {s['load_before'][0]:.1f} | "
                       f"{s['load_after'][0]:.1f} |")
+    if fits:
+        md += ["", "The blend's and the debias's fits against the pixel count (the same photo and "
+               "its crop; seconds per megapixel stay level when they scale linearly):", "",
+               "| size | threads | blend s | blend s/MP | debias s | debias s/MP | load before | "
+               "load after |", "|---|---|---|---|---|---|---|---|"]
+        for f in fits:
+            md.append(f"| {f['width']}×{f['height']} | {f['threads']} | {f['blend_s']:.2f} | "
+                      f"{f['blend_s_per_mp']:.3f} | {f['debias_s']:.2f} | "
+                      f"{f['debias_s_per_mp']:.3f} | {f['load_before'][0]:.1f} | "
+                      f"{f['load_after'][0]:.1f} |")
     for m in memory:
         md += ["", f"Memory of step 4 alone on {m['width']}×{m['height']} RGB (float32; a fresh "
                f"process, the growth of its peak resident memory over the call): "
@@ -337,8 +379,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--out", default=str(HERE / "results" / "wiener"))
     ap.add_argument("--no-bm3d", action="store_true", help="leave the bm3d package out")
-    ap.add_argument("--demo", action="store_true",
-                    help=f"the demo's photos too, with the demo model ({DEMO_MODEL})")
+    ap.add_argument("--demo", metavar="MODEL", default=None,
+                    help="the demo's photos too, with this demo model (the model.safetensors "
+                         "that `ssbsn demo -o DIR` trains: DIR/run/model.safetensors)")
     ap.add_argument("--size", default="4000x3000,1000x1000",
                     help="photos to time (WxH, comma-separated; empty: no timing)")
     ap.add_argument("--threads", type=int, default=None,
@@ -368,11 +411,14 @@ def main(argv=None) -> int:
         photos = quality.load_photos(None, 256, names=quality.HELD_OUT)
         items = quality.make_items(photos, quality.SHOTS, seed)
         rows += [dict(r, set=f"seed {seed}") for r in compare_items(model, items, use_old)]
-    if args.demo and DEMO_MODEL.is_file():
+    if args.demo:
+        if not Path(args.demo).is_file():
+            print(f"wiener_compare: no demo model {args.demo}", file=sys.stderr)
+            return 1
         print("wiener_compare: the demo's photos", flush=True)
-        model = SSBSN.load(DEMO_MODEL).eval()
+        model = SSBSN.load(args.demo).eval()
         rows += [dict(r, set="demo") for r in compare_items(model, demo_items(), use_old)]
-    speed, memory = [], []
+    speed, memory, fits = [], [], []
     sizes = [s for s in args.size.split(",") if s]
     threads = [int(t) for t in (args.timing_threads or str(torch.get_num_threads())).split(",")]
     if sizes:
@@ -387,6 +433,8 @@ def main(argv=None) -> int:
                 for t in threads:
                     speed.append(time_refinement(crop, t))
                     print(f"wiener_compare: {w}×{h}: {speed[-1]}", flush=True)
+                    fits.append(time_fits(crop, t))
+                    print(f"wiener_compare: fits {w}×{h}: {fits[-1]}", flush=True)
         memory.append(step4_memory(h0, w0))
         print(f"wiener_compare: memory {memory[-1]}", flush=True)
     summ = summary(rows, use_old) if rows else []
@@ -395,9 +443,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from ssbsn.collaborative import DEFAULT
     report = dict(environment=env, params=DEFAULT.__dict__, bm3d=use_old, images=rows,
-                  summary=summ, speed=speed, memory=memory)
+                  summary=summ, speed=speed, memory=memory, fits=fits)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = report_md(env, rows, summ, speed, use_old, memory)
+    md = report_md(env, rows, summ, speed, use_old, memory, fits)
     (out / "results.md").write_text(md)
     print(md)
     return 0
