@@ -1,8 +1,10 @@
 """The documentation against what it documents: every relative link in the README and docs/
-reaches a file (and, with #anchor, a heading of it), and docs/cli.md names every command and
-every option that `ssbsn COMMAND --help` lists."""
+reaches a file (and, with #anchor, a heading of it); docs/cli.md names every command and every
+option that `ssbsn COMMAND --help` lists, and its error table gives the lines and exit statuses
+that the command produces."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -50,9 +52,14 @@ def test_relative_links_resolve(page):
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
 
 
+def _ssbsn(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m ssbsn ARGS` with this checkout's package."""
+    return subprocess.run([sys.executable, "-m", "ssbsn", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def _help(*args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "ssbsn", *args, "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = _ssbsn(*args, "--help")
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -83,3 +90,30 @@ def test_cli_reference_names_every_command_and_option():
         if opt not in doc:
             missing.append(f"docs/cli.md never names the global option {opt}")
     assert not missing, "\n".join(missing)
+
+
+def _exit_table() -> dict[str, tuple[str, int]]:
+    """docs/cli.md's error table: its first column → (what you see, exit status)."""
+    doc = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    block = doc.split("**Errors.**", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in block.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = (cells[1].strip("`"), int(cells[2]))
+    return rows
+
+
+def test_cli_reference_exit_codes_are_what_the_command_does(tmp_path):
+    rows = _exit_table()
+    usage = next(v for k, v in rows.items() if k.startswith("the command line"))
+    bad_input = next(v for k, v in rows.items() if k.startswith("bad input"))
+    # the documented line for a bad option value, exactly
+    r = _ssbsn("train", "--lr", "x", cwd=tmp_path)
+    assert (r.stderr.strip(), r.returncode) == usage
+    # a missing checkpoint: one 'ssbsn: error:' line, the documented status, nothing written
+    r = _ssbsn("denoise", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png"),
+               "-w", str(tmp_path / "none.safetensors"), cwd=tmp_path)
+    assert r.returncode == bad_input[1], r.stderr
+    assert bad_input[0].startswith("ssbsn: error: ")
+    assert r.stderr.startswith("ssbsn: error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.png").exists()
