@@ -115,14 +115,14 @@ def _device(text: str) -> str:
 
 def _value_checks() -> dict:
     """The check of each option that takes a value, by its name (the same in every command)."""
-    from .train_config import MAX_LR, MAX_MINUTES, MAX_SEED, MAX_WORKERS
+    from .train_config import MAX_MINUTES, MAX_SEED, MAX_WORKERS
     at_least_1 = _whole(1)
     return {
         "--threads": _whole(1, 4096), "--seed": _whole(0, MAX_SEED), "--device": _device,
         "--steps": at_least_1, "--epochs": at_least_1, "--batch": at_least_1,
         "--crop": at_least_1, "--repeat": at_least_1, "--log-every": at_least_1,
         "--save-every": at_least_1, "--keep": at_least_1, "--warmup": _whole(0),
-        "--workers": _whole(0, MAX_WORKERS), "--lr": _number(0, MAX_LR, above=True),
+        "--workers": _whole(0, MAX_WORKERS), "--lr": _number(0, above=True),
         "--lr-decay-at": _number(0, 1, above=True), "--minutes": _number(0, MAX_MINUTES, above=True),
         "--limit": at_least_1, "--top": _whole(0), "--tile": _whole(0), "--overlap": _whole(0),
         "--pd-test": _whole(1, 64), "--lowpass": _number(0),

@@ -431,7 +431,7 @@ def _setup(cfg: TrainConfig, resume: bool, source) -> _Run:
     else:
         description = f"{len(source)} in-memory images"
     dataset = PatchDataset(source, cfg.crop, cfg.in_channels, cfg.augment, cfg.repeat, cfg.seed)
-    check_noise(dataset, cfg.pd_train, description)
+    check_noise(source, cfg.pd_train, cfg.crop, cfg.in_channels, description)
     dist_sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
                                                        shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(dist_sampler) // cfg.batch
@@ -484,20 +484,24 @@ def _setup(cfg: TrainConfig, resume: bool, source) -> _Run:
     return r
 
 
-def check_noise(dataset, stride: int, description: str, crops: int = 16) -> None:
+def check_noise(source, stride: int, crop: int, channels: int, description: str,
+                crops: int = 16) -> None:
     """Refuse data a blind-spot network cannot learn from: where each of the first ``crops``
-    training crops equals, pixel for pixel, the mean of its 8 neighbours at the PD ``stride``
-    (flat or saturated images), the images hold no noise to learn, and training would only end
-    in a failed check."""
-    from .health import neighbour_mean
+    images, on crops as large as the health check's (:func:`ssbsn.health.check_size`), equals
+    pixel for pixel the mean of its 8 neighbours at the PD ``stride`` (flat or saturated
+    images), the data hold no noise to learn, and training could only end in a failed check."""
+    from .data import PatchDataset
+    from .health import check_size, neighbour_mean
+    size = check_size(source, stride, crop)
+    if size <= 2 * stride:
+        return  # no interior to compare: nothing to say
+    dataset = PatchDataset(source, size, channels, augment=False, repeat=1, seed=0)
     s = stride
     for i in range(min(crops, len(dataset))):
         x = dataset[i][None].double()
-        if x.shape[-1] <= 2 * s or x.shape[-2] <= 2 * s:
-            return  # no interior to compare: nothing to say
         if (x[..., s:-s, s:-s] - neighbour_mean(x, s)).abs().max() > 1e-6:
             return
-    raise DataError(f"the training images ({description}) hold no noise: every crop equals the "
+    raise DataError(f"the training images ({description}) hold no noise: every pixel equals the "
                     f"mean of its neighbours at PD stride {s} (flat or saturated images); "
                     "SS-BSN learns from the noise of real noisy photos")
 
@@ -658,10 +662,14 @@ def _diverged(run: Path, cfg: TrainConfig, step: int, what: str):
 
 
 def _check_weights(run: Path, cfg: TrainConfig, model, step: int) -> None:
-    """Never save weights holding NaN or Inf (a step can blow them up with a finite loss)."""
+    """Never save weights holding NaN or Inf (a step can blow them up with a finite loss), or
+    magnitudes that no model loads (:data:`ssbsn.checkpoint.MAX_WEIGHT`)."""
+    from .checkpoint import MAX_WEIGHT
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             _diverged(run, cfg, step, f"non-finite weights in {name}")
+        if p.numel() and float(p.detach().abs().max()) > MAX_WEIGHT:
+            _diverged(run, cfg, step, f"weights beyond {MAX_WEIGHT:g} in {name}")
 
 
 def _all_mean(value: float, world: int, device) -> float:
