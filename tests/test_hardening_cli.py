@@ -410,3 +410,30 @@ def test_training_data_without_noise_is_refused_before_the_run(tmp_path, capsys)
     _one_error_line(err)
     assert "inf" not in err and "--seed" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("key,value,msg", [("minutes", math.inf, "--minutes must be a number above 0"),
+                                           ("minutes", math.nan, "--minutes must be a number"),
+                                           ("workers", -1, "--workers must lie in 0..256"),
+                                           ("seed", 2 ** 70, "--seed must lie in 0..")])
+def test_saved_configuration_out_of_range_is_refused(tmp_path, capsys, key, value, msg):
+    from ssbsn.train import TrainConfig, write_config
+    data = noisy_folder(tmp_path / "imgs", 2, 24, 26)
+    cfg = TrainConfig(data=[str(data)], crop=10, batch=2, **TINY)
+    setattr(cfg, key, value)
+    write_config(tmp_path / "config.yaml", cfg)
+    out = tmp_path / "run"
+    code, _, err = _run(["train", "--config", str(tmp_path / "config.yaml"), "--out", str(out),
+                         "--no-progress"], capsys)
+    assert code == 1 and msg in err, err
+    _one_error_line(err)
+    assert not out.exists()
+
+
+def test_unknown_devices_are_refused_by_the_api():
+    from ssbsn.errors import UsageError
+    from ssbsn.train import pick_device
+    for name in ("tpu", "cuda:99" if torch.cuda.is_available() else "cuda:0", "gpu"):
+        with pytest.raises(UsageError, match="--device"):
+            pick_device(name)
+    assert pick_device("cpu") == torch.device("cpu")
