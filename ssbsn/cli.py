@@ -50,21 +50,23 @@ class _Parser(argparse.ArgumentParser):
             close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)),
                                               n=1, cutoff=0.6)
             return f"; did you mean '{close[0]}'?" if close else ""
-        m = re.match(r"unrecognized arguments: (.*)", message)
-        if not m:
-            return ""
         known = [o for a in self._actions for o in a.option_strings]
         subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
-        command = next((t for t in getattr(self, "_argv", ()) if subs and t in subs[0].choices),
-                       None)
+        argv = getattr(self, "_argv", [])
+        command = next((t for t in argv if subs and t in subs[0].choices), None)
         if command is not None:
             known += [o for a in subs[0].choices[command]._actions for o in a.option_strings]
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        words = m.group(1).split() if m else argv  # another error may hide a mistyped option
         hints = []
-        for word in m.group(1).split():
-            if word.startswith("-"):
-                close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
-                if close:
-                    hints.append(f"'{close[0]}' for '{word}'")
+        for word in words:
+            name = word.split("=")[0]
+            if not name.startswith("-") or re.fullmatch(r"-\.?\d.*", name) or \
+                    any(o.startswith(name) for o in known):  # argparse takes prefixes
+                continue
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"'{close[0]}' for '{word}'")
         return f"; did you mean {', '.join(hints)}?" if hints else ""
 
 

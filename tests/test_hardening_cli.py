@@ -280,6 +280,7 @@ def test_triton_backend_on_the_cpu_is_refused(tmp_path, capsys, weights, image, 
     (["denoise", "a.png", "-o", "b.png", "-w", "m", "--overwirte"],
      "did you mean '--overwrite' for '--overwirte'?"),
     (["train", "d", "--stpes", "3"], "did you mean '--steps' for '--stpes'?"),
+    (["denoise", "a.png", "--overwirte"], "did you mean '--overwrite' for '--overwirte'?"),
     (["demo", "--thraeds", "2"], "did you mean '--threads' for '--thraeds'?"),
     (["--thraeds=2", "demo"], "did you mean '--threads' for '--thraeds=2'?"),
 ])
