@@ -146,12 +146,14 @@ def _model_field_check(f):
 
 
 def _apply_value_checks(parser: argparse.ArgumentParser, checks: dict) -> None:
-    """Give every option of ``parser`` that takes a number or a device its check."""
+    """Give every option of ``parser`` that takes a number or a device its check (an option
+    declared with a check of its own keeps it)."""
     from .config import model_fields
     fields = {f.name: f for f in model_fields() if f.metadata["check"] is not None
               and str(f.type) in ("int", "float")}
     for action in parser._actions:
-        if type(action) is not argparse._StoreAction or not action.option_strings:
+        if type(action) is not argparse._StoreAction or not action.option_strings \
+                or action.type not in (int, float, None):
             continue
         name = next((o for o in action.option_strings if o in checks), None)
         if name is not None:

@@ -649,7 +649,8 @@ def _health_check(r: _Run) -> dict | None:
         return None
     check = check_training(r.model, r.dataset.source, cfg.pd_train, cfg.crop, cfg.in_channels,
                            cfg.seed, batch=cfg.batch, device=r.device).to_dict()
-    write_text_atomic(r.run / "check.json", json.dumps(check, indent=2) + "\n")
+    with writing(r.run / "check.json", r.run):
+        write_text_atomic(r.run / "check.json", json.dumps(check, indent=2) + "\n")
     return check
 
 
