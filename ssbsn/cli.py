@@ -128,7 +128,6 @@ def _value_checks() -> dict:
         "--lr-decay-at": _number(0, 1, above=True), "--minutes": _number(0, MAX_MINUTES, above=True),
         "--limit": at_least_1, "--top": _whole(0), "--tile": _whole(0), "--overlap": _whole(0),
         "--pd-test": _whole(1, 64), "--lowpass": _number(0),
-        "--attention-window": _whole(0, 65536),
     }
 
 
@@ -145,11 +144,13 @@ def _model_field_check(f):
     return value
 
 
-def _apply_value_checks(parser: argparse.ArgumentParser, checks: dict) -> None:
+def _apply_value_checks(parser: argparse.ArgumentParser, checks: dict,
+                        model: bool = False) -> None:
     """Give every option of ``parser`` that takes a number or a device its check (an option
-    declared with a check of its own keeps it)."""
+    declared with a check of its own keeps it); ``model``: the model's options (``ssbsn
+    train``) their fields' ranges."""
     from .config import model_fields
-    fields = {f.name: f for f in model_fields() if f.metadata["check"] is not None
+    fields = {f.name: f for f in model_fields() if model and f.metadata["check"] is not None
               and str(f.type) in ("int", "float")}
     for action in parser._actions:
         if type(action) is not argparse._StoreAction or not action.option_strings \
@@ -230,8 +231,8 @@ def _denoiser(args):
     from .api import Denoiser
     from .train import check_backend_device, pick_device
     if args.attention_window is not None and not 0 <= args.attention_window <= 65536:
-        raise UserError(f"--attention-window must lie in 0..65536 (0 = the whole map), "
-                        f"got {args.attention_window}")
+        raise UsageError(f"--attention-window must lie in 0..65536 (0 = the whole map), "
+                         f"got {args.attention_window}")
     check_backend_device(args.backend, pick_device(args.device))
     return Denoiser.from_weights(args.weights, args.device, args.backend,
                                  attention_window=args.attention_window)
@@ -646,9 +647,9 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     _prep_parser(sub)
     checks = _value_checks()
     _apply_value_checks(p, checks)
-    for command in sub.choices.values():
+    for name, command in sub.choices.items():
         _add_global_options(command)
-        _apply_value_checks(command, checks)
+        _apply_value_checks(command, checks, model=name == "train")
     return p
 
 

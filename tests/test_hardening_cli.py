@@ -438,3 +438,10 @@ def test_unknown_devices_are_refused_by_the_api():
         with pytest.raises(UsageError, match="--device"):
             pick_device(name)
     assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_attention_window_out_of_range_is_a_usage_error(tmp_path, capsys, weights, image):
+    code, _, err = _run(["denoise", str(image), "-o", str(tmp_path / "o.png"), "-w", str(weights),
+                         "--attention-window", "-3"], capsys)
+    assert code == 2 and "--attention-window must lie in 0..65536" in err, err
+    _one_error_line(err)
