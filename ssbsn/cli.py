@@ -125,7 +125,8 @@ def _value_checks() -> dict:
         "--crop": at_least_1, "--repeat": at_least_1, "--log-every": at_least_1,
         "--save-every": at_least_1, "--keep": at_least_1, "--warmup": _whole(0),
         "--workers": _whole(0, MAX_WORKERS), "--lr": _number(0, above=True),
-        "--lr-decay-at": _number(0, 1, above=True), "--minutes": _number(0, MAX_MINUTES, above=True),
+        "--lr-decay-at": _number(0, 1, above=True),
+        "--minutes": _number(0, MAX_MINUTES, above=True),
         "--limit": at_least_1, "--top": _whole(0), "--tile": _whole(0), "--overlap": _whole(0),
         "--pd-test": _whole(1, 64), "--lowpass": _number(0),
     }

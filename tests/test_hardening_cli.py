@@ -413,10 +413,11 @@ def test_training_data_without_noise_is_refused_before_the_run(tmp_path, capsys)
     assert not out.exists()
 
 
-@pytest.mark.parametrize("key,value,msg", [("minutes", math.inf, "--minutes must be a number above 0"),
-                                           ("minutes", math.nan, "--minutes must be a number"),
-                                           ("workers", -1, "--workers must lie in 0..256"),
-                                           ("seed", 2 ** 70, "--seed must lie in 0..")])
+@pytest.mark.parametrize("key,value,msg", [
+    ("minutes", math.inf, "--minutes must be a number above 0"),
+    ("minutes", math.nan, "--minutes must be a number"), ("workers", -1, "--workers must lie in 0..256"),
+    ("seed", 2 ** 70, "--seed must lie in 0.."),
+])
 def test_saved_configuration_out_of_range_is_refused(tmp_path, capsys, key, value, msg):
     from ssbsn.train import TrainConfig, write_config
     data = noisy_folder(tmp_path / "imgs", 2, 24, 26)
