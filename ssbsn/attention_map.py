@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_path
+from .errors import UserError
 from .attention.module import SSAttention
 from .attention.common import (LN_EPS, layer_norm, normalize, padded_size, softmax_scale,
                                tokens_per_group, window_tokens)
@@ -110,6 +111,13 @@ def concentration(weights: np.ndarray) -> tuple[float, float]:
     return float(rel.max()), float(-(p * np.log(p)).sum() / math.log(n))
 
 
+def ss_blocks_of(model) -> list:
+    """(dilation, block index, SSAttention) of each SS-Block of ``model``, branch order."""
+    return [(branch.dilation, i, layer.attn) for branch in model.bsn.branches()
+            for i, layer in enumerate(branch.body)
+            if isinstance(getattr(layer, "attn", None), SSAttention)]
+
+
 @torch.no_grad()
 def attention_maps(model, image: np.ndarray, pixel: tuple[int, int]) -> list[dict]:
     """For image pixel ``pixel`` = (y, x) of ``image`` (H, W, C) floats in 0..255, one entry
@@ -123,11 +131,10 @@ def attention_maps(model, image: np.ndarray, pixel: tuple[int, int]) -> list[dic
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))[None]
     Hp, Wp = H + (-H) % b, W + (-W) % b
     xp = F.pad(x, (0, Wp - W, 0, Hp - H)).to(dev)
-    blocks = []
-    for branch in model.bsn.branches():
-        for i, layer in enumerate(branch.body):
-            if isinstance(getattr(layer, "attn", None), SSAttention):
-                blocks.append((branch.dilation, i, layer.attn))
+    blocks = ss_blocks_of(model)
+    if not blocks:
+        raise UserError("the model has no SS-Blocks (ss_blocks=0): it has no SS-Attention to "
+                        "draw")
     captured: dict[int, torch.Tensor] = {}
     hooks = [a.register_forward_hook(lambda mod, inp, out, k=k: captured.__setitem__(k, inp[0]))
              for k, (_, _, a) in enumerate(blocks)]
@@ -201,8 +208,10 @@ def attention_map_of_file(model, image_path, pixel: tuple[int, int], output, top
     """Read ``image_path``, compute :func:`attention_maps` for ``pixel`` = (y, x) and draw them
     (:func:`plot_attention`) into the PNG ``output``; a grey image goes through a 3-channel
     model as RGB. Returns the maps (one per SS-Block)."""
-    from .errors import UserError
     from .images import check_size, read_image, split_alpha, to_model_range
+    if not ss_blocks_of(model):
+        raise UserError("the model has no SS-Blocks (ss_blocks=0): it has no SS-Attention to "
+                        "draw")
     img = split_alpha(read_image(image_path))[0]
     check_size(img, image_path)
     y, x = pixel

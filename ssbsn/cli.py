@@ -1,16 +1,21 @@
 """The ``ssbsn`` command: train, denoise, eval, attention-map, demo, submit, prep.
 
 Every command reports a problem as one line on stderr (``ssbsn: error: ...``): exit status 2
-for a command line that cannot be parsed, 1 for everything else; ``--debug`` (before the
-command) shows the traceback instead. PyTorch is imported only by the commands that need it,
-so ``ssbsn --help`` is quick.
+for a command line that cannot be served as written (unknown commands or options, with a
+"did you mean", values out of their range, options that contradict each other, missing
+arguments), 1 for everything else; ``--debug`` shows the traceback instead. ``--debug`` and
+``--threads`` go before or after the command. Warnings are ``ssbsn: warning: ...`` lines on
+stderr. PyTorch is imported only when a command runs, so every ``--help`` is quick.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from pathlib import Path
 from . import __version__
 from .atomic import check_writable_dir, write_text_atomic
 from .config import add_model_options
-from .errors import SSBSNError, UserError
+from .errors import SSBSNError, UsageError, UserError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -28,11 +33,144 @@ CLIError = UserError  # the older name of a user error
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``ssbsn: error: ...`` and exit status 2."""
+    """argparse with one-line errors: ``ssbsn: error: ...`` and exit status 2, with a "did you
+    mean" for a mistyped command, choice or option."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         hint = f" (see '{self.prog} --help')"
-        self.exit(EXIT_USAGE, f"ssbsn: error: {message}{hint}\n")
+        self.exit(EXIT_USAGE, f"ssbsn: error: {message}{self._did_you_mean(message)}{hint}\n")
+
+    def _did_you_mean(self, message: str) -> str:
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)),
+                                              n=1, cutoff=0.6)
+            return f"; did you mean '{close[0]}'?" if close else ""
+        known = [o for a in self._actions for o in a.option_strings]
+        subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        argv = getattr(self, "_argv", [])
+        command = next((t for t in argv if subs and t in subs[0].choices), None)
+        if command is not None:
+            known += [o for a in subs[0].choices[command]._actions for o in a.option_strings]
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        words = m.group(1).split() if m else argv  # another error may hide a mistyped option
+        hints = []
+        for word in words:
+            name = word.split("=")[0]
+            if not name.startswith("-") or re.fullmatch(r"-\.?\d.*", name) or \
+                    any(o.startswith(name) for o in known):  # argparse takes prefixes
+                continue
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"'{close[0]}' for '{word}'")
+        return f"; did you mean {', '.join(hints)}?" if hints else ""
+
+
+# ================================================================== value checks
+# Every number and name on the command line is checked as it is parsed (argparse ``type=``):
+# a value out of its range is a usage error (exit 2) naming the option and the range.
+
+def _whole(lo: int, hi: int | None = None):
+    """A whole number in lo..hi (hi None: no upper bound)."""
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(
+                f"must lie in {lo}..{hi}, got {value}" if hi is not None
+                else f"must be at least {lo}, got {value}")
+        return value
+    return whole_number
+
+
+def _number(lo: float, hi: float | None = None, above: bool = False):
+    """A finite number from ``lo`` (excluded with ``above``) to ``hi`` (None: no bound)."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        low = f"above {lo:g}" if above else f"at least {lo:g}"
+        want = f"a number {low}" + (f" and at most {hi:g}" if hi is not None else "")
+        if not (math.isfinite(value) and (value > lo if above else value >= lo)
+                and (hi is None or value <= hi)):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+    return number
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or "
+                                         "cuda:N (or mps on a Mac)")
+    return text
+
+
+def _value_checks() -> dict:
+    """The check of each option that takes a value, by its name (the same in every command)."""
+    from .train_config import MAX_MINUTES, MAX_SEED, MAX_WORKERS
+    at_least_1 = _whole(1)
+    return {
+        "--threads": _whole(1, 4096), "--seed": _whole(0, MAX_SEED), "--device": _device,
+        "--steps": at_least_1, "--epochs": at_least_1, "--batch": at_least_1,
+        "--crop": at_least_1, "--repeat": at_least_1, "--log-every": at_least_1,
+        "--save-every": at_least_1, "--keep": at_least_1, "--warmup": _whole(0),
+        "--workers": _whole(0, MAX_WORKERS), "--lr": _number(0, above=True),
+        "--lr-decay-at": _number(0, 1, above=True),
+        "--minutes": _number(0, MAX_MINUTES, above=True),
+        "--limit": at_least_1, "--top": _whole(0), "--tile": _whole(0), "--overlap": _whole(0),
+        "--pd-test": _whole(1, 64), "--lowpass": _number(0),
+    }
+
+
+def _model_field_check(f):
+    """A :class:`ssbsn.config.ModelConfig` field's own range as an argparse type."""
+    kind, check, expected = f.type, f.metadata["check"], f.metadata["expected"]
+    convert = {"int": _whole(-2 ** 63), "float": _number(-math.inf)}[str(kind)]
+
+    def value(text: str):
+        v = convert(text)
+        if not check(v):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return v
+    return value
+
+
+def _apply_value_checks(parser: argparse.ArgumentParser, checks: dict,
+                        model: bool = False) -> None:
+    """Give every option of ``parser`` that takes a number or a device its check (an option
+    declared with a check of its own keeps it); ``model``: the model's options (``ssbsn
+    train``) their fields' ranges."""
+    from .config import model_fields
+    fields = {f.name: f for f in model_fields() if model and f.metadata["check"] is not None
+              and str(f.type) in ("int", "float")}
+    for action in parser._actions:
+        if type(action) is not argparse._StoreAction or not action.option_strings \
+                or action.type not in (int, float, None):
+            continue
+        name = next((o for o in action.option_strings if o in checks), None)
+        if name is not None:
+            action.type = checks[name]
+        elif action.dest in fields and action.type in (int, float) and action.choices is None:
+            action.type = _model_field_check(fields[action.dest])
+
+
+def _add_global_options(p: argparse.ArgumentParser) -> None:
+    """``--debug`` and ``--threads`` after the command as well as before it."""
+    g = p.add_argument_group("global options (before or after the command)")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks of errors")
+    g.add_argument("--threads", type=int, metavar="N", default=argparse.SUPPRESS,
+                   help="CPU threads for PyTorch (default: one per core)")
 
 
 # ================================================================== shared helpers
@@ -92,9 +230,11 @@ def _add_progress_option(p: argparse.ArgumentParser) -> None:
 
 def _denoiser(args):
     from .api import Denoiser
+    from .train import check_backend_device, pick_device
     if args.attention_window is not None and not 0 <= args.attention_window <= 65536:
-        raise UserError(f"--attention-window must lie in 0..65536 (0 = the whole map), "
-                        f"got {args.attention_window}")
+        raise UsageError(f"--attention-window must lie in 0..65536 (0 = the whole map), "
+                         f"got {args.attention_window}")
+    check_backend_device(args.backend, pick_device(args.device))
     return Denoiser.from_weights(args.weights, args.device, args.backend,
                                  attention_window=args.attention_window)
 
@@ -102,7 +242,7 @@ def _denoiser(args):
 def _infer_kwargs(args) -> dict:
     """Inference options as given; None = the model's own setting."""
     if args.tile is not None and args.tile < 0:
-        raise UserError("--tile must not be negative (0 = the whole image)")
+        raise UsageError("--tile must not be negative (0 = the whole image)")
     if args.overlap is not None and args.overlap < 0:
         raise UserError("--overlap must not be negative")
     if args.pd_test is not None and args.pd_test < 1:
@@ -117,7 +257,7 @@ def _infer_kwargs(args) -> dict:
 
 # ================================================================== train
 
-def _train_parser(sub, full: bool = True) -> None:
+def _train_parser(sub) -> None:
     S = argparse.SUPPRESS
     p = sub.add_parser(
         "train", help="self-supervised training on noisy images",
@@ -133,9 +273,7 @@ def _train_parser(sub, full: bool = True) -> None:
                "  ssbsn train photos/ --out runs/mine --steps 20000 --amp bf16\n"
                "  ssbsn train --resume runs/sidd          # continue a stopped run\n"
                "  ssbsn train --config runs/sidd/config.yaml --out runs/again  # repeat it")
-    if not full:  # its options need the training module (and PyTorch): only for 'train'
-        return
-    from .train import TrainConfig
+    from .train_config import TrainConfig  # no PyTorch: 'train --help' stays quick
     d = TrainConfig()
     p.add_argument("data", nargs="*", default=S, metavar="DATA", help="training data (see above)")
     p.add_argument("--kind", dest="data_kind", default=S,
@@ -203,7 +341,8 @@ def _train_parser(sub, full: bool = True) -> None:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, run_config, train
+    from .train import run_config, train
+    from .train_config import TrainConfig
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     cfg = run_config(given, resume=args.resume, config=args.config)
     summary = train(cfg, resume=bool(args.resume))
@@ -302,8 +441,21 @@ def cmd_eval(args) -> int:
         report = dict(weights=str(args.weights), data=[args.noisy, args.clean], **kwargs,
                       metric_conventions=METRIC_CONVENTIONS, seconds=result["seconds"],
                       mean=mean, images=rows)
-        _write_text_atomic(Path(args.json), json.dumps(report, indent=2))
+        _write_text_atomic(Path(args.json), json.dumps(_strict_json(report), indent=2,
+                                                       allow_nan=False))
     return 0
+
+
+def _strict_json(value):
+    """``value`` with every NaN or infinite number as None (JSON has neither: a PSNR of
+    identical images, +inf, becomes null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -368,7 +520,8 @@ def _attention_parser(sub) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("--pixel", nargs=2, type=int, required=True, metavar=("Y", "X"))
     p.add_argument("-o", "--output", default="attention.png", help="PNG (default attention.png)")
-    p.add_argument("--top", type=int, default=16, help="outline the K heaviest pixels (16)")
+    p.add_argument("--top", type=int, default=16, metavar="K",
+                   help="outline the K heaviest pixels (16; 0: none)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--weights", "-w", required=True, metavar="CKPT")
     p.add_argument("--device", default="auto")
@@ -377,7 +530,7 @@ def _attention_parser(sub) -> None:
 
 def cmd_attention(args) -> int:
     from .api import load_model
-    from .attention_map import attention_map_of_file
+    from .attention_map import attention_map_of_file, ss_blocks_of
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the attention map is written as PNG (use a .png name)")
@@ -385,6 +538,9 @@ def cmd_attention(args) -> int:
         raise UserError(f"{out} exists; use --overwrite to replace it")
     check_writable_dir(out.resolve().parent)
     model = load_model(args.weights, args.device, "fused")
+    if not ss_blocks_of(model):
+        raise UserError(f"{args.weights}: the model has no SS-Blocks (ss_blocks=0), so there is "
+                        "no attention to draw")
     maps = attention_map_of_file(model, args.image, tuple(args.pixel), out, top=args.top)
     print(f"wrote {out} ({len(maps)} SS-Blocks)")
     for m in maps:
@@ -467,8 +623,7 @@ def cmd_prep(args) -> int:
 # ================================================================== entry point
 
 def build_parser(argv=None) -> argparse.ArgumentParser:
-    """The ``ssbsn`` parser. Given ``argv``, the train options (which import PyTorch) are
-    built only when ``argv`` names the train command."""
+    """The ``ssbsn`` parser (``argv`` is not needed: building it imports no PyTorch)."""
     p = _Parser(
         prog="ssbsn",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -477,19 +632,25 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         epilog="start with:  ssbsn demo        (about 5 minutes on a laptop CPU)\n"
                "then:        ssbsn train DATA --out runs/mine\n"
                "             ssbsn denoise photo.png -o clean.png -w runs/mine/model.safetensors\n"
-               "'ssbsn COMMAND --help' explains each command.")
+               "'ssbsn COMMAND --help' explains each command; --debug and --threads go "
+               "before or after it.")
     p.add_argument("--version", action="version", version=f"ssbsn {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: one per core)")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _demo_parser(sub)
-    _train_parser(sub, full=argv is None or "train" in argv)
+    _train_parser(sub)
     _denoise_parser(sub)
     _eval_parser(sub)
     _attention_parser(sub)
     _submit_parser(sub)
     _prep_parser(sub)
+    checks = _value_checks()
+    _apply_value_checks(p, checks)
+    for name, command in sub.choices.items():
+        _add_global_options(command)
+        _apply_value_checks(command, checks, model=name == "train")
     return p
 
 
@@ -525,11 +686,15 @@ def _raised_here(e: BaseException) -> bool:
 
 
 class _StdoutHandler(logging.Handler):
-    """The library's INFO lines (``ssbsn`` logger) on the current stdout, as plain lines."""
+    """The library's lines (``ssbsn`` logger): INFO on the current stdout as plain lines,
+    warnings on stderr as ``ssbsn: warning: ...``."""
 
     def emit(self, record):
         try:
-            print(self.format(record), file=sys.stdout)
+            if record.levelno >= logging.WARNING:
+                print(f"ssbsn: warning: {self.format(record)}", file=sys.stderr)
+            else:
+                print(self.format(record), file=sys.stdout)
         except Exception:
             self.handleError(record)
 
@@ -558,8 +723,6 @@ def main(argv=None) -> int:
     use_huge_pages()  # before torch: full-resolution feature maps without 4 KiB page faults
     try:
         if args.threads is not None:
-            if args.threads < 1:
-                raise UserError("--threads must be at least 1")
             import torch
             torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
@@ -570,7 +733,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(f"ssbsn: error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE if isinstance(e, UsageError) else EXIT_ERROR
     except Exception as e:
         if args.debug:
             raise

@@ -4,9 +4,13 @@
 * :class:`UserError` — a problem with what the user asked for (a bad option, an existing
   output, a folder that cannot be written). A ``ValueError``, so callers that catch
   ``ValueError`` keep working.
+* :class:`UsageError` — a command line that cannot be served as written (an option out of its
+  range, options that contradict each other, a missing argument): ``ssbsn`` exits with 2.
 * :class:`CheckpointError`, :class:`ImageError`, :class:`DataError`, :class:`ConfigError` — a
   checkpoint, an image, a dataset or a saved configuration that cannot be used.
 * :class:`TrainingDiverged` — the loss or the weights became NaN or Inf (a ``RuntimeError``).
+* :class:`StorageError` — a file could not be written (the disk is full, ...): an ``OSError``
+  whose message names the file and what was kept.
 """
 from __future__ import annotations
 
@@ -17,6 +21,10 @@ class SSBSNError(Exception):
 
 class UserError(SSBSNError, ValueError):
     """A problem with what the user asked for."""
+
+
+class UsageError(UserError):
+    """A command line (or call) whose options are out of range or contradict each other."""
 
 
 class CheckpointError(UserError):
@@ -39,5 +47,16 @@ class TrainingDiverged(SSBSNError, RuntimeError):
     """The loss or the weights became NaN or Inf; the run stops, its checkpoints stay good."""
 
 
+class StorageError(SSBSNError, OSError):
+    """A file could not be written; ``errno`` is the system's reason (e.g. ``errno.ENOSPC``)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 __all__ = ["CheckpointError", "ConfigError", "DataError", "ImageError", "SSBSNError",
-           "TrainingDiverged", "UserError"]
+           "StorageError", "TrainingDiverged", "UsageError", "UserError"]

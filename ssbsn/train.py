@@ -30,159 +30,25 @@ process). Rank 0 writes logs and checkpoints.
 """
 from __future__ import annotations
 
-import dataclasses
+import errno
 import json
 import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .atomic import atomic_path, write_text_atomic
-from .config import ModelConfig, RUNTIME_FIELDS, model_field_names
-from .errors import ConfigError, TrainingDiverged  # noqa: F401 (TrainingDiverged: its old home)
+from .errors import (ConfigError, DataError, StorageError, TrainingDiverged,  # noqa: F401
+                     UsageError)  # (TrainingDiverged: importable from here, its old home)
 from .model import SSBSN
-
-MODEL_KEYS = model_field_names()  # the model's fields: ssbsn.config.ModelConfig
-RUNTIME_KEYS = ("device", "workers", "progress") + RUNTIME_FIELDS  # may change on resume
-LENGTH_KEYS = ("steps", "epochs")  # may grow on resume: extends a finished or stopped run
-
-
-@dataclass
-class TrainConfig(ModelConfig):
-    """Everything that defines a training run (saved as config.yaml): the model's fields
-    (:class:`ssbsn.config.ModelConfig`, with their defaults, the paper's) and these."""
-    data: list = field(default_factory=list)
-    data_kind: str = "auto"
-    out: str = "runs/ssbsn"
-    fused: bool | None = None  # older spelling of backend (True: "fused", False: "reference")
-    # optimisation
-    crop: int = 120
-    batch: int = 4
-    epochs: int = 20
-    steps: int | None = None  # overrides epochs
-    lr: float = 1e-4
-    lr_decay_at: float = 0.8  # fraction of the run
-    lr_gamma: float = 0.1
-    warmup: int = 0  # steps of linear learning-rate warm-up (the authors' code has it, off)
-    repeat: int = 1  # crops per image per epoch
-    augment: bool = True
-    seed: int = 0
-    init_bias: bool = False  # start the output bias at the data's mean (short runs)
-    lr_schedule: str = "step"  # "step" (the paper's) or "cosine" (to 0 at the end of the run)
-    minutes: float | None = None  # time budget: train until spent (schedule laid over it)
-    budget_clock: str = "wall"  # "wall" or "cpu" (this process's CPU time; robust to load)
-    preset: str = "paper"  # the preset the run started from (ssbsn.presets), for the record
-    inference: dict | None = None  # inference settings the trained model carries
-    # runtime
-    amp: str = "off"  # "off" or "bf16"
-    channels_last: bool = False
-    device: str = "auto"
-    workers: int = 0
-    save_every: int | None = None  # steps; default: every epoch
-    log_every: int = 10
-    keep: int = 2  # checkpoints kept
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.fused is not None:  # an older configuration: fold it into backend
-            self.backend = "fused" if self.fused else "reference"
-            self.fused = None
-
-    def model_config(self) -> ModelConfig:
-        """The model part of the configuration."""
-        return ModelConfig.of(self)
-
-    def model_kwargs(self) -> dict:
-        """Keywords for :class:`ssbsn.SSBSN`: the model's fields and its inference settings."""
-        kw = self.model_config().to_dict()
-        if self.inference is not None:
-            kw["inference"] = dict(self.inference)
-        return kw
-
-    def validate(self) -> None:
-        from .config import check_model_value
-        for key in model_field_names():
-            try:
-                check_model_value(key, getattr(self, key))
-            except ConfigError as e:
-                raise ConfigError(f"model configuration {e}") from None
-        if self.ss_blocks > self.num_modules:
-            raise ConfigError(f"--ss-blocks {self.ss_blocks} exceeds --modules {self.num_modules}")
-        if self.crop < self.pd_train or self.crop % self.pd_train:
-            raise ConfigError(f"--crop {self.crop} must be a positive multiple of the training PD "
-                             f"stride {self.pd_train}")
-        for name in ("batch", "epochs", "repeat", "log_every", "keep"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError("--steps must be at least 1")
-        if self.warmup < 0:
-            raise ConfigError("--warmup must not be negative")
-        if self.save_every is not None and self.save_every < 1:
-            raise ConfigError("--save-every must be at least 1")
-        if self.amp not in ("off", "bf16"):
-            raise ConfigError(f"--amp must be 'off' or 'bf16', got {self.amp!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
-            raise ConfigError(f"lr_gamma must be a positive number, got {self.lr_gamma}")
-        if not 0.0 < self.lr_decay_at <= 1.0:
-            raise ConfigError("--lr-decay-at must lie in (0, 1]")
-        if self.lr_schedule not in ("step", "cosine"):
-            raise ConfigError(f"--lr-schedule must be 'step' or 'cosine', got {self.lr_schedule!r}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ConfigError("--minutes must be positive")
-        if self.budget_clock not in ("wall", "cpu"):
-            raise ConfigError(f"--budget-clock must be 'wall' or 'cpu', got {self.budget_clock!r}")
-        if self.inference is not None:
-            from .inference import INFERENCE_DEFAULTS, check_inference_settings
-            check_inference_settings({**INFERENCE_DEFAULTS, **self.inference})
-
-    def to_dict(self, stored: bool = False) -> dict:
-        d = dataclasses.asdict(self)
-        d["data"] = [str(p) for p in self.data]
-        d.pop("fused")  # folded into backend
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
-        d = dict(d)
-        for f in dataclasses.fields(cls):  # the annotation's type (a string here)
-            if str(f.type) == "float" and isinstance(d.get(f.name), str):
-                try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-                    d[f.name] = float(d[f.name])
-                except ValueError:
-                    pass
-            if f.name in d and not _has_type(d[f.name], str(f.type)):
-                raise ConfigError(f"configuration key {f.name}: {d[f.name]!r} is not "
-                                 f"{_TYPE_WORDS.get(str(f.type), f.type)}")
-        return cls(**d)
-
-
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
-               "str": "a string", "list": "a list", "int | None": "an integer or null"}
-
-
-def _has_type(value, annotation: str) -> bool:
-    if value is None:
-        return annotation.endswith("| None")
-    kind = annotation.split(" |")[0]
-    if kind == "bool":
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return False
-    return {"int": isinstance(value, int), "float": isinstance(value, (int, float)),
-            "str": isinstance(value, str), "list": isinstance(value, list)}.get(kind, True)
-
+from .train_config import (LENGTH_KEYS, MODEL_KEYS, RUNTIME_KEYS,  # noqa: F401 (re-exported)
+                           TrainConfig)
 
 # ------------------------------------------------------------------ files
 
@@ -218,6 +84,11 @@ def run_config(given: dict, resume=None, config=None) -> TrainConfig:
     from .errors import UserError
     given = dict(given)
     fused = given.pop("fused", None)
+    if fused is not None and "backend" in given and \
+            given["backend"] != ("fused" if fused else "reference"):
+        raise UsageError(f"--{'' if fused else 'no-'}fused (the older spelling of --backend "
+                         f"{'fused' if fused else 'reference'}) contradicts --backend "
+                         f"{given['backend']}; give one of them")
     if fused is not None and "backend" not in given:
         given["backend"] = "fused" if fused else "reference"
     if resume:
@@ -243,7 +114,7 @@ def run_config(given: dict, resume=None, config=None) -> TrainConfig:
     for k, v in given.items():
         setattr(cfg, k, v)
     if not cfg.data:
-        raise UserError("no training data: give DATA (a folder, SIDD root, .mat or DND root)")
+        raise UsageError("no training data: give DATA (a folder, SIDD root, .mat or DND root)")
     cfg.data = [str(Path(d).resolve()) for d in cfg.data]  # --resume from anywhere
     return cfg
 
@@ -261,21 +132,46 @@ def checkpoint_paths(run_dir, step: int) -> tuple[Path, Path]:
     return d / f"step_{step:08d}.safetensors", d / f"step_{step:08d}.state.pt"
 
 
+@contextmanager
+def writing(path, run_dir):
+    """A file of the run being written: an ``OSError`` inside (a full disk, ...) becomes a
+    :class:`StorageError` naming the file and the last good checkpoint, which stays."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        done = list_checkpoints(run_dir)
+        kept = (f"the last good checkpoint (step {done[-1]}) is kept in {Path(run_dir) / 'ckpt'}; "
+                f"continue with 'ssbsn train --resume {run_dir}'" if done
+                else "no checkpoint was written")
+        what = ("no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else f"cannot write ({e.strerror or e})")
+        raise StorageError(f"{what} while writing {path}; {kept}", e.errno) from None
+
+
 def save_checkpoint(run_dir, model: SSBSN, optimizer, state: dict, keep: int = 2) -> Path:
     """Weights (safetensors, :meth:`SSBSN.save`) then training state (``torch.save`` of
     tensors and plain containers), each atomically; older checkpoints beyond ``keep`` are
-    removed once the new one is complete."""
+    removed once the new one is complete. A write that fails (a full disk) leaves the earlier
+    checkpoints as they were and raises :class:`StorageError`."""
     step = int(state["step"])
     weights, st = checkpoint_paths(run_dir, step)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    model.save(weights)
-    _fsync(weights)
     payload = dict(state, optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state())
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-    with atomic_path(st) as tmp:
-        torch.save(payload, tmp)
-        _fsync(tmp)
+    try:
+        with writing(weights, run_dir):
+            model.save(weights)
+            _fsync(weights)
+        with writing(st, run_dir), atomic_path(st) as tmp:
+            torch.save(payload, tmp)
+            _fsync(tmp)
+    except StorageError:
+        if not st.exists():  # weights without their state file are no checkpoint: free them
+            weights.unlink(missing_ok=True)
+        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         for p in checkpoint_paths(run_dir, old):
             p.unlink(missing_ok=True)
@@ -319,13 +215,35 @@ def dist_info() -> tuple[int, int, int]:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device ``name`` (auto, cpu, cuda, cuda:N, mps) names, checked to exist here."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available")
+            raise UsageError("--device cuda: no CUDA device is available")
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N"
+                         ) from None
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: no such CUDA device here "
+                         f"({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: no MPS device is available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name!r}: unsupported device; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def check_backend_device(backend: str | None, device: torch.device) -> None:
+    """SS-Attention's ``triton`` backend runs on CUDA devices only (or under Triton's CPU
+    interpreter, ``TRITON_INTERPRET=1``): refuse it elsewhere before any work."""
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"--backend triton needs a CUDA device (this run: {device}); on the "
+                         "CPU use --backend fused or sdpa")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -499,6 +417,7 @@ def _setup(cfg: TrainConfig, resume: bool, source) -> _Run:
         dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available()
                                 else "gloo")
     device = pick_device(cfg.device, local_rank)
+    check_backend_device(cfg.backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     main = rank == 0
@@ -512,6 +431,7 @@ def _setup(cfg: TrainConfig, resume: bool, source) -> _Run:
     else:
         description = f"{len(source)} in-memory images"
     dataset = PatchDataset(source, cfg.crop, cfg.in_channels, cfg.augment, cfg.repeat, cfg.seed)
+    check_noise(source, cfg.pd_train, cfg.crop, cfg.in_channels, description)
     dist_sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
                                                        shuffle=True, seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(dist_sampler) // cfg.batch
@@ -562,6 +482,28 @@ def _setup(cfg: TrainConfig, resume: bool, source) -> _Run:
         r.last_loss = float(state.get("loss", float("nan")))
     r.budget = Budget(cfg, spent)
     return r
+
+
+def check_noise(source, stride: int, crop: int, channels: int, description: str,
+                crops: int = 16) -> None:
+    """Refuse data a blind-spot network cannot learn from: where each of the first ``crops``
+    images, on crops as large as the health check's (:func:`ssbsn.health.check_size`), equals
+    pixel for pixel the mean of its 8 neighbours at the PD ``stride`` (flat or saturated
+    images), the data hold no noise to learn, and training could only end in a failed check."""
+    from .data import PatchDataset
+    from .health import check_size, neighbour_mean
+    size = check_size(source, stride, crop)
+    if size <= 2 * stride:
+        return  # no interior to compare: nothing to say
+    dataset = PatchDataset(source, size, channels, augment=False, repeat=1, seed=0)
+    s = stride
+    for i in range(min(crops, len(dataset))):
+        x = dataset[i][None].double()
+        if (x[..., s:-s, s:-s] - neighbour_mean(x, s)).abs().max() > 1e-6:
+            return
+    raise DataError(f"the training images ({description}) hold no noise: every pixel equals the "
+                    f"mean of its neighbours at PD stride {s} (flat or saturated images); "
+                    "SS-BSN learns from the noise of real noisy photos")
 
 
 def _resume(run: Path, cfg: TrainConfig, model: SSBSN, total: int, main: bool) -> dict | None:
@@ -666,10 +608,11 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
                 rate = imgs_since / max(now - t_log, 1e-9)
                 r.last_loss = mean
                 if r.main:
-                    _append_log(log_path, dict(step=step, epoch=epoch, loss=mean,
-                                               lr=r.optimizer.param_groups[0]["lr"],
-                                               img_per_s=round(rate, 3),
-                                               elapsed=round(now - t_start, 3)))
+                    with writing(log_path, r.run):
+                        _append_log(log_path, dict(step=step, epoch=epoch, loss=mean,
+                                                   lr=r.optimizer.param_groups[0]["lr"],
+                                                   img_per_s=round(rate, 3),
+                                                   elapsed=round(now - t_start, 3)))
                 bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{rate:.1f}")
                 meter.reset()
                 t_log, imgs_since = now, 0
@@ -687,7 +630,8 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     check = None
     if r.main:
         _check_weights(r.run, cfg, r.model, step)
-        r.model.save(final)
+        with writing(final, r.run):
+            r.model.save(final)
         check = _health_check(r)
     if r.world > 1:
         dist.barrier()
@@ -705,7 +649,8 @@ def _health_check(r: _Run) -> dict | None:
         return None
     check = check_training(r.model, r.dataset.source, cfg.pd_train, cfg.crop, cfg.in_channels,
                            cfg.seed, batch=cfg.batch, device=r.device).to_dict()
-    write_text_atomic(r.run / "check.json", json.dumps(check, indent=2) + "\n")
+    with writing(r.run / "check.json", r.run):
+        write_text_atomic(r.run / "check.json", json.dumps(check, indent=2) + "\n")
     return check
 
 
@@ -718,10 +663,14 @@ def _diverged(run: Path, cfg: TrainConfig, step: int, what: str):
 
 
 def _check_weights(run: Path, cfg: TrainConfig, model, step: int) -> None:
-    """Never save weights holding NaN or Inf (a step can blow them up with a finite loss)."""
+    """Never save weights holding NaN or Inf (a step can blow them up with a finite loss), or
+    magnitudes that no model loads (:data:`ssbsn.checkpoint.MAX_WEIGHT`)."""
+    from .checkpoint import MAX_WEIGHT
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             _diverged(run, cfg, step, f"non-finite weights in {name}")
+        if p.numel() and float(p.detach().abs().max()) > MAX_WEIGHT:
+            _diverged(run, cfg, step, f"weights beyond {MAX_WEIGHT:g} in {name}")
 
 
 def _all_mean(value: float, world: int, device) -> float:

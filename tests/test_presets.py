@@ -96,8 +96,10 @@ def test_minutes_with_steps_stops_at_whichever_comes_first(images, tmp_path):
 
 
 def test_bad_budget_is_one_clear_error(images, tmp_path, capsys):
-    assert main(["train", str(images), "--out", str(tmp_path / "x"), "--minutes", "0"]) == 1
-    assert "--minutes must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an option out of its range: a usage error
+        main(["train", str(images), "--out", str(tmp_path / "x"), "--minutes", "0"])
+    assert e.value.code == 2
+    assert "--minutes: must be a number above 0" in capsys.readouterr().err
     assert not (tmp_path / "x" / "model.safetensors").exists()
 
 

@@ -96,6 +96,8 @@ def load_sidd_blocks(path, key=None) -> np.ndarray:
     if arr.ndim != 5 or arr.shape[-1] not in (1, 3) or arr.dtype != np.uint8:
         raise DataError(f"{path}: {key!r} should be uint8 (images, blocks, H, W, 3), "
                         f"got {arr.dtype} {arr.shape}")
+    if 0 in arr.shape:
+        raise DataError(f"{path}: {key!r} holds no blocks (shape {arr.shape})")
     return arr
 
 
