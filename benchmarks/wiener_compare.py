@@ -10,7 +10,8 @@ For each seed whose model is there, each held-out photo and noise level of the q
 benchmark: the network's estimate and the blend with the noisy pixel as ``SSBSN.denoise``
 computes them, then steps 1–5 of :mod:`ssbsn.restore.wiener` with step 4 done by
 
-* ``new``: :func:`ssbsn.restore.collaborative.collaborative_wiener` (what ``bm3d_wiener`` runs),
+* ``new``: :func:`ssbsn.restore.collaborative.collaborative_wiener` (what
+  ``collaborative_refinement`` runs),
 * ``bm3d``: the ``bm3d`` package's Wiener stage (its correlated-noise profile, one thread;
   the groups found on the luminance reused for the chroma), when the package is installed,
 
@@ -125,7 +126,7 @@ def compare_items(model, items, bm3d: bool, check_first: bool = True) -> list[di
                    noisy=quality.scores(it["noisy"], it["clean"]),
                    none=quality.scores(finish(pilot), it["clean"]))
         t0 = time.perf_counter()
-        new = wiener.bm3d_wiener(x, y, pilot)
+        new = wiener.collaborative_refinement(x, y, pilot)
         row["new_s"] = round(time.perf_counter() - t0, 3)
         row["new"] = quality.scores(finish(new), it["clean"])
         if check_first and i == 0 and model.inference["wiener"]:  # the model's own pipeline

@@ -300,6 +300,10 @@ def inference_field_names(cls=InferenceConfig) -> tuple[str, ...]:
 
 
 def _inference_kind(f: dataclasses.Field):
+    """The field's value type (bool, int, float or str; ``int | None`` is int), whether the
+    annotation is a string or a type."""
+    if isinstance(f.type, type):
+        return f.type
     return _FIELD_TYPES[str(f.type).split(" |")[0]]
 
 
@@ -355,7 +359,10 @@ def check_pd_for_image(pd: int, pad: int, height: int, width: int) -> None:
     limit = 4 * height * width + 4096
     if pd_area(pd, pad, height, width) > limit:
         fits = [b for b in range(1, 65) if pd_area(b, pad, height, width) <= limit]
-        allowed = f"PD stride 1..{max(fits)}" if fits else "a smaller pd_pad"
+        pads = [q for q in range(pad) if pd_area(pd, q, height, width) <= limit]
+        allowed = " or ".join(
+            ([f"PD stride 1..{max(fits)}"] if fits else [])
+            + ([f"pd_pad 0..{max(pads)} at this stride"] if pads else []))
         raise ConfigError(
             f"inference setting pd={pd} with the model's pd_pad={pad} is too large for a "
             f"{height}×{width} image: the network would see "
