@@ -243,6 +243,38 @@ def test_tiny_images_still_denoise_at_the_models_stride():
         assert model.denoise(torch.rand(1, 3, h, w) * 255).shape == (1, 3, h, w)
 
 
+# ------------------------------------------------------------------ noise statistics
+
+def _lowest_in_bins_by_sorting(v, idx, n, fraction):
+    """The selection written as sorts: by v (stable), then by bin (stable), rank in the bin."""
+    order = torch.argsort(v, stable=True)
+    order = order[torch.argsort(idx[order], stable=True)]
+    count = torch.bincount(idx, minlength=n)
+    start = torch.cumsum(count, 0) - count
+    sorted_bins = idx[order]
+    rank = torch.arange(v.numel()) - start[sorted_bins]
+    keep = rank < (count[sorted_bins] * fraction).ceil()
+    mask = torch.zeros_like(keep)
+    mask[order] = keep
+    return mask
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_lowest_in_bins_selects_what_sorting_selects(ties):
+    from ssbsn.restore.stats import lowest_in_bins
+    g = torch.Generator().manual_seed(1)
+    for size in (1, 7, 1000, 50_000):
+        v = torch.rand(size, generator=g, dtype=torch.float64)
+        if ties:
+            v = (v * 5).floor()  # a handful of values: ties at every threshold
+        idx = torch.randint(0, 16, (size,), generator=g)
+        idx[idx == 3] = 4  # an empty bin
+        for fraction in (0.0, 0.2, 0.5, 0.999, 1.0):
+            want = _lowest_in_bins_by_sorting(v, idx, 16, fraction)
+            assert torch.equal(lowest_in_bins(v, idx, 16, fraction), want), (size, fraction)
+        assert want.any()
+
+
 # ------------------------------------------------------------------ the package's shape
 
 def test_no_private_names_cross_the_package_and_no_import_of_the_model():

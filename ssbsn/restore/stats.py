@@ -64,16 +64,32 @@ def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
 
 def lowest_in_bins(v: torch.Tensor, idx: torch.Tensor, n: int, fraction: float) -> torch.Tensor:
     """Mask of the ``fraction`` of pixels with the lowest v within each of the n bins idx
-    (at least one per non-empty bin)."""
-    order = torch.argsort(v, stable=True)
-    order = order[torch.argsort(idx[order], stable=True)]  # by bin, then by v within a bin
+    (at least one per non-empty bin): the first ⌈fraction·count⌉ of each bin in the order of
+    v, ties in the order of the pixels (that of a stable sort by v, then by bin). Linear time:
+    each bin's threshold is a selection (top-k), not a sort."""
     count = torch.bincount(idx, minlength=n)
-    start = torch.cumsum(count, 0) - count
-    sorted_bins = idx[order]
-    rank = torch.arange(v.numel(), device=v.device) - start[sorted_bins]
-    keep = rank < (count[sorted_bins] * fraction).ceil()
-    mask = torch.zeros_like(keep)
-    mask[order] = keep
+    want = torch.minimum((count * fraction).ceil(), count).double()  # how many each bin keeps
+    t = v.new_full((n,), float("-inf"))  # the largest value each bin keeps
+    full = torch.zeros(n, dtype=torch.bool, device=v.device)  # bins kept whole
+    for b in range(n):
+        k, c = int(want[b]), int(count[b])
+        if k == c:
+            full[b] = c > 0
+        elif k > 0:
+            t[b] = torch.topk(v[idx == b], k, largest=False, sorted=False).values.max()
+    tb = t[idx]
+    mask = (v < tb) | full[idx]
+    # the values equal to a bin's threshold fill what the smaller ones leave, first come first
+    need = want - torch.bincount(idx, weights=mask.to(want.dtype), minlength=n)
+    tie = torch.nonzero((v == tb) & ~mask).squeeze(1)
+    if tie.numel():
+        bins = idx[tie]
+        order = torch.argsort(bins, stable=True)
+        per_bin = torch.bincount(bins, minlength=n)
+        start = torch.cumsum(per_bin, 0) - per_bin
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=v.device) - start[bins[order]]
+        mask[tie[rank < need[bins]]] = True
     return mask
 
 
