@@ -108,10 +108,10 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
 
     ``options`` are the inference settings (:func:`inference_options`: r3, self_ensemble,
     shifts, tile, overlap, pd, seed, ...); None takes the model's own setting.
-    ``pipeline``: the :class:`ssbsn.restore.Pipeline` to run (None: the model's). A grey image given to a 3-channel model
-    is replicated to 3 channels and the result averaged back to one; an RGB image cannot go
-    through a 1-channel model. ``progress``: see :func:`network_progress` (per tile and R3
-    round).
+    ``pipeline``: the :class:`ssbsn.restore.Pipeline` to run (None: the model's). A grey image
+    given to a 3-channel model is replicated to 3 channels and the result averaged back to
+    one; an RGB image cannot go through a 1-channel model. ``progress``: see
+    :func:`network_progress` (per tile and R3 round).
     """
     import torch
 

@@ -1,5 +1,6 @@
 """The blend of the blind-spot estimate with the noisy pixel
-(ssbsn.restore.blend.noisy_pixel_blend), judged on synthetic images whose noise and estimation error are known (the oracle)."""
+(ssbsn.restore.blend.noisy_pixel_blend), judged on synthetic images whose noise and estimation
+error are known (the oracle)."""
 import numpy as np
 import pytest
 import torch

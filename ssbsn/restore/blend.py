@@ -79,7 +79,7 @@ def noisy_pixel_blend(noisy: torch.Tensor, estimate: torch.Tensor,
     * w = τ² / (τ² + σ²).
 
     The reference is a second blind-spot estimate whose blind spot also covers the pixels
-    whose noise is correlated with the pixel's own (:meth:`ssbsn.SSBSN.denoise` passes the
+    whose noise is correlated with the pixel's own (the :class:`Blend` step passes the
     estimate at the training PD stride). The estimate's own texture around a pixel is made of
     neighbours that saw that pixel's noise, so binning by it selects pixels by the size of their
     own noise: on a smooth photo the pixels of its highest texture bins carry about twice the

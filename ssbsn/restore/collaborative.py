@@ -113,10 +113,10 @@ def coefficient_covariances(psd: np.ndarray, block: int = 8, reach: int | None =
     """The covariance of the noise in the same 2-D DCT coefficient of two block×block blocks
     whose positions differ by δ = (δy, δx), for |δy|, |δx| ≤ ``reach`` (default block + 3: the
     blocks' own extent and the ±4 pixels over which :func:`ssbsn.restore.wiener.noise_psd`
-    measures the noise's correlation): (2·reach + 1, 2·reach + 1, block²), index [δy + reach, δx + reach, k],
-    k in the order of the coefficient maps (a·block + b: a the frequency along the columns, b
-    along the rows). ``psd`` (H, W) is the noise's power spectrum in BM3D's convention (white
-    noise of variance s: s·H·W everywhere).
+    measures the noise's correlation): (2·reach + 1, 2·reach + 1, block²), index
+    [δy + reach, δx + reach, k], k in the order of the coefficient maps (a·block + b: a the
+    frequency along the columns, b along the rows). ``psd`` (H, W) is the noise's power
+    spectrum in BM3D's convention (white noise of variance s: s·H·W everywhere).
 
     With R the noise's autocovariance (the inverse FFT of psd / (H·W), circular) and φ the
     basis function: cov(δ) = Σ_{x, x'} φ(x)·φ(x')·R(δ + x' − x). At δ = 0 it is the variance

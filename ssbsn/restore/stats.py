@@ -138,8 +138,8 @@ def _check_key(key: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
 def noise_curves(noisy: torch.Tensor, estimate: torch.Tensor, key: torch.Tensor | None = None
                  ) -> list[list[tuple[torch.Tensor, torch.Tensor] | None]]:
     """The noise variance against intensity of each image and channel of (B, C, H, W), as
-    :func:`noisy_pixel_blend` fits it: ``curves[b][c] = (levels, variances)``, float64, levels
-    increasing (None for a channel of fewer than 2 pixels). ``key``: what the intensity bins
+    :func:`ssbsn.restore.blend.noisy_pixel_blend` fits it: ``curves[b][c] = (levels,
+    variances)``, float64, levels increasing (None for a channel of fewer than 2 pixels). ``key``: what the intensity bins
     and levels are read on (None: the estimate)."""
     x, e, tex = fit_inputs(noisy, estimate)
     if key is not None:
