@@ -198,7 +198,9 @@ class Denoiser:
         unknown = sorted(set(options) - set(inference_options()))
         if unknown:
             raise TypeError(f"unknown inference option(s): {', '.join(unknown)}")
-        return {k: v for k, v in options.items() if v is not None}
+        from .config import check_inference
+        given = {k: v for k, v in options.items() if v is not None}
+        return check_inference(given, self.pipeline.config_cls, partial=True)
 
     def _options(self, options: dict) -> dict:
         return {**self.options, **self._check(options)}

@@ -57,6 +57,15 @@ def test_saved_model_denoises_as_before(saved, i):
     assert np.array_equal(den.transpose(2, 0, 1), got)
 
 
+def test_denoiser_checks_its_options_when_given(saved):
+    model, _ = saved
+    with pytest.raises(ConfigError, match=r"inference setting tile must be .*8\.\.65536, got 3"):
+        Denoiser(model, tile=3)
+    d = Denoiser(model)
+    with pytest.raises(ConfigError, match=r"lowpass must be a number 0\.\.128"):
+        d.denoise_array(np.zeros((16, 16, 3), np.float32), lowpass=float("nan"))
+
+
 # ------------------------------------------------------------------ the estimate's wrappers
 
 def _tiny(**kw):
