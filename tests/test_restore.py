@@ -31,7 +31,8 @@ DATA = Path(__file__).parent / "data"
 # the settings tests/data/restore_outputs.npz holds outputs of (out0, out1, ...), written by the
 # implementation before ssbsn.restore existed (SSBSN.denoise of restore_model.safetensors,
 # whose own settings are shifts, lowpass 4, blend and debias)
-SAVED = [dict(), dict(r3=True, self_ensemble=True, tile=16, overlap=8, seed=3, wiener=True),
+SAVED = [dict(), dict(r3=True, self_ensemble=True, shifts=False, tile=16, overlap=8, seed=3,
+                         wiener=True),
          dict(r3=True, shifts=False, lowpass=0.0, blend=False, debias=False),
          dict(pd=3, blend=True, wiener=True, r3=False)]
 
