@@ -13,7 +13,7 @@ Per image and level, with the model's own inference settings:
 
 * the brightness shift mean(output − clean) and PSNR of the output as the benchmark scores it
   (the debias fitting the noise curve on the image), and with the true variance in its place
-  (:func:`ssbsn.debias.tone_curve_debias` with ``noise_var``);
+  (:func:`ssbsn.restore.debias.tone_curve_debias` with ``noise_var``);
 * the fitted noise curve over the true one in the three darkest of its 16 intensity bins, per
   channel (where the raw-clip term acts).
 """
@@ -57,7 +57,7 @@ def run_image(task: dict) -> dict:
     import torch
 
     from ssbsn import SSBSN
-    from ssbsn.debias import debias_curves, tone_curve_debias
+    from ssbsn.restore.debias import debias_curves, tone_curve_debias
     from ssbsn.metrics import quantize
     it = task["item"]
     var = true_variance(task["photo"], task["seed"], task["level"], task["index"], it["shot"],

@@ -585,7 +585,7 @@ WIENER_RESULTS = ROOT / "benchmarks" / "results" / "wiener" / "results.json"
 
 
 def bm3d_seconds_per_megapixel() -> float | None:
-    """The bm3d package's Wiener refinement (the stage before ssbsn.collaborative, one CPU
+    """The bm3d package's Wiener refinement (the stage before ssbsn.restore.collaborative, one CPU
     thread), seconds per megapixel: the mean over the 256×256 photos of the committed
     benchmarks/results/wiener run (bm3d is not installed where the GPU check runs)."""
     try:
@@ -597,7 +597,7 @@ def bm3d_seconds_per_megapixel() -> float | None:
 
 
 def step_restore(a) -> dict:
-    """The Wiener refinement (ssbsn.wiener.collaborative_refinement) on the device: the same
+    """The Wiener refinement (ssbsn.restore.wiener.collaborative_refinement) on the device: the same
     result as on the CPU (a 256² crop), then a 4000×3000 RGB photo timed whole and its
     collaborative filter (step 4) alone, with the peak device memory; against the bm3d
     package's seconds per megapixel on one CPU thread (the committed wiener benchmark)."""
@@ -605,8 +605,8 @@ def step_restore(a) -> dict:
     import torch
 
     from benchmarks.wiener_compare import synthetic_photo
-    from ssbsn import wiener
-    from ssbsn.inference import gaussian_lowpass
+    from ssbsn.restore import wiener
+    from ssbsn.restore.lowpass import gaussian_lowpass
     dev = _device()
     H, W = (48, 64) if a.dry_run else (3000, 4000)
     crop = 32 if a.dry_run else 256

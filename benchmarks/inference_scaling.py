@@ -60,10 +60,11 @@ def preset_model(weights: str | None, window: int, preset: str = "quick"):
 
 class StepClock:
     """Wall time of the network passes (forward hooks on ``model.bsn``) and of the Wiener
-    stage (``ssbsn.model.collaborative_refinement`` wrapped) during one ``denoise`` call."""
+    stage (``ssbsn.restore.wiener.collaborative_refinement`` wrapped) during one ``denoise``
+    call."""
 
     def __init__(self, model):
-        import ssbsn.model as sm
+        import ssbsn.restore.wiener as sm
         self.model, self.sm, self.net, self.wiener, self.passes = model, sm, 0.0, 0.0, 0
         self._t = None
         self._orig = sm.collaborative_refinement

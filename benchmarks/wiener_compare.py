@@ -1,6 +1,6 @@
 """The Wiener refinement's step 4 (docs/model.md, step 8): the torch collaborative filter of
-:mod:`ssbsn.collaborative` against the ``bm3d`` package it replaced, on the same estimates, and
-its speed on a large photo.
+:mod:`ssbsn.restore.collaborative` against the ``bm3d`` package it replaced, on the same
+estimates, and its speed on a large photo.
 
     python benchmarks/wiener_compare.py --cache CACHE [--seeds 0,1] --out DIR
 
@@ -8,9 +8,10 @@ CACHE holds models trained by ``benchmarks/quality.py --cache CACHE`` (8 CPU-min
 quick preset on the held-out photos: ``run_ssbsn_8_quick_all_None_256_<seed>_...safetensors``).
 For each seed whose model is there, each held-out photo and noise level of the quality
 benchmark: the network's estimate and the blend with the noisy pixel as ``SSBSN.denoise``
-computes them, then steps 1–5 of :mod:`ssbsn.wiener` with step 4 done by
+computes them, then steps 1–5 of :mod:`ssbsn.restore.wiener` with step 4 done by
 
-* ``new``: :func:`ssbsn.collaborative.collaborative_wiener` (what ``bm3d_wiener`` runs),
+* ``new``: :func:`ssbsn.restore.collaborative.collaborative_wiener` (what
+  ``collaborative_refinement`` runs),
 * ``bm3d``: the ``bm3d`` package's Wiener stage (its correlated-noise profile, one thread;
   the groups found on the luminance reused for the chroma), when the package is installed,
 
@@ -100,7 +101,7 @@ def estimates(model, x):
     own settings (the pilot of the Wiener stage)."""
     import torch
 
-    from ssbsn.inference import noisy_pixel_blend
+    from ssbsn.restore.blend import noisy_pixel_blend
     with torch.no_grad():
         y = model.denoise(x, blend=False, wiener=False, debias=False)
         ref = y if model.pd_train == model.pd_test else model.denoise(
@@ -113,8 +114,8 @@ def compare_items(model, items, bm3d: bool, check_first: bool = True) -> list[di
     followed by the debias, and the seconds of each refinement."""
     import torch
 
-    from ssbsn import wiener
-    from ssbsn.debias import tone_curve_debias
+    from ssbsn.restore import wiener
+    from ssbsn.restore.debias import tone_curve_debias
     from ssbsn.metrics import quantize
     rows = []
     for i, it in enumerate(items):
@@ -126,7 +127,7 @@ def compare_items(model, items, bm3d: bool, check_first: bool = True) -> list[di
                    noisy=quality.scores(it["noisy"], it["clean"]),
                    none=quality.scores(finish(pilot), it["clean"]))
         t0 = time.perf_counter()
-        new = wiener.bm3d_wiener(x, y, pilot)
+        new = wiener.collaborative_refinement(x, y, pilot)
         row["new_s"] = round(time.perf_counter() - t0, 3)
         row["new"] = quality.scores(finish(new), it["clean"])
         if check_first and i == 0 and model.inference["wiener"]:  # the model's own pipeline
@@ -181,8 +182,8 @@ def time_refinement(noisy: np.ndarray, threads: int) -> dict:
     the estimate and the pilot are a blur of the noisy photo."""
     import torch
 
-    from ssbsn import wiener
-    from ssbsn.inference import gaussian_lowpass
+    from ssbsn.restore import wiener
+    from ssbsn.restore.lowpass import gaussian_lowpass
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -209,13 +210,14 @@ def time_refinement(noisy: np.ndarray, threads: int) -> dict:
 
 
 def time_fits(noisy: np.ndarray, threads: int) -> dict:
-    """Seconds of the blend's fit (:func:`ssbsn.inference.noisy_pixel_blend`) and of the debias's
-    (:func:`ssbsn.debias.tone_curve_debias`, the quick preset's lag) on ``noisy``, the estimate a
+    """Seconds of the blend's fit (:func:`ssbsn.restore.blend.noisy_pixel_blend`) and of the debias's
+    (:func:`ssbsn.restore.debias.tone_curve_debias`, the quick preset's lag) on ``noisy``, the estimate a
     blur of it, with ``threads`` torch threads."""
     import torch
 
-    from ssbsn.debias import tone_curve_debias
-    from ssbsn.inference import gaussian_lowpass, noisy_pixel_blend
+    from ssbsn.restore.blend import noisy_pixel_blend
+    from ssbsn.restore.debias import tone_curve_debias
+    from ssbsn.restore.lowpass import gaussian_lowpass
     from ssbsn.presets import preset_values
     lag = preset_values("quick")["pd_train"]
     before = torch.get_num_threads()
@@ -249,7 +251,7 @@ def _peak_rss() -> int:
 
 
 def step4_memory(height: int, width: int) -> dict:
-    """Peak memory of step 4 alone (ssbsn.collaborative.collaborative_wiener, float32, three
+    """Peak memory of step 4 alone (ssbsn.restore.collaborative.collaborative_wiener, float32, three
     channels) on a ``height``×``width`` image, beyond its inputs: run in a fresh process, the
     growth of its peak resident memory over the call."""
     import subprocess
@@ -258,7 +260,7 @@ import json, sys
 sys.path[:0] = {[str(HERE), str(HERE.parent)]!r}
 import numpy as np, torch
 import wiener_compare as wc
-from ssbsn.collaborative import collaborative_wiener, coefficient_covariances
+from ssbsn.restore.collaborative import collaborative_wiener, coefficient_covariances
 rng = np.random.default_rng(0)
 z = torch.from_numpy(rng.standard_normal((3, {height}, {width}), dtype=np.float32))
 p = torch.nn.functional.avg_pool2d(z[None], 3, 1, 1)[0]
@@ -306,7 +308,7 @@ def report_md(env, rows, summ, speed, have_old, memory=(), fits=()) -> str:
     if rows:
         md += ["PSNR (dB) of the 8-bit output against the clean photo; every column ends with "
                "the tone-curve debias. 'none': the blend without the Wiener refinement; 'new': "
-               "step 4 by `ssbsn.collaborative`; 'bm3d': step 4 by the bm3d package (as "
+               "step 4 by `ssbsn.restore.collaborative`; 'bm3d': step 4 by the bm3d package (as "
                "before). Seconds: the whole refinement of one 256×256 image.", ""]
         head = ["set", "photo", "shot", "noisy", "none", "new"] + (
             ["bm3d", "new − bm3d", "new s", "bm3d s"] if have_old else ["new s"])
@@ -441,7 +443,7 @@ def main(argv=None) -> int:
     env = environment(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from ssbsn.collaborative import DEFAULT
+    from ssbsn.restore.collaborative import DEFAULT
     report = dict(environment=env, params=DEFAULT.__dict__, bm3d=use_old, images=rows,
                   summary=summ, speed=speed, memory=memory, fits=fits)
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -13,11 +13,12 @@ import importlib
 
 __version__ = "0.1.0"
 __all__ = ["BSN", "CheckpointError", "ConfigError", "DataError", "Denoiser", "ImageError",
-           "ModelConfig", "SSAttention", "SSBSN", "SSBSNError", "TrainingDiverged", "UserError",
-           "evaluate", "load_model", "ss_attention"]
+           "InferenceConfig", "ModelConfig", "SSAttention", "SSBSN", "SSBSNError",
+           "TrainingDiverged", "UserError", "evaluate", "load_model", "ss_attention"]
 
 _WHERE = {"BSN": ".nn", "SSAttention": ".attention", "SSBSN": ".model",
-          "ss_attention": ".attention", "ModelConfig": ".config", "Denoiser": ".api",
+          "ss_attention": ".attention", "ModelConfig": ".config", "InferenceConfig": ".config",
+          "Denoiser": ".api",
           "evaluate": ".api", "load_model": ".api",
           **{name: ".errors" for name in ("CheckpointError", "ConfigError", "DataError",
                                           "ImageError", "SSBSNError", "TrainingDiverged",

@@ -6,8 +6,10 @@
     >>> d.denoise_files(["photos/"], "denoised/")      # files and folders, atomic writes
     >>> report = evaluate(d, "SIDD/ValidationNoisyBlocksSrgb.mat")   # rows + means
 
-Inference options (``r3``, ``self_ensemble``, ``shifts``, ``lowpass``, ``blend``, ``wiener``,
-``debias``, ``tile``, ``overlap``, ``pd``, ``seed``) left at None take the model's own settings (``model.inference``, ``pd_test``).
+Inference options (the fields of :class:`ssbsn.config.InferenceConfig`: ``r3``,
+``self_ensemble``, ``shifts``, ``tile``, ``overlap``, ``pd``, ``seed``, ``lowpass``, ``blend``,
+``wiener``, ``debias``) left at None take the model's own settings (``model.inference``,
+``pd_test``); a :class:`Denoiser` runs them through its :class:`ssbsn.restore.Pipeline`.
 Problems with the inputs raise the errors of :mod:`ssbsn.errors`; progress lines go to the
 ``ssbsn`` logger (:mod:`logging`), and bars (tqdm, stderr) appear only when asked for.
 """
@@ -31,11 +33,12 @@ log = logging.getLogger("ssbsn")
 KEEP_DECODED_BYTES = 1 << 30
 
 
-def inference_options(model) -> tuple[str, ...]:
-    """The options :meth:`ssbsn.SSBSN.denoise` takes (r3, self_ensemble, tile, overlap, seed,
-    shifts, pd, ...)."""
-    import inspect
-    return tuple(n for n in inspect.signature(model.denoise).parameters if n != "x")
+def inference_options(model=None) -> tuple[str, ...]:
+    """The inference options (the fields of :class:`ssbsn.config.InferenceConfig`: r3,
+    self_ensemble, shifts, tile, overlap, pd, seed, lowpass, ...). ``model``: unused, kept
+    for older callers."""
+    from .config import inference_field_names
+    return inference_field_names()
 
 
 def load_model(weights, device: str = "auto", backend: str | None = None,
@@ -55,14 +58,16 @@ def load_model(weights, device: str = "auto", backend: str | None = None,
 
 def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | None = None,
                    tile: int | None = None, shifts: bool | None = None,
-                   pd: int | None = None, blend: bool | None = None) -> int:
-    """How many times ``model.denoise`` runs the BSN on an (H, W) image: per tile, one pass
+                   pd: int | None = None, blend: bool | None = None,
+                   overlap: int | None = None) -> int:
+    """How many times the pipeline runs the BSN on an (H, W) image: per tile, one pass
     plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
     the PD stride's s² shifts with the shifted-PD ensemble; the blend adds its second estimate
     at the training stride when that differs. None: the model's own setting."""
-    from .inference import tile_starts
-    s = model.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
-                                 pd=pd, blend=blend)
+    from .restore import Pipeline
+    from .restore.estimate import tile_starts
+    s = Pipeline(model).settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
+                                 pd=pd, blend=blend, overlap=overlap).to_dict()
 
     def one_estimate(b: int) -> int:
         windows = 1
@@ -98,16 +103,20 @@ def network_progress(model, total: int, desc: str, progress: bool | None):
 
 
 def denoise_array(model, img: np.ndarray, progress: bool | None = False,
-                  desc: str = "denoise", **options) -> np.ndarray:
+                  desc: str = "denoise", pipeline=None, **options) -> np.ndarray:
     """Denoise one (H, W, C) float image in 0..255 (C = 1 or 3) → float (H, W, C).
 
-    ``options`` are :meth:`ssbsn.SSBSN.denoise`'s (r3, self_ensemble, shifts, tile, overlap,
-    pd, seed, ...); None takes the model's own setting. A grey image given to a 3-channel model
-    is replicated to 3 channels and the result averaged back to one; an RGB image cannot go
-    through a 1-channel model. ``progress``: see :func:`network_progress` (per tile and R3
-    round).
+    ``options`` are the inference settings (:func:`inference_options`: r3, self_ensemble,
+    shifts, tile, overlap, pd, seed, ...); None takes the model's own setting.
+    ``pipeline``: the :class:`ssbsn.restore.Pipeline` to run (None: the model's). A grey image
+    given to a 3-channel model is replicated to 3 channels and the result averaged back to
+    one; an RGB image cannot go through a 1-channel model. ``progress``: see
+    :func:`network_progress` (per tile and R3 round).
     """
     import torch
+
+    from .restore import Pipeline
+    pipeline = Pipeline(model) if pipeline is None else pipeline
     c = img.shape[-1]
     m = model.in_channels
     if c == m:
@@ -120,9 +129,9 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
     total = network_passes(model, img.shape, **{k: options.get(k) for k in
                                                 ("r3", "self_ensemble", "tile", "shifts", "pd",
-                                                 "blend")})
+                                                 "blend", "overlap")})
     with network_progress(model, total, desc, progress):
-        y = model.denoise(t.to(dev), **options)[0].float().cpu().numpy().transpose(1, 2, 0)
+        y = pipeline(t.to(dev), **options)[0].float().cpu().numpy().transpose(1, 2, 0)
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
     if not np.isfinite(y).all():
@@ -162,11 +171,15 @@ class Denoiser:
 
     ``Denoiser(model)`` wraps an :class:`ssbsn.SSBSN`; :meth:`from_weights` loads one. Options
     given to the constructor (``r3=False``, ``tile=512``, ...) become this denoiser's defaults;
-    options given to a call override them; None leaves the model's own setting.
+    options given to a call override them; None leaves the model's own setting. The
+    denoiser owns the inference: ``self.pipeline``, an :class:`ssbsn.restore.Pipeline` of the
+    model (the network's estimate and the restoration steps).
     """
 
     def __init__(self, model, **options):
+        from .restore import Pipeline
         self.model = model.eval()
+        self.pipeline = Pipeline(self.model)
         self.options = self._check(options)
 
     @classmethod
@@ -182,10 +195,12 @@ class Denoiser:
         return next(self.model.parameters()).device
 
     def _check(self, options: dict) -> dict:
-        unknown = sorted(set(options) - set(inference_options(self.model)))
+        unknown = sorted(set(options) - set(inference_options()))
         if unknown:
             raise TypeError(f"unknown inference option(s): {', '.join(unknown)}")
-        return {k: v for k, v in options.items() if v is not None}
+        from .config import check_inference
+        given = {k: v for k, v in options.items() if v is not None}
+        return check_inference(given, self.pipeline.config_cls, partial=True)
 
     def _options(self, options: dict) -> dict:
         return {**self.options, **self._check(options)}
@@ -194,7 +209,7 @@ class Denoiser:
                       desc: str = "denoise", **options) -> np.ndarray:
         """(H, W, C) float in 0..255 → float (H, W, C) in 0..255 (:func:`denoise_array`)."""
         return denoise_array(self.model, img, progress=progress, desc=desc,
-                             **self._options(options))
+                             pipeline=self.pipeline, **self._options(options))
 
     def denoise_image(self, image: np.ndarray, progress: bool | None = False,
                       desc: str = "denoise", **options) -> np.ndarray:

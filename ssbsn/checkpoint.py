@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
-from .config import LEGACY_KEYS, RUNTIME_FIELDS, check_model_value, model_field_names
+from .config import (LEGACY_KEYS, RUNTIME_FIELDS, InferenceConfig, check_inference,
+                     check_model_value, model_field_names)
 from .errors import CheckpointError, ConfigError
 
 CONFIG_KEY = "ssbsn_config"
@@ -267,8 +268,9 @@ class _Shape:
 
 
 def _read_inference(text: str, where) -> dict:
-    """The inference settings stored with the weights (JSON object of known settings)."""
-    from .inference import INFERENCE_DEFAULTS, check_inference_settings
+    """The inference settings stored with the weights: a JSON object of the stored fields of
+    :class:`ssbsn.config.InferenceConfig`, checked by :func:`ssbsn.config.check_inference`
+    (with the defaults of the keys it leaves out, as the model will run them)."""
     try:
         settings = json.loads(text)
     except ValueError as e:
@@ -281,8 +283,8 @@ def _read_inference(text: str, where) -> dict:
         raise CheckpointError(f"{where}: the inference settings ({INFERENCE_KEY}) must be a JSON "
                               f"object, got {type(settings).__name__}")
     try:
-        check_inference_settings({**INFERENCE_DEFAULTS, **settings})
-    except ValueError as e:
+        check_inference({**InferenceConfig().stored(), **settings}, stored=True)
+    except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
     return settings
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import check_writable_dir, write_text_atomic
-from .config import add_model_options
+from .config import add_inference_options, add_model_options, inference_field_names
 from .errors import SSBSNError, UsageError, UserError
 
 EXIT_ERROR = 1
@@ -180,39 +180,9 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
     g.add_argument("--weights", "-w", required=weights_required, metavar="CKPT",
                    help="checkpoint: ours (.safetensors from 'ssbsn train') or the authors' "
                         "(.pth)")
-    g.add_argument("--r3", dest="r3", action=argparse.BooleanOptionalAction, default=None,
-                   help="R3 (random-replacing refinement, T=8, p=0.16); default: the model's "
-                        "setting (on for the paper's models)")
-    g.add_argument("--self-ensemble", action=argparse.BooleanOptionalAction, default=None,
-                   help="average the 8 flips/rotations (8× slower, about +0.7 dB); default: "
-                        "the model's setting")
-    g.add_argument("--shifts", action=argparse.BooleanOptionalAction, default=None,
-                   help="average over the PD stride² pixel shifts (no PD checkerboard; "
-                        "stride² slower); default: the model's setting")
-    g.add_argument("--pd-test", dest="pd_test", type=int, default=None, metavar="N",
-                   help="PD stride at inference (default: the model's)")
-    g.add_argument("--lowpass", type=float, default=None, metavar="SIGMA",
-                   help="keep the noisy image's low frequencies (Gaussian σ in pixels; removes "
-                        "brightness drift); 0 = off; default: the model's setting (off for "
-                        "the paper's)")
-    # the steps after the network (docs/model.md, steps 7-9), each off for the paper's models
-    for name, what in (
-            ("blend", "combine the result with the noisy pixel, weighted by noise and error "
-                      "variances fitted on each image (keeps fine detail where the noise is "
-                      "weak)"),
-            ("wiener", "refine with BM3D's collaborative Wiener stage, the result so far as its "
-                       "pilot (+0.9 to 1.1 dB on the benchmark; about 75 s per megapixel on "
-                       "one CPU thread)"),
-            ("debias", "remove the brightness shift that a camera's tone curve and clipping "
-                       "give the noise's mean (sRGB camera photos)")):
-        g.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None,
-                       help=f"{what}; default: the model's setting (off for the paper's)")
-    g.add_argument("--tile", type=int, default=None, metavar="N",
-                   help="process in N×N tiles to bound memory; 0 = whole image (default: the "
-                        "model's setting, whole image for the paper's)")
-    g.add_argument("--overlap", type=int, default=None, metavar="N",
-                   help="context pixels around each tile (default: the model's, 64)")
-    g.add_argument("--seed", type=int, default=0, help="seed of R3's random replacement")
+    # the inference settings (ssbsn.config.InferenceConfig): R3, ensembles, tiles, PD stride,
+    # seed and the steps after the network (docs/restore.md)
+    add_inference_options(g)
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     g.add_argument("--attention-window", type=int, default=None, metavar="N",
                    help="bound SS-Attention's scope to windows of N pixels of the map it sees "
@@ -240,19 +210,9 @@ def _denoiser(args):
 
 
 def _infer_kwargs(args) -> dict:
-    """Inference options as given; None = the model's own setting."""
-    if args.tile is not None and args.tile < 0:
-        raise UsageError("--tile must not be negative (0 = the whole image)")
-    if args.overlap is not None and args.overlap < 0:
-        raise UserError("--overlap must not be negative")
-    if args.pd_test is not None and args.pd_test < 1:
-        raise UserError("--pd-test must be at least 1")
-    if args.lowpass is not None and not args.lowpass >= 0:
-        raise UserError("--lowpass must not be negative")
-    return dict(r3=args.r3, self_ensemble=args.self_ensemble, tile=args.tile,
-                overlap=args.overlap, seed=args.seed, shifts=args.shifts, pd=args.pd_test,
-                lowpass=args.lowpass, blend=args.blend, wiener=args.wiener,
-                debias=args.debias)
+    """Inference options as given (each checked when parsed); None = the model's own
+    setting."""
+    return {name: getattr(args, name) for name in inference_field_names()}
 
 
 # ================================================================== train

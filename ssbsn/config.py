@@ -194,3 +194,254 @@ def option_help(f: dataclasses.Field) -> str:
     """A field's help text with its default (on/off for switches)."""
     shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
     return f"{f.metadata['help']} (default {shown})"
+
+
+# ======================================================================== inference
+
+def _is_tile(v) -> bool:
+    return v == 0 or 8 <= v <= 65536
+
+
+def _finite_in(lo: float, hi: float):
+    return lambda v: math.isfinite(v) and lo <= v <= hi
+
+
+def _inf(help: str, flag: str, check=None, expected: str = "", *, stored: bool = True,
+         step: str | None = None, stage: str = "output", **extra) -> dict:
+    """Field metadata of an inference setting: those of :func:`_opt`, and
+
+    * ``stored``: whether a checkpoint keeps it (``ssbsn_inference``; the others are choices
+      of one call: the PD stride, which defaults to the model's ``pd_test``, and R3's seed);
+    * ``step``: ``"module:Class"`` of the restoration step that the setting switches on
+      (:mod:`ssbsn.restore`; None: a setting of the network's estimate). A false or zero
+      value leaves the step out; any other is handed to it;
+    * ``stage``: ``"estimate"``: the step transforms every network estimate (the lowpass);
+      ``"output"``: it refines the result, in the order of the fields."""
+    return dict(_opt(help, flag, check, expected, **extra), stored=stored, step=step,
+                stage=stage)
+
+
+@dataclass
+class InferenceConfig:
+    """How a model denoises: the network's estimate (R3, ensembles, tiles, PD stride) and the
+    restoration steps after it, declared once.
+
+    The paper's inference is the default. A trained model carries its own values of the
+    ``stored`` fields in its checkpoint (the JSON object under ``ssbsn_inference``); a
+    command's flags and a call's keywords override them. From these declarations come the
+    command-line options (:func:`add_inference_options`), the checkpoint schema and the one
+    validation of every source (:func:`check_inference`), the presets' settings
+    (:meth:`stored`) and the steps :class:`ssbsn.restore.Pipeline` runs, in field order
+    (docs/restore.md: a new step is one module plus one field here)."""
+    r3: bool = field(default=True, metadata=_inf(
+        "R3 (random-replacing refinement: T rounds, probability p)", "--r3"))
+    self_ensemble: bool = field(default=False, metadata=_inf(
+        "average the 8 flips/rotations (8× slower, about +0.7 dB)", "--self-ensemble"))
+    shifts: bool = field(default=False, metadata=_inf(
+        "average over the PD stride² pixel shifts (no PD checkerboard; stride² slower)",
+        "--shifts"))
+    tile: int = field(default=0, metadata=_inf(
+        "process in N×N tiles to bound memory; 0 = the whole image", "--tile",
+        _is_tile, "a non-negative integer: 0 (the whole image) or 8..65536", metavar="N"))
+    overlap: int = field(default=64, metadata=_inf(
+        "context pixels around each tile", "--overlap", lambda v: 0 <= v <= 4096,
+        "a non-negative integer 0..4096", metavar="N"))
+    pd: int | None = field(default=None, metadata=_inf(
+        "PD stride at inference; default: the model's pd_test", "--pd-test",
+        lambda v: 1 <= v <= 64, "an integer 1..64 (smaller where the image is small)",
+        stored=False, metavar="N"))
+    seed: int = field(default=0, metadata=_inf(
+        "seed of R3's random replacement", "--seed", lambda v: 0 <= v < 2 ** 32,
+        "an integer 0..4294967295", stored=False, metavar="N"))
+    lowpass: float = field(default=0.0, metadata=_inf(
+        "keep the noisy image's low frequencies (Gaussian σ in pixels; removes brightness "
+        "drift); 0 = off", "--lowpass", _finite_in(0.0, 128.0), "a number 0..128 (0 = off)",
+        step="ssbsn.restore.lowpass:Lowpass", stage="estimate", metavar="SIGMA"))
+    blend: bool = field(default=False, metadata=_inf(
+        "combine the result with the noisy pixel, weighted by noise and error variances "
+        "fitted on each image (keeps fine detail where the noise is weak)", "--blend",
+        step="ssbsn.restore.blend:Blend"))
+    wiener: bool = field(default=False, metadata=_inf(
+        "refine with a collaborative Wiener filter (BM3D's second stage, this project's own), "
+        "the result so far as its pilot", "--wiener", step="ssbsn.restore.wiener:Wiener"))
+    debias: bool = field(default=False, metadata=_inf(
+        "remove the brightness shift that a camera's tone curve and clipping give the noise's "
+        "mean (sRGB camera photos)", "--debias", step="ssbsn.restore.debias:Debias"))
+
+    def stored(self) -> dict:
+        """The values a checkpoint keeps (``ssbsn_inference``), in field order."""
+        return {f.name: getattr(self, f.name) for f in inference_fields(type(self))
+                if f.metadata["stored"]}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def stored_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in inference_fields(cls) if f.metadata["stored"])
+
+    @classmethod
+    def resolve(cls, own: dict, **given) -> "InferenceConfig":
+        """The settings of one call: each keyword left at None takes ``own`` (a model's stored
+        settings, see :meth:`stored`), then the field's default; all checked once
+        (:func:`check_inference`)."""
+        values = {f.name: f.default for f in inference_fields(cls)}
+        values.update(own)
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(**check_inference(values, cls))
+
+
+def inference_fields(cls=InferenceConfig) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(cls)
+
+
+def inference_field_names(cls=InferenceConfig) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _inference_kind(f: dataclasses.Field):
+    """The field's value type (bool, int, float or str; ``int | None`` is int), whether the
+    annotation is a string or a type."""
+    if isinstance(f.type, type):
+        return f.type
+    return _FIELD_TYPES[str(f.type).split(" |")[0]]
+
+
+def check_inference_value(f: dataclasses.Field, value):
+    """One setting checked against its declaration (type, finiteness, range); returns it
+    normalised (an integer lowpass as a float). Raises :class:`ConfigError` ("inference
+    setting KEY must be EXPECTED, got VALUE")."""
+    if value is None and f.default is None:
+        return None
+    kind = _inference_kind(f)
+    is_type, type_name = _TYPES[kind]
+    check = f.metadata["check"]
+    if not is_type(value) or (check is not None and not check(value)):
+        raise ConfigError(f"inference setting {f.name} must be "
+                          f"{f.metadata['expected'] or type_name}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def check_inference(values: dict, cls=InferenceConfig, partial: bool = False,
+                    stored: bool = False) -> dict:
+    """The one validation of inference settings, whatever their source (a checkpoint's
+    metadata, a preset, a training configuration, a command's flags, a call's keywords):
+    known keys, each value's type and range, and the bounds between them. ``partial``: the
+    keys given need not be all; ``stored``: only the settings a model keeps
+    (:meth:`InferenceConfig.stored`) are known. Returns the values normalised; raises
+    :class:`ConfigError` naming the key and the allowed range (a ``ValueError``)."""
+    fields = {f.name: f for f in inference_fields(cls) if f.metadata["stored"] or not stored}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown inference settings: {', '.join(map(str, unknown))}")
+    if not partial:
+        missing = [k for k in fields if k not in values]
+        if missing:
+            raise ConfigError(f"missing inference settings: {', '.join(missing)}")
+    out = dict(values)
+    if out.get("tile", 0) is None:  # None has always meant the whole image
+        out["tile"] = 0
+    for k in out:
+        out[k] = check_inference_value(fields[k], out[k])
+    return out
+
+
+def pd_area(pd: int, pad: int, height: int, width: int) -> int:
+    """Pixels the network sees for one pass over a height×width image at PD stride ``pd`` with
+    ``pad`` pixels of padding around each of the pd² sub-images."""
+    return pd * pd * (-(-height // pd) + 2 * pad) * (-(-width // pd) + 2 * pad)
+
+
+def check_pd_for_image(pd: int, pad: int, height: int, width: int) -> None:
+    """Refuse a PD stride (with the model's PD pad) that would make one network pass see more
+    than 4× the image's area plus 64² pixels: a stride near the image's size, or a large pad,
+    turns the image into many tiny, mostly padded sub-images (minutes for a small image)."""
+    limit = 4 * height * width + 4096
+    if pd_area(pd, pad, height, width) > limit:
+        fits = [b for b in range(1, 65) if pd_area(b, pad, height, width) <= limit]
+        pads = [q for q in range(pad) if pd_area(pd, q, height, width) <= limit]
+        allowed = " or ".join(
+            ([f"PD stride 1..{max(fits)}"] if fits else [])
+            + ([f"pd_pad 0..{max(pads)} at this stride"] if pads else []))
+        raise ConfigError(
+            f"inference setting pd={pd} with the model's pd_pad={pad} is too large for a "
+            f"{height}×{width} image: the network would see "
+            f"{pd_area(pd, pad, height, width)} pixels, over 4× the image plus 4096 "
+            f"(allowed here: {allowed})")
+
+
+def _covered(size: int, tile: int, overlap: int) -> int:
+    """Total length of the windows :func:`ssbsn.restore.estimate.tiled` cuts along one side."""
+    return sum(min(y0 + tile + overlap, size) - max(y0 - overlap, 0)
+               for y0 in range(0, size, tile))
+
+
+def tiled_area(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> int:
+    """Pixels of all the windows that tiling a height×width image processes (tile and overlap
+    rounded up to multiples of ``multiple``, as :func:`ssbsn.restore.estimate.tiled` does)."""
+    up = lambda n: -(-n // multiple) * multiple  # noqa: E731
+    t, o = up(tile), up(overlap)
+    return _covered(height, t, o) * _covered(width, t, o)
+
+
+TILED_AREA_LIMIT = 16  # tiles may make the network see at most 16× the image's area
+
+
+def check_tiles_for_image(tile: int, overlap: int, height: int, width: int,
+                          multiple: int = 1) -> None:
+    """Refuse tiles so small against their overlap that the windows would cover the image
+    more than :data:`TILED_AREA_LIMIT` times (each window is a tile plus its context)."""
+    limit = TILED_AREA_LIMIT * height * width
+    if not tile or tiled_area(height, width, tile, overlap, multiple) <= limit:
+        return
+    fits = next((t for t in range(tile + 1, max(height, width) + 1)
+                 if tiled_area(height, width, t, overlap, multiple) <= limit),
+                max(height, width))
+    raise ConfigError(
+        f"inference setting tile={tile} with overlap={overlap} would process the {height}×"
+        f"{width} image {tiled_area(height, width, tile, overlap, multiple) / (height * width):.0f}"
+        f" times over (at most {TILED_AREA_LIMIT}); allowed here: tile 0 or at least {fits}, "
+        f"or a smaller overlap")
+
+
+def add_inference_options(parser, cls=InferenceConfig) -> None:
+    """The command-line options of every inference field of ``cls`` (those with a flag):
+    switches as ``--X/--no-X``, values checked when parsed (a bad one is a usage error).
+    Each option's default is None (the model's own setting), except those a checkpoint does
+    not keep, whose default is the field's."""
+    import argparse
+    for f in inference_fields(cls):
+        meta = f.metadata
+        if meta["flag"] is None:
+            continue
+        kw = dict(meta["argparse"])
+        kind = _inference_kind(f)
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _option_type(f, kind)
+        if meta["stored"]:
+            shown = ("on" if f.default else "off") if kind is bool else f.default
+            default, tail = None, f"default: the model's setting ({shown} for the paper's)"
+        else:
+            default = f.default
+            tail = "" if f.default is None else f"default {f.default}"
+        help = meta["help"] + (f"; {tail}" if tail else "")
+        parser.add_argument(meta["flag"], dest=f.name, default=default, help=help, **kw)
+
+
+def _option_type(f: dataclasses.Field, kind):
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_TYPES[kind][1]}") from None
+        try:
+            return check_inference_value(f, value)
+        except ConfigError:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range (allowed: {f.metadata['expected']})") from None
+    parse.__name__ = kind.__name__
+    return parse

@@ -8,27 +8,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import from_official, load_model, save_model
-from .config import PD_LAYOUTS, ModelConfig
-from .debias import tone_curve_debias
-from .inference import (INFERENCE_DEFAULTS, check_inference_settings, noisy_pixel_blend,
-                        r3_uniform, restore_low_frequencies, self_ensemble as _self_ensemble,
-                        shift_ensemble, tiled, transform)
+from .config import PD_LAYOUTS, InferenceConfig, ModelConfig, check_inference
 from .nn import BSN
 from .pd import pd_down, pd_down_batch, pd_up, pd_up_batch
-from .wiener import collaborative_refinement
 
 
 class SSBSN(nn.Module):
     """SS-BSN (Han & Yu, IJCAI-23). Defaults are the paper's configuration.
 
     ``model(x)`` is the training forward (PD ``pd_train`` → BSN → inverse PD); the loss is L1
-    against x itself. ``model.denoise(x)`` is inference (PD ``pd_test``, R3, optional
-    self-ensemble and tiling). Pixel values are floats in 0..255.
+    against x itself. Pixel values are floats in 0..255. Inference (PD ``pd_test``, R3,
+    ensembles, tiles and the restoration steps) is :class:`ssbsn.restore.Pipeline`'s;
+    ``model.denoise(x)`` calls it.
 
-    ``model.inference`` holds the inference settings :meth:`denoise` uses when not told
-    otherwise (R3 on/off, shifted-PD ensemble, self-ensemble, tile, overlap; the test PD stride
-    is ``pd_test``). They travel with the weights (:meth:`save`), so a trained model carries
-    the settings that suit it. SS-Attention runs on the memory-efficient path by default
+    ``model.inference`` holds the inference settings the pipeline uses when not told
+    otherwise (the stored fields of :class:`ssbsn.config.InferenceConfig`, a dict; the test
+    PD stride is ``pd_test``). They travel with the weights (:meth:`save`), so a trained model
+    carries the settings that suit it. SS-Attention runs on the memory-efficient path by default
     (SDPA on CPU, Triton on CUDA); ``backend="reference"`` (or ``fused=False``) selects the
     N×N reference. The weights are the same either way.
 
@@ -64,7 +60,8 @@ class SSBSN(nn.Module):
                        c.ss_blocks, c.gamma, backend=c.backend, group_stats=c.group_stats,
                        conv_backend=c.conv_backend, deterministic=c.deterministic,
                        window=c.attention_window or None)
-        self.inference = check_inference_settings({**INFERENCE_DEFAULTS, **(inference or {})})
+        self.inference = check_inference({**InferenceConfig().stored(), **(inference or {})},
+                                         stored=True)
 
     def set_attention_window(self, window: int | None) -> None:
         """SS-Attention's scope in pixels of the map it sees (0 or None: whole-map groups);
@@ -101,12 +98,8 @@ class SSBSN(nn.Module):
     def inference_settings(self, pd: int | None = None, **given) -> dict:
         """The settings :meth:`denoise` runs with: each option left at None takes the model's
         own (``self.inference``; the PD stride ``pd_test``), all checked."""
-        s = check_inference_settings({k: self.inference[k] if given.get(k) is None else given[k]
-                                      for k in self.inference})
-        b = self.pd_test if pd is None else pd
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"the inference PD stride must be a positive integer, got {pd!r}")
-        return {**s, "pd": b}
+        from .restore import Pipeline
+        return Pipeline(self).settings(pd=pd, **given).to_dict()
 
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, r3: bool | None = None, self_ensemble: bool | None = None,
@@ -114,8 +107,9 @@ class SSBSN(nn.Module):
                 shifts: bool | None = None, pd: int | None = None,
                 lowpass: float | None = None, blend: bool | None = None,
                 wiener: bool | None = None, debias: bool | None = None) -> torch.Tensor:
-        """Denoise x (B, C, H, W) of any size. Every option left at None takes the model's
-        own setting from ``self.inference``.
+        """Denoise x (B, C, H, W) of any size: :class:`ssbsn.restore.Pipeline` with these
+        settings (:class:`ssbsn.config.InferenceConfig` declares each; docs/restore.md). Every
+        option left at None takes the model's own setting from ``self.inference``.
 
         Args:
             r3: random-replacing refinement (T rounds, probability p).
@@ -130,73 +124,28 @@ class SSBSN(nn.Module):
                 where PD's sub-images see each other's far edges. SS-Attention and the
                 image-wide LayerNorm make the paper model depend slightly on the tile size.
             pd: PD stride at inference (default ``pd_test``).
-            lowpass: σ (pixels) of :func:`ssbsn.inference.restore_low_frequencies`: keep the
-                noisy image's frequencies below about 1/σ (brightness, colour) and the
+            lowpass: σ (pixels) of :func:`ssbsn.restore.lowpass.restore_low_frequencies`: keep
+                the noisy image's frequencies below about 1/σ (brightness, colour) and the
                 network's above; 0 = off (the paper).
             blend: combine the result with the noisy pixel under noise and error variances
-                fitted on the image (:func:`ssbsn.inference.noisy_pixel_blend`): restores
+                fitted on the image (:func:`ssbsn.restore.blend.noisy_pixel_blend`): restores
                 the fine detail the blind spot loses where the noise is weak; the error
                 variance is keyed on the texture of a second estimate at the training PD
                 stride ``pd_train`` (one more network pass); off for the paper.
             wiener: refine with a collaborative Wiener filter (BM3D's second stage, this
                 project's own), the (blended) result as its pilot, in a variance-stabilised
                 domain with the noise spectrum measured on the image
-                (:func:`ssbsn.wiener.collaborative_refinement`: the noise model in numpy on
-                the CPU, the filter in torch on x's device); off for the paper.
+                (:func:`ssbsn.restore.wiener.collaborative_refinement`); off for the paper.
             debias: remove the brightness shift that the camera's tone curve and clipping
                 put into the mean of the noise, which a network trained on noisy targets
-                learns (:func:`ssbsn.debias.tone_curve_debias`; sRGB camera photos only);
-                off for the paper.
+                learns (:func:`ssbsn.restore.debias.tone_curve_debias`; sRGB camera photos
+                only); off for the paper.
             seed: seed of R3's random replacement (a pure function of pixel position).
         """
-        self._check_input(x)
-        s = self.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile,
-                                    overlap=overlap, shifts=shifts, lowpass=lowpass, pd=pd,
-                                    blend=blend, wiener=wiener, debias=debias)
-        r3, self_ensemble, tile, overlap, b = (s["r3"], s["self_ensemble"], s["tile"],
-                                               s["overlap"], s["pd"])
-
-        def estimate(stride: int) -> torch.Tensor:
-            """The network's estimate with PD stride ``stride``, ensembles, tiles and lowpass."""
-            def run(window: torch.Tensor, origin) -> torch.Tensor:
-                def member(img: torch.Tensor, k: int) -> torch.Tensor:
-                    return self._denoise_once(img, r3, seed + 7919 * k, origin, k, stride)
-
-                def one(img: torch.Tensor) -> torch.Tensor:
-                    return _self_ensemble(member, img) if self_ensemble else member(img, 0)
-                return shift_ensemble(one, window, stride) if s["shifts"] else one(window)
-
-            y = run(x, (0, 0)) if not tile else tiled(run, x, tile, overlap, multiple=stride)
-            return restore_low_frequencies(x, y, s["lowpass"])
-
-        y = estimate(b)
-        out = y
-        if s["blend"]:  # texture from the training stride's estimate (noisy_pixel_blend says why)
-            out = noisy_pixel_blend(x, y, y if self.pd_train == b else estimate(self.pd_train))
-        out = collaborative_refinement(x, y, out) if s["wiener"] else out
-        return tone_curve_debias(x, y, out, lag=self.pd_train) if s["debias"] else out
-
-    def _denoise_once(self, x: torch.Tensor, r3: bool, seed: int, origin, k: int,
-                      b: int) -> torch.Tensor:
-        """PD-b denoising and R3 of one image in orientation k (x is already transformed)."""
-        p = self.pd_pad
-        H, W = x.shape[-2:]
-        xp = F.pad(x, (0, (-W) % b, 0, (-H) % b))
-        first = self.forward(xp, pd=b)
-        if not r3:
-            return first[..., :H, :W]
-        # the uniform field lives in the untransformed frame at global coordinates
-        H0, W0 = (W, H) if k % 2 else (H, W)
-        mode = "reflect" if min(xp.shape[-2:]) > p else "replicate"
-        acc = torch.zeros_like(first)
-        for t in range(self.r3_T):
-            u = transform(r3_uniform(seed, t, (x.shape[0], x.shape[1], H0, W0), origin,
-                                     x.device), k)
-            u = F.pad(u, (0, (-W) % b, 0, (-H) % b), value=1.0)
-            mixed = torch.where(u < self.r3_p, xp, first)
-            y = self.bsn(F.pad(mixed, (p, p, p, p), mode=mode) if p else mixed)
-            acc += y[..., p:y.shape[-2] - p, p:y.shape[-1] - p] if p else y
-        return (acc / self.r3_T)[..., :H, :W]
+        from .restore import Pipeline
+        return Pipeline(self)(x, r3=r3, self_ensemble=self_ensemble, tile=tile,
+                              overlap=overlap, seed=seed, shifts=shifts, pd=pd,
+                              lowpass=lowpass, blend=blend, wiener=wiener, debias=debias)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

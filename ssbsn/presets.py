@@ -15,6 +15,8 @@ over the budget instead of a step count.
 """
 from __future__ import annotations
 
+from .config import InferenceConfig
+
 PAPER: dict = {}  # TrainConfig's defaults are the paper's recipe
 
 QUICK: dict = dict(
@@ -22,8 +24,8 @@ QUICK: dict = dict(
     attention_window=42,
     batch=4,
     repeat=16, lr=3e-3, lr_schedule="cosine", warmup=20, init_bias=True, minutes=8.0,
-    inference=dict(r3=False, shifts=True, self_ensemble=False, tile=0, overlap=64, lowpass=8.0,
-                   blend=True, wiener=True, debias=True),
+    inference=InferenceConfig(r3=False, shifts=True, lowpass=8.0, blend=True, wiener=True,
+                              debias=True).stored(),
 )
 
 PRESETS = {"paper": PAPER, "quick": QUICK}

@@ -115,8 +115,11 @@ class TrainConfig(ModelConfig):
         if self.budget_clock not in ("wall", "cpu"):
             raise ConfigError(f"--budget-clock must be 'wall' or 'cpu', got {self.budget_clock!r}")
         if self.inference is not None:
-            from .inference import INFERENCE_DEFAULTS, check_inference_settings
-            check_inference_settings({**INFERENCE_DEFAULTS, **self.inference})
+            from .config import InferenceConfig, check_inference
+            if not isinstance(self.inference, dict):
+                raise ConfigError(f"inference must be a mapping of inference settings, got "
+                                  f"{type(self.inference).__name__}")
+            check_inference({**InferenceConfig().stored(), **self.inference}, stored=True)
 
     def to_dict(self, stored: bool = False) -> dict:
         d = dataclasses.asdict(self)

@@ -1,10 +1,11 @@
-"""The blend of the blind-spot estimate with the noisy pixel (ssbsn.inference.noisy_pixel_blend),
-judged on synthetic images whose noise and estimation error are known (the oracle)."""
+"""The blend of the blind-spot estimate with the noisy pixel
+(ssbsn.restore.blend.noisy_pixel_blend), judged on synthetic images whose noise and estimation
+error are known (the oracle)."""
 import numpy as np
 import pytest
 import torch
 
-from ssbsn.inference import blend_variances, noisy_pixel_blend
+from ssbsn.restore.blend import blend_variances, noisy_pixel_blend
 
 A, B = 4e-3, 1e-4  # noise variance a·x + b on a 0..1 image
 

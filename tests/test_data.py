@@ -18,7 +18,7 @@ from ssbsn.data.patches import ArraySource, FileSource
 from ssbsn.data.sidd import DataError
 from ssbsn.images import (ImageError, from_model_range, image_shape, read_image,
                            to_model_range, write_image)
-from ssbsn.inference import transform
+from ssbsn.restore.estimate import transform
 from ssbsn.metrics import psnr, quantize, ssim
 
 from helpers import make_dnd

@@ -1,10 +1,10 @@
-"""The tone-curve debias (ssbsn.debias), judged against Monte Carlo draws of the noise model and
-against the project's camera pipeline, whose clean rendering is known."""
+"""The tone-curve debias (ssbsn.restore.debias), judged against Monte Carlo draws of the noise
+model and against the project's camera pipeline, whose clean rendering is known."""
 import numpy as np
 import pytest
 import torch
 
-from ssbsn.debias import clean_levels, inverse_tone, raw_clip_bias, tone, tone_curve_debias
+from ssbsn.restore.debias import clean_levels, inverse_tone, raw_clip_bias, tone, tone_curve_debias
 from ssbsn.noise import Camera, camera_noise, random_camera
 
 
@@ -143,7 +143,7 @@ def test_denoise_debiases_the_blended_output_keyed_on_the_estimate():
     keyed on the training stride's estimate), corrected by the estimate's levels with the noise
     read at the training stride (the order docs/model.md gives: steps 7, then 9)."""
     from ssbsn import SSBSN
-    from ssbsn.inference import noisy_pixel_blend
+    from ssbsn.restore.blend import noisy_pixel_blend
     torch.manual_seed(0)
     model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1, pd_test=2).eval()
     with torch.no_grad():  # outputs around mid-grey
@@ -191,7 +191,8 @@ def test_the_lag_curve_and_a_known_variance_take_the_place_of_the_residual_curve
     at lag 3, beyond the bilinear demosaic's reach (the default), and the true variance of the
     renderings (Monte Carlo) given as ``noise_var``, both read the noise nearer its true level
     and bring the debiased red and blue back towards the clean rendering."""
-    from ssbsn.inference import gaussian_lowpass, lag_noise_curves, noise_curves, variance_curves
+    from ssbsn.restore.lowpass import gaussian_lowpass
+    from ssbsn.restore.stats import lag_noise_curves, noise_curves, variance_curves
     err = {"residual": [], "lag": [], "known": []}
     for clean, noisy, mean, var, leaky in _dark_ramps():
         key = gaussian_lowpass(leaky.double(), 2.0)
@@ -215,7 +216,7 @@ def test_the_correction_is_keyed_on_the_local_brightness(monkeypatch):
     pixels (the default), the debiased mean lands closer to the clean rendering, on average and
     pixel by pixel, than keyed on the estimate itself, whose leftover noise then sorts the
     pixels into the intensity bins (a σ of 1e-3 pixels leaves the estimate as it is)."""
-    import ssbsn.debias as debias
+    import ssbsn.restore.debias as debias
     shift, rmse = {}, {}
     for clean, noisy, mean, var, leaky in _dark_ramps():
         for blur in (debias.KEY_BLUR, 1e-3):
@@ -233,7 +234,7 @@ def test_lag_noise_curves_read_white_noise_and_fall_back_on_tiny_images():
     level (any lag: white noise is independent at every distance); an image with no pixel
     farther than the lag from the border takes the residual curve; a bad lag or key is one
     ValueError."""
-    from ssbsn.inference import lag_noise_curves, noise_curves
+    from ssbsn.restore.stats import lag_noise_curves, noise_curves
     g = torch.Generator().manual_seed(3)
     ramp = torch.linspace(40.0, 200.0, 96, dtype=torch.float64).expand(1, 2, 96, 96)
     sigma = torch.tensor([4.0, 9.0], dtype=torch.float64).view(1, 2, 1, 1)

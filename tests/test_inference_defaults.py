@@ -154,7 +154,7 @@ def test_lowpass_keeps_the_noisy_low_frequencies():
     """restore_low_frequencies against scipy's Gaussian filter (the oracle), and the mean."""
     from scipy import ndimage
 
-    from ssbsn.inference import gaussian_lowpass, restore_low_frequencies
+    from ssbsn.restore.lowpass import gaussian_lowpass, restore_low_frequencies
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 40, 52, generator=g, dtype=torch.float64) * 255
     y = x + 7.0 + torch.randn(1, 3, 40, 52, generator=g, dtype=torch.float64)

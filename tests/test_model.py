@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ssbsn import SSBSN
-from ssbsn.inference import inverse_transform, self_ensemble, transform
+from ssbsn.restore.estimate import inverse_transform, self_ensemble, transform
 from ssbsn.pd import pd_down, pd_up
 
 
@@ -55,7 +55,7 @@ def test_r3_with_p0_and_p1_is_the_bsn_on_the_right_input():
 
 
 def test_r3_replaces_about_p_of_the_pixels_and_is_seeded():
-    from ssbsn.inference import r3_uniform
+    from ssbsn.restore.estimate import r3_uniform
     u = r3_uniform(3, 0, (2, 3, 64, 64))
     assert abs((u < 0.16).float().mean().item() - 0.16) < 0.01
     assert torch.equal(u, r3_uniform(3, 0, (2, 3, 64, 64)))

@@ -188,7 +188,7 @@ def test_debias_ceiling_scores_what_the_benchmark_scores_and_the_true_variance(t
     row is the debias told the variance of renderings through the same camera, also recomputed
     here from draws of that camera; a missing model is one line."""
     from ssbsn import SSBSN
-    from ssbsn.debias import tone_curve_debias
+    from ssbsn.restore.debias import tone_curve_debias
     from ssbsn.metrics import quantize
     from ssbsn.noise import add_camera_noise, random_camera
     ceiling, quality = _benchmark("debias_ceiling"), _benchmark("quality")

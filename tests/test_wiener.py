@@ -1,4 +1,5 @@
-"""The collaborative Wiener refinement (ssbsn.wiener, ssbsn.collaborative), judged against a
+"""The collaborative Wiener refinement (ssbsn.restore.wiener, ssbsn.restore.collaborative),
+judged against a
 plain-loop implementation of the same filter, Monte Carlo noise, an analytic power spectrum and
 clean images; the bm3d package, where it is installed, as an optional cross-check."""
 import sys
@@ -9,11 +10,11 @@ import torch
 from scipy import ndimage
 from skimage import data
 
-from ssbsn.collaborative import (Params, coefficient_covariances, coefficient_variances,
-                                 collaborative_wiener, dct_matrix, group_size, haar_matrix,
-                                 kaiser_window, reference_positions)
 from ssbsn.metrics import psnr
-from ssbsn.wiener import Stabiliser, collaborative_refinement, noise_psd
+from ssbsn.restore.collaborative import (Params, coefficient_covariances, coefficient_variances,
+                                         collaborative_wiener, dct_matrix, group_size,
+                                         haar_matrix, kaiser_window, reference_positions)
+from ssbsn.restore.wiener import Stabiliser, collaborative_refinement, noise_psd
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small images: one thread is fastest
 
@@ -149,7 +150,7 @@ def test_coefficient_covariances_between_nearby_blocks_are_those_of_monte_carlo_
 def loop_wiener(z, p, cov, params, guide=None):
     """The collaborative Wiener filter by plain loops over reference blocks, candidates, blocks
     and channels, with matrices for the transforms (float64 numpy): the definition that
-    ssbsn.collaborative vectorises."""
+    ssbsn.restore.collaborative vectorises."""
     C, H, W = z.shape
     n, S, R = params.block, params.step, params.radius
     L = (cov.shape[1] - 1) // 2
@@ -370,8 +371,8 @@ def test_denoise_refines_the_blend_then_debiases():
     debias is keyed on the network's estimate, its noise read at the training stride
     (docs/model.md, steps 7 to 9)."""
     from ssbsn import SSBSN
-    from ssbsn.debias import tone_curve_debias
-    from ssbsn.inference import noisy_pixel_blend
+    from ssbsn.restore.debias import tone_curve_debias
+    from ssbsn.restore.blend import noisy_pixel_blend
     torch.manual_seed(0)
     model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1, pd_test=2).eval()
     with torch.no_grad():  # outputs around mid-grey

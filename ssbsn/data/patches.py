@@ -209,7 +209,7 @@ def open_training_source(path, kind: str = "auto"):
 
 def dihedral(arr: np.ndarray, k: int) -> np.ndarray:
     """k in 0..7 on an (H, W, ...) array: rotate by 90°·(k mod 4), then flip left-right if
-    k ≥ 4 (the same order as :func:`ssbsn.inference.transform`)."""
+    k ≥ 4 (the same order as :func:`ssbsn.restore.estimate.transform`)."""
     arr = np.rot90(arr, k % 4, axes=(0, 1))
     return arr[:, ::-1] if k >= 4 else arr
 

@@ -90,7 +90,7 @@ def kaiser_window(n: int, beta: float) -> np.ndarray:
     return np.kaiser(n, beta)
 
 
-def _cosines(n: int, lags: int) -> tuple[np.ndarray, np.ndarray]:
+def cosines(n: int, lags: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of 2π·k·d/n, (n, 2·lags + 1) for k = 0…n − 1 and d = −lags…lags."""
     t = 2 * np.pi * np.outer(np.arange(n), np.arange(-lags, lags + 1)) / n
     return np.cos(t), np.sin(t)
@@ -112,11 +112,11 @@ def coefficient_covariances(psd: np.ndarray, block: int = 8, reach: int | None =
                             ) -> np.ndarray:
     """The covariance of the noise in the same 2-D DCT coefficient of two block×block blocks
     whose positions differ by δ = (δy, δx), for |δy|, |δx| ≤ ``reach`` (default block + 3: the
-    blocks' own extent and the ±4 pixels over which :func:`ssbsn.wiener.noise_psd` measures the
-    noise's correlation): (2·reach + 1, 2·reach + 1, block²), index [δy + reach, δx + reach, k],
-    k in the order of the coefficient maps (a·block + b: a the frequency along the columns, b
-    along the rows). ``psd`` (H, W) is the noise's power spectrum in BM3D's convention (white
-    noise of variance s: s·H·W everywhere).
+    blocks' own extent and the ±4 pixels over which :func:`ssbsn.restore.wiener.noise_psd`
+    measures the noise's correlation): (2·reach + 1, 2·reach + 1, block²), index
+    [δy + reach, δx + reach, k], k in the order of the coefficient maps (a·block + b: a the
+    frequency along the columns, b along the rows). ``psd`` (H, W) is the noise's power
+    spectrum in BM3D's convention (white noise of variance s: s·H·W everywhere).
 
     With R the noise's autocovariance (the inverse FFT of psd / (H·W), circular) and φ the
     basis function: cov(δ) = Σ_{x, x'} φ(x)·φ(x')·R(δ + x' − x). At δ = 0 it is the variance
@@ -128,8 +128,8 @@ def coefficient_covariances(psd: np.ndarray, block: int = 8, reach: int | None =
     M = L + block - 1
     # the autocovariance at lags (dy, dx) up to ±M: the real part of the inverse DFT of
     # psd / (H·W) there (circular), as cosine sums
-    cy, sy = _cosines(H, M)
-    cx, sx = _cosines(W, M)
+    cy, sy = cosines(H, M)
+    cx, sx = cosines(W, M)
     psd = np.asarray(psd, dtype=np.float64)
     Rb = (cy.T @ (psd @ cx) - sy.T @ (psd @ sx)) / float(H * W) ** 2
     A = _autocorrelations(block)

@@ -6,7 +6,7 @@ A camera records z = u + ε in its linear space (ε zero-mean, standard deviatio
 estimates the mean m(u, s) = E[T(clip(u + ε))], not the clean T(u): the concave curve pulls
 the mean of mid-tones and highlights down, and the clip at black pushes the darkest tones up.
 Given an estimate μ of that mean and the noise variance σ² of y at that level (both measured on
-the image: :func:`ssbsn.inference.lag_noise_curves`), the pair (u, s) with m(u, s) = μ and
+the image: :func:`ssbsn.restore.stats.lag_noise_curves`), the pair (u, s) with m(u, s) = μ and
 Var[T(clip(u + ε))] = σ² is solved for, and T(u) − μ is added to the output.
 
 T is the standard sRGB tone curve of Brooks et al. 2019 (gamma 2.2, then a smoothstep), the one
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
-from .inference import (_interp, gaussian_lowpass, lag_noise_curves, noise_curves,
-                        variance_curves)
-from .noise import gamma_compression, gamma_expansion, inverse_smoothstep, smoothstep
+from ..noise import gamma_compression, gamma_expansion, inverse_smoothstep, smoothstep
+from .lowpass import gaussian_lowpass
+from .stats import interp, lag_noise_curves, noise_curves, variance_curves
 
 # ε on a uniform grid of ±6 standard deviations (the clip makes the integrand kinked, which
 # a uniform grid handles better than Gauss–Hermite nodes)
@@ -116,11 +116,11 @@ def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch
     the κ of each channel (None: :data:`RAW_CLIP_RGB` for three channels, else 0).
     ``noise_var``: the noise variance of each pixel of ``noisy`` where it is known (a calibrated
     camera, or Monte Carlo draws of a simulated one), averaged in the intensity bins
-    (:func:`ssbsn.inference.variance_curves`); None measures it on the image. ``lag``: how it is
+    (:func:`ssbsn.restore.stats.variance_curves`); None measures it on the image. ``lag``: how it is
     measured, the distance in pixels beyond which the noise is independent (the PD stride the
-    network was trained with; :meth:`ssbsn.SSBSN.denoise` passes it): the noisy image's
-    second differences at that lag (:func:`ssbsn.inference.lag_noise_curves`). None: the
-    residual against the estimate, as the blend fits it (:func:`ssbsn.inference.noise_curves`),
+    network was trained with; the pipeline's :class:`Debias` passes it): the noisy image's
+    second differences at that lag (:func:`ssbsn.restore.stats.lag_noise_curves`). None: the
+    residual against the estimate, as the blend fits it (:func:`ssbsn.restore.stats.noise_curves`),
     which reads the noise low where the estimate saw neighbours that share the pixel's noise
     (docs/model.md, step 9)."""
     out = output.double().clone()
@@ -136,5 +136,14 @@ def tone_curve_debias(noisy: torch.Tensor, estimate: torch.Tensor, output: torch
             clean = clean_levels(mean, var.cpu().numpy() / white ** 2, raw_clip[c])
             delta = clean - np.clip(mean, 0, 1)
             delta = torch.from_numpy(white * delta).to(key.device)
-            out[b, c] += _interp(key[b, c].flatten(), level, delta).view(key.shape[-2:])
+            out[b, c] += interp(key[b, c].flatten(), level, delta).view(key.shape[-2:])
     return out.to(output.dtype)
+
+
+class Debias:
+    """Step of the ``debias`` setting: :func:`tone_curve_debias` of the result so far, the
+    noise measured at the lag of the training PD stride."""
+    stage = "output"
+
+    def __call__(self, ctx, image: torch.Tensor, value) -> torch.Tensor:
+        return tone_curve_debias(ctx.noisy, ctx.estimate, image, lag=ctx.model.pd_train)

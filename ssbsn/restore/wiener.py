@@ -1,6 +1,6 @@
 """Collaborative Wiener refinement: BM3D's second stage with the blind-spot estimate as its pilot.
 
-The blend (:func:`ssbsn.inference.noisy_pixel_blend`) weighs each pixel on its own. BM3D's
+The blend (:func:`ssbsn.restore.blend.noisy_pixel_blend`) weighs each pixel on its own. BM3D's
 Wiener stage (Dabov et al. 2007) works on groups of similar 8×8 blocks gathered from across the
 image, the nonlocal self-similarity that SS-Attention also feeds on: it takes the 3-D transform
 of each group of noisy blocks and scales every coefficient by the empirical Wiener factor
@@ -12,7 +12,7 @@ variance depends on the intensity, it is correlated across neighbouring pixels (
 and across channels (the colour matrix). So, per image:
 
 1. each channel is variance-stabilised, z = f(y) with f(v) = ∫ dv / σ(v) along the noise curve
-   σ²(intensity) of :func:`ssbsn.inference.noise_curves`: the noise of z has variance 1 at
+   σ²(intensity) of :func:`ssbsn.restore.stats.noise_curves`: the noise of z has variance 1 at
    every level (:class:`Stabiliser`; the pilot goes in, and the result comes back, through
    the exact unbiased inverse, so that the brightness is kept);
 2. for RGB, an orthonormal opponent-colour transform (luminance, red − blue, green against
@@ -21,7 +21,7 @@ and across channels (the colour matrix). So, per image:
    autocorrelation of the residual f(noisy) − m(estimate), lags up to ±4 pixels, over the
    flattest fifth of the estimate's texture (where the residual is mostly noise); a channel
    without noise (the chroma of a grey image) keeps the pilot;
-4. the collaborative Wiener filter of :mod:`ssbsn.collaborative` runs on the transformed
+4. the collaborative Wiener filter of :mod:`ssbsn.restore.collaborative` runs on the transformed
    channels: groups of 32 similar 8×8 blocks matched on the pilot's luminance and shared by
    the chroma, a 2-D DCT and a Haar transform across each group, the Wiener factor of every
    coefficient with the noise variance that the measured spectrum gives it (for the group
@@ -40,9 +40,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .collaborative import (DEFAULT, Params, _cosines, coefficient_covariances,
-                            collaborative_wiener)
-from .inference import BLEND_FLAT, _fit_inputs, _noise_curve
+from .collaborative import (DEFAULT, Params, coefficient_covariances, collaborative_wiener,
+                            cosines)
+from .stats import BLEND_FLAT, fit_inputs, noise_curve
 
 PSD_LAGS = 4     # the noise autocorrelation is measured up to ±4 pixels (demosaicking: ~2)
 MIN_SIZE = 16    # smaller images are returned as the pilot (the blocks are 8×8)
@@ -150,7 +150,7 @@ def noise_psd(residual: np.ndarray, mask: np.ndarray, lags: int = PSD_LAGS) -> n
     ac = _lag_sums(r, lags) / np.maximum(_lag_sums(np.ascontiguousarray(mask, np.float64),
                                                    lags), 1.0)
     if min(H, W) > 2 * lags:
-        (cy, sy), (cx, sx) = _cosines(H, lags), _cosines(W, lags)
+        (cy, sy), (cx, sx) = cosines(H, lags), cosines(W, lags)
         psd = (cy @ ac) @ cx.T - (sy @ ac) @ sx.T  # Re Σ_δ ac(δ)·exp(−2πi·k·δ / (H, W))
     else:  # lags that wrap around the image: the last one written wins, as it always did
         idx = np.arange(-lags, lags + 1)
@@ -213,7 +213,8 @@ def _refine_one(y: np.ndarray, est: np.ndarray, pilot: np.ndarray, curves, tex: 
 
 
 def torch_step4(device: torch.device | str = "cpu", params: Params = DEFAULT) -> Step4:
-    """Step 4 by :func:`ssbsn.collaborative.collaborative_wiener` on ``device`` in float32."""
+    """Step 4 by :func:`ssbsn.restore.collaborative.collaborative_wiener` on ``device`` in
+    float32."""
     def step4(z, p, psds, guide):
         f32 = lambda a: torch.from_numpy(  # noqa: E731
             np.ascontiguousarray(a, dtype=np.float32)).to(device)
@@ -230,9 +231,9 @@ def refine(noisy: torch.Tensor, estimate: torch.Tensor, pilot: torch.Tensor, ste
     another filter: a benchmark's or a test's)."""
     if min(noisy.shape[-2:]) < MIN_SIZE:
         return pilot
-    # the noise curves of ssbsn.inference.noise_curves, and the texture they were read on
-    x, e2, tex = _fit_inputs(noisy, estimate)
-    curves = [[_noise_curve(x[b, c].flatten(), e2[b, c].flatten(), tex[b, c].flatten())
+    # the noise curves of ssbsn.restore.stats.noise_curves, and the texture they were read on
+    x, e2, tex = fit_inputs(noisy, estimate)
+    curves = [[noise_curve(x[b, c].flatten(), e2[b, c].flatten(), tex[b, c].flatten())
                for c in range(x.shape[1])] for b in range(x.shape[0])]
     del x, e2
     tex = tex.cpu().numpy()
@@ -252,3 +253,10 @@ def collaborative_refinement(noisy: torch.Tensor, estimate: torch.Tensor, pilot:
     return refine(noisy, estimate, pilot, torch_step4(pilot.device, params))
 
 
+class Wiener:
+    """Step of the ``wiener`` setting: :func:`collaborative_refinement` with the result so far
+    as the pilot and the noise curve fitted against the network's estimate."""
+    stage = "output"
+
+    def __call__(self, ctx, image: torch.Tensor, value) -> torch.Tensor:
+        return collaborative_refinement(ctx.noisy, ctx.estimate, image)
