@@ -92,8 +92,8 @@ import triton.language as tl
 
 from ..attention.common import NORM_EPS, check_window
 from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, group_geometry,
-                        group_index, layer_norm_projection_backward, layer_norm_stats, load_y,
-                        loop_bound, mma, project_qhat, token_offsets, window_sizes)
+                        group_index, layer_norm_projection_backward, layer_norm_stats_and_qhat,
+                        load_y, loop_bound, mma, project_qhat, token_offsets, window_sizes)
 
 LOG2E = 1.4426950408889634
 
@@ -227,7 +227,8 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
     pix_o = token_offsets(offs_m, p_row, p_col, wr, G, s_oh, s_ow)
     tl.store(OUT + b.to(tl.int64) * s_ob + pix_o[:, None] + offs_c[None, :] * s_oc,
              res.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(L + pid_bg.to(tl.int64) * NB + offs_m, l_i, mask=m_mask)
+    # every row of the group's NB, so that l needs no zero fill (rows past the real tokens: 0)
+    tl.store(L + pid_bg.to(tl.int64) * NB + offs_m, tl.where(m_mask, l_i, 0.0), mask=offs_m < NB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,9 +305,9 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
 # ---------------------------------------------------------------------------------------------
 @_autotune("bwd_cols")
 @triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
-def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
+def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV, SPART,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
-                             C, E, H, W, TH, TW, NB, NB_BUCKET, qk_scale, inv_sqrt_e,
+                             C, E, H, W, TH, TW, NB, NB_BUCKET, NPS, qk_scale, inv_sqrt_e,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                              UPCAST: tl.constexpr, NORM_EPS: tl.constexpr):
@@ -363,13 +364,23 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
     dqh = (rows + dk) * inv_sqrt_e
     y = load_y(X, MEAN, RSTD, pid_bg, x_off, pix_m, offs_m, n_real, offs_c, C, s_xc)
     w = tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
-                mask=c_mask[:, None] & e_mask[None, :], other=0.0)
+                mask=c_mask[:, None] & e_mask[None, :], other=0.0).to(X.dtype.element_ty)
     q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_M, BLOCK_E), tl.float32), PREC, UPCAST)
     nrm = tl.sqrt(tl.sum(q * q, 1))
     qh = q / (nrm + NORM_EPS)[:, None]
     proj = tl.sum(qh * dqh, 1) / tl.where(nrm > 0, nrm, 1.0)
     dq = dqh / (nrm + NORM_EPS)[:, None] - qh * proj[:, None]
     tl.store(DQ + row_base * E + offs_m[:, None] * E + offs_e[None, :], dq, mask=e2)
+    # the LayerNorm backward's sums over this key tile, with dy = dq·Wᵀ and q = y·W:
+    # Σ_c dy = dq·(Σ_c W) and Σ_c dy·y = dq·q, so no dy tile is formed here
+    dq = tl.where(e2, dq, 0.0)
+    s1 = tl.sum(tl.sum(dq * tl.sum(w.to(tl.float32), 0)[None, :], 1), 0)
+    s2 = tl.sum(tl.sum(dq * q, 1), 0)
+    n_tok = tl.minimum(tl.maximum(n_real - start_m, 0), BLOCK_M)
+    part = SPART + (pid_bg.to(tl.int64) * NPS + pid_m) * 3
+    tl.store(part, (n_tok * C).to(tl.float32))
+    tl.store(part + 1, s1)
+    tl.store(part + 2, s2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,10 +388,9 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
 # ---------------------------------------------------------------------------------------------
 def _forward(x, w, grid, group_stats, window=0):
     geo = Geometry(x, w, grid, window)
-    mean, rstd = layer_norm_stats(x, geo, group_stats)
-    qh = project_qhat(x, w, mean, rstd, geo)
+    mean, rstd, qh = layer_norm_stats_and_qhat(x, w, geo, group_stats)
     out = torch.empty_like(x)
-    l = torch.zeros(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # padded rows stay 0
+    l = torch.empty(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # every row written
     qk_scale = LOG2E / math.sqrt(geo.E)
     _ss_attn_fwd_kernel[lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))](
         x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
@@ -389,11 +399,16 @@ def _forward(x, w, grid, group_stats, window=0):
     return out, l, mean, rstd
 
 
+def _min_block_m(kind: str) -> int:
+    return min(t[0] for tiles in TILES[kind].values() for t in tiles)
+
+
 def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, window=0):
     geo = Geometry(x, w, grid, window)
-    qh = project_qhat(x, w, mean, rstd, geo)
-    qk_scale = LOG2E / math.sqrt(geo.E)
     f32 = dict(device=x.device, dtype=torch.float32)
+    dw32 = None if deterministic else torch.empty(geo.C, geo.E, **f32)  # zeroed by _qhat_kernel
+    qh = project_qhat(x, w, mean, rstd, geo, dw=dw32)
+    qk_scale = LOG2E / math.sqrt(geo.E)
     rows = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dd = torch.empty(geo.BG, geo.NB, **f32)
     consts = dict(G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
@@ -404,14 +419,17 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, windo
         geo.TH, geo.TW, geo.NB, tune_bucket(geo.NB), qk_scale, **consts)
     dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dxv = torch.empty(geo.BG, geo.NB, geo.C, **f32)
+    # the LayerNorm backward's partials: one row per key tile, room for the smallest tile
+    nps = triton.cdiv(geo.NB, _min_block_m("bwd_cols"))
+    spart = torch.empty(geo.BG, nps, 3, **f32)
     _ss_attn_bwd_cols_kernel[launch](
-        x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv, *x.stride(), *dout.stride(),
+        x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv, spart, *x.stride(), *dout.stride(),
         *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, tune_bucket(geo.NB),
-        qk_scale,
-        1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS, **consts)
+        nps, qk_scale, 1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS, **consts)
+    nused = triton.cdiv(geo.NB, _ss_attn_bwd_cols_kernel.best_config.kwargs["BLOCK_M"])
     del rows, dd, qh
-    return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo, group_stats,
-                                          deterministic)
+    return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
+                                          geo, group_stats, deterministic)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,10 +477,14 @@ def _setup_context(ctx, inputs, output):
     _, l, mean, rstd = output
     ctx.save_for_backward(x, w, l, mean, rstd)
     ctx.mark_non_differentiable(l, mean, rstd)
+    # no zero tensors for the gradients of l, mean and rstd (nor of an unused output)
+    ctx.set_materialize_grads(False)
     ctx.cfg = (grid, group_stats, deterministic, window)
 
 
 def _backward_fn(ctx, dout, *_unused):
+    if dout is None:
+        return None, None, None, None, None, None
     x, w, l, mean, rstd = ctx.saved_tensors
     dx, dw = torch.ops.ssbsn.ss_attention_backward(dout, x, w, l, mean, rstd, *ctx.cfg)
     return dx, dw, None, None, None, None
@@ -522,7 +544,8 @@ def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bo
 
     Args:
         x: (B, C, H, W), float32/float16/bfloat16, any strides (channels_last is fastest).
-        w: (C, E) shared Q/K matrix; used in x's dtype (its gradient comes back in w's dtype).
+        w: (C, E) shared Q/K matrix; rounded to x's dtype where the kernels load it (its
+            gradient comes back in w's dtype, accumulated in fp32).
         grid: the grid period g.
         group_stats: LayerNorm statistics per attention group instead of per sample.
         deterministic: bitwise-repeatable gradients (dW reduced in a fixed order, no atomics);
@@ -535,5 +558,8 @@ def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bo
     reason = unsupported_reason(x, w, grid, window)
     if reason is not None:
         raise RuntimeError(f"ssbsn.kernels.ss_attention: {reason}")
-    return torch.ops.ssbsn.ss_attention(x, w.to(x.dtype), grid, group_stats, deterministic,
-                                        window or 0)[0]
+    if w.dtype not in SUPPORTED_DTYPES:
+        w = w.to(x.dtype)
+    # W in its own dtype: the kernels round it to x's dtype as they load it, and dW comes back
+    # in W's dtype (an fp32 parameter with bf16 activations costs no cast either way)
+    return torch.ops.ssbsn.ss_attention(x, w, grid, group_stats, deterministic, window or 0)[0]
