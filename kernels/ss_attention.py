@@ -93,7 +93,8 @@ import triton.language as tl
 from ..attention.common import NORM_EPS, check_window
 from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, group_geometry,
                         group_index, layer_norm_projection_backward, layer_norm_stats_and_qhat,
-                        load_y, loop_bound, mma, project_qhat, token_offsets, window_sizes)
+                        load_y, loop_bound, mma, project_qhat, round_to, token_offsets,
+                        window_sizes)
 
 LOG2E = 1.4426950408889634
 
@@ -363,8 +364,8 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV, SP
     rows = tl.load(ROWS + row_base * E + offs_m[:, None] * E + offs_e[None, :], mask=e2, other=0.0)
     dqh = (rows + dk) * inv_sqrt_e
     y = load_y(X, MEAN, RSTD, pid_bg, x_off, pix_m, offs_m, n_real, offs_c, C, s_xc)
-    w = tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
-                mask=c_mask[:, None] & e_mask[None, :], other=0.0).to(X.dtype.element_ty)
+    w = round_to(tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
+                         mask=c_mask[:, None] & e_mask[None, :], other=0.0), X.dtype.element_ty)
     q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_M, BLOCK_E), tl.float32), PREC, UPCAST)
     nrm = tl.sqrt(tl.sum(q * q, 1))
     qh = q / (nrm + NORM_EPS)[:, None]

@@ -127,6 +127,22 @@ else:
         return n
 
 
+if INTERPRET:
+    def round_to(v, dtype):
+        """``v.to(dtype)`` rounded to nearest even, as compiled kernels and torch round: the
+        interpreter truncates fp32 → bf16, so the rounding is done on the bits first."""
+        if dtype == tl.bfloat16 and v.dtype == tl.float32:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+            v = bits.to(tl.float32, bitcast=True)
+        return v.to(dtype)
+else:
+    @triton.jit
+    def round_to(v, dtype: tl.constexpr):
+        """``v.to(dtype)`` (round to nearest even)."""
+        return v.to(dtype)
+
+
 @device_fn
 def mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with fp32 accumulation. PREC is the fp32 input precision ("tf32x3", "tf32");
@@ -277,8 +293,8 @@ def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, s_xb, s_xc, s_xh, s_xw, s_wc, 
                  tl.zeros((BLOCK_C, BLOCK_E), tl.float32), mask=wmask & first_program[:, None])
     pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
     y = normalize(X, mu, rs, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
-    w = tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we, mask=wmask,
-                other=0.0).to(QH.dtype.element_ty)
+    w = round_to(tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we, mask=wmask,
+                         other=0.0), QH.dtype.element_ty)
     q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_T, BLOCK_E), tl.float32), PREC, UPCAST)
     qh = q / (tl.sqrt(tl.sum(q * q, 1)) + NORM_EPS)[:, None]
     ptrs = QH + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :]
@@ -296,7 +312,7 @@ def _load_dy(X, DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, 
                  mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :], other=0.0)
     wt = tl.load(Wm + offs_e[:, None] * s_we + offs_c[None, :] * s_wc,
                  mask=(offs_e < E)[:, None] & (offs_c < C)[None, :], other=0.0)
-    wt = wt.to(X.dtype.element_ty).to(tl.float32)
+    wt = round_to(wt, X.dtype.element_ty).to(tl.float32)
     dy = tl.dot(dq, wt, tl.zeros((BLOCK_T, BLOCK_C), tl.float32), input_precision=PREC)
     return dq, dy
 
