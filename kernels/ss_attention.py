@@ -16,10 +16,11 @@ bottom/right windows hold padded tokens, n_pad = th·tw − (real tokens) for a 
 
 Algorithm
 ---------
-Forward (3 launches + a few tiny host reductions):
-  1. ``_ln_partials_kernel``: per token tile (count, mean, M2) → per-sample (or per-group, with
-     ``group_stats``) mean and rstd, combined on the host in float64 (Chan's formula).
-  2. ``_qhat_kernel``: q̂ = q/(‖q‖+NORM_EPS), q = ((x−μ)·rstd)·W, for every real token, into a
+Forward (3 launches, no aten compute kernel; tests/test_kernel_host.py):
+  1. ``_ln_partials_kernel``: per token tile (count, mean, M2).
+  2. ``_qhat_kernel``: each program combines its sample's (or, with ``group_stats``, its
+     group's) partials in float64 (Chan's formula, fixed order) into mean and rstd (stored by
+     the group's first tile); q̂ = q/(‖q‖+NORM_EPS), q = ((x−μ)·rstd)·W, for every real token, into a
      (BG, NB, E) buffer (BG groups) in the input dtype. The projection is done once per token
      rather than once per (query tile, key tile) pair: recomputing it inside the attention loop
      would add C·E/(BLOCK_M·(C+E)) ≈ 50 % to the attention FLOPs at C = E = 128, BLOCK_M = 64.
@@ -27,8 +28,9 @@ Forward (3 launches + a few tiny host reductions):
      tiles: S = q̂_i q̂_jᵀ, P = exp2((S − 1)·log2(e)/√E), l += ΣP, acc += P·V_j. Padded keys
      (q̂ = 0, value 0) are not loaded: they add n_pad·exp(−1/√E) to l, counted analytically.
      Writes x + acc/l straight into the output map and l (one fp32 per row).
-Backward (5 launches, 6 in deterministic mode):
-  0. q̂ is recomputed by ``_qhat_kernel`` (cheap, O(N·C·E)) instead of being saved.
+Backward (4 launches, 6 in deterministic mode; no aten compute kernel):
+  0. q̂ is recomputed by ``_qhat_kernel`` (cheap, O(N·C·E)) instead of being saved; its first
+     program also zeroes the fp32 dW accumulator.
   1. ``_ss_attn_bwd_rows_kernel``: per query tile k, one loop over keys j accumulates
      acc1 = Σ_j p_kj·(dA_kj − c_k)·q̂_j, acc2 = Σ_j p_kj·q̂_j and D'_k = Σ_j A_kj (dA_kj − c_k),
      with dA = dO·Vᵀ. Then the "row" half of dq̂, Σ_j dS_kj q̂_j = (acc1 − D'_k·acc2)/l_k, and
@@ -38,12 +40,14 @@ Backward (5 launches, 6 in deterministic mode):
   2. ``_ss_attn_bwd_cols_kernel``: per key tile j, loop over query tiles i: dV_j += Aᵀ dO_i and
      the "column" half Σ_i dS_ij q̂_i with dS = A∘(dA − D) (FlashAttention-2's dK loop; Q = K
      so dq̂ = (dS + dSᵀ)·q̂/√E is the sum of both halves). Epilogue: recompute q, back through
-     the normalisation, dq = dq̂/(‖q‖+ε) − q̂(q̂·dq̂)/‖q‖; store dq and dO + dV (fp32 scratch).
-  3. ``token_ops``: dy = dq·Wᵀ, the two LayerNorm reductions (partials, host combine), then
+     the normalisation, dq = dq̂/(‖q‖+ε) − q̂(q̂·dq̂)/‖q‖; store dq and dO + dV (fp32 scratch),
+     and the LayerNorm backward's sums of the tile, Σ dy = dq·(Σ_c W) and Σ dy·y = dq·q.
+  3. ``token_ops``: each program combines its unit's sums (float64, fixed order), dy = dq·Wᵀ,
      dx = dO + dV + rstd·(dy − mean dy − y·mean(dy·y)) written into the x-shaped gradient, and
      dW = Σ yᵀ·dq: by float atomics in the dx kernel (default), or with ``deterministic=True``
-     by a split-K kernel writing a fixed number of partials summed in a fixed order (bitwise
-     repeatable). Nothing else uses atomics, so deterministic mode only changes dW.
+     by a split-K kernel writing a fixed number of partials and a kernel summing them in a
+     fixed order (bitwise repeatable). Nothing else uses atomics, so deterministic mode only
+     changes dW.
   Cost: 8 N×N-tile products per (query tile, key tile) pair in backward (forward: 2), against 7
   for Triton's tutorial (separate dq loop, O saved) — the extra product (P·q̂ in kernel 1) is
   the price of not saving O; a separate D = rowsum(dO∘O) pass would cost 2.
@@ -110,9 +114,15 @@ def tune_bucket(n: int) -> int:
 # Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and operand class,
 # chosen from the sm_90 compile table of ``python -m benchmarks.aot --all`` (C = E = 128; the
 # tables are in benchmarks/results/sm90-aot/). Every entry launches (shared memory ≤ 227 KB).
-# * "half" (fp16/bf16): no register spills (tests/test_aot_compile.py holds them to that);
-#   BLOCK_M = 64 per warpgroup so the products can be Hopper wgmma — the BLOCK_M = 32 entries
-#   (mma.sync only, and the most registers) were dropped.
+# * "half" (fp16/bf16): BLOCK_M = 64 per warpgroup so the products can be Hopper wgmma — the
+#   BLOCK_M = 32 entries (mma.sync only, and the most registers) were dropped. No tile may give
+#   two warps the same rows of a product: Triton lays the warps of chained products along M,
+#   so 8 warps on a 64-row tile computed every S/dP tile twice (TTGIR warpsPerCTA [8, 1]); the
+#   8-warp tiles are 128 rows, the 64-row ones 4 warps (tests/test_aot_compile.py checks both
+#   this and spills). No spills, except bwd_cols: every tile without duplicated rows spills
+#   there (Triton 3.9, sm_90: 64x32 w4 s2 76 B, 64x32 w4 s3 132 B, 64x64 w4 s2 360 B,
+#   128x32 w8 112 B, 128x64 w8 256 B), so it keeps the least spilling one until its
+#   FlashAttention-3-style rewrite (issue #31, item 1).
 # * "fp32": 3xTF32 (see ``fp32_precision``) splits every operand in a high and a low tf32 half
 #   and issues three products, so fp32 tiles are smaller. Measured with ptxas: the half tiles
 #   needed up to 324 KB of shared memory for fp32 (4 of 12 could not launch) and spilled up to
@@ -132,10 +142,10 @@ TILES = {
     "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
             "fp32": [(32, 32, 4, 2)],
             "wide": [(64, 32, 4, 1)]},
-    "bwd_rows": {"half": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+    "bwd_rows": {"half": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
                  "fp32": [(32, 16, 4, 2)],
                  "wide": [(64, 32, 8, 1)]},
-    "bwd_cols": {"half": [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
+    "bwd_cols": {"half": [(64, 32, 4, 2)],
                  "fp32": [(64, 16, 4, 2)],
                  "wide": [(64, 32, 8, 1)]},
 }
@@ -172,6 +182,26 @@ def _autotune(kind: str):
     no_timing = (lambda kernel_call, quantiles=None: [0.0, 0.0, 0.0]) if INTERPRET else None
     return triton.autotune(configs=configs, key=["C", "E", "NB_BUCKET"],
                            prune_configs_by={"early_config_prune": prune}, do_bench=no_timing)
+
+
+#: The configuration each autotuned kernel runs per (C, E, bucket of N, dtypes): chosen by
+#: ``triton.autotune`` on the key's first launch, then launched directly (no per-call key).
+_CONFIGS: dict = {}
+
+
+def _launch_tuned(kernel, key, grid, *args, **kw):
+    """``kernel[grid](*args, **kw)`` with the configuration cached for ``key``; returns the
+    configuration's BLOCK_M (None when the launcher was replaced and chose none)."""
+    cfg = _CONFIGS.get((kernel, key))
+    if cfg is None:
+        kernel[grid](*args, **kw)
+        cfg = getattr(kernel, "best_config", None)
+        if cfg is None:
+            return None
+        _CONFIGS[(kernel, key)] = cfg
+    else:
+        kernel.fn[grid](*args, **kw, **cfg.all_kwargs())
+    return cfg.kwargs["BLOCK_M"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +423,11 @@ def _forward(x, w, grid, group_stats, window=0):
     out = torch.empty_like(x)
     l = torch.empty(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # every row written
     qk_scale = LOG2E / math.sqrt(geo.E)
-    _ss_attn_fwd_kernel[lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))](
-        x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
-        geo.NB, tune_bucket(geo.NB), qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
+    bucket = tune_bucket(geo.NB)
+    launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
+    _launch_tuned(
+        _ss_attn_fwd_kernel, (geo.C, geo.E, bucket, x.dtype), launch, x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
+        geo.NB, bucket, qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
         PREC=geo.PREC, UPCAST=geo.UPCAST)
     return out, l, mean, rstd
 
@@ -415,19 +447,25 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, windo
     consts = dict(G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
                   UPCAST=geo.UPCAST)
     launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
-    _ss_attn_bwd_rows_kernel[launch](
-        x, dout, qh, l, rows, dd, *x.stride(), *dout.stride(), geo.C, geo.E, geo.H, geo.W,
-        geo.TH, geo.TW, geo.NB, tune_bucket(geo.NB), qk_scale, **consts)
+    bucket = tune_bucket(geo.NB)
+    key = (geo.C, geo.E, bucket, x.dtype, w.dtype, dout.dtype)
+    _launch_tuned(
+        _ss_attn_bwd_rows_kernel, key, launch, x, dout, qh, l, rows, dd, *x.stride(),
+        *dout.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket, qk_scale,
+        **consts)
     dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dxv = torch.empty(geo.BG, geo.NB, geo.C, **f32)
     # the LayerNorm backward's partials: one row per key tile, room for the smallest tile
     nps = triton.cdiv(geo.NB, _min_block_m("bwd_cols"))
     spart = torch.empty(geo.BG, nps, 3, **f32)
-    _ss_attn_bwd_cols_kernel[launch](
-        x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv, spart, *x.stride(), *dout.stride(),
-        *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, tune_bucket(geo.NB),
-        nps, qk_scale, 1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS, **consts)
-    nused = triton.cdiv(geo.NB, _ss_attn_bwd_cols_kernel.best_config.kwargs["BLOCK_M"])
+    block_m = _launch_tuned(
+        _ss_attn_bwd_cols_kernel, key, launch, x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv,
+        spart, *x.stride(), *dout.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH,
+        geo.TW, geo.NB, bucket, nps, qk_scale, 1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS,
+        **consts)
+    # the partial rows the columns kernel wrote per group (benchmarks.aot records the launches
+    # without running them: no configuration then, and the rows are not read)
+    nused = triton.cdiv(geo.NB, block_m or _min_block_m("bwd_cols"))
     del rows, dd, qh
     return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
                                           geo, group_stats, deterministic)

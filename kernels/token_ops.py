@@ -3,8 +3,8 @@ their backward (LayerNorm, projection, dW).
 
 Read top to bottom: shared helpers (grid-group geometry, strided token addressing, the dot
 wrapper), then the forward kernels (``_ln_partials_kernel`` → host combine →
-``_qhat_kernel``), then the backward kernels (``_ln_bwd_sums_kernel`` → host combine →
-``_ln_bwd_dx_kernel``, and ``_dw_kernel``), then the host launchers.
+``_qhat_kernel``), then the backward kernels (``_ln_bwd_dx_kernel``, which combines the LayerNorm-backward sums
+the columns kernel wrote, and ``_dw_kernel`` → ``_dw_sum_kernel``), then the host launchers.
 
 Token addressing (shared with ``ss_attention.py``). Phase (a, c) of the map zero-padded to
 Hp × Wp (multiples of g) is a grid of Ht × Wt = Hp/g × Wp/g tokens, token (i, j) being pixel
@@ -28,8 +28,9 @@ from grid axis 1 and (sample, window) from axis 2 (each limited to 65,535 by CUD
 
 LayerNorm statistics are one (mean, rstd) per *group* index: with per-image statistics the
 entries of a sample are equal, with ``group_stats`` they differ (one per windowed group).
-Partial (count, mean, M2) per token tile are combined on the host with Chan's formula in
-float64 (fixed order: bitwise deterministic, no E[x²] − E[x]² cancellation).
+Partial (count, mean, M2) per token tile are combined inside the kernels that need them, with
+Chan's formula in float64 (fixed order: every program gets the same bits, no E[x²] − E[x]²
+cancellation, and no host reduction between the launches).
 """
 from __future__ import annotations
 

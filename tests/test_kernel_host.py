@@ -204,3 +204,21 @@ def test_unused_output_gradient():
     assert not (l.requires_grad or mean.requires_grad or rstd.requires_grad)
     (out.sum() * 0).backward()
     assert x.grad is not None and torch.count_nonzero(x.grad) == 0
+
+
+@interp
+def test_autotuned_launch_skips_the_autotuner_once_cached(monkeypatch):
+    """After a key's first launch the configuration comes from the host's cache: the
+    autotuner (and its per-call key construction) is not entered again for that bucket."""
+    monkeypatch.setattr(K, "_CONFIGS", {})
+    w = torch.randn(16, 16)
+    kernels.ss_attention(torch.randn(1, 16, 24, 24), w, 4)  # bucket 64: tuned
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("autotuner entered for a cached key")
+
+    monkeypatch.setattr(K._ss_attn_fwd_kernel, "run", refuse)
+    out = kernels.ss_attention(torch.randn(1, 16, 28, 28), w, 4)  # N = 49: same bucket
+    assert out.shape == (1, 16, 28, 28)
+    with pytest.raises(AssertionError, match="autotuner entered"):
+        kernels.ss_attention(torch.randn(1, 16, 20, 20), w, 4)  # N = 25: a new bucket
