@@ -120,9 +120,9 @@ def tune_bucket(n: int) -> int:
 #   so 8 warps on a 64-row tile computed every S/dP tile twice (TTGIR warpsPerCTA [8, 1]); the
 #   8-warp tiles are 128 rows, the 64-row ones 4 warps (tests/test_aot_compile.py checks both
 #   this and spills). No spills, except bwd_cols: every tile without duplicated rows spills
-#   there (Triton 3.9, sm_90: 64x32 w4 s2 76 B, 64x32 w4 s3 132 B, 64x64 w4 s2 360 B,
-#   128x32 w8 112 B, 128x64 w8 256 B), so it keeps the least spilling one until its
-#   FlashAttention-3-style rewrite (issue #31, item 1).
+#   there (Triton 3.9, sm_90, bf16, channels_last: 64x16 w4 84-92 B, 64x32 w4 s2 100 B,
+#   64x32 w4 s3 156 B, 64x64 w4 s2 ~360 B, 128x32 w8 ~110 B, 128x64 w8 256 B), so it keeps
+#   64x32 w4 s2 until its FlashAttention-3-style rewrite (issue #31, item 1).
 # * "fp32": 3xTF32 (see ``fp32_precision``) splits every operand in a high and a low tf32 half
 #   and issues three products, so fp32 tiles are smaller. Measured with ptxas: the half tiles
 #   needed up to 324 KB of shared memory for fp32 (4 of 12 could not launch) and spilled up to
@@ -135,8 +135,10 @@ def tune_bucket(n: int) -> int:
 #   (Triton 3.6): bwd_cols at 64×16 with 8 warps, the least spilling, faults (illegal memory
 #   access, or wrong dx/dW where it does not), while the same tile with fp16 data and the
 #   4-warp 64×16 tile (3.3 KB spills) are exact — so 4 warps.
-# * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (spills 16 B fwd, 280 B
-#   bwd_rows, ~1 KB bwd_cols). fp32 with C or E above 128 cannot launch on sm_90 at all: the
+# * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (Triton 3.9: spills 56 B
+#   fwd, ~300 B bwd_rows, ~1.6 KB bwd_cols). The backward's 8 warps on 64 rows compute the
+#   S/dP tiles twice (the one exception to the rule above): the tiles without it spill 2.1 KB
+#   (bwd_rows: 64x32 w4, 128x32 w8) and 7.5-8.8 KB (bwd_cols). fp32 with C or E above 128 cannot launch on sm_90 at all: the
 #   bwd_cols epilogue alone holds the [C, E] fp32 W tile (256 KB at 256 × 256).
 TILES = {
     "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
@@ -336,7 +338,7 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
 # ---------------------------------------------------------------------------------------------
 @_autotune("bwd_cols")
 @triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
-def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV, SPART,
+def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, L, ROWS, DD, DQ, DXV, SPART,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
                              C, E, H, W, TH, TW, NB, NB_BUCKET, NPS, qk_scale, inv_sqrt_e,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -405,7 +407,8 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV, SP
     # the LayerNorm backward's sums over this key tile, with dy = dq·Wᵀ and q = y·W:
     # Σ_c dy = dq·(Σ_c W) and Σ_c dy·y = dq·q, so no dy tile is formed here
     dq = tl.where(e2, dq, 0.0)
-    s1 = tl.sum(tl.sum(dq * tl.sum(w.to(tl.float32), 0)[None, :], 1), 0)
+    wsum = tl.load(WSUM + offs_e, mask=e_mask, other=0.0)  # Σ_c W, from the q̂ launch
+    s1 = tl.sum(tl.sum(dq * wsum[None, :], 1), 0)
     s2 = tl.sum(tl.sum(dq * q, 1), 0)
     n_tok = tl.minimum(tl.maximum(n_real - start_m, 0), BLOCK_M)
     part = SPART + (pid_bg.to(tl.int64) * NPS + pid_m) * 3
@@ -440,7 +443,8 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, windo
     geo = Geometry(x, w, grid, window)
     f32 = dict(device=x.device, dtype=torch.float32)
     dw32 = None if deterministic else torch.empty(geo.C, geo.E, **f32)  # zeroed by _qhat_kernel
-    qh = project_qhat(x, w, mean, rstd, geo, dw=dw32)
+    wsum = torch.empty(geo.E, **f32)
+    qh = project_qhat(x, w, mean, rstd, geo, dw=dw32, wsum=wsum)
     qk_scale = LOG2E / math.sqrt(geo.E)
     rows = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dd = torch.empty(geo.BG, geo.NB, **f32)
@@ -459,7 +463,7 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, windo
     nps = triton.cdiv(geo.NB, _min_block_m("bwd_cols"))
     spart = torch.empty(geo.BG, nps, 3, **f32)
     block_m = _launch_tuned(
-        _ss_attn_bwd_cols_kernel, key, launch, x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv,
+        _ss_attn_bwd_cols_kernel, key, launch, x, dout, qh, w, wsum, mean, rstd, l, rows, dd, dq, dxv,
         spart, *x.stride(), *dout.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH,
         geo.TW, geo.NB, bucket, nps, qk_scale, 1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS,
         **consts)

@@ -260,16 +260,19 @@ def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, TH, TW, NBLK,
 
 
 @triton.jit(do_not_specialize=["TH", "TW"])
-def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E, H, W,
+def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E, H, W,
                  TH, TW, NB, NBLK, STAT_DIV, G: tl.constexpr, BLOCK_T: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                  UPCAST: tl.constexpr, NORM_EPS: tl.constexpr, LN_EPS: tl.constexpr,
-                 STATS: tl.constexpr, ZERO_DW: tl.constexpr, BLOCK_P: tl.constexpr):
+                 STATS: tl.constexpr, ZERO_DW: tl.constexpr, BWD: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
     """q̂ = q / (‖q‖ + NORM_EPS), q = y · W (W rounded to x's dtype), for one token tile; stored
     in the input dtype. STATS (forward): the group's (mean, rstd) from the LayerNorm partials
     PART of its statistics unit (STAT_DIV groups of NBLK partials each), written to MEAN/RSTD
-    by the group's first tile; otherwise (backward) read from MEAN/RSTD. ZERO_DW: the first
-    program zeroes the fp32 dW accumulator that the backward's last kernel adds into."""
+    by the group's first tile; otherwise (backward) read from MEAN/RSTD. BWD: the first program
+    stores W's column sums Σ_c W (fp32, W rounded to x's dtype) for the columns kernel's
+    LayerNorm-backward sums; ZERO_DW: it also zeroes the fp32 dW accumulator that the
+    backward's last kernel adds into."""
     pid_t = tl.program_id(0)
     pid_bg = group_index(G)
     b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
@@ -297,6 +300,9 @@ def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, s_xb, s_xc, s_xh, s_xw, s_wc, 
     w = round_to(tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we, mask=wmask,
                          other=0.0), QH.dtype.element_ty)
     q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_T, BLOCK_E), tl.float32), PREC, UPCAST)
+    if BWD:
+        first_e = (offs_e * 0 + pid_t + pid_bg) == 0
+        tl.store(WSUM + offs_e, tl.sum(w.to(tl.float32), 0), mask=(offs_e < E) & first_e)
     qh = q / (tl.sqrt(tl.sum(q * q, 1)) + NORM_EPS)[:, None]
     ptrs = QH + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :]
     tl.store(ptrs, qh.to(QH.dtype.element_ty), mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :])
@@ -504,22 +510,25 @@ def layer_norm_stats_and_qhat(x, w, geo: Geometry, group_stats: bool):
     return mean, rstd, qh
 
 
-def _qhat(x, w, mean, rstd, geo: Geometry, part=None, nblk=1, stat_div=1, dw=None):
+def _qhat(x, w, mean, rstd, geo: Geometry, part=None, nblk=1, stat_div=1, dw=None, wsum=None):
     BT = _token_block(geo)
     qh = torch.empty(geo.BG, geo.NB, geo.E, device=x.device, dtype=x.dtype)
     _qhat_kernel[geo.launch(triton.cdiv(geo.NB, BT))](
         x, w, mean, rstd, qh, part if part is not None else mean, dw if dw is not None else mean,
+        wsum if wsum is not None else mean,
         *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, nblk,
         stat_div, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
         UPCAST=geo.UPCAST, NORM_EPS=NORM_EPS, LN_EPS=LN_EPS, STATS=part is not None,
-        ZERO_DW=dw is not None, BLOCK_P=PARTIAL_BLOCK, num_warps=_warps(geo))
+        ZERO_DW=dw is not None, BWD=wsum is not None, BLOCK_P=PARTIAL_BLOCK,
+        num_warps=_warps(geo))
     return qh
 
 
-def project_qhat(x, w, mean, rstd, geo: Geometry, dw=None) -> torch.Tensor:
+def project_qhat(x, w, mean, rstd, geo: Geometry, dw=None, wsum=None) -> torch.Tensor:
     """q̂ of every real token from the saved (mean, rstd), (BG, NB, E) in the input dtype
-    (padded rows left unwritten); ``dw``, if given, an fp32 (C, E) buffer zeroed on the way."""
-    return _qhat(x, w, mean, rstd, geo, dw=dw)
+    (padded rows left unwritten); ``dw``, if given, an fp32 (C, E) buffer zeroed on the way;
+    ``wsum``, if given, an fp32 (E,) buffer that receives Σ_c W."""
+    return _qhat(x, w, mean, rstd, geo, dw=dw, wsum=wsum)
 
 
 def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,

@@ -35,7 +35,7 @@ def _aot(tmp_path, *args, timeout=300):
 
 # Known spills of the half tiles (bytes per thread, Triton 3.9): every bwd_cols tile whose warps
 # cover distinct rows spills (kernels/ss_attention.py, TILES); any other spill fails.
-HALF_SPILL_ALLOWANCE = {"_ss_attn_bwd_cols_kernel": 96}
+HALF_SPILL_ALLOWANCE = {"_ss_attn_bwd_cols_kernel": 128}
 
 
 def duplicated_rows(rows):
@@ -45,7 +45,7 @@ def duplicated_rows(rows):
             if dims[2] * 16 > dims[0]]
 
 
-def _check(rows, tiles_class, spill_budget=None, allowance=None):
+def _check(rows, tiles_class, spill_budget=None, allowance=None, duplicated_ok=()):
     sys.path.insert(0, str(ROOT))
     from benchmarks.aot import SM90_SMEM_LIMIT, SPILL_BUDGET
     spill_budget = SPILL_BUDGET if spill_budget is None else spill_budget
@@ -58,7 +58,7 @@ def _check(rows, tiles_class, spill_budget=None, allowance=None):
            or r["spill_stores"] > allowance.get(r["kernel"], spill_budget)]
     assert not bad, "configurations over budget:\n" + "\n".join(map(str, bad))
     assert all(r["dots"] for r in rows), "no tensor-core product found in the TTGIR"
-    dup = duplicated_rows(rows)
+    dup = [d for d in duplicated_rows(rows) if d[0] not in duplicated_ok]
     assert not dup, f"warps computing the same rows ([M, N, warps M, warps N]): {dup}"
     fixed = [(r["kernel"], r["ints"]) for r in rows
              if r["ints"].get("TH") != "i32" or r["ints"].get("TW") != "i32"]
@@ -100,8 +100,10 @@ def test_duplicated_rows_are_detected():
                     reason="~3 min of compiling: set SSBSN_SLOW_TESTS=1")
 def test_fp32_and_wide_configs_fit_sm90(tmp_path):
     """fp32 (3xTF32) tiles at C = 128 and the bf16 C = 256 ("wide") tiles launch; their spills
-    stay within the budgets stated in kernels/ss_attention.py (3xTF32's bwd_cols: ~3.3 KB)."""
+    stay within the budgets stated in kernels/ss_attention.py (3xTF32's bwd_cols: ~3.4 KB);
+    only the wide backward tiles may compute rows twice (their alternatives spill 2-9 KB)."""
     rows, _ = _aot(tmp_path, "--dtypes", "fp32", "--layouts", "cl")
     _check(rows, "fp32", spill_budget=4096)
     rows, _ = _aot(tmp_path, "--dtypes", "bf16", "--layouts", "cl", "--channels", "256")
-    _check(rows, "wide", spill_budget=2048)
+    _check(rows, "wide", spill_budget=2048,
+           duplicated_ok=("_ss_attn_bwd_rows_kernel", "_ss_attn_bwd_cols_kernel"))
