@@ -20,10 +20,11 @@ Forward (3 launches, no aten compute kernel; tests/test_kernel_host.py):
   1. ``_ln_partials_kernel``: per token tile (count, mean, M2).
   2. ``_qhat_kernel``: each program combines its sample's (or, with ``group_stats``, its
      group's) partials in float64 (Chan's formula, fixed order) into mean and rstd (stored by
-     the group's first tile); q̂ = q/(‖q‖+NORM_EPS), q = ((x−μ)·rstd)·W, for every real token, into a
-     (BG, NB, E) buffer (BG groups) in the input dtype. The projection is done once per token
-     rather than once per (query tile, key tile) pair: recomputing it inside the attention loop
-     would add C·E/(BLOCK_M·(C+E)) ≈ 50 % to the attention FLOPs at C = E = 128, BLOCK_M = 64.
+     the group's first tile); q̂ = q/(‖q‖+NORM_EPS), q = ((x−μ)·rstd)·W, for every real
+     token, into a (BG, NB, E) buffer (BG groups) in the input dtype. The projection is done
+     once per token rather than once per (query tile, key tile) pair: recomputing it inside
+     the attention loop would add C·E/(BLOCK_M·(C+E)) ≈ 50 % to the attention FLOPs at
+     C = E = 128, BLOCK_M = 64.
   3. ``_ss_attn_fwd_kernel``: one program per (query tile, group); loop over the group's key
      tiles: S = q̂_i q̂_jᵀ, P = exp2((S − 1)·log2(e)/√E), l += ΣP, acc += P·V_j. Padded keys
      (q̂ = 0, value 0) are not loaded: they add n_pad·exp(−1/√E) to l, counted analytically.
@@ -138,8 +139,9 @@ def tune_bucket(n: int) -> int:
 # * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (Triton 3.9: spills 56 B
 #   fwd, ~300 B bwd_rows, ~1.6 KB bwd_cols). The backward's 8 warps on 64 rows compute the
 #   S/dP tiles twice (the one exception to the rule above): the tiles without it spill 2.1 KB
-#   (bwd_rows: 64x32 w4, 128x32 w8) and 7.5-8.8 KB (bwd_cols). fp32 with C or E above 128 cannot launch on sm_90 at all: the
-#   bwd_cols epilogue alone holds the [C, E] fp32 W tile (256 KB at 256 × 256).
+#   (bwd_rows: 64x32 w4, 128x32 w8) and 7.5-8.8 KB (bwd_cols). fp32 with C or E above 128
+#   cannot launch on sm_90 at all: the bwd_cols epilogue alone holds the [C, E] fp32 W tile
+#   (256 KB at 256 × 256).
 TILES = {
     "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
             "fp32": [(32, 32, 4, 2)],
@@ -429,9 +431,10 @@ def _forward(x, w, grid, group_stats, window=0):
     bucket = tune_bucket(geo.NB)
     launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
     _launch_tuned(
-        _ss_attn_fwd_kernel, (geo.C, geo.E, bucket, x.dtype), launch, x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
-        geo.NB, bucket, qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
-        PREC=geo.PREC, UPCAST=geo.UPCAST)
+        _ss_attn_fwd_kernel, (geo.C, geo.E, bucket, x.dtype), launch, x, qh, out, l,
+        *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket,
+        qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
+        UPCAST=geo.UPCAST)
     return out, l, mean, rstd
 
 
@@ -463,8 +466,8 @@ def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, windo
     nps = triton.cdiv(geo.NB, _min_block_m("bwd_cols"))
     spart = torch.empty(geo.BG, nps, 3, **f32)
     block_m = _launch_tuned(
-        _ss_attn_bwd_cols_kernel, key, launch, x, dout, qh, w, wsum, mean, rstd, l, rows, dd, dq, dxv,
-        spart, *x.stride(), *dout.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH,
+        _ss_attn_bwd_cols_kernel, key, launch, x, dout, qh, w, wsum, mean, rstd, l, rows, dd, dq,
+        dxv, spart, *x.stride(), *dout.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH,
         geo.TW, geo.NB, bucket, nps, qk_scale, 1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS,
         **consts)
     # the partial rows the columns kernel wrote per group (benchmarks.aot records the launches

@@ -3,8 +3,9 @@ their backward (LayerNorm, projection, dW).
 
 Read top to bottom: shared helpers (grid-group geometry, strided token addressing, the dot
 wrapper), then the forward kernels (``_ln_partials_kernel`` → host combine →
-``_qhat_kernel``), then the backward kernels (``_ln_bwd_dx_kernel``, which combines the LayerNorm-backward sums
-the columns kernel wrote, and ``_dw_kernel`` → ``_dw_sum_kernel``), then the host launchers.
+``_qhat_kernel``), then the backward kernels (``_ln_bwd_dx_kernel``, which combines the
+LayerNorm-backward sums the columns kernel wrote, and ``_dw_kernel`` → ``_dw_sum_kernel``),
+then the host launchers.
 
 Token addressing (shared with ``ss_attention.py``). Phase (a, c) of the map zero-padded to
 Hp × Wp (multiples of g) is a grid of Ht × Wt = Hp/g × Wp/g tokens, token (i, j) being pixel
@@ -183,7 +184,7 @@ PARTIAL_BLOCK = 256
 
 @device_fn
 def _partial_rows(PART, g0, i, NPS, NUSED):
-    """Addresses of the rows i (flat over the unit's groups g0, g0 + 1, ...) of a unit's partials."""
+    """Addresses of a unit's partial rows i (flat over its groups g0, g0 + 1, ...)."""
     g = i // NUSED
     return PART + ((g0 + g).to(tl.int64) * NPS + (i - g * NUSED)) * 3
 
@@ -205,9 +206,9 @@ def sum_partials(PART, g0, total, NPS, NUSED, BLOCK_P: tl.constexpr):
 
 
 @device_fn
-def ln_moments(PART, g0, total, NPS, NUSED, eps, BLOCK_P: tl.constexpr):
-    """(mean, rstd) in fp32 from a unit's (count, mean, M2) partials: Chan's parallel formula in
-    float64, two passes (Σ n·μ, then Σ M2 + n·(μ − mean)²), no E[x²] − E[x]² cancellation."""
+def chan_partials(PART, g0, total, NPS, NUSED, BLOCK_P: tl.constexpr):
+    """(count, mean, M2) in float64 of a unit's (count, mean, M2) partials: Chan's parallel
+    formula, two passes (Σ n·μ, then Σ M2 + n·(μ − mean)²), no E[x²] − E[x]² cancellation."""
     n_acc = tl.zeros([BLOCK_P], tl.float64)
     s_acc = tl.zeros([BLOCK_P], tl.float64)
     for start in range(0, loop_bound(total), BLOCK_P):
@@ -227,8 +228,32 @@ def ln_moments(PART, g0, total, NPS, NUSED, eps, BLOCK_P: tl.constexpr):
         n = tl.load(ptr, mask=m, other=0.0).to(tl.float64)
         d = tl.load(ptr + 1, mask=m, other=0.0).to(tl.float64) - mean
         m2_acc += tl.load(ptr + 2, mask=m, other=0.0).to(tl.float64) + n * d * d
-    var = tl.sum(m2_acc, 0) / cnt
+    return tl.sum(n_acc, 0), mean, tl.sum(m2_acc, 0)
+
+
+@device_fn
+def ln_moments(PART, g0, total, NPS, NUSED, eps, BLOCK_P: tl.constexpr):
+    """(mean, rstd) in fp32 of a unit's (count, mean, M2) partials (``chan_partials``)."""
+    cnt, mean, m2 = chan_partials(PART, g0, total, NPS, NUSED, BLOCK_P)
+    var = m2 / tl.maximum(cnt, 1.0)
     return mean.to(tl.float32), (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+
+
+@triton.jit
+def _combine_partials_kernel(PART, OUT, NPS, NUSED, STAT_DIV, CHAN: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
+    """One unit's partials combined into one row (stored at its first group's row of OUT):
+    (count, mean, M2) by Chan's formula (CHAN), else (count, Σ a, Σ b). For units with many
+    partials, so that the kernels after it read one row per unit instead of all of them."""
+    g0 = tl.program_id(0) * STAT_DIV
+    if CHAN:
+        a, b, c = chan_partials(PART, g0, STAT_DIV * NUSED, NPS, NUSED, BLOCK_P)
+    else:
+        a, b, c = sum_partials(PART, g0, STAT_DIV * NUSED, NPS, NUSED, BLOCK_P)
+    out = OUT + g0.to(tl.int64) * 3
+    tl.store(out, a.to(tl.float32))
+    tl.store(out + 1, b.to(tl.float32))
+    tl.store(out + 2, c.to(tl.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,15 +285,17 @@ def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, TH, TW, NBLK,
 
 
 @triton.jit(do_not_specialize=["TH", "TW"])
-def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E, H, W,
-                 TH, TW, NB, NBLK, STAT_DIV, G: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
-                 UPCAST: tl.constexpr, NORM_EPS: tl.constexpr, LN_EPS: tl.constexpr,
+def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, s_xb, s_xc, s_xh, s_xw, s_wc, s_we,
+                 C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD, STAT_DIV, G: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, NORM_EPS: tl.constexpr,
+                 LN_EPS: tl.constexpr,
                  STATS: tl.constexpr, ZERO_DW: tl.constexpr, BWD: tl.constexpr,
                  BLOCK_P: tl.constexpr):
     """q̂ = q / (‖q‖ + NORM_EPS), q = y · W (W rounded to x's dtype), for one token tile; stored
     in the input dtype. STATS (forward): the group's (mean, rstd) from the LayerNorm partials
-    PART of its statistics unit (STAT_DIV groups of NBLK partials each), written to MEAN/RSTD
+    PART of its statistics unit (NREAD rows from the unit's first group, NPS rows a group of
+    which NUSED are written; a unit is STAT_DIV groups), written to MEAN/RSTD
     by the group's first tile; otherwise (backward) read from MEAN/RSTD. BWD: the first program
     stores W's column sums Σ_c W (fp32, W rounded to x's dtype) for the columns kernel's
     LayerNorm-backward sums; ZERO_DW: it also zeroes the fp32 dW accumulator that the
@@ -283,7 +310,7 @@ def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, s_xb, s_xc, s_xh, s_xw, 
     wmask = (offs_c < C)[:, None] & (offs_e < E)[None, :]
     if STATS:
         g0 = (pid_bg // STAT_DIV) * STAT_DIV
-        mu, rs = ln_moments(PART, g0, STAT_DIV * NBLK, NBLK, NBLK, LN_EPS, BLOCK_P)
+        mu, rs = ln_moments(PART, g0, NREAD, NPS, NUSED, LN_EPS, BLOCK_P)
         first = pid_t == 0
         tl.store(MEAN + pid_bg, mu, mask=first)
         tl.store(RSTD + pid_bg, rs, mask=first)
@@ -327,13 +354,14 @@ def _load_dy(X, DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, 
 @triton.jit(do_not_specialize=["TH", "TW"])
 def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW,
                       s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_wc, s_we,
-                      C, E, H, W, TH, TW, NB, NPS, NUSED, STAT_DIV, G: tl.constexpr,
+                      C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD, STAT_DIV, G: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
                       PREC: tl.constexpr, ATOMIC_DW: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = (dO + dV) + rstd·(dy − mean(dy) − y·mean(dy·y)), written into the x-shaped map;
     with ATOMIC_DW also dW += yᵀ·dq by float atomics (the non-deterministic mode). The two
     means come from the (count, Σ dy, Σ dy·y) partials the columns kernel wrote per key tile
-    (NPS rows per group, NUSED of them written), combined here for the statistics unit."""
+    (NPS rows per group, NUSED of them written; NREAD rows from the unit's first group),
+    combined here for the statistics unit."""
     pid_t = tl.program_id(0)
     pid_bg = group_index(G)
     b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
@@ -348,7 +376,7 @@ def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW,
     dq, dy = _load_dy(X, DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
                       BLOCK_T, BLOCK_C, PREC)
     g0 = (pid_bg // STAT_DIV) * STAT_DIV
-    cnt, s1, s2 = sum_partials(SPART, g0, STAT_DIV * NUSED, NPS, NUSED, BLOCK_P)
+    cnt, s1, s2 = sum_partials(SPART, g0, NREAD, NPS, NUSED, BLOCK_P)
     cnt = tl.maximum(cnt, 1.0)
     m1 = (s1 / cnt).to(tl.float32)
     m2 = (s2 / cnt).to(tl.float32)
@@ -495,10 +523,31 @@ def _stat_div(geo: Geometry, group_stats: bool) -> int:
     return 1 if group_stats else geo.GPS
 
 
+#: A statistics unit with more partials than this has them combined by one more launch
+#: (``_combine_partials_kernel``) before the kernels that need the unit's statistics; with at
+#: most this many, every program of those kernels combines them itself (no launch, a few KB
+#: read per program). The training and validation shapes stay below it (a few hundred to
+#: ~1,100 partials per sample); large maps, or many windows per sample, go above it.
+INLINE_PARTIALS = 2048
+
+
+def unit_partials(part, nps: int, nused: int, geo: Geometry, group_stats: bool, chan: bool):
+    """(partials, NPS, NUSED, NREAD) for the kernels that combine a unit's partials: the
+    partials themselves, or, above ``INLINE_PARTIALS`` a unit, one combined row per unit."""
+    stat_div = _stat_div(geo, group_stats)
+    if stat_div * nused <= INLINE_PARTIALS:
+        return part, nps, nused, stat_div * nused
+    one = torch.empty(geo.BG, 1, 3, device=part.device, dtype=torch.float32)
+    _combine_partials_kernel[(geo.BG // stat_div,)](part, one, nps, nused, stat_div, CHAN=chan,
+                                                    BLOCK_P=PARTIAL_BLOCK)
+    return one, 1, 1, 1
+
+
 def layer_norm_stats_and_qhat(x, w, geo: Geometry, group_stats: bool):
-    """Forward, two launches: the LayerNorm partials per token tile, then q̂ of every real token
-    ((BG, NB, E) in x's dtype, padded rows left unwritten), whose programs combine the partials
-    of their statistics unit and store the per-group-index (mean, rstd) (fp32, (BG,))."""
+    """Forward, two launches (three above ``INLINE_PARTIALS``): the LayerNorm partials per
+    token tile, then q̂ of every real token ((BG, NB, E) in x's dtype, padded rows left
+    unwritten), whose programs combine the partials of their statistics unit and store the
+    per-group-index (mean, rstd) (fp32, (BG,))."""
     BT = _token_block(geo)
     nblk = triton.cdiv(geo.NB, BT)
     part = torch.empty(geo.BG, nblk, 3, device=x.device, dtype=torch.float32)
@@ -506,21 +555,23 @@ def layer_norm_stats_and_qhat(x, w, geo: Geometry, group_stats: bool):
                                         geo.TW, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C)
     mean = torch.empty(geo.BG, device=x.device, dtype=torch.float32)
     rstd = torch.empty(geo.BG, device=x.device, dtype=torch.float32)
-    qh = _qhat(x, w, mean, rstd, geo, part=part, nblk=nblk, stat_div=_stat_div(geo, group_stats))
+    stats = unit_partials(part, nblk, nblk, geo, group_stats, chan=True)
+    qh = _qhat(x, w, mean, rstd, geo, stats=stats, stat_div=_stat_div(geo, group_stats))
     return mean, rstd, qh
 
 
-def _qhat(x, w, mean, rstd, geo: Geometry, part=None, nblk=1, stat_div=1, dw=None, wsum=None):
+def _qhat(x, w, mean, rstd, geo: Geometry, stats=None, stat_div=1, dw=None, wsum=None):
     BT = _token_block(geo)
     qh = torch.empty(geo.BG, geo.NB, geo.E, device=x.device, dtype=x.dtype)
+    part, nps, nused, nread = stats if stats is not None else (mean, 1, 1, 1)
     _qhat_kernel[geo.launch(triton.cdiv(geo.NB, BT))](
-        x, w, mean, rstd, qh, part if part is not None else mean, dw if dw is not None else mean,
+        x, w, mean, rstd, qh, part, dw if dw is not None else mean,
         wsum if wsum is not None else mean,
-        *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, nblk,
-        stat_div, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
-        UPCAST=geo.UPCAST, NORM_EPS=NORM_EPS, LN_EPS=LN_EPS, STATS=part is not None,
-        ZERO_DW=dw is not None, BWD=wsum is not None, BLOCK_P=PARTIAL_BLOCK,
-        num_warps=_warps(geo))
+        *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, nps,
+        nused, nread, stat_div, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
+        PREC=geo.PREC, UPCAST=geo.UPCAST, NORM_EPS=NORM_EPS, LN_EPS=LN_EPS,
+        STATS=stats is not None, ZERO_DW=dw is not None, BWD=wsum is not None,
+        BLOCK_P=PARTIAL_BLOCK, num_warps=_warps(geo))
     return qh
 
 
@@ -536,14 +587,16 @@ def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused,
     """From dq (fp32, (BG, NB, E)), dxv = dO + dV (fp32, (BG, NB, C)) and the columns kernel's
     (count, Σ dy, Σ dy·y) partials ``spart`` (NPS rows per group, NUSED written) to (dx, dW).
     Default: dW added by atomics into ``dw32`` (fp32, zeroed by the backward's q̂ launch) and
-    returned in W's dtype; deterministic: two more launches, a fixed-order split-K reduction."""
+    returned in W's dtype; deterministic: two more launches, a fixed-order split-K reduction.
+    Above ``INLINE_PARTIALS`` partials a unit, one more launch combines them first."""
     BT = _token_block(geo)
     nblk = triton.cdiv(geo.NB, BT)
     dx = torch.empty_like(x)
+    spart, nps, nused, nread = unit_partials(spart, nps, nused, geo, group_stats, chan=False)
     _ln_bwd_dx_kernel[geo.launch(nblk)](
         x, w, mean, rstd, dq, dxv, spart, dx, dw32 if dw32 is not None else mean,
         *x.stride(), *dx.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
-        geo.NB, nps, nused, _stat_div(geo, group_stats), G=geo.G, BLOCK_T=BT,
+        geo.NB, nps, nused, nread, _stat_div(geo, group_stats), G=geo.G, BLOCK_T=BT,
         BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC_EPI, ATOMIC_DW=not deterministic,
         BLOCK_P=PARTIAL_BLOCK, num_warps=_warps(geo))
     if not deterministic:

@@ -1,7 +1,8 @@
 """Every tile configuration of the fused attention kernels compiles for sm_90 (H100/H200) within
 the block's shared memory, without register spills (bwd_cols: a stated allowance) and without
-two warps computing the same rows of a product (TTGIR ``warpsPerCTA``) — checked on CPU, ahead of time, with
-Triton's own compiler and ptxas (``benchmarks/aot.py``), so a regression shows up without a GPU.
+two warps computing the same rows of a product (TTGIR ``warpsPerCTA``) — checked on CPU, ahead
+of time, with Triton's own compiler and ptxas (``benchmarks/aot.py``), so a regression shows up
+without a GPU.
 The window sizes (TH, TW) must reach every kernel as runtime i32 arguments, not specialised
 constants, so that one compiled kernel serves every window.
 
@@ -87,8 +88,8 @@ def test_duplicated_rows_are_detected():
              "instrShape = [16, 64, 16]}>\n"
              "%st = ttng.warp_group_dot %k, %qt, %c {isAsync = true} : !ttg.memdesc<64x128xbf16> "
              "* !ttg.memdesc<128x64xbf16> -> tensor<64x64xf32, #mma> loc(#loc1)\n"
-             "%q = ttng.warp_group_dot %a, %w, %c : tensor<64x128xbf16> * !ttg.memdesc<128x128xbf16>"
-             " -> tensor<64x128xf32, #mma1> loc(#loc2)\n")
+             "%q = ttng.warp_group_dot %a, %w, %c : tensor<64x128xbf16> * "
+             "!ttg.memdesc<128x128xbf16> -> tensor<64x128xf32, #mma1> loc(#loc2)\n")
     dots = dot_warps(ttgir)
     assert dots == [[64, 64, 8, 1], [64, 128, 4, 2]]
     assert duplicated_rows([{"kernel": "k", "config": "c", "dtype": "bf16", "dots": dots}]) == \

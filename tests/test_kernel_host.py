@@ -32,7 +32,8 @@ interp = pytest.mark.skipif(not kernels.INTERPRET,
 
 # Budgets reached (issue #31 item 3 targets: <= 3 launches forward, <= 4 backward, no aten
 # compute kernel inside the op). Deterministic mode reduces dW in a fixed order with two more
-# launches (split-K partials, then their sum), above the target of 4.
+# launches (split-K partials, then their sum), above the target of 4; a statistics unit with
+# more than token_ops.INLINE_PARTIALS partials (large maps) takes one more launch each way.
 FWD_LAUNCHES = ["_ln_partials_kernel", "_qhat_kernel", "_ss_attn_fwd_kernel"]
 BWD_LAUNCHES = ["_qhat_kernel", "_ss_attn_bwd_rows_kernel", "_ss_attn_bwd_cols_kernel",
                 "_ln_bwd_dx_kernel"]
@@ -222,3 +223,28 @@ def test_autotuned_launch_skips_the_autotuner_once_cached(monkeypatch):
     assert out.shape == (1, 16, 28, 28)
     with pytest.raises(AssertionError, match="autotuner entered"):
         kernels.ss_attention(torch.randn(1, 16, 20, 20), w, 4)  # N = 25: a new bucket
+
+
+@interp
+@pytest.mark.parametrize("group_stats", [False, True])
+def test_many_partials_take_one_combine_launch(monkeypatch, group_stats):
+    """A statistics unit with more partials than ``INLINE_PARTIALS`` (large maps, many windows)
+    has them combined by one more launch each way instead of by every program: still no aten
+    compute, and the same results as the programs' own combination."""
+    T = sys.modules["ssbsn.kernels.token_ops"]
+    x64, w64 = attention_inputs((2, 16, 13, 11))
+    x, w = x64.float().contiguous(memory_format=torch.channels_last), w64.float()
+    go = torch.randn_like(x)
+    fn = lambda a, b: kernels.ss_attention(a, b, 4, group_stats=group_stats)  # noqa: E731
+    inline = run_grads(fn, x, w, go)
+    monkeypatch.setattr(T, "INLINE_PARTIALS", 0)
+    combined = run_grads(fn, x, w, go)
+    for a, b in zip(combined, inline):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    fwd, bwd, _, _ = _fwd_bwd(x, w, 4, group_stats=group_stats)
+    report = _report(fwd, bwd)
+    assert fwd.launches == (FWD_LAUNCHES[:1] + ["_combine_partials_kernel"]
+                            + FWD_LAUNCHES[1:]), report
+    assert bwd.launches == (BWD_LAUNCHES[:3] + ["_combine_partials_kernel"]
+                            + BWD_LAUNCHES[3:]), report
+    assert fwd.aten == [] and bwd.aten == [], report
