@@ -11,7 +11,6 @@ the op's and is not counted.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import sys
 
