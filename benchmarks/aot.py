@@ -165,8 +165,25 @@ def compile_one(obj, args, kw, meta, num_warps, num_stages, arch: int = 90) -> d
     if row["regs"] is None:  # no ptxas log (older triton): the cubin's resource usage
         row.update(_cuobjdump(ck.asm["cubin"]))
     row["smem"] = int(ck.metadata.shared)
+    row["dots"] = dot_warps(ck.asm.get("ttgir", ""))
     row["launchable"] = row["smem"] <= SM90_SMEM_LIMIT
     return row
+
+
+def dot_warps(ttgir: str) -> list[list[int]]:
+    """[M, N, warps along M, warps along N] of every tensor-core product (``tt.dot`` or
+    ``ttng.warp_group_dot``) in a TTGIR listing, from its result's ``nvidia_mma`` layout. A warp
+    computes 16 rows of a product: warps along M × 16 > M means warps computing the same rows."""
+    layouts = {m.group(1): [int(v) for v in m.group(2).split(",")] for m in re.finditer(
+        r"^#(\w+) = #ttg\.nvidia_mma<\{[^}]*warpsPerCTA = \[([\d, ]+)\]", ttgir, re.M)}
+    found = []
+    for m in re.finditer(r"(?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<(\d+)x(\d+)x\w+, #(\w+)>",
+                         ttgir):
+        if m.group(3) in layouts:
+            dims = [int(m.group(1)), int(m.group(2))] + layouts[m.group(3)][:2]
+            if dims not in found:
+                found.append(dims)
+    return found
 
 
 @contextlib.contextmanager

@@ -16,19 +16,22 @@ bottom/right windows hold padded tokens, n_pad = th·tw − (real tokens) for a 
 
 Algorithm
 ---------
-Forward (3 launches + a few tiny host reductions):
-  1. ``_ln_partials_kernel``: per token tile (count, mean, M2) → per-sample (or per-group, with
-     ``group_stats``) mean and rstd, combined on the host in float64 (Chan's formula).
-  2. ``_qhat_kernel``: q̂ = q/(‖q‖+NORM_EPS), q = ((x−μ)·rstd)·W, for every real token, into a
-     (BG, NB, E) buffer (BG groups) in the input dtype. The projection is done once per token
-     rather than once per (query tile, key tile) pair: recomputing it inside the attention loop
-     would add C·E/(BLOCK_M·(C+E)) ≈ 50 % to the attention FLOPs at C = E = 128, BLOCK_M = 64.
+Forward (3 launches, no aten compute kernel; tests/test_kernel_host.py):
+  1. ``_ln_partials_kernel``: per token tile (count, mean, M2).
+  2. ``_qhat_kernel``: each program combines its sample's (or, with ``group_stats``, its
+     group's) partials in float64 (Chan's formula, fixed order) into mean and rstd (stored by
+     the group's first tile); q̂ = q/(‖q‖+NORM_EPS), q = ((x−μ)·rstd)·W, for every real
+     token, into a (BG, NB, E) buffer (BG groups) in the input dtype. The projection is done
+     once per token rather than once per (query tile, key tile) pair: recomputing it inside
+     the attention loop would add C·E/(BLOCK_M·(C+E)) ≈ 50 % to the attention FLOPs at
+     C = E = 128, BLOCK_M = 64.
   3. ``_ss_attn_fwd_kernel``: one program per (query tile, group); loop over the group's key
      tiles: S = q̂_i q̂_jᵀ, P = exp2((S − 1)·log2(e)/√E), l += ΣP, acc += P·V_j. Padded keys
      (q̂ = 0, value 0) are not loaded: they add n_pad·exp(−1/√E) to l, counted analytically.
      Writes x + acc/l straight into the output map and l (one fp32 per row).
-Backward (5 launches, 6 in deterministic mode):
-  0. q̂ is recomputed by ``_qhat_kernel`` (cheap, O(N·C·E)) instead of being saved.
+Backward (4 launches, 6 in deterministic mode; no aten compute kernel):
+  0. q̂ is recomputed by ``_qhat_kernel`` (cheap, O(N·C·E)) instead of being saved; its first
+     program also zeroes the fp32 dW accumulator.
   1. ``_ss_attn_bwd_rows_kernel``: per query tile k, one loop over keys j accumulates
      acc1 = Σ_j p_kj·(dA_kj − c_k)·q̂_j, acc2 = Σ_j p_kj·q̂_j and D'_k = Σ_j A_kj (dA_kj − c_k),
      with dA = dO·Vᵀ. Then the "row" half of dq̂, Σ_j dS_kj q̂_j = (acc1 − D'_k·acc2)/l_k, and
@@ -38,12 +41,14 @@ Backward (5 launches, 6 in deterministic mode):
   2. ``_ss_attn_bwd_cols_kernel``: per key tile j, loop over query tiles i: dV_j += Aᵀ dO_i and
      the "column" half Σ_i dS_ij q̂_i with dS = A∘(dA − D) (FlashAttention-2's dK loop; Q = K
      so dq̂ = (dS + dSᵀ)·q̂/√E is the sum of both halves). Epilogue: recompute q, back through
-     the normalisation, dq = dq̂/(‖q‖+ε) − q̂(q̂·dq̂)/‖q‖; store dq and dO + dV (fp32 scratch).
-  3. ``token_ops``: dy = dq·Wᵀ, the two LayerNorm reductions (partials, host combine), then
+     the normalisation, dq = dq̂/(‖q‖+ε) − q̂(q̂·dq̂)/‖q‖; store dq and dO + dV (fp32 scratch),
+     and the LayerNorm backward's sums of the tile, Σ dy = dq·(Σ_c W) and Σ dy·y = dq·q.
+  3. ``token_ops``: each program combines its unit's sums (float64, fixed order), dy = dq·Wᵀ,
      dx = dO + dV + rstd·(dy − mean dy − y·mean(dy·y)) written into the x-shaped gradient, and
      dW = Σ yᵀ·dq: by float atomics in the dx kernel (default), or with ``deterministic=True``
-     by a split-K kernel writing a fixed number of partials summed in a fixed order (bitwise
-     repeatable). Nothing else uses atomics, so deterministic mode only changes dW.
+     by a split-K kernel writing a fixed number of partials and a kernel summing them in a
+     fixed order (bitwise repeatable). Nothing else uses atomics, so deterministic mode only
+     changes dW.
   Cost: 8 N×N-tile products per (query tile, key tile) pair in backward (forward: 2), against 7
   for Triton's tutorial (separate dq loop, O saved) — the extra product (P·q̂ in kernel 1) is
   the price of not saving O; a separate D = rowsum(dO∘O) pass would cost 2.
@@ -92,8 +97,9 @@ import triton.language as tl
 
 from ..attention.common import NORM_EPS, check_window
 from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, group_geometry,
-                        group_index, layer_norm_projection_backward, layer_norm_stats, load_y,
-                        loop_bound, mma, project_qhat, token_offsets, window_sizes)
+                        group_index, layer_norm_projection_backward, layer_norm_stats_and_qhat,
+                        load_y, loop_bound, mma, project_qhat, round_to, token_offsets,
+                        window_sizes)
 
 LOG2E = 1.4426950408889634
 
@@ -109,9 +115,15 @@ def tune_bucket(n: int) -> int:
 # Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and operand class,
 # chosen from the sm_90 compile table of ``python -m benchmarks.aot --all`` (C = E = 128; the
 # tables are in benchmarks/results/sm90-aot/). Every entry launches (shared memory ≤ 227 KB).
-# * "half" (fp16/bf16): no register spills (tests/test_aot_compile.py holds them to that);
-#   BLOCK_M = 64 per warpgroup so the products can be Hopper wgmma — the BLOCK_M = 32 entries
-#   (mma.sync only, and the most registers) were dropped.
+# * "half" (fp16/bf16): BLOCK_M = 64 per warpgroup so the products can be Hopper wgmma — the
+#   BLOCK_M = 32 entries (mma.sync only, and the most registers) were dropped. No tile may give
+#   two warps the same rows of a product: Triton lays the warps of chained products along M,
+#   so 8 warps on a 64-row tile computed every S/dP tile twice (TTGIR warpsPerCTA [8, 1]); the
+#   8-warp tiles are 128 rows, the 64-row ones 4 warps (tests/test_aot_compile.py checks both
+#   this and spills). No spills, except bwd_cols: every tile without duplicated rows spills
+#   there (Triton 3.9, sm_90, bf16, channels_last: 64x16 w4 84-92 B, 64x32 w4 s2 100 B,
+#   64x32 w4 s3 156 B, 64x64 w4 s2 ~360 B, 128x32 w8 ~110 B, 128x64 w8 256 B), so it keeps
+#   64x32 w4 s2 until its FlashAttention-3-style rewrite (issue #31, item 1).
 # * "fp32": 3xTF32 (see ``fp32_precision``) splits every operand in a high and a low tf32 half
 #   and issues three products, so fp32 tiles are smaller. Measured with ptxas: the half tiles
 #   needed up to 324 KB of shared memory for fp32 (4 of 12 could not launch) and spilled up to
@@ -124,17 +136,20 @@ def tune_bucket(n: int) -> int:
 #   (Triton 3.6): bwd_cols at 64×16 with 8 warps, the least spilling, faults (illegal memory
 #   access, or wrong dx/dW where it does not), while the same tile with fp16 data and the
 #   4-warp 64×16 tile (3.3 KB spills) are exact — so 4 warps.
-# * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (spills 16 B fwd, 280 B
-#   bwd_rows, ~1 KB bwd_cols). fp32 with C or E above 128 cannot launch on sm_90 at all: the
-#   bwd_cols epilogue alone holds the [C, E] fp32 W tile (256 KB at 256 × 256).
+# * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (Triton 3.9: spills 56 B
+#   fwd, ~300 B bwd_rows, ~1.6 KB bwd_cols). The backward's 8 warps on 64 rows compute the
+#   S/dP tiles twice (the one exception to the rule above): the tiles without it spill 2.1 KB
+#   (bwd_rows: 64x32 w4, 128x32 w8) and 7.5-8.8 KB (bwd_cols). fp32 with C or E above 128
+#   cannot launch on sm_90 at all: the bwd_cols epilogue alone holds the [C, E] fp32 W tile
+#   (256 KB at 256 × 256).
 TILES = {
     "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
             "fp32": [(32, 32, 4, 2)],
             "wide": [(64, 32, 4, 1)]},
-    "bwd_rows": {"half": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+    "bwd_rows": {"half": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
                  "fp32": [(32, 16, 4, 2)],
                  "wide": [(64, 32, 8, 1)]},
-    "bwd_cols": {"half": [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
+    "bwd_cols": {"half": [(64, 32, 4, 2)],
                  "fp32": [(64, 16, 4, 2)],
                  "wide": [(64, 32, 8, 1)]},
 }
@@ -171,6 +186,26 @@ def _autotune(kind: str):
     no_timing = (lambda kernel_call, quantiles=None: [0.0, 0.0, 0.0]) if INTERPRET else None
     return triton.autotune(configs=configs, key=["C", "E", "NB_BUCKET"],
                            prune_configs_by={"early_config_prune": prune}, do_bench=no_timing)
+
+
+#: The configuration each autotuned kernel runs per (C, E, bucket of N, dtypes): chosen by
+#: ``triton.autotune`` on the key's first launch, then launched directly (no per-call key).
+_CONFIGS: dict = {}
+
+
+def _launch_tuned(kernel, key, grid, *args, **kw):
+    """``kernel[grid](*args, **kw)`` with the configuration cached for ``key``; returns the
+    configuration's BLOCK_M (None when the launcher was replaced and chose none)."""
+    cfg = _CONFIGS.get((kernel, key))
+    if cfg is None:
+        kernel[grid](*args, **kw)
+        cfg = getattr(kernel, "best_config", None)
+        if cfg is None:
+            return None
+        _CONFIGS[(kernel, key)] = cfg
+    else:
+        kernel.fn[grid](*args, **kw, **cfg.all_kwargs())
+    return cfg.kwargs["BLOCK_M"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +262,8 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
     pix_o = token_offsets(offs_m, p_row, p_col, wr, G, s_oh, s_ow)
     tl.store(OUT + b.to(tl.int64) * s_ob + pix_o[:, None] + offs_c[None, :] * s_oc,
              res.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(L + pid_bg.to(tl.int64) * NB + offs_m, l_i, mask=m_mask)
+    # every row of the group's NB, so that l needs no zero fill (rows past the real tokens: 0)
+    tl.store(L + pid_bg.to(tl.int64) * NB + offs_m, tl.where(m_mask, l_i, 0.0), mask=offs_m < NB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,9 +340,9 @@ def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
 # ---------------------------------------------------------------------------------------------
 @_autotune("bwd_cols")
 @triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
-def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
+def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, L, ROWS, DD, DQ, DXV, SPART,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
-                             C, E, H, W, TH, TW, NB, NB_BUCKET, qk_scale, inv_sqrt_e,
+                             C, E, H, W, TH, TW, NB, NB_BUCKET, NPS, qk_scale, inv_sqrt_e,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                              UPCAST: tl.constexpr, NORM_EPS: tl.constexpr):
@@ -362,14 +398,25 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
     rows = tl.load(ROWS + row_base * E + offs_m[:, None] * E + offs_e[None, :], mask=e2, other=0.0)
     dqh = (rows + dk) * inv_sqrt_e
     y = load_y(X, MEAN, RSTD, pid_bg, x_off, pix_m, offs_m, n_real, offs_c, C, s_xc)
-    w = tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
-                mask=c_mask[:, None] & e_mask[None, :], other=0.0)
+    w = round_to(tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
+                         mask=c_mask[:, None] & e_mask[None, :], other=0.0), X.dtype.element_ty)
     q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_M, BLOCK_E), tl.float32), PREC, UPCAST)
     nrm = tl.sqrt(tl.sum(q * q, 1))
     qh = q / (nrm + NORM_EPS)[:, None]
     proj = tl.sum(qh * dqh, 1) / tl.where(nrm > 0, nrm, 1.0)
     dq = dqh / (nrm + NORM_EPS)[:, None] - qh * proj[:, None]
     tl.store(DQ + row_base * E + offs_m[:, None] * E + offs_e[None, :], dq, mask=e2)
+    # the LayerNorm backward's sums over this key tile, with dy = dq·Wᵀ and q = y·W:
+    # Σ_c dy = dq·(Σ_c W) and Σ_c dy·y = dq·q, so no dy tile is formed here
+    dq = tl.where(e2, dq, 0.0)
+    wsum = tl.load(WSUM + offs_e, mask=e_mask, other=0.0)  # Σ_c W, from the q̂ launch
+    s1 = tl.sum(tl.sum(dq * wsum[None, :], 1), 0)
+    s2 = tl.sum(tl.sum(dq * q, 1), 0)
+    n_tok = tl.minimum(tl.maximum(n_real - start_m, 0), BLOCK_M)
+    part = SPART + (pid_bg.to(tl.int64) * NPS + pid_m) * 3
+    tl.store(part, (n_tok * C).to(tl.float32))
+    tl.store(part + 1, s1)
+    tl.store(part + 2, s2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,41 +424,58 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, MEAN, RSTD, L, ROWS, DD, DQ, DXV,
 # ---------------------------------------------------------------------------------------------
 def _forward(x, w, grid, group_stats, window=0):
     geo = Geometry(x, w, grid, window)
-    mean, rstd = layer_norm_stats(x, geo, group_stats)
-    qh = project_qhat(x, w, mean, rstd, geo)
+    mean, rstd, qh = layer_norm_stats_and_qhat(x, w, geo, group_stats)
     out = torch.empty_like(x)
-    l = torch.zeros(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # padded rows stay 0
+    l = torch.empty(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # every row written
     qk_scale = LOG2E / math.sqrt(geo.E)
-    _ss_attn_fwd_kernel[lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))](
-        x, qh, out, l, *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
-        geo.NB, tune_bucket(geo.NB), qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
-        PREC=geo.PREC, UPCAST=geo.UPCAST)
+    bucket = tune_bucket(geo.NB)
+    launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
+    _launch_tuned(
+        _ss_attn_fwd_kernel, (geo.C, geo.E, bucket, x.dtype), launch, x, qh, out, l,
+        *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket,
+        qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
+        UPCAST=geo.UPCAST)
     return out, l, mean, rstd
+
+
+def _min_block_m(kind: str) -> int:
+    return min(t[0] for tiles in TILES[kind].values() for t in tiles)
 
 
 def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, window=0):
     geo = Geometry(x, w, grid, window)
-    qh = project_qhat(x, w, mean, rstd, geo)
-    qk_scale = LOG2E / math.sqrt(geo.E)
     f32 = dict(device=x.device, dtype=torch.float32)
+    dw32 = None if deterministic else torch.empty(geo.C, geo.E, **f32)  # zeroed by _qhat_kernel
+    wsum = torch.empty(geo.E, **f32)
+    qh = project_qhat(x, w, mean, rstd, geo, dw=dw32, wsum=wsum)
+    qk_scale = LOG2E / math.sqrt(geo.E)
     rows = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dd = torch.empty(geo.BG, geo.NB, **f32)
     consts = dict(G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
                   UPCAST=geo.UPCAST)
     launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
-    _ss_attn_bwd_rows_kernel[launch](
-        x, dout, qh, l, rows, dd, *x.stride(), *dout.stride(), geo.C, geo.E, geo.H, geo.W,
-        geo.TH, geo.TW, geo.NB, tune_bucket(geo.NB), qk_scale, **consts)
+    bucket = tune_bucket(geo.NB)
+    key = (geo.C, geo.E, bucket, x.dtype, w.dtype, dout.dtype)
+    _launch_tuned(
+        _ss_attn_bwd_rows_kernel, key, launch, x, dout, qh, l, rows, dd, *x.stride(),
+        *dout.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket, qk_scale,
+        **consts)
     dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dxv = torch.empty(geo.BG, geo.NB, geo.C, **f32)
-    _ss_attn_bwd_cols_kernel[launch](
-        x, dout, qh, w, mean, rstd, l, rows, dd, dq, dxv, *x.stride(), *dout.stride(),
-        *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, tune_bucket(geo.NB),
-        qk_scale,
-        1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS, **consts)
+    # the LayerNorm backward's partials: one row per key tile, room for the smallest tile
+    nps = triton.cdiv(geo.NB, _min_block_m("bwd_cols"))
+    spart = torch.empty(geo.BG, nps, 3, **f32)
+    block_m = _launch_tuned(
+        _ss_attn_bwd_cols_kernel, key, launch, x, dout, qh, w, wsum, mean, rstd, l, rows, dd, dq,
+        dxv, spart, *x.stride(), *dout.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH,
+        geo.TW, geo.NB, bucket, nps, qk_scale, 1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS,
+        **consts)
+    # the partial rows the columns kernel wrote per group (benchmarks.aot records the launches
+    # without running them: no configuration then, and the rows are not read)
+    nused = triton.cdiv(geo.NB, block_m or _min_block_m("bwd_cols"))
     del rows, dd, qh
-    return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo, group_stats,
-                                          deterministic)
+    return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
+                                          geo, group_stats, deterministic)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,10 +523,14 @@ def _setup_context(ctx, inputs, output):
     _, l, mean, rstd = output
     ctx.save_for_backward(x, w, l, mean, rstd)
     ctx.mark_non_differentiable(l, mean, rstd)
+    # no zero tensors for the gradients of l, mean and rstd (nor of an unused output)
+    ctx.set_materialize_grads(False)
     ctx.cfg = (grid, group_stats, deterministic, window)
 
 
 def _backward_fn(ctx, dout, *_unused):
+    if dout is None:
+        return None, None, None, None, None, None
     x, w, l, mean, rstd = ctx.saved_tensors
     dx, dw = torch.ops.ssbsn.ss_attention_backward(dout, x, w, l, mean, rstd, *ctx.cfg)
     return dx, dw, None, None, None, None
@@ -522,7 +590,8 @@ def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bo
 
     Args:
         x: (B, C, H, W), float32/float16/bfloat16, any strides (channels_last is fastest).
-        w: (C, E) shared Q/K matrix; used in x's dtype (its gradient comes back in w's dtype).
+        w: (C, E) shared Q/K matrix; rounded to x's dtype where the kernels load it (its
+            gradient comes back in w's dtype, accumulated in fp32).
         grid: the grid period g.
         group_stats: LayerNorm statistics per attention group instead of per sample.
         deterministic: bitwise-repeatable gradients (dW reduced in a fixed order, no atomics);
@@ -535,5 +604,8 @@ def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bo
     reason = unsupported_reason(x, w, grid, window)
     if reason is not None:
         raise RuntimeError(f"ssbsn.kernels.ss_attention: {reason}")
-    return torch.ops.ssbsn.ss_attention(x, w.to(x.dtype), grid, group_stats, deterministic,
-                                        window or 0)[0]
+    if w.dtype not in SUPPORTED_DTYPES:
+        w = w.to(x.dtype)
+    # W in its own dtype: the kernels round it to x's dtype as they load it, and dW comes back
+    # in W's dtype (an fp32 parameter with bf16 activations costs no cast either way)
+    return torch.ops.ssbsn.ss_attention(x, w, grid, group_stats, deterministic, window or 0)[0]

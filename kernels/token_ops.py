@@ -3,8 +3,9 @@ their backward (LayerNorm, projection, dW).
 
 Read top to bottom: shared helpers (grid-group geometry, strided token addressing, the dot
 wrapper), then the forward kernels (``_ln_partials_kernel`` → host combine →
-``_qhat_kernel``), then the backward kernels (``_ln_bwd_sums_kernel`` → host combine →
-``_ln_bwd_dx_kernel``, and ``_dw_kernel``), then the host launchers.
+``_qhat_kernel``), then the backward kernels (``_ln_bwd_dx_kernel``, which combines the
+LayerNorm-backward sums the columns kernel wrote, and ``_dw_kernel`` → ``_dw_sum_kernel``),
+then the host launchers.
 
 Token addressing (shared with ``ss_attention.py``). Phase (a, c) of the map zero-padded to
 Hp × Wp (multiples of g) is a grid of Ht × Wt = Hp/g × Wp/g tokens, token (i, j) being pixel
@@ -28,8 +29,9 @@ from grid axis 1 and (sample, window) from axis 2 (each limited to 65,535 by CUD
 
 LayerNorm statistics are one (mean, rstd) per *group* index: with per-image statistics the
 entries of a sample are equal, with ``group_stats`` they differ (one per windowed group).
-Partial (count, mean, M2) per token tile are combined on the host with Chan's formula in
-float64 (fixed order: bitwise deterministic, no E[x²] − E[x]² cancellation).
+Partial (count, mean, M2) per token tile are combined inside the kernels that need them, with
+Chan's formula in float64 (fixed order: every program gets the same bits, no E[x²] − E[x]²
+cancellation, and no host reduction between the launches).
 """
 from __future__ import annotations
 
@@ -127,6 +129,22 @@ else:
         return n
 
 
+if INTERPRET:
+    def round_to(v, dtype):
+        """``v.to(dtype)`` rounded to nearest even, as compiled kernels and torch round: the
+        interpreter truncates fp32 → bf16, so the rounding is done on the bits first."""
+        if dtype == tl.bfloat16 and v.dtype == tl.float32:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16) << 16
+            v = bits.to(tl.float32, bitcast=True)
+        return v.to(dtype)
+else:
+    @triton.jit
+    def round_to(v, dtype: tl.constexpr):
+        """``v.to(dtype)`` (round to nearest even)."""
+        return v.to(dtype)
+
+
 @device_fn
 def mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with fp32 accumulation. PREC is the fp32 input precision ("tf32x3", "tf32");
@@ -141,13 +159,101 @@ def mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @device_fn
-def load_y(X, MEAN, RSTD, pid_bg, x_base, pix, offs_t, n_real, offs_c, C, s_xc):
+def normalize(X, mu, rs, x_base, pix, offs_t, n_real, offs_c, C, s_xc):
     """The normalised input y = (x − μ)·rstd of a token tile, fp32, 0 outside real tokens."""
     mask = (offs_t < n_real)[:, None] & (offs_c < C)[None, :]
     x = tl.load(X + x_base + pix[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
+    return tl.where(mask, (x.to(tl.float32) - mu) * rs, 0.0)
+
+
+@device_fn
+def load_y(X, MEAN, RSTD, pid_bg, x_base, pix, offs_t, n_real, offs_c, C, s_xc):
+    """``normalize`` with the group's saved (mean, rstd)."""
     mu = tl.load(MEAN + pid_bg)
     rs = tl.load(RSTD + pid_bg)
-    return tl.where(mask, (x.to(tl.float32) - mu) * rs, 0.0)
+    return normalize(X, mu, rs, x_base, pix, offs_t, n_real, offs_c, C, s_xc)
+
+
+# Partials: rows of three fp32 (count, a, b), NPS rows per group of which the first NUSED are
+# written. A statistics unit (a sample, or one group with ``group_stats``) is STAT_DIV
+# consecutive groups. Every program that needs a unit's statistics combines the unit's partials
+# itself, in the same fixed order and in float64: all programs get the same bits, and no host
+# reduction or extra launch sits between the kernels.
+PARTIAL_BLOCK = 256
+
+
+@device_fn
+def _partial_rows(PART, g0, i, NPS, NUSED):
+    """Addresses of a unit's partial rows i (flat over its groups g0, g0 + 1, ...)."""
+    g = i // NUSED
+    return PART + ((g0 + g).to(tl.int64) * NPS + (i - g * NUSED)) * 3
+
+
+@device_fn
+def sum_partials(PART, g0, total, NPS, NUSED, BLOCK_P: tl.constexpr):
+    """(Σ count, Σ a, Σ b) over a unit's ``total`` partial rows, float64, fixed order."""
+    s0 = tl.zeros([BLOCK_P], tl.float64)
+    s1 = tl.zeros([BLOCK_P], tl.float64)
+    s2 = tl.zeros([BLOCK_P], tl.float64)
+    for start in range(0, loop_bound(total), BLOCK_P):
+        i = start + tl.arange(0, BLOCK_P)
+        m = i < total
+        ptr = _partial_rows(PART, g0, i, NPS, NUSED)
+        s0 += tl.load(ptr, mask=m, other=0.0).to(tl.float64)
+        s1 += tl.load(ptr + 1, mask=m, other=0.0).to(tl.float64)
+        s2 += tl.load(ptr + 2, mask=m, other=0.0).to(tl.float64)
+    return tl.sum(s0, 0), tl.sum(s1, 0), tl.sum(s2, 0)
+
+
+@device_fn
+def chan_partials(PART, g0, total, NPS, NUSED, BLOCK_P: tl.constexpr):
+    """(count, mean, M2) in float64 of a unit's (count, mean, M2) partials: Chan's parallel
+    formula, two passes (Σ n·μ, then Σ M2 + n·(μ − mean)²), no E[x²] − E[x]² cancellation."""
+    n_acc = tl.zeros([BLOCK_P], tl.float64)
+    s_acc = tl.zeros([BLOCK_P], tl.float64)
+    for start in range(0, loop_bound(total), BLOCK_P):
+        i = start + tl.arange(0, BLOCK_P)
+        m = i < total
+        ptr = _partial_rows(PART, g0, i, NPS, NUSED)
+        n = tl.load(ptr, mask=m, other=0.0).to(tl.float64)
+        n_acc += n
+        s_acc += n * tl.load(ptr + 1, mask=m, other=0.0).to(tl.float64)
+    cnt = tl.maximum(tl.sum(n_acc, 0), 1.0)
+    mean = tl.sum(s_acc, 0) / cnt
+    m2_acc = tl.zeros([BLOCK_P], tl.float64)
+    for start in range(0, loop_bound(total), BLOCK_P):
+        i = start + tl.arange(0, BLOCK_P)
+        m = i < total
+        ptr = _partial_rows(PART, g0, i, NPS, NUSED)
+        n = tl.load(ptr, mask=m, other=0.0).to(tl.float64)
+        d = tl.load(ptr + 1, mask=m, other=0.0).to(tl.float64) - mean
+        m2_acc += tl.load(ptr + 2, mask=m, other=0.0).to(tl.float64) + n * d * d
+    return tl.sum(n_acc, 0), mean, tl.sum(m2_acc, 0)
+
+
+@device_fn
+def ln_moments(PART, g0, total, NPS, NUSED, eps, BLOCK_P: tl.constexpr):
+    """(mean, rstd) in fp32 of a unit's (count, mean, M2) partials (``chan_partials``)."""
+    cnt, mean, m2 = chan_partials(PART, g0, total, NPS, NUSED, BLOCK_P)
+    var = m2 / tl.maximum(cnt, 1.0)
+    return mean.to(tl.float32), (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+
+
+@triton.jit
+def _combine_partials_kernel(PART, OUT, NPS, NUSED, STAT_DIV, CHAN: tl.constexpr,
+                             BLOCK_P: tl.constexpr):
+    """One unit's partials combined into one row (stored at its first group's row of OUT):
+    (count, mean, M2) by Chan's formula (CHAN), else (count, Σ a, Σ b). For units with many
+    partials, so that the kernels after it read one row per unit instead of all of them."""
+    g0 = tl.program_id(0) * STAT_DIV
+    if CHAN:
+        a, b, c = chan_partials(PART, g0, STAT_DIV * NUSED, NPS, NUSED, BLOCK_P)
+    else:
+        a, b, c = sum_partials(PART, g0, STAT_DIV * NUSED, NPS, NUSED, BLOCK_P)
+    out = OUT + g0.to(tl.int64) * 3
+    tl.store(out, a.to(tl.float32))
+    tl.store(out + 1, b.to(tl.float32))
+    tl.store(out + 2, c.to(tl.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,11 +285,21 @@ def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, TH, TW, NBLK,
 
 
 @triton.jit(do_not_specialize=["TH", "TW"])
-def _qhat_kernel(X, Wm, MEAN, RSTD, QH, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E, H, W, TH, TW,
-                 NB, G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_E: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 NORM_EPS: tl.constexpr):
-    """q̂ = q / (‖q‖ + NORM_EPS), q = y · W, for one token tile; stored in the input dtype."""
+def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, s_xb, s_xc, s_xh, s_xw, s_wc, s_we,
+                 C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD, STAT_DIV, G: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr, NORM_EPS: tl.constexpr,
+                 LN_EPS: tl.constexpr,
+                 STATS: tl.constexpr, ZERO_DW: tl.constexpr, BWD: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    """q̂ = q / (‖q‖ + NORM_EPS), q = y · W (W rounded to x's dtype), for one token tile; stored
+    in the input dtype. STATS (forward): the group's (mean, rstd) from the LayerNorm partials
+    PART of its statistics unit (NREAD rows from the unit's first group, NPS rows a group of
+    which NUSED are written; a unit is STAT_DIV groups), written to MEAN/RSTD
+    by the group's first tile; otherwise (backward) read from MEAN/RSTD. BWD: the first program
+    stores W's column sums Σ_c W (fp32, W rounded to x's dtype) for the columns kernel's
+    LayerNorm-backward sums; ZERO_DW: it also zeroes the fp32 dW accumulator that the
+    backward's last kernel adds into."""
     pid_t = tl.program_id(0)
     pid_bg = group_index(G)
     b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
@@ -191,11 +307,29 @@ def _qhat_kernel(X, Wm, MEAN, RSTD, QH, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.arange(0, BLOCK_C)
     offs_e = tl.arange(0, BLOCK_E)
+    wmask = (offs_c < C)[:, None] & (offs_e < E)[None, :]
+    if STATS:
+        g0 = (pid_bg // STAT_DIV) * STAT_DIV
+        mu, rs = ln_moments(PART, g0, NREAD, NPS, NUSED, LN_EPS, BLOCK_P)
+        first = pid_t == 0
+        tl.store(MEAN + pid_bg, mu, mask=first)
+        tl.store(RSTD + pid_bg, rs, mask=first)
+    else:
+        mu = tl.load(MEAN + pid_bg)
+        rs = tl.load(RSTD + pid_bg)
+    if ZERO_DW:
+        # (a vector condition: the interpreter rejects a 0-d boolean broadcast into a mask)
+        first_program = (offs_c * 0 + pid_t + pid_bg) == 0
+        tl.store(DW + offs_c[:, None] * E + offs_e[None, :],
+                 tl.zeros((BLOCK_C, BLOCK_E), tl.float32), mask=wmask & first_program[:, None])
     pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
-    y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
-    w = tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
-                mask=(offs_c < C)[:, None] & (offs_e < E)[None, :], other=0.0)
+    y = normalize(X, mu, rs, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
+    w = round_to(tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we, mask=wmask,
+                         other=0.0), QH.dtype.element_ty)
     q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_T, BLOCK_E), tl.float32), PREC, UPCAST)
+    if BWD:
+        first_e = (offs_e * 0 + pid_t + pid_bg) == 0
+        tl.store(WSUM + offs_e, tl.sum(w.to(tl.float32), 0), mask=(offs_e < E) & first_e)
     qh = q / (tl.sqrt(tl.sum(q * q, 1)) + NORM_EPS)[:, None]
     ptrs = QH + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :]
     tl.store(ptrs, qh.to(QH.dtype.element_ty), mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :])
@@ -205,45 +339,29 @@ def _qhat_kernel(X, Wm, MEAN, RSTD, QH, s_xb, s_xc, s_xh, s_xw, s_wc, s_we, C, E
 # Backward: dq (from the attention kernels) → dy = dq·Wᵀ → LayerNorm backward; dW = Σ yᵀ dq
 # ---------------------------------------------------------------------------------------------
 @device_fn
-def _load_dy(DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
+def _load_dy(X, DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, PREC: tl.constexpr):
+    """dq of a token tile and dy = dq·Wᵀ (W rounded to x's dtype, as in the forward)."""
     dq = tl.load(DQ + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :],
                  mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :], other=0.0)
     wt = tl.load(Wm + offs_e[:, None] * s_we + offs_c[None, :] * s_wc,
-                 mask=(offs_e < E)[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+                 mask=(offs_e < E)[:, None] & (offs_c < C)[None, :], other=0.0)
+    wt = round_to(wt, X.dtype.element_ty).to(tl.float32)
     dy = tl.dot(dq, wt, tl.zeros((BLOCK_T, BLOCK_C), tl.float32), input_precision=PREC)
     return dq, dy
 
 
 @triton.jit(do_not_specialize=["TH", "TW"])
-def _ln_bwd_sums_kernel(X, Wm, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, s_wc, s_we,
-                        C, E, H, W, TH, TW, NB, NBLK, G: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr):
-    """Partial Σ dy and Σ dy·y of one token tile (the LayerNorm backward's two reductions)."""
-    pid_t = tl.program_id(0)
-    pid_bg = group_index(G)
-    b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
-    n_real = hr * wr
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_e = tl.arange(0, BLOCK_E)
-    pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
-    y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
-    dq, dy = _load_dy(DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
-                      BLOCK_T, BLOCK_C, PREC)
-    out = PART + (pid_bg * NBLK + pid_t) * 2
-    tl.store(out, tl.sum(tl.sum(dy, 1), 0))
-    tl.store(out + 1, tl.sum(tl.sum(dy * y, 1), 0))
-
-
-@triton.jit(do_not_specialize=["TH", "TW"])
-def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, MOM, DX, DW,
+def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW,
                       s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_wc, s_we,
-                      C, E, H, W, TH, TW, NB, G: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
-                      ATOMIC_DW: tl.constexpr):
+                      C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD, STAT_DIV, G: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+                      PREC: tl.constexpr, ATOMIC_DW: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = (dO + dV) + rstd·(dy − mean(dy) − y·mean(dy·y)), written into the x-shaped map;
-    with ATOMIC_DW also dW += yᵀ·dq by float atomics (the non-deterministic mode)."""
+    with ATOMIC_DW also dW += yᵀ·dq by float atomics (the non-deterministic mode). The two
+    means come from the (count, Σ dy, Σ dy·y) partials the columns kernel wrote per key tile
+    (NPS rows per group, NUSED of them written; NREAD rows from the unit's first group),
+    combined here for the statistics unit."""
     pid_t = tl.program_id(0)
     pid_bg = group_index(G)
     b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
@@ -255,10 +373,13 @@ def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, MOM, DX, DW,
     c_mask = offs_c < C
     pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
     y = load_y(X, MEAN, RSTD, pid_bg, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
-    dq, dy = _load_dy(DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
+    dq, dy = _load_dy(X, DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, s_we,
                       BLOCK_T, BLOCK_C, PREC)
-    m1 = tl.load(MOM + pid_bg * 2)
-    m2 = tl.load(MOM + pid_bg * 2 + 1)
+    g0 = (pid_bg // STAT_DIV) * STAT_DIV
+    cnt, s1, s2 = sum_partials(SPART, g0, NREAD, NPS, NUSED, BLOCK_P)
+    cnt = tl.maximum(cnt, 1.0)
+    m1 = (s1 / cnt).to(tl.float32)
+    m2 = (s2 / cnt).to(tl.float32)
     rs = tl.load(RSTD + pid_bg)
     mask = t_mask[:, None] & c_mask[None, :]
     dxv = tl.load(DXV + pid_bg.to(tl.int64) * NB * C + offs_t[:, None] * C + offs_c[None, :],
@@ -302,6 +423,24 @@ def _dw_kernel(X, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, C, E, H, W, TH, 
         acc = tl.dot(tl.trans(y), dq, acc, input_precision=PREC)
     ptrs = PART + pid_s * C * E + offs_c[:, None] * E + offs_e[None, :]
     tl.store(ptrs, acc, mask=(offs_c < C)[:, None] & (offs_e < E)[None, :])
+
+
+@triton.jit
+def _dw_sum_kernel(PART, DW, C, E, SPLIT, BLOCK_CT: tl.constexpr, BLOCK_ET: tl.constexpr):
+    """Deterministic dW, second step: the SPLIT partials of one tile of W added in a fixed
+    order, stored in W's dtype."""
+    pid_ce = tl.program_id(0)
+    n_et = tl.cdiv(E, BLOCK_ET)
+    ct = pid_ce // n_et
+    et = pid_ce - ct * n_et
+    offs_c = ct * BLOCK_CT + tl.arange(0, BLOCK_CT)
+    offs_e = et * BLOCK_ET + tl.arange(0, BLOCK_ET)
+    mask = (offs_c < C)[:, None] & (offs_e < E)[None, :]
+    offs = offs_c[:, None] * E + offs_e[None, :]
+    acc = tl.zeros((BLOCK_CT, BLOCK_ET), tl.float32)
+    for s in range(0, loop_bound(SPLIT)):
+        acc += tl.load(PART + s * C * E + offs, mask=mask, other=0.0)
+    tl.store(DW + offs, acc.to(DW.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,71 +518,98 @@ def _warps(geo: Geometry) -> int:
     return 8 if max(geo.BLOCK_C, geo.BLOCK_E) >= 128 else 4
 
 
-def layer_norm_stats(x: torch.Tensor, geo: Geometry, group_stats: bool, eps: float = LN_EPS):
-    """Per-group-index (mean, rstd), fp32 tensors of shape (BG,)."""
+def _stat_div(geo: Geometry, group_stats: bool) -> int:
+    """Groups per LayerNorm statistics unit: one group, or a sample's GPS groups."""
+    return 1 if group_stats else geo.GPS
+
+
+#: A statistics unit with more partials than this has them combined by one more launch
+#: (``_combine_partials_kernel``) before the kernels that need the unit's statistics; with at
+#: most this many, every program of those kernels combines them itself (no launch, a few KB
+#: read per program). The training and validation shapes stay below it (a few hundred to
+#: ~1,100 partials per sample); large maps, or many windows per sample, go above it.
+INLINE_PARTIALS = 2048
+
+
+def unit_partials(part, nps: int, nused: int, geo: Geometry, group_stats: bool, chan: bool):
+    """(partials, NPS, NUSED, NREAD) for the kernels that combine a unit's partials: the
+    partials themselves, or, above ``INLINE_PARTIALS`` a unit, one combined row per unit."""
+    stat_div = _stat_div(geo, group_stats)
+    if stat_div * nused <= INLINE_PARTIALS:
+        return part, nps, nused, stat_div * nused
+    one = torch.empty(geo.BG, 1, 3, device=part.device, dtype=torch.float32)
+    _combine_partials_kernel[(geo.BG // stat_div,)](part, one, nps, nused, stat_div, CHAN=chan,
+                                                    BLOCK_P=PARTIAL_BLOCK)
+    return one, 1, 1, 1
+
+
+def layer_norm_stats_and_qhat(x, w, geo: Geometry, group_stats: bool):
+    """Forward, two launches (three above ``INLINE_PARTIALS``): the LayerNorm partials per
+    token tile, then q̂ of every real token ((BG, NB, E) in x's dtype, padded rows left
+    unwritten), whose programs combine the partials of their statistics unit and store the
+    per-group-index (mean, rstd) (fp32, (BG,))."""
     BT = _token_block(geo)
     nblk = triton.cdiv(geo.NB, BT)
     part = torch.empty(geo.BG, nblk, 3, device=x.device, dtype=torch.float32)
     _ln_partials_kernel[geo.launch(nblk)](x, part, *x.stride(), geo.C, geo.H, geo.W, geo.TH,
                                         geo.TW, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C)
-    p = part.double().view(geo.B, geo.GPS, nblk, 3)
-    n, m, m2 = p.unbind(-1)
-    dims = (2,) if group_stats else (1, 2)
-    cnt = n.sum(dims, keepdim=True)
-    mean = (n * m).sum(dims, keepdim=True) / cnt.clamp_min(1)
-    var = (m2 + n * (m - mean) ** 2).sum(dims, keepdim=True) / cnt.clamp_min(1)
-    rstd = torch.rsqrt(var + eps)
-    shape = (geo.B, geo.GPS, 1)
-    mean = mean.expand(shape).reshape(geo.BG).float().contiguous()
-    rstd = rstd.expand(shape).reshape(geo.BG).float().contiguous()
-    return mean, rstd
+    mean = torch.empty(geo.BG, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(geo.BG, device=x.device, dtype=torch.float32)
+    stats = unit_partials(part, nblk, nblk, geo, group_stats, chan=True)
+    qh = _qhat(x, w, mean, rstd, geo, stats=stats, stat_div=_stat_div(geo, group_stats))
+    return mean, rstd, qh
 
 
-def project_qhat(x, w, mean, rstd, geo: Geometry) -> torch.Tensor:
-    """q̂ of every real token, (BG, NB, E) in the input dtype (padded rows left unwritten)."""
+def _qhat(x, w, mean, rstd, geo: Geometry, stats=None, stat_div=1, dw=None, wsum=None):
     BT = _token_block(geo)
     qh = torch.empty(geo.BG, geo.NB, geo.E, device=x.device, dtype=x.dtype)
+    part, nps, nused, nread = stats if stats is not None else (mean, 1, 1, 1)
     _qhat_kernel[geo.launch(triton.cdiv(geo.NB, BT))](
-        x, w, mean, rstd, qh, *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH,
-        geo.TW, geo.NB, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
-        PREC=geo.PREC, UPCAST=geo.UPCAST, NORM_EPS=NORM_EPS, num_warps=_warps(geo))
+        x, w, mean, rstd, qh, part, dw if dw is not None else mean,
+        wsum if wsum is not None else mean,
+        *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, nps,
+        nused, nread, stat_div, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
+        PREC=geo.PREC, UPCAST=geo.UPCAST, NORM_EPS=NORM_EPS, LN_EPS=LN_EPS,
+        STATS=stats is not None, ZERO_DW=dw is not None, BWD=wsum is not None,
+        BLOCK_P=PARTIAL_BLOCK, num_warps=_warps(geo))
     return qh
 
 
-def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, geo: Geometry, group_stats: bool,
-                                   deterministic: bool):
-    """From dq (fp32, (BG, NB, E)) and dxv = dO + dV (fp32, (BG, NB, C)) to (dx, dW)."""
+def project_qhat(x, w, mean, rstd, geo: Geometry, dw=None, wsum=None) -> torch.Tensor:
+    """q̂ of every real token from the saved (mean, rstd), (BG, NB, E) in the input dtype
+    (padded rows left unwritten); ``dw``, if given, an fp32 (C, E) buffer zeroed on the way;
+    ``wsum``, if given, an fp32 (E,) buffer that receives Σ_c W."""
+    return _qhat(x, w, mean, rstd, geo, dw=dw, wsum=wsum)
+
+
+def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
+                                   geo: Geometry, group_stats: bool, deterministic: bool):
+    """From dq (fp32, (BG, NB, E)), dxv = dO + dV (fp32, (BG, NB, C)) and the columns kernel's
+    (count, Σ dy, Σ dy·y) partials ``spart`` (NPS rows per group, NUSED written) to (dx, dW).
+    Default: dW added by atomics into ``dw32`` (fp32, zeroed by the backward's q̂ launch) and
+    returned in W's dtype; deterministic: two more launches, a fixed-order split-K reduction.
+    Above ``INLINE_PARTIALS`` partials a unit, one more launch combines them first."""
     BT = _token_block(geo)
     nblk = triton.cdiv(geo.NB, BT)
-    part = torch.empty(geo.BG, nblk, 2, device=x.device, dtype=torch.float32)
-    _ln_bwd_sums_kernel[geo.launch(nblk)](
-        x, w, mean, rstd, dq, part, *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W,
-        geo.TH, geo.TW, geo.NB, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C,
-        BLOCK_E=geo.BLOCK_E, PREC=geo.PREC_EPI, num_warps=_warps(geo))
-    s = part.double().view(geo.B, geo.GPS, nblk, 2).sum(2)  # (B, GPS, 2)
-    counts = geo.real_counts(x.device).reshape(1, -1).double() * geo.C  # (1, GPS)
-    if group_stats:
-        mom = s / counts.clamp_min(1)[..., None]
-    else:
-        mom = (s.sum(1, keepdim=True) / counts.sum().clamp_min(1)).expand_as(s)
-    mom = mom.float().contiguous()
     dx = torch.empty_like(x)
-    dw32 = torch.zeros(geo.C, geo.E, device=x.device, dtype=torch.float32) if not deterministic \
-        else torch.empty(0, device=x.device, dtype=torch.float32)
+    spart, nps, nused, nread = unit_partials(spart, nps, nused, geo, group_stats, chan=False)
     _ln_bwd_dx_kernel[geo.launch(nblk)](
-        x, w, mean, rstd, dq, dxv, mom, dx, dw32, *x.stride(), *dx.stride(), *w.stride(),
-        geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, G=geo.G, BLOCK_T=BT,
+        x, w, mean, rstd, dq, dxv, spart, dx, dw32 if dw32 is not None else mean,
+        *x.stride(), *dx.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
+        geo.NB, nps, nused, nread, _stat_div(geo, group_stats), G=geo.G, BLOCK_T=BT,
         BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC_EPI, ATOMIC_DW=not deterministic,
-        num_warps=_warps(geo))
-    if deterministic:
-        BCT, BET = min(geo.BLOCK_C, 64), min(geo.BLOCK_E, 64)
-        ntiles = geo.BG * nblk
-        split = min(64, triton.next_power_of_2(ntiles))
-        partw = torch.empty(split, geo.C, geo.E, device=x.device, dtype=torch.float32)
-        n_ce = triton.cdiv(geo.C, BCT) * triton.cdiv(geo.E, BET)
-        _dw_kernel[(n_ce, split)](
-            x, mean, rstd, dq, partw, *x.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
-            geo.NB, nblk, ntiles, G=geo.G, SPLIT=split, BLOCK_T=BT, BLOCK_CT=BCT, BLOCK_ET=BET,
-            PREC=geo.PREC_EPI)
-        dw32 = partw.sum(0)
-    return dx, dw32.to(w.dtype)
+        BLOCK_P=PARTIAL_BLOCK, num_warps=_warps(geo))
+    if not deterministic:
+        return dx, dw32 if w.dtype == torch.float32 else dw32.to(w.dtype)
+    BCT, BET = min(geo.BLOCK_C, 64), min(geo.BLOCK_E, 64)
+    ntiles = geo.BG * nblk
+    split = min(64, triton.next_power_of_2(ntiles))
+    partw = torch.empty(split, geo.C, geo.E, device=x.device, dtype=torch.float32)
+    n_ce = triton.cdiv(geo.C, BCT) * triton.cdiv(geo.E, BET)
+    _dw_kernel[(n_ce, split)](
+        x, mean, rstd, dq, partw, *x.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
+        geo.NB, nblk, ntiles, G=geo.G, SPLIT=split, BLOCK_T=BT, BLOCK_CT=BCT, BLOCK_ET=BET,
+        PREC=geo.PREC_EPI)
+    dw = torch.empty(geo.C, geo.E, device=x.device, dtype=w.dtype)
+    _dw_sum_kernel[(n_ce,)](partw, dw, geo.C, geo.E, split, BLOCK_CT=BCT, BLOCK_ET=BET)
+    return dx, dw

@@ -249,12 +249,14 @@ def test_autotune_key_is_a_bucket_of_n():
     fwd = K._ss_attn_fwd_kernel
     assert fwd.keys == ["C", "E", "NB_BUCKET"]
     fwd.cache.clear()
+    K._CONFIGS.clear()  # the host's cache of the chosen configurations, per the same key
     w = torch.randn(16, 16)
     for side in (24, 28):  # g = 4: N = 36 and 49 tokens per group, bucket 64
         kernels.ss_attention(torch.randn(1, 16, side, side), w, 4)
     assert [k[:3] for k in fwd.cache] == [(16, 16, 64)]
     kernels.ss_attention(torch.randn(1, 16, 20, 20), w, 4)  # N = 25: bucket 32
     assert sorted(k[2] for k in fwd.cache) == [32, 64]
+    assert sorted(k[1][2] for k in K._CONFIGS if k[0] is fwd) == [32, 64]
     assert [K.tune_bucket(n) for n in (1, 25, 32, 33, 1225, 17689)] == [1, 32, 32, 64, 2048, 32768]
 
 
