@@ -233,12 +233,13 @@ def _denoise_parser(sub) -> None:
                "  ssbsn denoise photos/ -o denoised/ -w SSBSN_SIDD.pth --tile 512 --self-ensemble")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file or folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="allow replacing existing files, inputs included")
-    p.add_argument("--skip-existing", action="store_true",
-                   help="keep the outputs that exist and denoise only the inputs whose outputs "
-                        "are missing (outputs are written whole or not at all, so this "
-                        "continues a batch that was stopped)")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--overwrite", action="store_true",
+                      help="allow replacing existing files, inputs included")
+    keep.add_argument("--skip-existing", action="store_true",
+                      help="keep the outputs that exist and denoise only the inputs whose "
+                           "outputs are missing (outputs are written whole or not at all, so "
+                           "this continues a batch that was stopped)")
     p.add_argument("--force", action="store_true",
                    help="denoise even with a model whose training check failed (its outputs "
                         "are not denoised images)")
@@ -257,8 +258,6 @@ def _check_trained(args, force: bool = False) -> None:
 
 def cmd_denoise(args) -> int:
     kwargs = _infer_kwargs(args)
-    if args.overwrite and args.skip_existing:
-        raise UserError("--overwrite and --skip-existing exclude each other")
     _check_trained(args, args.force)
     _denoiser(args).denoise_files(args.inputs, args.output, overwrite=args.overwrite,
                                   skip_existing=args.skip_existing, progress=args.progress,

@@ -164,3 +164,288 @@ def test_output_type_that_cannot_hold_the_samples_is_refused_before_the_work(
     assert f"{out}:" in line and ".tmp" not in line and ".tif" in line
     assert calls == [] and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+# ------------------------------------------------------------------ the Python API's inputs
+
+@pytest.mark.parametrize("image,what", [
+    (np.random.default_rng(0).random((20, 20, 3)) * 255, "outside 0..1"),  # float 0..255
+    (np.full((20, 20, 3), 7, np.int32), "int32"),
+    (np.full((20, 20, 3), -3, np.int8), "int8"),
+    (np.ones((20, 20, 3), bool), "boolean"),
+    (np.full((20, 20, 3), np.nan, np.float32), "NaN"),
+    (np.zeros((0, 20, 3), np.uint8), "empty"),
+    (np.zeros((1, 20, 20, 3), np.uint8), "shape"),
+    (np.zeros((20, 20, 7), np.uint8), "7 channels"),
+    (np.zeros((4, 20, 3), np.uint8), "too small"),
+    ([[0, 1], [2, 3]], "numpy array, got list"),
+    (torch.zeros(20, 20, 3), "numpy array, got torch.Tensor"),
+])
+def test_denoise_image_refuses_what_a_file_could_not_hold(denoiser, image, what):
+    with pytest.raises(UserError, match=what):
+        denoiser.denoise_image(image)
+
+
+@pytest.mark.parametrize("img,what", [
+    (np.full((20, 20, 3), np.nan, np.float32), "NaN or Inf"),
+    (np.full((20, 20, 3), np.inf, np.float32), "NaN or Inf"),
+    (np.full((20, 20, 3), 1e30, np.float32), "outside 0..255"),
+    (np.full((20, 20, 3), -1.0, np.float32), "outside 0..255"),
+    (np.zeros((0, 0, 3), np.float32), "empty"),
+    (np.zeros((1, 20, 20, 3), np.float32), r"\(H, W, C\).*shape \(1, 20, 20, 3\)"),
+    (np.zeros((3, 20, 24), np.float32), r"\(C, H, W\) array\? transpose"),
+    (np.zeros((20, 20), np.float32), r"\(H, W, C\)"),
+    (np.zeros((20, 20, 3), np.complex64), "complex64"),
+    (np.zeros((20, 20, 3), bool), "bool"),
+    (np.zeros((20, 20, 3)).tolist(), "numpy array, got list"),
+    (torch.zeros(20, 20, 3), r"numpy array, got torch.Tensor \(use tensor.cpu\(\).numpy\(\)\)"),
+])
+def test_denoise_array_refuses_bad_arrays_with_one_message(denoiser, img, what):
+    with pytest.raises(UserError, match=what):
+        denoiser.denoise_array(img)
+
+
+def test_denoise_image_still_takes_every_valid_type(denoiser):
+    """The checks refuse nothing a file could hold: uint8, uint16, float16/32/64 in 0..1,
+    grey (2-D) and alpha, each returned in its own type and shape."""
+    rng = np.random.default_rng(0)
+    for image in (_img((20, 22, 3)), _img((20, 22), np.uint16), _img((20, 22, 4)),
+                  rng.random((20, 22, 3)).astype(np.float16), rng.random((20, 22, 1))):
+        out = denoiser.denoise_image(image)
+        assert out.dtype == image.dtype and out.shape == image.shape
+
+
+# ------------------------------------------------------------------ models that do not denoise
+
+def _black_model(path):
+    """A model whose output is far below 0 everywhere: clipped, an all-black image."""
+    torch.manual_seed(0)
+    model = SSBSN(**TINY, inference=dict(r3=False))
+    with torch.no_grad():
+        model.bsn.tail[-1].bias.fill_(-1e4)
+        model.bsn.tail[-1].weight.zero_()
+    model.save(path)
+    return model
+
+
+def test_constant_output_of_a_non_constant_image_is_an_error(tmp_path, capsys):
+    model = _black_model(tmp_path / "black.safetensors")
+    x = _img((20, 22, 3))
+    # the oracle: the model's own output, clipped to the image range, is one value
+    y = model.denoise(torch.from_numpy(x.transpose(2, 0, 1).astype(np.float32))[None])
+    assert y.clamp(0, 255).unique().numel() == 1
+    with pytest.raises(UserError, match="constant"):
+        Denoiser(model).denoise_image(x)
+    write_image(tmp_path / "x.png", x)
+    assert main(["denoise", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                 "-w", str(tmp_path / "black.safetensors")]) == 1
+    assert "constant" in _one_error_line(capsys) and not (tmp_path / "o.png").exists()
+    # a constant image may come out constant
+    flat = np.full((20, 22, 3), 90, np.uint8)
+    assert (Denoiser(model).denoise_image(flat) == 0).all()
+
+
+def test_a_model_whose_training_check_failed_is_refused_without_force(tmp_path, capsys):
+    """Two training steps leave a network that has not learned (its check fails, as
+    test_health shows); its weights file says so wherever it is copied, and denoise refuses it
+    unless --force (then its all-black output is still refused)."""
+    import json
+    import shutil
+
+    from helpers import noisy_folder
+    from ssbsn.health import CHECK_KEY, stored_check
+    imgs = noisy_folder(tmp_path / "imgs", 2, 48, 48)
+    assert main(["train", str(imgs), "--channels", "8", "--modules", "1", "--ss-blocks", "0",
+                 "--pd-train", "3", "--pd-pad", "0", "--crop", "24", "--batch", "2",
+                 "--no-progress", "--steps", "2", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "run" / "check.json").read_text())
+    assert saved["ok"] is False
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()[CHECK_KEY]) == saved
+    shutil.copy(tmp_path / "run" / "model.safetensors", tmp_path / "copied.safetensors")
+    assert stored_check(tmp_path / "copied.safetensors") == saved
+    write_image(tmp_path / "x.png", _img((24, 24, 3)))
+    for w in (tmp_path / "run" / "model.safetensors", tmp_path / "copied.safetensors"):
+        assert main(["denoise", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                     "-w", str(w)]) == 1
+        line = _one_error_line(capsys)
+        assert "failed its training check" in line and "--force" in line and str(w) in line
+        assert not (tmp_path / "o.png").exists()
+    code = main(["denoise", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                 "-w", str(tmp_path / "copied.safetensors"), "--force"])
+    err = capsys.readouterr().err
+    assert "failed its training check" in err  # the warning, on stderr
+    if code == 0:  # the network's output varies: written, with the warning
+        assert read_image(tmp_path / "o.png").shape == (24, 24, 3)
+    else:
+        assert "constant" in err and not (tmp_path / "o.png").exists()
+
+
+def test_a_model_without_a_recorded_check_loads_quietly(weights, tmp_path, capsys):
+    from ssbsn.health import stored_check
+    assert stored_check(weights) is None
+    write_image(tmp_path / "x.png", _img((24, 24, 3)))
+    assert main(["denoise", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
+                 "-w", str(weights)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ data safety
+
+def test_denoise_skip_existing_continues_a_stopped_batch(tmp_path, weights, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(3):
+        write_image(inp / f"{i}.png", _img((16, 18, 3), seed=i))
+    out = tmp_path / "out"
+    assert main(["denoise", str(inp), "-o", str(out), "-w", str(weights)]) == 0
+    full = _digest(out)
+    (out / "1.png").unlink()  # as if stopped before the second image
+    (out / "2.png").write_bytes(b"kept as it is")  # an existing output is never touched
+    capsys.readouterr()
+    assert main(["denoise", str(inp), "-o", str(out), "-w", str(weights)]) == 1
+    line = _one_error_line(capsys)
+    assert "exists" in line and "--skip-existing" in line and "--overwrite" in line
+    assert main(["denoise", str(inp), "-o", str(out), "-w", str(weights),
+                 "--skip-existing"]) == 0
+    after = _digest(out)
+    assert after[Path("0.png")] == full[Path("0.png")]
+    assert after[Path("1.png")] == full[Path("1.png")]  # the missing one, as the first run
+    assert (out / "2.png").read_bytes() == b"kept as it is"
+    with pytest.raises(SystemExit) as e:  # a usage error
+        main(["denoise", str(inp), "-o", str(out), "-w", str(weights), "--skip-existing",
+              "--overwrite"])
+    assert e.value.code == 2 and "not allowed with" in _one_error_line(capsys)
+
+
+def test_eval_json_and_save_dir_need_overwrite(tmp_path, weights, capsys):
+    for seed, sub in enumerate(("noisy", "clean")):
+        (tmp_path / "pairs" / sub).mkdir(parents=True)
+        write_image(tmp_path / "pairs" / sub / "a.png", _img((16, 16, 3), seed=seed))
+    report, saved = tmp_path / "r.json", tmp_path / "saved"
+    report.write_text("precious")
+    args = ["eval", str(tmp_path / "pairs"), "-w", str(weights)]
+    assert main([*args, "--json", str(report)]) == 1
+    assert "--overwrite" in _one_error_line(capsys) and report.read_text() == "precious"
+    saved.mkdir()
+    (saved / "0000_a.png").write_bytes(b"precious")
+    assert main([*args, "--save-dir", str(saved)]) == 1
+    line = _one_error_line(capsys)
+    assert "0000_a.png exists" in line and (saved / "0000_a.png").read_bytes() == b"precious"
+    assert main([*args, "--json", str(report), "--save-dir", str(saved), "--overwrite"]) == 0
+    assert report.read_text() != "precious"
+    assert read_image(saved / "0000_a.png").shape == (16, 16, 3)
+
+
+def test_prep_checks_every_name_before_writing_and_never_replaces(tmp_path, capsys):
+    a = _img((20, 20, 3), seed=1)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    write_image(tmp_path / "x" / "p.png", a)
+    write_image(tmp_path / "y" / "p.png", _img((20, 20, 3), seed=2))
+    out = tmp_path / "t"
+    args = ["--size", "16", "--overlap", "8"]
+    # two inputs of the same name would write the same tiles
+    assert main(["prep", str(tmp_path / "x"), str(tmp_path / "y"), "-o", str(out), *args]) == 1
+    assert "same file name" in _one_error_line(capsys) and not out.exists()
+    # a truncated second input: the first's tiles are not left behind
+    write_image(tmp_path / "y" / "q.png", _img((24, 24, 3), seed=3))
+    (tmp_path / "y" / "q.png").write_bytes((tmp_path / "y" / "q.png").read_bytes()[:100])
+    (tmp_path / "y" / "p.png").unlink()
+    assert main(["prep", str(tmp_path / "x"), str(tmp_path / "y"), "-o", str(out), *args]) == 1
+    assert "q.png" in _one_error_line(capsys)
+    assert not out.exists() or [p.name for p in out.iterdir()] == []
+    # existing tiles are replaced only with --overwrite
+    assert main(["prep", str(tmp_path / "x"), "-o", str(out), *args]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 4 tiles to {out}"
+    tiles = _digest(out)
+    assert len(tiles) == 4  # what it reports is what is there
+    np.testing.assert_array_equal(read_image(out / "p_00004_00004.png"), a[4:20, 4:20])
+    (out / "p_00000_00000.png").write_bytes(b"precious")
+    assert main(["prep", str(tmp_path / "x"), "-o", str(out), *args]) == 1
+    assert "--overwrite" in _one_error_line(capsys)
+    assert (out / "p_00000_00000.png").read_bytes() == b"precious"
+    assert main(["prep", str(tmp_path / "x"), "-o", str(out), *args, "--overwrite"]) == 0
+    assert _digest(out) == tiles
+
+
+def test_prep_output_inside_its_input_is_not_tiled_again(tmp_path, capsys):
+    src = tmp_path / "photos"
+    src.mkdir()
+    write_image(src / "p.png", _img((20, 20, 3)))
+    out = src / "tiles"
+    args = ["prep", str(src), "-o", str(out), "--size", "16", "--overlap", "8"]
+    assert main(args) == 0
+    first = _digest(out)
+    assert main([*args, "--overwrite"]) == 0
+    assert _digest(out) == first  # the same 4 tiles, none cut from a tile
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote 4 tiles to {out}"
+
+
+def test_submit_dnd_checks_the_value_range_and_honours_overwrite(tmp_path, weights, capsys):
+    import h5py
+    import scipy.io
+
+    from helpers import make_dnd
+    make_dnd(tmp_path / "dnd", n_images=1, n_boxes=2)
+    out = tmp_path / "bundle"
+    args = ["submit", "dnd", str(tmp_path / "dnd"), "-o", str(out), "-w", str(weights)]
+    assert main(args) == 0
+    first = scipy.io.loadmat(out / "0001.mat")["Idenoised"].reshape(-1)[0]
+    assert main(args) == 1
+    assert "--overwrite" in _one_error_line(capsys)
+    (out / "0001.mat").write_bytes(b"old")
+    assert main([*args, "--overwrite"]) == 0
+    again = scipy.io.loadmat(out / "0001.mat")["Idenoised"].reshape(-1)[0]
+    np.testing.assert_array_equal(again, first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "dnd"]  # no leftovers
+    # a folder holding anything else is never replaced
+    (out / "notes.txt").write_text("mine")
+    assert main([*args, "--overwrite"]) == 1
+    assert "notes.txt" in _one_error_line(capsys) and (out / "notes.txt").read_text() == "mine"
+    # noisy data in 0..255 instead of 0..1: refused before anything is written
+    path = tmp_path / "dnd" / "images_srgb" / "0001.mat"
+    with h5py.File(path, "r+") as f:
+        f["InoisySRGB"][...] = f["InoisySRGB"][...] * 255
+    assert main([*args[:-2], "-o", str(tmp_path / "b2"), "-w", str(weights)]) == 1
+    line = _one_error_line(capsys)
+    assert "outside 0..1" in line and "0001.mat" in line and not (tmp_path / "b2").exists()
+
+
+def test_a_second_train_into_a_locked_run_folder_fails_with_one_line(tmp_path, capsys):
+    """While another process holds the run folder (as a running 'ssbsn train' does), a train
+    into it fails at once and writes nothing; once it is free, training works and leaves the
+    folder free again."""
+    import subprocess
+    import sys
+
+    from helpers import noisy_folder
+    imgs = noisy_folder(tmp_path / "imgs", 2, 24, 24)
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.lockf(fd, fcntl.LOCK_EX)\nos.write(fd, str(os.getpid()).encode())\n"
+         "print('held', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["train", str(imgs), "--channels", "8", "--modules", "1", "--ss-blocks", "0",
+                "--crop", "10", "--batch", "2", "--no-progress", "--steps", "2",
+                "--out", str(run)]
+        assert main(args) == 1
+        line = _one_error_line(capsys)
+        assert "in use by another 'ssbsn train'" in line and f"process {holder.pid}" in line
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0
+    assert (run / "model.safetensors").is_file()
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fcntl, os\n"
+         f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR)\n"
+         "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"])
+    assert probe.returncode == 0  # released when the run ended
