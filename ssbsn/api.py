@@ -77,10 +77,61 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
     return total
 
 
+# The time per image pixel of one network pass, about PASS_US[0] + PASS_US[1] × its
+# multiply-adds per pixel (its convolution weights), and of each step after the network, in
+# microseconds of one CPU thread (measured from 16-channel to 48-channel models): what lets a
+# progress bar that counts passes count those steps as passes too.
+PASS_US = (1.9, 0.035e-3)
+STEP_US = dict(wiener=7.4, blend=1.9, debias=1.7, lowpass=0.13)
+
+
+def pass_cost(model) -> float:
+    """Estimated microseconds per pixel of one network pass of ``model`` on a CPU thread."""
+    weights = sum(p.numel() for p in model.bsn.parameters() if p.dim() == 4)
+    return PASS_US[0] + PASS_US[1] * weights
+
+
+def _window_area(shape, tile: int, overlap: int, b: int) -> float:
+    """The mean area of the windows that inference.tiled cuts from an (H, W) image (the whole
+    image when ``tile`` is 0)."""
+    H, W = shape[:2]
+    if not tile:
+        return float(H * W)
+    from .inference import tile_starts
+    up = lambda n: -(-n // b) * b  # noqa: E731  (as inference.tiled rounds them)
+    t, o = up(tile), up(overlap)
+
+    def sides(n):  # each window: its core and the overlap on both sides, inside the image
+        return [min(s + t + o, n) - max(s - o, 0) for s in tile_starts(n, t)]
+    hs, ws = sides(H), sides(W)
+    return sum(hs) * sum(ws) / (len(hs) * len(ws))
+
+
+def after_network_work(model, shape, tile: int | None = None, overlap: int | None = None,
+                       pd: int | None = None, lowpass: float | None = None,
+                       blend: bool | None = None, wiener: bool | None = None,
+                       debias: bool | None = None) -> int:
+    """The work of the steps after the network (lowpass per estimate, blend, Wiener, debias)
+    on an (H, W) image, in network passes (of the mean tile window when tiled; see
+    :data:`STEP_US`), so that a progress bar that counts passes can count them too. None:
+    the model's own setting."""
+    s = model.inference_settings(tile=tile, overlap=overlap, pd=pd, lowpass=lowpass,
+                                 blend=blend, wiener=wiener, debias=debias)
+    estimates = 2 if s["blend"] and model.pd_train != s["pd"] else 1
+    cost = ((STEP_US["lowpass"] * estimates if s["lowpass"] > 0 else 0)
+            + STEP_US["blend"] * s["blend"] + STEP_US["wiener"] * s["wiener"]
+            + STEP_US["debias"] * s["debias"])
+    if not cost:
+        return 0
+    per_pass = pass_cost(model) * _window_area(shape, s["tile"], s["overlap"], s["pd"])
+    return max(1, round(cost * shape[0] * shape[1] / per_pass))
+
+
 @contextmanager
 def network_progress(model, total: int, desc: str, progress: bool | None):
     """A tqdm bar on stderr (with ETA) that advances with every pass through ``model.bsn``
-    (a forward hook). ``progress``: True shows it, False hides it, None shows it on a terminal
+    (a forward hook); ``total`` may include other work (:func:`after_network_work`) that the
+    caller adds with ``bar.update``. ``progress``: True shows it, False hides it, None shows it on a terminal
     once the work takes more than a second."""
     from tqdm import tqdm
     bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True,
@@ -184,11 +235,15 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
         raise UserError(f"the model takes {m}-channel images; this image has {c} channels")
     dev = next(model.parameters()).device
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
-    total = network_passes(model, img.shape, **{k: options.get(k) for k in
-                                                ("r3", "self_ensemble", "tile", "shifts", "pd",
-                                                 "blend")})
-    with network_progress(model, total, desc, progress):
+    passes = network_passes(model, img.shape, **{k: options.get(k) for k in
+                                                 ("r3", "self_ensemble", "tile", "shifts", "pd",
+                                                  "blend")})
+    after = after_network_work(model, img.shape, **{k: options.get(k) for k in
+                                                    ("tile", "overlap", "pd", "lowpass", "blend",
+                                                     "wiener", "debias")})
+    with network_progress(model, passes + after, desc, progress) as bar:
         y = model.denoise(t.to(dev), **options)[0].float().cpu().numpy().transpose(1, 2, 0)
+        bar.update(after)  # the steps after the network, done
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
     if not np.isfinite(y).all():

@@ -449,3 +449,99 @@ def test_a_second_train_into_a_locked_run_folder_fails_with_one_line(tmp_path, c
          f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR)\n"
          "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"])
     assert probe.returncode == 0  # released when the run ended
+
+
+# ------------------------------------------------------------------ progress
+
+def _quick_like(**inference):
+    torch.manual_seed(0)
+    return SSBSN(base_channels=8, num_modules=2, ss_blocks=1, pd_train=3, pd_test=2, pd_pad=0,
+                 r3_T=2, inference=dict(r3=False, shifts=True, blend=True, **inference)).eval()
+
+
+COMBOS = [dict(tile=t, shifts=sh, blend=bl, r3=r3, self_ensemble=False)
+          for t in (0, 12) for sh in (False, True) for bl in (False, True) for r3 in (False, True)]
+COMBOS += [dict(tile=16, shifts=True, blend=True, r3=False, self_ensemble=True),
+           dict(tile=0, shifts=False, blend=True, r3=True, self_ensemble=True, pd=3),
+           dict(tile=20, overlap=5, shifts=True, blend=False, r3=False, pd=1),
+           dict(tile=100, shifts=True, blend=True, r3=True)]
+
+
+@pytest.mark.parametrize("options", COMBOS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_progress_total_is_the_network_calls_and_the_steps_after_them(options):
+    """Every forward call of the network (hooked) is one pass of the bar's count, tiles,
+    shifts, R3 rounds, self-ensemble and the blend's second estimate included; the bar ends
+    exactly at its total, which adds the steps after the network."""
+    import ssbsn.api as api
+    model = _quick_like(wiener=False, lowpass=2.0)
+    calls = []
+    handle = model.bsn.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    bars = []
+    original = api.network_progress
+
+    def recording(*a, **k):
+        cm = original(*a, **k)
+
+        class Wrap:
+            def __enter__(self):
+                bars.append(cm.__enter__())
+                return bars[-1]
+
+            def __exit__(self, *e):
+                bars.append((bars[0].n, bars[0].total))
+                return cm.__exit__(*e)
+        return Wrap()
+    img = np.random.default_rng(0).random((33, 47, 3)).astype(np.float32) * 255
+    try:
+        api.network_progress = recording
+        api.denoise_array(model, img, progress=True, **options)
+    finally:
+        api.network_progress = original
+        handle.remove()
+    passes = api.network_passes(model, img.shape, **{k: v for k, v in options.items()
+                                                     if k != "overlap"})
+    after = api.after_network_work(model, img.shape, **{k: options[k] for k in options
+                                                        if k in ("tile", "overlap", "pd",
+                                                                 "blend")})
+    assert passes == len(calls)
+    assert after >= 1  # the lowpass (and the blend) are counted
+    n, total = bars[-1]
+    assert total == passes + after and n == total
+
+
+def test_tile_window_area_is_what_the_network_sees():
+    """The mean window area that weighs the steps after the network against a tiled pass is
+    the mean area of the windows the network really gets (stride 1: no PD padding)."""
+    from ssbsn.api import _window_area
+    model = _quick_like()
+    areas = []
+    handle = model.bsn.register_forward_hook(lambda m, i, o: areas.append(
+        i[0].shape[-2] * i[0].shape[-1]))
+    x = torch.rand(1, 3, 45, 61) * 255
+    try:
+        for tile, overlap in ((16, 4), (20, 0), (7, 9), (64, 8)):
+            areas.clear()
+            with torch.no_grad():
+                model.denoise(x, tile=tile, overlap=overlap, pd=1, shifts=False, blend=False,
+                              r3=False, wiener=False, debias=False, lowpass=0.0)
+            assert _window_area((45, 61), tile, overlap, 1) == pytest.approx(np.mean(areas))
+    finally:
+        handle.remove()
+
+
+def test_the_steps_after_the_network_weigh_as_their_cost_says():
+    """Wiener, blend, debias and lowpass add work in proportion to the image's area over a
+    pass's (tiles make each pass smaller, so the same steps weigh more passes); a model with
+    more weights makes them weigh fewer passes; all off adds nothing."""
+    from ssbsn.api import after_network_work, pass_cost
+    small, big = _quick_like(), SSBSN(base_channels=32, num_modules=2, ss_blocks=1, pd_train=3,
+                                      pd_test=2, pd_pad=0, inference=dict(blend=True))
+    assert pass_cost(big) > pass_cost(small)
+    off = dict(wiener=False, blend=False, debias=False, lowpass=0.0)
+    assert after_network_work(small, (300, 400), **off) == 0
+    on = dict(wiener=True, blend=True, debias=True, lowpass=8.0)
+    whole = after_network_work(small, (300, 400), **on)
+    assert whole > after_network_work(small, (300, 400), **{**on, "wiener": False}) >= 1
+    assert after_network_work(big, (300, 400), **on) < whole
+    tiled = after_network_work(small, (300, 400), tile=64, overlap=16, **on)
+    assert tiled == pytest.approx(whole * 300 * 400 / (96 * 96), rel=0.35)
