@@ -65,6 +65,21 @@ def _too_large(path, h: int, w: int) -> ImageError:
                       f"most {max_pixels() / 1e6:.0f} megapixels are read)")
 
 
+def _no_bomb_warning(read):
+    """Run ``read`` without Pillow's DecompressionBombWarning: :func:`max_pixels` is the
+    limit here, and an image under it is read without a warning."""
+    import functools
+    import warnings
+
+    @functools.wraps(read)
+    def wrapper(*args, **kwargs):
+        from PIL import Image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return read(*args, **kwargs)
+    return wrapper
+
+
 def _check_pixels(path, shape) -> None:
     if len(shape) >= 2 and int(shape[0]) * int(shape[1]) > max_pixels():
         raise _too_large(path, int(shape[0]), int(shape[1]))
@@ -134,6 +149,7 @@ def icc_profile(path) -> bytes | None:
         return None
 
 
+@_no_bomb_warning
 def read_image(path) -> np.ndarray:
     """Read an image as (H, W, C) uint8, uint16 or float16/32/64 (float only from TIFF, in the
     file's own float type). CMYK (and other non-RGB colour) JPEG/PNG files are converted to
@@ -173,6 +189,7 @@ def read_image(path) -> np.ndarray:
     return _validate(np.asarray(arr), path)
 
 
+@_no_bomb_warning
 def image_shape(path) -> tuple[int, int, int]:
     """(H, W, C) from the file header, without decoding the pixels (a truncated file passes
     here and fails in :func:`read_image`)."""

@@ -545,3 +545,21 @@ def test_the_steps_after_the_network_weigh_as_their_cost_says():
     assert after_network_work(big, (300, 400), **on) < whole
     tiled = after_network_work(small, (300, 400), tile=64, overlap=16, **on)
     assert tiled == pytest.approx(whole * 300 * 400 / (96 * 96), rel=0.35)
+
+
+def test_an_image_under_the_pixel_limit_is_read_without_a_warning(tmp_path, monkeypatch):
+    """Between Pillow's warning level and the limit (here lowered to keep the image small) an
+    image is read quietly: the limit, not a Python warning, is the rule."""
+    import warnings
+
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # warns above 300, the limit is 600
+    a = _img((20, 25, 3))  # 500 pixels
+    write_image(tmp_path / "a.png", a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(read_image(tmp_path / "a.png"), a)
+        assert image_shape(tmp_path / "a.png") == a.shape
+    write_image(tmp_path / "b.png", _img((25, 25, 3)))  # 625 pixels: over the limit
+    with pytest.raises(ImageError, match="too large"):
+        read_image(tmp_path / "b.png")
