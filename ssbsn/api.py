@@ -131,8 +131,8 @@ def after_network_work(model, shape, tile: int | None = None, overlap: int | Non
 def network_progress(model, total: int, desc: str, progress: bool | None):
     """A tqdm bar on stderr (with ETA) that advances with every pass through ``model.bsn``
     (a forward hook); ``total`` may include other work (:func:`after_network_work`) that the
-    caller adds with ``bar.update``. ``progress``: True shows it, False hides it, None shows it on a terminal
-    once the work takes more than a second."""
+    caller adds with ``bar.update``. ``progress``: True shows it, False hides it, None shows
+    it on a terminal once the work takes more than a second."""
     from tqdm import tqdm
     bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True,
                disable=None if progress is None else not progress,

@@ -467,7 +467,8 @@ COMBOS += [dict(tile=16, shifts=True, blend=True, r3=False, self_ensemble=True),
            dict(tile=100, shifts=True, blend=True, r3=True)]
 
 
-@pytest.mark.parametrize("options", COMBOS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options", COMBOS,
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_progress_total_is_the_network_calls_and_the_steps_after_them(options):
     """Every forward call of the network (hooked) is one pass of the bar's count, tiles,
     shifts, R3 rounds, self-ensemble and the blend's second estimate included; the bar ends
