@@ -79,14 +79,14 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
 
 # The time per image pixel of one network pass, about PASS_US[0] + PASS_US[1] × its
 # multiply-adds per pixel (its convolution weights), and of each step after the network, in
-# microseconds of one CPU thread (measured from 16-channel to 48-channel models): what lets a
-# progress bar that counts passes count those steps as passes too.
-PASS_US = (1.9, 0.035e-3)
-STEP_US = dict(wiener=7.4, blend=1.9, debias=1.7, lowpass=0.13)
+# microseconds on a two-core CPU with both threads (the pass from 16-channel to 48-channel
+# models): what lets a progress bar that counts passes count those steps as passes too.
+PASS_US = (1.7, 0.032e-3)
+STEP_US = dict(wiener=4.2, blend=1.7, debias=1.1, lowpass=0.13)
 
 
 def pass_cost(model) -> float:
-    """Estimated microseconds per pixel of one network pass of ``model`` on a CPU thread."""
+    """Estimated microseconds per pixel of one network pass of ``model`` (see :data:`PASS_US`)."""
     weights = sum(p.numel() for p in model.bsn.parameters() if p.dim() == 4)
     return PASS_US[0] + PASS_US[1] * weights
 
@@ -134,7 +134,9 @@ def network_progress(model, total: int, desc: str, progress: bool | None):
     caller adds with ``bar.update``. ``progress``: True shows it, False hides it, None shows
     it on a terminal once the work takes more than a second."""
     from tqdm import tqdm
-    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True,
+    # smoothing=0: the ETA from the mean rate since the start, not from the last few passes
+    # (tile windows differ in size, and the passes of the two strides of the blend in speed)
+    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True, smoothing=0,
                disable=None if progress is None else not progress,
                delay=1.0 if progress is None else 0.0)
 
