@@ -72,7 +72,7 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
     def one_estimate(b: int) -> int:
         windows = 1
         if s["tile"]:
-            t = -(-s["tile"] // b) * b  # as inference.tiled rounds it
+            t = -(-s["tile"] // b) * b  # as restore.estimate.tiled rounds it
             windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
         return (windows * (8 if s["self_ensemble"] else 1) * (b * b if s["shifts"] else 1)
                 * (1 + model.r3_T if s["r3"] else 1))
@@ -82,13 +82,66 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
     return total
 
 
+# The time per image pixel of one network pass, about PASS_US[0] + PASS_US[1] × its
+# multiply-adds per pixel (its convolution weights), and of each step after the network, in
+# microseconds on a two-core CPU with both threads (the pass from 16-channel to 48-channel
+# models): what lets a progress bar that counts passes count those steps as passes too.
+PASS_US = (1.7, 0.032e-3)
+STEP_US = dict(wiener=4.2, blend=1.7, debias=1.1, lowpass=0.13)
+
+
+def pass_cost(model) -> float:
+    """Estimated microseconds per pixel of one network pass of ``model`` (see :data:`PASS_US`)."""
+    weights = sum(p.numel() for p in model.bsn.parameters() if p.dim() == 4)
+    return PASS_US[0] + PASS_US[1] * weights
+
+
+def _window_area(shape, tile: int, overlap: int, b: int) -> float:
+    """The mean area of the windows that :func:`ssbsn.restore.estimate.tiled` cuts from an
+    (H, W) image (the whole image when ``tile`` is 0)."""
+    H, W = shape[:2]
+    if not tile:
+        return float(H * W)
+    from .restore.estimate import tile_starts
+    up = lambda n: -(-n // b) * b  # noqa: E731  (as restore.estimate.tiled rounds them)
+    t, o = up(tile), up(overlap)
+
+    def sides(n):  # each window: its core and the overlap on both sides, inside the image
+        return [min(s + t + o, n) - max(s - o, 0) for s in tile_starts(n, t)]
+    hs, ws = sides(H), sides(W)
+    return sum(hs) * sum(ws) / (len(hs) * len(ws))
+
+
+def after_network_work(model, shape, tile: int | None = None, overlap: int | None = None,
+                       pd: int | None = None, lowpass: float | None = None,
+                       blend: bool | None = None, wiener: bool | None = None,
+                       debias: bool | None = None) -> int:
+    """The work of the steps after the network (lowpass per estimate, blend, Wiener, debias)
+    on an (H, W) image, in network passes (of the mean tile window when tiled; see
+    :data:`STEP_US`), so that a progress bar that counts passes can count them too. None:
+    the model's own setting."""
+    s = model.inference_settings(tile=tile, overlap=overlap, pd=pd, lowpass=lowpass,
+                                 blend=blend, wiener=wiener, debias=debias)
+    estimates = 2 if s["blend"] and model.pd_train != s["pd"] else 1
+    cost = ((STEP_US["lowpass"] * estimates if s["lowpass"] > 0 else 0)
+            + STEP_US["blend"] * s["blend"] + STEP_US["wiener"] * s["wiener"]
+            + STEP_US["debias"] * s["debias"])
+    if not cost:
+        return 0
+    per_pass = pass_cost(model) * _window_area(shape, s["tile"], s["overlap"], s["pd"])
+    return max(1, round(cost * shape[0] * shape[1] / per_pass))
+
+
 @contextmanager
 def network_progress(model, total: int, desc: str, progress: bool | None):
     """A tqdm bar on stderr (with ETA) that advances with every pass through ``model.bsn``
-    (a forward hook). ``progress``: True shows it, False hides it, None shows it on a terminal
-    once the work takes more than a second."""
+    (a forward hook); ``total`` may include other work (:func:`after_network_work`) that the
+    caller adds with ``bar.update``. ``progress``: True shows it, False hides it, None shows
+    it on a terminal once the work takes more than a second."""
     from tqdm import tqdm
-    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True,
+    # smoothing=0: the ETA from the mean rate since the start, not from the last few passes
+    # (tile windows differ in size, and the passes of the two strides of the blend in speed)
+    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True, smoothing=0,
                disable=None if progress is None else not progress,
                delay=1.0 if progress is None else 0.0)
 
@@ -100,6 +153,71 @@ def network_progress(model, total: int, desc: str, progress: bool | None):
     finally:
         handle.remove()
         bar.close()
+
+
+def _not_an_array(what: str, img) -> UserError:
+    kind = type(img).__module__.split(".")[0] + "." + type(img).__name__ \
+        if type(img).__module__ != "builtins" else type(img).__name__
+    hint = " (use tensor.cpu().numpy())" if kind.startswith("torch.") else ""
+    return UserError(f"{what} takes a numpy array, got {kind}{hint}")
+
+
+def check_model_array(img) -> np.ndarray:
+    """Refuse (:class:`UserError`, naming the problem) what :func:`denoise_array` cannot take:
+    anything but a real-valued (H, W, C) numpy array with C = 1 or 3, at least
+    :data:`ssbsn.images.MIN_SIDE` pixels a side, finite samples in 0..255."""
+    from .images import MIN_SIDE
+    if not isinstance(img, np.ndarray):
+        raise _not_an_array("denoise_array", img)
+    if img.dtype == bool or img.dtype.kind not in "uif":
+        raise UserError(f"denoise_array: unsupported sample type {img.dtype} (expected float "
+                        "samples in 0..255)")
+    if img.ndim != 3:
+        raise UserError(f"denoise_array: expected an (H, W, C) array, got shape {img.shape}")
+    if img.shape[-1] not in (1, 3):
+        chw = " (a (C, H, W) array? transpose it to (H, W, C))" \
+            if img.shape[0] in (1, 3) else ""
+        raise UserError(f"denoise_array: an (H, W, C) array needs C = 1 (grey) or 3 (RGB), "
+                        f"got shape {img.shape}{chw}")
+    if img.size == 0:
+        raise UserError(f"denoise_array: empty image (shape {img.shape})")
+    if min(img.shape[:2]) < MIN_SIDE:
+        raise UserError(f"denoise_array: {img.shape[0]}×{img.shape[1]} image is too small (at "
+                        f"least {MIN_SIDE}×{MIN_SIDE} pixels)")
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
+        raise UserError("denoise_array: the image holds NaN or Inf samples")
+    lo, hi = float(img.min()), float(img.max())
+    if lo < 0.0 or hi > 255.0:
+        raise UserError(f"denoise_array: samples outside 0..255 (min {lo:g}, max {hi:g}); the "
+                        "model works on values in 0..255")
+    return img
+
+
+def check_image_array(image) -> np.ndarray:
+    """Refuse (:class:`UserError`) what :meth:`Denoiser.denoise_image` cannot take, as
+    :func:`ssbsn.images.read_image` refuses a file: anything but an (H, W) or (H, W, C) numpy
+    array of uint8, uint16 or float in 0..1 (C = 1 or 3, optionally with alpha)."""
+    from .images import _validate
+    if not isinstance(image, np.ndarray):
+        raise _not_an_array("denoise_image", image)
+    if image.dtype == bool:
+        raise UserError("denoise_image: boolean array; give uint8 (0..255), uint16 or float "
+                        "(0..1) samples")
+    if image.ndim not in (2, 3):
+        raise UserError(f"denoise_image: expected an (H, W) or (H, W, C) array, got shape "
+                        f"{image.shape}")
+    _validate(image, "denoise_image")
+    return image
+
+
+def _refuse_constant_output(img: np.ndarray, y: np.ndarray) -> None:
+    """A non-constant image whose result is one value everywhere (after clipping to 0..255)
+    was not denoised: a model that failed its training (all-black outputs)."""
+    flat = np.clip(y, 0.0, 255.0)
+    if img.max() > img.min() and flat.max() == flat.min():
+        raise UserError(f"the model's output is the constant {float(flat.flat[0]):g} for a "
+                        "non-constant image: this model does not denoise (its training "
+                        "failed?); nothing is written for it")
 
 
 def denoise_array(model, img: np.ndarray, progress: bool | None = False,
@@ -116,6 +234,7 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
     import torch
 
     from .restore import Pipeline
+    check_model_array(img)
     pipeline = Pipeline(model) if pipeline is None else pipeline
     c = img.shape[-1]
     m = model.in_channels
@@ -127,16 +246,21 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
         raise UserError(f"the model takes {m}-channel images; this image has {c} channels")
     dev = next(model.parameters()).device
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
-    total = network_passes(model, img.shape, **{k: options.get(k) for k in
-                                                ("r3", "self_ensemble", "tile", "shifts", "pd",
-                                                 "blend", "overlap")})
-    with network_progress(model, total, desc, progress):
+    passes = network_passes(model, img.shape, **{k: options.get(k) for k in
+                                                 ("r3", "self_ensemble", "tile", "shifts", "pd",
+                                                  "blend", "overlap")})
+    after = after_network_work(model, img.shape, **{k: options.get(k) for k in
+                                                    ("tile", "overlap", "pd", "lowpass", "blend",
+                                                     "wiener", "debias")})
+    with network_progress(model, passes + after, desc, progress) as bar:
         y = pipeline(t.to(dev), **options)[0].float().cpu().numpy().transpose(1, 2, 0)
+        bar.update(after)  # the steps after the network, done
     if c == 1 and m == 3:
         y = y.mean(axis=-1, keepdims=True)
     if not np.isfinite(y).all():
         raise UserError("the model's output holds NaN or Inf (its weights do not work on this "
                         "image); nothing is written for it")
+    _refuse_constant_output(img, y)
     return y
 
 
@@ -186,7 +310,13 @@ class Denoiser:
     def from_weights(cls, path, device: str = "auto", backend: str | None = None,
                      deterministic: bool | None = None, attention_window: int | None = None,
                      **options) -> "Denoiser":
-        """Load our safetensors file or the authors' checkpoint (see :func:`load_model`)."""
+        """Load our safetensors file or the authors' checkpoint (see :func:`load_model`). A
+        model whose training check failed (:func:`ssbsn.health.stored_check`) loads with a
+        warning on the ``ssbsn`` logger."""
+        from .health import failed_check_line, stored_check
+        check = stored_check(path)
+        if check is not None and not check["ok"]:
+            log.warning("warning: %s", failed_check_line(path, check))
         return cls(load_model(path, device, backend, deterministic, attention_window),
                    **options)
 
@@ -208,6 +338,7 @@ class Denoiser:
     def denoise_array(self, img: np.ndarray, progress: bool | None = False,
                       desc: str = "denoise", **options) -> np.ndarray:
         """(H, W, C) float in 0..255 → float (H, W, C) in 0..255 (:func:`denoise_array`)."""
+        check_model_array(img)
         return denoise_array(self.model, img, progress=progress, desc=desc,
                              pipeline=self.pipeline, **self._options(options))
 
@@ -217,7 +348,7 @@ class Denoiser:
         uint8, uint16 or float in 0..1, C = 1 or 3 optionally followed by alpha (kept as is).
         Returns the same shape and sample type."""
         from .images import check_size, from_model_range, split_alpha, to_model_range
-        image = np.asarray(image)
+        check_image_array(image)
         grey2d = image.ndim == 2
         img = image[..., None] if grey2d else image
         colour, alpha = split_alpha(img)
@@ -230,22 +361,38 @@ class Denoiser:
         return out[..., 0] if grey2d else out
 
     def denoise_files(self, inputs, output, overwrite: bool = False,
-                      progress: bool | None = False, **options) -> list[tuple[Path, Path]]:
+                      progress: bool | None = False, skip_existing: bool = False,
+                      **options) -> list[tuple[Path, Path]]:
         """Denoise image files and folders into ``output`` (see :func:`plan_outputs`); each
         output has its input's format, bit depth, alpha and ICC profile. Everything that can
         fail is checked before anything is written; existing files are replaced only with
-        ``overwrite``. Returns the (source, destination) pairs."""
+        ``overwrite``, or kept (and their inputs skipped) with ``skip_existing``: outputs are
+        written atomically, so one that exists is complete, and a batch that was stopped
+        continues where it stopped. Returns the (source, destination) pairs written."""
         from tqdm import tqdm
 
-        from .images import check_size, icc_profile, read_image, split_alpha, write_image
+        from .images import (check_size, check_writable_as, icc_profile, read_image,
+                             split_alpha, write_image)
+        if overwrite and skip_existing:
+            raise UserError("--overwrite and --skip-existing exclude each other")
         plan = plan_outputs(inputs, output)
+        todo = []
         for src, dst in plan:
-            if dst.exists() and not overwrite:
-                what = "is an input" if dst.resolve() == src.resolve() else "exists"
-                raise UserError(f"{dst} {what}; use --overwrite to replace it")
+            if dst.exists():
+                if dst.resolve() == src.resolve():
+                    if not overwrite:
+                        raise UserError(f"{dst} is an input; use --overwrite to replace it")
+                elif skip_existing:
+                    log.info("%s exists: skipped", dst)
+                    continue
+                elif not overwrite:
+                    raise UserError(f"{dst} exists; use --overwrite to replace it, or "
+                                    "--skip-existing to keep it and denoise only the images "
+                                    "whose outputs are missing")
+            todo.append((src, dst))
         m = self.model.in_channels
         decoded, budget = {}, KEEP_DECODED_BYTES  # decoded once while they fit the budget
-        for src, _ in plan:
+        for src, dst in todo:
             img = read_image(src)
             colour = split_alpha(img)[0]
             check_size(colour, src)
@@ -253,18 +400,22 @@ class Denoiser:
             if c != m and not (c == 1 and m == 3):
                 raise UserError(f"{src}: {c}-channel image, but the model takes "
                                 f"{m}-channel images")
+            try:  # the output keeps the input's sample type and channels
+                check_writable_as(dst, img.dtype, img.shape[-1])
+            except UserError as e:
+                raise UserError(f"{e} (the input {src} holds {img.dtype} samples)") from None
             if img.nbytes <= budget:
                 decoded[src], budget = img, budget - img.nbytes
-        for folder in sorted({dst.parent for _, dst in plan}):
+        for folder in sorted({dst.parent for _, dst in todo}):
             check_writable_dir(folder)
         bars = None if progress is None else not progress
-        for src, dst in tqdm(plan, desc="denoise", unit="img",
-                             disable=True if len(plan) < 2 else bars):
+        for src, dst in tqdm(todo, desc="denoise", unit="img",
+                             disable=True if len(todo) < 2 else bars):
             img = decoded.pop(src) if src in decoded else read_image(src)
             out = self.denoise_image(img, progress=progress, desc=src.name, **options)
             write_image(dst, out, icc_profile=icc_profile(src))  # upright, same profile
             log.info("%s -> %s", src, dst)
-        return plan
+        return todo
 
     def submit_sidd(self, blocks_file, output, overwrite: bool = False,
                     progress: bool | None = False, **options) -> Path:
@@ -292,17 +443,19 @@ class Denoiser:
         return out
 
     def submit_dnd(self, dnd_root, output, progress: bool | None = False,
-                   **options) -> list[Path]:
+                   overwrite: bool = False, **options) -> list[Path]:
         """Denoise DND's sRGB crops and write the bundled submission (a new folder of
-        0001.mat … 0050.mat, as the DND kit's bundle_submissions_srgb writes them)."""
+        0001.mat … 0050.mat, as the DND kit's bundle_submissions_srgb writes them). An
+        existing folder that is not empty is replaced (whole, once the new one is complete)
+        only with ``overwrite``."""
         from tqdm import tqdm
 
         from .data import DNDBoxes, write_dnd_bundle
+        from .data.dnd import check_bundle_target
         from .metrics import quantize
         dnd = DNDBoxes(dnd_root)
         out = Path(output)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"{out} exists and is not an empty folder")
+        check_bundle_target(out, overwrite)
         check_writable_dir(out.resolve().parent)
         results: dict[int, list] = {}
         for idx in tqdm(range(len(dnd)), desc="DND", unit="box",
@@ -310,7 +463,7 @@ class Denoiser:
             i = dnd.entries[idx][0]
             y = self.denoise_array(dnd.load(idx) * np.float32(255.0), **options)
             results.setdefault(i, []).append(quantize(y).astype(np.float32) / 255.0)
-        files = write_dnd_bundle(out, results)
+        files = write_dnd_bundle(out, results, overwrite=overwrite)
         log.info("wrote %d files to %s", len(files), out)
         return files
 
@@ -321,14 +474,16 @@ METRIC_CONVENTIONS = ("skimage peak_signal_noise_ratio(data_range=255), "
 
 
 def evaluate(denoiser, noisy, clean=None, limit: int | None = None,
-             save_dir=None, progress: bool | None = False, on_row=None, **options) -> dict:
+             save_dir=None, progress: bool | None = False, on_row=None,
+             overwrite: bool = False, **options) -> dict:
     """PSNR and SSIM of the denoised images against clean references (scikit-image's
     conventions, output rounded to 8 bits), with the noisy input's scores beside them.
 
     ``denoiser``: a :class:`Denoiser` (or a checkpoint path, loaded with
     :meth:`Denoiser.from_weights`). ``noisy``/``clean``: see
     :func:`ssbsn.data.pairs.open_pairs`. ``save_dir``: also write the
-    denoised images (PNG). ``on_row(row)`` is called after each image. Returns
+    denoised images (PNG; files there are replaced only with ``overwrite``, checked before
+    any work). ``on_row(row)`` is called after each image. Returns
     ``{"images": [row, ...], "mean": {...}, "seconds": ...}``; a row holds image, psnr_noisy,
     psnr, ssim_noisy, ssim."""
     from tqdm import tqdm
@@ -343,6 +498,12 @@ def evaluate(denoiser, noisy, clean=None, limit: int | None = None,
         if limit < 1:
             raise UserError("--limit must be at least 1")
         names = names[:limit]
+    saved = [Path(save_dir) / f"{i:04d}_{Path(n).stem}.png" for i, n in enumerate(names)] \
+        if save_dir else []
+    if not overwrite:
+        for path in saved:
+            if path.exists():
+                raise UserError(f"{path} exists; use --overwrite to replace it")
     if save_dir:
         check_writable_dir(Path(save_dir))
     rows = []
@@ -360,7 +521,7 @@ def evaluate(denoiser, noisy, clean=None, limit: int | None = None,
         if on_row is not None:
             on_row(row)
         if save_dir:
-            write_image(Path(save_dir) / f"{i:04d}_{Path(names[i]).stem}.png", out)
+            write_image(saved[i], out)
     mean = {k: float(np.mean([r[k] for r in rows]))
             for k in ("psnr_noisy", "psnr", "ssim_noisy", "ssim")}
     return dict(images=rows, mean=mean, seconds=time.perf_counter() - t0)

@@ -213,12 +213,13 @@ def from_official(path_or_checkpoint, cls, **overrides):
     return model
 
 
-def save_model(model, path) -> None:
-    """Atomically write ``model`` (weights + configuration) to a safetensors file."""
+def save_model(model, path, metadata: dict | None = None) -> None:
+    """Atomically write ``model`` (weights + configuration) to a safetensors file; ``metadata``
+    (str → str) is stored beside them."""
     from safetensors.torch import save_file
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        meta = {CONFIG_KEY: json.dumps(model.config.to_dict(stored=True))}
+        meta = {**(metadata or {}), CONFIG_KEY: json.dumps(model.config.to_dict(stored=True))}
         if getattr(model, "inference", None) is not None:
             meta[INFERENCE_KEY] = json.dumps(model.inference)
         save_file(state, str(tmp), metadata=meta)

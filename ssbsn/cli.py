@@ -332,16 +332,35 @@ def _denoise_parser(sub) -> None:
                "  ssbsn denoise photos/ -o denoised/ -w SSBSN_SIDD.pth --tile 512 --self-ensemble")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output file or folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="allow replacing existing files, inputs included")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--overwrite", action="store_true",
+                      help="allow replacing existing files, inputs included")
+    keep.add_argument("--skip-existing", action="store_true",
+                      help="keep the outputs that exist and denoise only the inputs whose "
+                           "outputs are missing (outputs are written whole or not at all, so "
+                           "this continues a batch that was stopped)")
+    p.add_argument("--force", action="store_true",
+                   help="denoise even with a model whose training check failed (its outputs "
+                        "are not denoised images)")
     _add_inference_options(p)
     p.set_defaults(func=cmd_denoise)
 
 
+def _check_trained(args, force: bool = False) -> None:
+    """Refuse a model whose training check failed, unless ``force`` (then a warning)."""
+    from .health import failed_check_line, stored_check
+    check = stored_check(args.weights)
+    if check is not None and not check["ok"] and not force:
+        raise UserError(f"{failed_check_line(args.weights, check)}, or pass --force to use "
+                        "it anyway")
+
+
 def cmd_denoise(args) -> int:
     kwargs = _infer_kwargs(args)
+    _check_trained(args, args.force)
     _denoiser(args).denoise_files(args.inputs, args.output, overwrite=args.overwrite,
-                                  progress=args.progress, **kwargs)
+                                  skip_existing=args.skip_existing, progress=args.progress,
+                                  **kwargs)
     return 0
 
 
@@ -368,6 +387,8 @@ def _eval_parser(sub) -> None:
                                                   "means) as JSON")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
     p.add_argument("--save-dir", metavar="DIR", help="also write the denoised images (PNG)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing an existing --json file and images in --save-dir")
     _add_inference_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -380,6 +401,8 @@ def cmd_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
     if args.json:
+        if Path(args.json).exists() and not args.overwrite:
+            raise UserError(f"{args.json} exists; use --overwrite to replace it")
         check_writable_dir(Path(args.json).resolve().parent)
     denoiser = _denoiser(args)
 
@@ -393,7 +416,8 @@ def cmd_eval(args) -> int:
         tqdm.write(f"{Path(row['image']).name[-40:]:<40} {row['psnr_noisy']:8.2f} "
                    f"{row['psnr']:9.2f} {row['ssim_noisy']:8.4f} {row['ssim']:9.4f}")
     result = evaluate(denoiser, args.noisy, args.clean, limit=args.limit,
-                      save_dir=args.save_dir, progress=args.progress, on_row=show, **kwargs)
+                      save_dir=args.save_dir, progress=args.progress, on_row=show,
+                      overwrite=args.overwrite, **kwargs)
     rows, mean = result["images"], result["mean"]
     print(f"{'mean over ' + str(len(rows)) + ' images':<40} {mean['psnr_noisy']:8.2f} "
           f"{mean['psnr']:9.2f} {mean['ssim_noisy']:8.4f} {mean['ssim']:9.4f}")
@@ -443,7 +467,9 @@ def _submit_parser(sub) -> None:
     p.add_argument("benchmark", choices=("sidd", "dnd"))
     p.add_argument("input", metavar="INPUT")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (sidd: the file; dnd: the folder, replaced "
+                        "whole once the new bundle is complete)")
     _add_inference_options(p)
     p.set_defaults(func=cmd_submit)
 
@@ -458,10 +484,11 @@ def cmd_submit(args) -> int:
                                     progress=args.progress, **kwargs)
         return 0
     from .data import DNDBoxes
-    DNDBoxes(args.input)  # the input is checked before the model is loaded
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not an empty folder")
-    _denoiser(args).submit_dnd(args.input, out, progress=args.progress, **kwargs)
+    from .data.dnd import check_bundle_target
+    DNDBoxes(args.input).load(0)  # the input (layout, value range) before the model is loaded
+    check_bundle_target(out, args.overwrite)
+    _denoiser(args).submit_dnd(args.input, out, progress=args.progress,
+                               overwrite=args.overwrite, **kwargs)
     return 0
 
 
@@ -565,17 +592,20 @@ def _prep_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--overlap", type=int, default=128)
+    p.add_argument("--overwrite", action="store_true", help="allow replacing existing tiles")
     _add_progress_option(p)
     p.set_defaults(func=cmd_prep)
 
 
 def cmd_prep(args) -> int:
-    from .data.tiles import check_tile_size, prep_inputs, write_tiles
+    from .data.tiles import check_tile_size, plan_tiles, prep_inputs, write_tiles
     check_tile_size(args.size, args.overlap)
-    files = prep_inputs(args.inputs)
     out = Path(args.output)
+    files = prep_inputs(args.inputs, exclude=out)
+    plan_tiles(files, out, args.size, args.overlap, overwrite=args.overwrite)  # before mkdir
     check_writable_dir(out)
-    count = write_tiles(files, out, args.size, args.overlap, progress=args.progress)
+    count = write_tiles(files, out, args.size, args.overlap, progress=args.progress,
+                        overwrite=args.overwrite)
     print(f"wrote {count} tiles to {out}")
     return 0
 

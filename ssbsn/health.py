@@ -129,3 +129,50 @@ def check_training(model, source, stride: int, crop: int, channels: int = 3, see
     count = crops * (size - 2 * s) ** 2
     return TrainingCheck(network=(net / count).tolist(), neighbours=(bse / count).tolist(),
                          stride=s, crops=crops, size=size)
+
+
+# The check's result travels in the final weights' safetensors metadata under this key (JSON of
+# TrainingCheck.to_dict()), so a copied model file still says whether its training worked.
+CHECK_KEY = "ssbsn_check"
+
+
+def stored_check(weights) -> dict | None:
+    """The training check recorded for the weights file ``weights``: the safetensors metadata
+    (:data:`CHECK_KEY`), else the run folder's check.json beside a ``model.safetensors``;
+    None when neither holds a readable one (older files, the authors' checkpoints)."""
+    import json
+    from pathlib import Path
+    path = Path(weights)
+    text = None
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            from safetensors import safe_open
+            with safe_open(str(path), "pt") as f:
+                text = (f.metadata() or {}).get(CHECK_KEY)
+        except Exception:  # an unreadable file: loading it says why
+            return None
+        if text is None and path.name == "model.safetensors":
+            try:
+                text = (path.parent / "check.json").read_text()
+            except (OSError, UnicodeDecodeError):
+                text = None
+    if text is None:
+        return None
+    try:
+        check = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(check, dict) or not isinstance(check.get("ok"), bool):
+        return None
+    return check
+
+
+def failed_check_line(weights, check: dict) -> str:
+    """What to say about weights whose training check failed."""
+    ratio = check.get("ratio")
+    ratios = (" / ".join("inf" if r is None else f"{r:.2f}" for r in ratio)
+              if isinstance(ratio, list) and all(r is None or isinstance(r, (int, float))
+                                                 for r in ratio) else "?")
+    return (f"{weights}: this model failed its training check (blind-spot loss {ratios} of the "
+            f"8-neighbour mean's, above {LIMIT:g}): it has not learned to denoise and its "
+            "outputs are not denoised images; train it again")

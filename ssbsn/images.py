@@ -26,6 +26,7 @@ from .errors import ImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
+FLOAT_TYPES = (np.float16, np.float32, np.float64)  # kept as read: written back in the same type
 MIN_SIDE = 8
 ORIENTATION_TAG = 0x0112  # EXIF/TIFF Orientation
 ICC_TAG = 34675  # TIFF InterColorProfile
@@ -51,15 +52,75 @@ def _refuse_png16_colour(path: Path) -> None:
                          "(Pillow reduces it to 8 bits); convert it to a 16-bit TIFF")
 
 
-def _exif_orientation(path: Path) -> int:
-    """The EXIF Orientation (1..8) of a JPEG/PNG/BMP file; 1 (upright) when absent."""
-    try:
+def max_pixels() -> int:
+    """The most pixels an image may have: Pillow's decompression-bomb limit (twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``), for every format, TIFF included."""
+    from PIL import Image
+    limit = Image.MAX_IMAGE_PIXELS
+    return 2 * int(limit) if limit else 2 * 89_478_485
+
+
+def _too_large(path, h: int, w: int) -> ImageError:
+    return ImageError(f"{path}: image too large ({w}×{h} = {h * w / 1e6:.0f} megapixels; at "
+                      f"most {max_pixels() / 1e6:.0f} megapixels are read)")
+
+
+def _no_bomb_warning(read):
+    """Run ``read`` without Pillow's DecompressionBombWarning: :func:`max_pixels` is the
+    limit here, and an image under it is read without a warning."""
+    import functools
+    import warnings
+
+    @functools.wraps(read)
+    def wrapper(*args, **kwargs):
         from PIL import Image
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return read(*args, **kwargs)
+    return wrapper
+
+
+def _check_pixels(path, shape) -> None:
+    if len(shape) >= 2 and int(shape[0]) * int(shape[1]) > max_pixels():
+        raise _too_large(path, int(shape[0]), int(shape[1]))
+
+
+# Pillow modes whose samples are not RGB: converted to RGB on read (Pillow's own conversion),
+# so that a CMYK JPEG is never taken for RGB + alpha
+CONVERT_TO_RGB = ("CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _pil_probe(path: Path) -> tuple[int, str | None]:
+    """(EXIF orientation 1..8, Pillow mode) of a JPEG/PNG/BMP file; (1, None) when Pillow
+    cannot open it (the decoder then reports the damage). An image over :func:`max_pixels`
+    is refused here, before anything is decoded."""
+    from PIL import Image
+    try:
         with Image.open(path) as im:
-            value = im.getexif().get(ORIENTATION_TAG, 1)
-    except Exception:  # no readable EXIF: the decoder reports real damage
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+            w, h = im.size
+            if w * h > max_pixels():
+                raise _too_large(path, h, w)
+            mode = im.mode
+            try:
+                value = im.getexif().get(ORIENTATION_TAG, 1)
+            except Exception:  # no readable EXIF
+                value = 1
+    except Image.DecompressionBombError:
+        raise _too_large(path, *_header_size(path)) from None
+    except ImageError:
+        raise
+    except Exception:
+        return 1, None
+    return (value if isinstance(value, int) and 1 <= value <= 8 else 1), mode
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """(H, W) from a PNG header, (0, 0) if unknown (only for the "too large" message)."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) == 24 and head[12:16] == b"IHDR":
+        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+    return 0, 0
 
 
 def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -88,12 +149,15 @@ def icc_profile(path) -> bytes | None:
         return None
 
 
+@_no_bomb_warning
 def read_image(path) -> np.ndarray:
-    """Read an image as (H, W, C) uint8, uint16 or float32 (float only from TIFF).
+    """Read an image as (H, W, C) uint8, uint16 or float16/32/64 (float only from TIFF, in the
+    file's own float type). CMYK (and other non-RGB colour) JPEG/PNG files are converted to
+    RGB by Pillow.
 
     Raises :class:`ImageError` with one clear message for anything unusable: a missing,
     unreadable or truncated file, more than one page/frame, an unsupported sample type or
-    channel count, NaN or Inf samples.
+    channel count, NaN or Inf samples, more than :func:`max_pixels` pixels.
     """
     path = Path(path)
     if not path.is_file():
@@ -106,13 +170,17 @@ def read_image(path) -> np.ndarray:
                 if len(tif.series) != 1 or len(tif.pages) != 1:
                     raise ImageError(f"{path}: multi-page TIFF files are not supported")
                 page = tif.pages[0]
+                _check_pixels(path, page.shape[1:] if page.planarconfig == 2
+                              and len(page.shape) == 3 else page.shape)
                 arr = page.asarray()
                 if arr.ndim == 3 and page.planarconfig == 2:  # separate planes: (C, H, W)
                     arr = np.moveaxis(arr, 0, -1)
         else:
             _refuse_png16_colour(path)
             import imageio.v3 as iio
-            arr = orient(np.asarray(iio.imread(path, plugin="pillow")), _exif_orientation(path))
+            orientation, mode = _pil_probe(path)
+            kwargs = {"mode": "RGB"} if mode in CONVERT_TO_RGB else {}
+            arr = orient(np.asarray(iio.imread(path, plugin="pillow", **kwargs)), orientation)
     except ImageError:
         raise
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ...
@@ -121,6 +189,7 @@ def read_image(path) -> np.ndarray:
     return _validate(np.asarray(arr), path)
 
 
+@_no_bomb_warning
 def image_shape(path) -> tuple[int, int, int]:
     """(H, W, C) from the file header, without decoding the pixels (a truncated file passes
     here and fails in :func:`read_image`)."""
@@ -137,11 +206,15 @@ def image_shape(path) -> tuple[int, int, int]:
                 shape = page.shape
                 if len(shape) == 3 and page.planarconfig == 2:
                     shape = shape[1:] + shape[:1]
+                _check_pixels(path, shape)
         else:
             _refuse_png16_colour(path)
             import imageio.v3 as iio
+            orientation, mode = _pil_probe(path)
             shape = tuple(iio.improps(path, plugin="pillow").shape)
-            if _exif_orientation(path) >= 5 and len(shape) >= 2:  # turned by 90°
+            if mode in CONVERT_TO_RGB:  # read as RGB (see read_image)
+                shape = shape[:2] + (3,)
+            if orientation >= 5 and len(shape) >= 2:  # turned by 90°
                 shape = (shape[1], shape[0]) + shape[2:]
     except ImageError:
         raise
@@ -174,7 +247,9 @@ def _validate(arr: np.ndarray, path) -> np.ndarray:
         if lo < 0.0 or hi > 1.0:  # never clip silently: the output would not be the input's
             raise ImageError(f"{path}: float samples outside 0..1 (min {lo:g}, max {hi:g}); "
                              "float images must hold values in 0..1 — rescale it first")
-        arr = arr.astype(np.float32)
+        if arr.dtype not in FLOAT_TYPES:
+            raise ImageError(f"{path}: unsupported sample type {arr.dtype} "
+                             "(expected float16, float32 or float64)")
     elif arr.dtype not in (np.uint8, np.uint16):
         raise ImageError(f"{path}: unsupported sample type {arr.dtype} "
                          "(expected 8- or 16-bit unsigned, or float)")
@@ -222,6 +297,27 @@ def from_model_range(x: np.ndarray, dtype) -> np.ndarray:
     return np.clip(np.floor(scaled + 0.5), 0, max_value(dtype)).astype(dtype)
 
 
+def check_writable_as(path, dtype, channels: int) -> None:
+    """Refuse (:class:`ImageError` naming ``path``) an output file whose type cannot hold
+    samples of ``dtype`` with ``channels`` channels (alpha included): float only as TIFF,
+    16-bit only as TIFF or (grey) PNG. Called before any work is done."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageError(f"{path}: unknown image type {suffix!r} "
+                         f"(use one of {', '.join(IMAGE_SUFFIXES)})")
+    if suffix in TIFF_SUFFIXES:
+        return
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        raise ImageError(f"{path}: float images can only be written as TIFF (use a .tif output)")
+    if dtype == np.uint16 and (channels > 1 or suffix != ".png"):
+        what = "16-bit colour or alpha" if channels > 1 else "16-bit grey"
+        where = "TIFF" if channels > 1 else "PNG or TIFF"
+        raise ImageError(f"{path}: {what} can only be written as {where} "
+                         "(use a .tif output)")
+
+
 def _encode(path: Path, arr: np.ndarray, suffix: str, quality: int, icc: bytes | None) -> None:
     if suffix in TIFF_SUFFIXES:
         import tifffile
@@ -231,11 +327,6 @@ def _encode(path: Path, arr: np.ndarray, suffix: str, quality: int, icc: bytes |
         tifffile.imwrite(path, data, photometric=photometric, extrasamples=extras,
                          iccprofile=icc)
         return
-    if arr.dtype.kind == "f":
-        raise ImageError(f"{path}: float images can only be written as TIFF")
-    if arr.dtype == np.uint16 and (arr.shape[-1] > 1 or suffix not in (".png",)):
-        raise ImageError(f"{path}: 16-bit colour can only be written as TIFF "
-                         "(use a .tif output)")
     import imageio.v3 as iio
     data = arr[..., 0] if arr.shape[-1] == 1 else arr
     kwargs = {"quality": quality} if suffix in (".jpg", ".jpeg") else {}
@@ -252,12 +343,10 @@ def write_image(path, arr: np.ndarray, quality: int = 95, icc_profile: bytes | N
     TIFF)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:
-        raise ImageError(f"{path}: unknown image type {suffix!r} "
-                         f"(use one of {', '.join(IMAGE_SUFFIXES)})")
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[..., None]
+    check_writable_as(path, arr.dtype, arr.shape[-1])
     try:
         with atomic_path(path, ".tmp" + suffix) as tmp:
             _encode(tmp, arr, suffix, quality, icc_profile)

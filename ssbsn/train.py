@@ -44,8 +44,10 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_path, write_text_atomic
+from .checkpoint import save_model
 from .errors import (ConfigError, DataError, StorageError, TrainingDiverged,  # noqa: F401
                      UsageError)  # (TrainingDiverged: importable from here, its old home)
+from .health import CHECK_KEY
 from .model import SSBSN
 from .train_config import (LENGTH_KEYS, MODEL_KEYS, RUNTIME_KEYS,  # noqa: F401 (re-exported)
                            TrainConfig)
@@ -204,6 +206,43 @@ def clean_temporaries(run_dir) -> None:
     """Remove the temporary files a killed run may have left."""
     for p in list(Path(run_dir).glob("*.tmp")) + list(Path(run_dir).glob("ckpt/*.tmp")):
         p.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive lock on a run folder (an fcntl record lock on its ``.lock`` file) held
+    while a run trains, so that a second ``ssbsn train`` into the same folder fails at once
+    instead of mixing its logs and checkpoints with the first's. The kernel releases it when
+    the process ends, however it ends; the data loader's worker processes do not inherit it."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir):
+        import fcntl
+        run = Path(run_dir)
+        path = run / self.NAME
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ConfigError(f"{run}: cannot write the run folder ({e.strerror or e})") from None
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            except OSError:
+                holder = ""
+            os.close(self._fd)
+            who = f" (process {holder})" if holder.isdigit() else ""
+            raise ConfigError(f"{run} is in use by another 'ssbsn train'{who}; wait for it to "
+                              "finish or choose another --out") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
 
 
 # ------------------------------------------------------------------ distributed
@@ -368,6 +407,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     budget: Budget
     amp: object
+    lock: RunLock | None = None  # rank 0's lock on the run folder
     start: int = 0
     elapsed: float = 0.0
     last_loss: float = float("nan")
@@ -407,8 +447,19 @@ class _LossMeter:
 
 
 def _setup(cfg: TrainConfig, resume: bool, source) -> _Run:
-    """Check the configuration and the data, prepare the run folder, build (or restore) the
-    model and optimizer and the run's one DataLoader."""
+    """Check the configuration and the data, lock and prepare the run folder, build (or
+    restore) the model and optimizer and the run's one DataLoader. The lock is released if
+    anything after it fails; otherwise the run holds it (``_Run.lock``)."""
+    held: list[RunLock] = []
+    try:
+        return _build_run(cfg, resume, source, held)
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+
+
+def _build_run(cfg: TrainConfig, resume: bool, source, held: list) -> _Run:
     from .data import PatchDataset, open_training_source
 
     cfg.validate()
@@ -444,6 +495,7 @@ def _setup(cfg: TrainConfig, resume: bool, source) -> _Run:
 
     run = Path(cfg.out)
     if main:
+        held.append(RunLock(run))  # before the folder is looked at: one run at a time
         prepare_run_dir(cfg, resume)
         clean_temporaries(run)
     if world > 1:
@@ -474,7 +526,8 @@ def _setup(cfg: TrainConfig, resume: bool, source) -> _Run:
              dataset=dataset, sampler=sampler, loader=loader, steps_per_epoch=steps_per_epoch,
              total=total, save_every=cfg.save_every or steps_per_epoch, model=model, net=net,
              optimizer=optimizer, budget=None,
-             amp=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"))
+             amp=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"),
+             lock=held[0] if held else None)
     spent = 0.0
     if state is not None:
         r.start, r.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
@@ -571,6 +624,15 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     summary: steps, final loss, run folder, path of the final weights.
     """
     r = _setup(cfg, resume, source)
+    try:
+        return _train(r)
+    finally:
+        if r.lock is not None:
+            r.lock.release()
+
+
+def _train(r: _Run) -> dict:
+    cfg = r.cfg
     log_path = r.run / "log.jsonl"
     if r.main:
         _truncate_log(log_path, r.start)
@@ -630,9 +692,10 @@ def train(cfg: TrainConfig, resume: bool = False, source=None) -> dict:
     check = None
     if r.main:
         _check_weights(r.run, cfg, r.model, step)
+        check = _health_check(r)  # before the save: the weights file records its result
         with writing(final, r.run):
-            r.model.save(final)
-        check = _health_check(r)
+            save_model(r.model, final, metadata=None if check is None else
+                       {CHECK_KEY: json.dumps(check)})
     if r.world > 1:
         dist.barrier()
     return dict(steps=step, loss=r.last_loss, run=str(r.run), weights=str(final),

@@ -15,6 +15,7 @@ uploaded.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -72,6 +73,11 @@ def read_dnd_crop(image_path, box) -> np.ndarray:
     crop = crop.astype(np.float32)
     if not np.isfinite(crop).all():
         raise DataError(f"{image_path}: NaN or Inf in box {[r0, c0, r1, c1]}")
+    lo, hi = (float(crop.min()), float(crop.max())) if crop.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:  # never clip silently: 0..255 data would come out all white
+        raise DataError(f"{image_path}: 'InoisySRGB' holds samples outside 0..1 in box "
+                        f"{[r0, c0, r1, c1]} (min {lo:g}, max {hi:g}); DND's sRGB images are "
+                        "floats in 0..1")
     return crop
 
 
@@ -106,16 +112,46 @@ def is_dnd(root) -> bool:
     return (root / "info.mat").is_file() and (root / "images_srgb").is_dir()
 
 
-def write_dnd_bundle(out_dir, results: dict) -> list[Path]:
+BUNDLE_FILE = re.compile(r"\d{4}\.mat")
+
+
+def check_bundle_target(out_dir, overwrite: bool = False) -> None:
+    """Refuse ``out_dir`` as the bundle's folder unless it is missing or empty, or, with
+    ``overwrite``, a folder holding a bundle (``NNNN.mat`` files) and nothing else: a folder
+    with other files is never replaced."""
+    from ..errors import UserError
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise UserError(f"{out_dir} exists and is not a folder")
+    entries = sorted(out_dir.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise UserError(f"{out_dir} exists and is not an empty folder; use --overwrite to "
+                        "replace the bundle in it")
+    other = [p for p in entries if not (p.is_file() and BUNDLE_FILE.fullmatch(p.name))]
+    if other:
+        raise UserError(f"{out_dir} holds files other than a DND bundle (e.g. {other[0].name}); "
+                        "it is not replaced, choose another OUT")
+
+
+def write_dnd_bundle(out_dir, results: dict, overwrite: bool = False) -> list[Path]:
     """Write the bundled sRGB submission.
 
     ``results`` maps image number (1-based) to the list of its denoised crops (float (h, w, 3)
     in 0..1, in box order). Files go to a temporary folder beside ``out_dir`` that replaces it
-    only when all are written; ``out_dir`` must not exist or be empty.
+    only when all are written; ``out_dir`` must not exist or be empty, or with ``overwrite``
+    hold a bundle and nothing else (:func:`check_bundle_target`).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DataError(f"{out_dir}: exists and is not an empty folder")
+    try:
+        check_bundle_target(out_dir, overwrite)
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(str(e)) from None
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
@@ -131,6 +167,12 @@ def write_dnd_bundle(out_dir, results: dict) -> list[Path]:
                                          "eval_version": "1.0"})
             written.append(out_dir / name)
         os.chmod(tmp, plain_mode(out_dir, 0o777))  # not mkdtemp's 0700
+        if out_dir.exists() and any(out_dir.iterdir()):  # an old bundle: moved aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+            return written
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

@@ -2,6 +2,7 @@
 the authors prepare SIDD (512×512 tiles overlapping by 128 pixels)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,37 +36,113 @@ def check_tile_size(size: int, overlap: int) -> None:
         raise UserError("--size must be ≥ 8 and 0 ≤ --overlap < --size")
 
 
-def prep_inputs(inputs) -> list[Path]:
+def _under(path: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        path.resolve().relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def prep_inputs(inputs, exclude=None) -> list[Path]:
     """The images named by ``inputs`` (files, folders searched recursively, or one SIDD Medium
-    root: its NOISY images)."""
+    root: its NOISY images). Images found inside the folder ``exclude`` (prep's output, which
+    may lie inside an input folder) are left out, so a rerun never tiles the tiles."""
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    skip = Path(exclude).resolve() if exclude is not None else None
     if len(inputs) == 1 and Path(inputs[0]).is_dir() and is_sidd_medium(inputs[0]):
-        return [n for n, _ in scan_sidd_medium(inputs[0])]
-    return list_images(inputs, recursive=True)
+        return [n for n, _ in scan_sidd_medium(inputs[0]) if not _under(n, skip)]
+    files = []
+    for item in inputs:
+        found = list_images(item, recursive=True)
+        if Path(item).is_dir():
+            found = [f for f in found if not _under(f, skip)]
+            if not found:
+                raise UserError(f"{item}: no images found outside the output folder {exclude}")
+        files.extend(found)
+    unique = {}
+    for f in files:  # one file named twice (a file and its folder) is tiled once
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
 
 
-def write_tiles(files, out, size: int = 512, overlap: int = 128, progress: bool | None = False
-                ) -> int:
+def _tile_names(f: Path, shape, size: int, overlap: int, suffix: str) -> list:
+    h, w = shape[:2]
+    step = size - overlap
+    return [(y, x, f"{f.stem}_{y:05d}_{x:05d}{suffix}")
+            for y in tile_origins(h, size, step) for x in tile_origins(w, size, step)]
+
+
+def plan_tiles(files, out, size: int, overlap: int, overwrite: bool = False) -> dict:
+    """Check every input's header and every output name before anything is written: each
+    image at least ``size`` a side, no two tiles with the same name (inputs of the same name
+    from different folders), no existing tile replaced without ``overwrite``, no input
+    replaced at all. Returns {file: (H, W, C)} from the headers."""
+    from ..images import image_shape
+    check_tile_size(size, overlap)
+    out = Path(out)
+    inputs = {Path(f).resolve() for f in files}
+    shapes, owner = {}, {}
+    for f in files:
+        f = Path(f)
+        shape = image_shape(f)
+        h, w = shape[:2]
+        if min(h, w) < size:
+            raise UserError(f"{f}: {h}×{w} is smaller than --size {size}")
+        shapes[f] = shape
+        for _, _, name in _tile_names(f, shape, size, overlap, ".png"):
+            if name in owner and owner[name] != f:
+                raise UserError(f"{f} and {owner[name]} would both write the tile {name} "
+                                "(same file name); rename one or prepare them separately")
+            owner[name] = f
+        for suffix in (".png", ".tif"):  # 8-bit tiles are PNG, 16-bit and float TIFF
+            for _, _, name in _tile_names(f, shape, size, overlap, suffix):
+                dst = out / name
+                if dst.exists() or dst.is_symlink():
+                    if dst.resolve() in inputs:
+                        raise UserError(f"{dst} is an input; it is never replaced by a tile")
+                    if not overwrite:
+                        raise UserError(f"{dst} exists; use --overwrite to replace it")
+    return shapes
+
+
+def write_tiles(files, out, size: int = 512, overlap: int = 128, progress: bool | None = False,
+                overwrite: bool = False) -> int:
     """Cut every image of ``files`` into size×size tiles overlapping by ``overlap`` pixels,
     written to the folder ``out`` as ``<stem>_<y>_<x>.png`` (``.tif`` for 16-bit/float), with
     the image's ICC profile. Returns the number of tiles. ``progress``: a bar per image (None:
-    on a terminal)."""
+    on a terminal).
+
+    All or nothing: every input and output name is checked first (:func:`plan_tiles`; existing
+    tiles are replaced only with ``overwrite``), the tiles are written to a hidden folder in
+    ``out`` and moved into place only when every input has been cut, so an unreadable input
+    leaves ``out`` as it was."""
+    import shutil
+    import tempfile
+
     from tqdm import tqdm
-    check_tile_size(size, overlap)
+    files = [Path(f) for f in files]
+    shapes = plan_tiles(files, out, size, overlap, overwrite)
     out = Path(out)
-    count = 0
-    for f in tqdm(files, desc="prep", unit="img",
-                  disable=None if progress is None else not progress):
-        img = split_alpha(read_image(f))[0]
-        h, w = img.shape[:2]
-        if min(h, w) < size:
-            raise UserError(f"{f}: {h}×{w} is smaller than --size {size}")
-        step = size - overlap
-        suffix = ".tif" if img.dtype != np.uint8 else ".png"
-        icc = icc_profile(f)
-        for y in tile_origins(h, size, step):
-            for x in tile_origins(w, size, step):
-                write_image(out / f"{f.stem}_{y:05d}_{x:05d}{suffix}",
-                            img[y:y + size, x:x + size], icc_profile=icc)
-                count += 1
-    return count
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".ssbsn-prep.", dir=out))
+    try:
+        names = []
+        for f in tqdm(files, desc="prep", unit="img",
+                      disable=None if progress is None else not progress):
+            img = split_alpha(read_image(f))[0]
+            if img.shape[:2] != tuple(shapes[f][:2]):
+                raise UserError(f"{f}: decodes to {img.shape[1]}×{img.shape[0]} pixels, not "
+                                f"the {shapes[f][1]}×{shapes[f][0]} its header says")
+            suffix = ".tif" if img.dtype != np.uint8 else ".png"
+            icc = icc_profile(f)
+            for y, x, name in _tile_names(f, img.shape, size, overlap, suffix):
+                write_image(staging / name, img[y:y + size, x:x + size], icc_profile=icc)
+                names.append(name)
+        for name in names:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return len(names)
