@@ -303,8 +303,9 @@ def summary(rows: list[dict], have_old: bool) -> list[dict]:
 
 def report_md(env, rows, summ, speed, have_old, memory=(), fits=()) -> str:
     md = ["# The Wiener refinement's step 4: torch collaborative filter against the bm3d package",
-          "", f"{env['device']}; torch {env['torch']}, bm3d {env['bm3d']}; {env['date']}. "
-          f"Command: `{env['command']}`.", ""]
+          "", f"{env['device']}; torch {env['torch']}, bm3d {env['bm3d']}; {env['date']}; "
+          f"CPU tensors on transparent huge pages (as the `ssbsn` command runs): "
+          f"{'yes' if env.get('huge_pages') else 'no'}. Command: `{env['command']}`.", ""]
     if rows:
         md += ["PSNR (dB) of the 8-bit output against the clean photo; every column ends with "
                "the tone-curve debias. 'none': the blend without the Wiener refinement; 'new': "
@@ -393,7 +394,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="time each size and thread count this many times (the machine may be "
                          "shared: every run is reported with its load)")
+    ap.add_argument("--fits-only", action="store_true",
+                    help="time only the blend's and the debias's fits at the --size photos")
     args = ap.parse_args(argv)
+    from ssbsn.allocator import use_huge_pages
+    huge_pages = use_huge_pages()  # as the ssbsn command does, before torch is imported
     import torch
 
     from ssbsn import SSBSN
@@ -433,14 +438,17 @@ def main(argv=None) -> int:
                                               max(0, x0):max(0, x0) + w])
             for _ in range(max(1, args.repeat)):
                 for t in threads:
-                    speed.append(time_refinement(crop, t))
-                    print(f"wiener_compare: {w}×{h}: {speed[-1]}", flush=True)
+                    if not args.fits_only:
+                        speed.append(time_refinement(crop, t))
+                        print(f"wiener_compare: {w}×{h}: {speed[-1]}", flush=True)
                     fits.append(time_fits(crop, t))
                     print(f"wiener_compare: fits {w}×{h}: {fits[-1]}", flush=True)
-        memory.append(step4_memory(h0, w0))
-        print(f"wiener_compare: memory {memory[-1]}", flush=True)
+        if not args.fits_only:
+            memory.append(step4_memory(h0, w0))
+            print(f"wiener_compare: memory {memory[-1]}", flush=True)
     summ = summary(rows, use_old) if rows else []
     env = environment(argv)
+    env["huge_pages"] = huge_pages
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from ssbsn.restore.collaborative import DEFAULT
