@@ -64,10 +64,9 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
     plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
     the PD stride's s² shifts with the shifted-PD ensemble; the blend adds its second estimate
     at the training stride when that differs. None: the model's own setting."""
-    from .restore import Pipeline
     from .restore.estimate import tile_starts
-    s = Pipeline(model).settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
-                                 pd=pd, blend=blend, overlap=overlap).to_dict()
+    s = model.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
+                                 pd=pd, blend=blend, overlap=overlap)
 
     def one_estimate(b: int) -> int:
         windows = 1
@@ -197,7 +196,7 @@ def check_image_array(image) -> np.ndarray:
     """Refuse (:class:`UserError`) what :meth:`Denoiser.denoise_image` cannot take, as
     :func:`ssbsn.images.read_image` refuses a file: anything but an (H, W) or (H, W, C) numpy
     array of uint8, uint16 or float in 0..1 (C = 1 or 3, optionally with alpha)."""
-    from .images import _validate
+    from .images import validate_samples
     if not isinstance(image, np.ndarray):
         raise _not_an_array("denoise_image", image)
     if image.dtype == bool:
@@ -206,7 +205,7 @@ def check_image_array(image) -> np.ndarray:
     if image.ndim not in (2, 3):
         raise UserError(f"denoise_image: expected an (H, W) or (H, W, C) array, got shape "
                         f"{image.shape}")
-    _validate(image, "denoise_image")
+    validate_samples(image, "denoise_image")
     return image
 
 

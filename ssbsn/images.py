@@ -186,7 +186,7 @@ def read_image(path) -> np.ndarray:
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageError(f"{path}: cannot read image ({msg})") from None
-    return _validate(np.asarray(arr), path)
+    return validate_samples(np.asarray(arr), path)
 
 
 @_no_bomb_warning
@@ -230,7 +230,9 @@ def image_shape(path) -> tuple[int, int, int]:
     return shape
 
 
-def _validate(arr: np.ndarray, path) -> np.ndarray:
+def validate_samples(arr: np.ndarray, path) -> np.ndarray:
+    """``arr`` as (H, W, C) when its shape, type and sample range are what an image may hold
+    (read from a file or given to the API); else :class:`ImageError` naming ``path``."""
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:

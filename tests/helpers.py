@@ -8,6 +8,23 @@ import h5py
 import numpy as np
 import torch
 
+TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)  # a model the tests can run in seconds
+
+
+def save_tiny_model(path, varied: bool = False):
+    """A :data:`TINY` SS-BSN (initialised with seed 0) saved to ``path``; returns ``path``.
+    ``varied``: without R3 and with the last convolution scaled, so that its outputs lie around
+    mid-grey and vary (8-bit results of different inputs differ)."""
+    from ssbsn import SSBSN
+    torch.manual_seed(0)
+    model = SSBSN(**TINY, inference=dict(r3=False)) if varied else SSBSN(**TINY)
+    if varied:
+        with torch.no_grad():
+            model.bsn.tail[-1].bias.fill_(120.0)
+            model.bsn.tail[-1].weight.mul_(200.0)
+    model.save(path)
+    return path
+
 
 @contextlib.contextmanager
 def torch_threads(n: int):

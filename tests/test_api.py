@@ -14,7 +14,8 @@ import ssbsn
 from ssbsn import Denoiser, ModelConfig, SSBSN, evaluate
 from ssbsn.images import read_image, write_image
 
-TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
+from helpers import TINY, save_tiny_model
+
 PACKAGE = Path(ssbsn.__file__).parent
 
 
@@ -23,14 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = SSBSN(**TINY, inference=dict(r3=False))
-    with torch.no_grad():  # outputs around mid-grey that vary, so 8-bit results differ
-        model.bsn.tail[-1].bias.fill_(120.0)
-        model.bsn.tail[-1].weight.mul_(200.0)
-    path = tmp_path_factory.mktemp("w") / "m.safetensors"
-    model.save(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("w") / "m.safetensors", varied=True)
 
 
 def _oracle(model, x255, **kw):

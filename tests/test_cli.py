@@ -18,7 +18,7 @@ from ssbsn.cli import main
 from ssbsn.images import read_image, write_image
 from ssbsn.metrics import psnr, quantize, ssim
 
-TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
+from helpers import TINY, save_tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    SSBSN(**TINY).save(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("w") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,19 @@ import scipy.io
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import noisy_folder
 from ssbsn import SSBSN, CheckpointError
 from ssbsn.cli import main
 from ssbsn.images import write_image
 
-TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
+from helpers import TINY, noisy_folder, save_tiny_model
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    SSBSN(**TINY).save(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("w") / "tiny.safetensors")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from ssbsn.cli import main
 from ssbsn.images import read_image, write_image
 from ssbsn.metrics import quantize
 
-TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
+from helpers import TINY
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run fastest on one thread

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import noisy_folder
+from helpers import TINY, noisy_folder
 from ssbsn import SSBSN
 from ssbsn.images import write_image
 from ssbsn.train import (TrainConfig, checkpoint_paths, list_checkpoints, lr_at, read_config,
                          read_log, train)
-
-TINY = dict(base_channels=8, num_modules=2, ss_blocks=1)
 
 
 def _env():
