@@ -127,9 +127,9 @@ def _value_checks() -> dict:
         "--workers": _whole(0, MAX_WORKERS), "--lr": _number(0, above=True),
         "--lr-decay-at": _number(0, 1, above=True),
         "--minutes": _number(0, MAX_MINUTES, above=True),
-        "--limit": at_least_1, "--top": _whole(0), "--tile": _whole(0), "--overlap": _whole(0),
-        "--pd-test": _whole(1, 64), "--lowpass": _number(0),
-    }
+        "--limit": at_least_1, "--top": _whole(0), "--overlap": _whole(0),
+        "--pd-test": _whole(1, 64),
+    }  # (the inference options of denoise, eval and submit check themselves: InferenceConfig)
 
 
 def _model_field_check(f):
