@@ -183,10 +183,16 @@ PARTIAL_BLOCK = 256
 
 
 @device_fn
-def _partial_rows(PART, g0, i, NPS, NUSED):
-    """Addresses of a unit's partial rows i (flat over its groups g0, g0 + 1, ...)."""
+def _load_partials(PART, g0, start, total, NPS, NUSED, BLOCK_P: tl.constexpr):
+    """The three columns of a unit's partial rows start … start + BLOCK_P − 1 (flat over its
+    groups g0, g0 + 1, ...), float64, 0 from row ``total`` on."""
+    i = start + tl.arange(0, BLOCK_P)
+    m = i < total
     g = i // NUSED
-    return PART + ((g0 + g).to(tl.int64) * NPS + (i - g * NUSED)) * 3
+    ptr = PART + ((g0 + g).to(tl.int64) * NPS + (i - g * NUSED)) * 3
+    return (tl.load(ptr, mask=m, other=0.0).to(tl.float64),
+            tl.load(ptr + 1, mask=m, other=0.0).to(tl.float64),
+            tl.load(ptr + 2, mask=m, other=0.0).to(tl.float64))
 
 
 @device_fn
@@ -196,12 +202,10 @@ def sum_partials(PART, g0, total, NPS, NUSED, BLOCK_P: tl.constexpr):
     s1 = tl.zeros([BLOCK_P], tl.float64)
     s2 = tl.zeros([BLOCK_P], tl.float64)
     for start in range(0, loop_bound(total), BLOCK_P):
-        i = start + tl.arange(0, BLOCK_P)
-        m = i < total
-        ptr = _partial_rows(PART, g0, i, NPS, NUSED)
-        s0 += tl.load(ptr, mask=m, other=0.0).to(tl.float64)
-        s1 += tl.load(ptr + 1, mask=m, other=0.0).to(tl.float64)
-        s2 += tl.load(ptr + 2, mask=m, other=0.0).to(tl.float64)
+        a, b, c = _load_partials(PART, g0, start, total, NPS, NUSED, BLOCK_P)
+        s0 += a
+        s1 += b
+        s2 += c
     return tl.sum(s0, 0), tl.sum(s1, 0), tl.sum(s2, 0)
 
 
@@ -212,22 +216,16 @@ def chan_partials(PART, g0, total, NPS, NUSED, BLOCK_P: tl.constexpr):
     n_acc = tl.zeros([BLOCK_P], tl.float64)
     s_acc = tl.zeros([BLOCK_P], tl.float64)
     for start in range(0, loop_bound(total), BLOCK_P):
-        i = start + tl.arange(0, BLOCK_P)
-        m = i < total
-        ptr = _partial_rows(PART, g0, i, NPS, NUSED)
-        n = tl.load(ptr, mask=m, other=0.0).to(tl.float64)
+        n, mu, _ = _load_partials(PART, g0, start, total, NPS, NUSED, BLOCK_P)
         n_acc += n
-        s_acc += n * tl.load(ptr + 1, mask=m, other=0.0).to(tl.float64)
+        s_acc += n * mu
     cnt = tl.maximum(tl.sum(n_acc, 0), 1.0)
     mean = tl.sum(s_acc, 0) / cnt
     m2_acc = tl.zeros([BLOCK_P], tl.float64)
     for start in range(0, loop_bound(total), BLOCK_P):
-        i = start + tl.arange(0, BLOCK_P)
-        m = i < total
-        ptr = _partial_rows(PART, g0, i, NPS, NUSED)
-        n = tl.load(ptr, mask=m, other=0.0).to(tl.float64)
-        d = tl.load(ptr + 1, mask=m, other=0.0).to(tl.float64) - mean
-        m2_acc += tl.load(ptr + 2, mask=m, other=0.0).to(tl.float64) + n * d * d
+        n, mu, m2 = _load_partials(PART, g0, start, total, NPS, NUSED, BLOCK_P)
+        d = mu - mean
+        m2_acc += m2 + n * d * d
     return tl.sum(n_acc, 0), mean, tl.sum(m2_acc, 0)
 
 

@@ -72,7 +72,7 @@ class SSBSN(nn.Module):
     # ------------------------------------------------------------------ training forward
     def forward(self, x: torch.Tensor, pd: int | None = None) -> torch.Tensor:
         """PD with stride ``pd`` (default ``pd_train``) → BSN → inverse PD."""
-        self._check_input(x)
+        self.check_input(x)
         f = self.pd_train if pd is None else pd
         p = self.pd_pad
         if f > 1 and self.pd_layout == "batch":
@@ -82,7 +82,8 @@ class SSBSN(nn.Module):
         y = self.bsn(F.pad(x, (p, p, p, p)))
         return y[..., p:y.shape[-2] - p, p:y.shape[-1] - p]
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
+        """ValueError unless ``x`` is a (B, in_channels, H, W) tensor."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected a (B, {self.in_channels}, H, W) tensor, "
                              f"got shape {tuple(x.shape)}")

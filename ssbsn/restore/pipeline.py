@@ -101,9 +101,7 @@ class Pipeline:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, **given) -> torch.Tensor:
         m = self.model
-        if x.dim() != 4 or x.shape[1] != m.in_channels:
-            raise ValueError(f"expected a (B, {m.in_channels}, H, W) tensor, "
-                             f"got shape {tuple(x.shape)}")
+        m.check_input(x)
         config = self.settings(**given)
         ctx = Context(m, x, config, configured_steps(config))
         out = ctx.estimate
