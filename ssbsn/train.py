@@ -7,7 +7,8 @@ default) with flips and 90° rotations, Adam (lr 1e-4), learning rate ×0.1 at 8
 A run lives in one folder::
 
     config.yaml                    the configuration (``ssbsn train --config`` repeats the run)
-    log.jsonl                      one JSON line per logged step: step, epoch, loss, lr, img/s
+    log.jsonl                      one JSON line per logged step: step, epoch, loss, lr, steps/s,
+                                   img/s (the first of each start: the step's settings)
     ckpt/step_00001000.safetensors model weights + model configuration (``SSBSN.load``)
     ckpt/step_00001000.state.pt    optimizer, step, schedule and RNG state: tensors and plain
                                    containers only, read back with ``torch.load(weights_only=True)``
