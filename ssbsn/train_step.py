@@ -176,13 +176,28 @@ class TrainStep:
         if self.graph is None and self.steps <= self.warmup:
             return self._side_stream(self._eager, x)
         if self.graph is None:
-            self._capture(x, lr)
+            try:
+                self._capture(x, lr)
+            except Exception as e:  # noqa: BLE001 (an op of the step that a graph cannot hold)
+                return self._give_up_capture(e, x, lr)
         elif x.shape != self.static_x.shape:
             raise ValueError(f"a captured step takes batches of {tuple(self.static_x.shape)}, "
                              f"got {tuple(x.shape)}")
         self.static_x.copy_(x)
         self.graph.replay()
         return self.static_loss
+
+    def _give_up_capture(self, error: Exception, x: torch.Tensor, lr: float) -> torch.Tensor:
+        """The step could not be captured: warn, and take this and every later step eagerly
+        (the same computation)."""
+        import warnings
+        warnings.warn(f"the training step could not be captured in a CUDA graph "
+                      f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); it runs "
+                      "eagerly (--capture none)", RuntimeWarning, stacklevel=3)
+        self.capture, self.graph, self.lr_tensor = "none", None, None
+        self.static_x = self.static_loss = None
+        self._set_lr(lr)
+        return self._eager(x)
 
     def _side_stream(self, fn, *args):
         """``fn(*args)`` on a side stream on CUDA (the warm-up before a capture), else as is."""

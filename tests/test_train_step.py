@@ -72,6 +72,23 @@ def test_captured_step_equals_the_eager_step(fused, one_thread):
         step(torch.rand(1, 3, 10, 10), 1e-3)
 
 
+def test_a_step_that_cannot_be_captured_runs_eagerly(one_thread):
+    class Refuses(EagerGraph):
+        def capture(self, body, reset):
+            raise RuntimeError("operation not permitted when stream is capturing")
+    batches = _batches(4)
+    eager_m = _model()
+    graph_m = copy.deepcopy(eager_m)
+    eager = TrainStep(eager_m, make_optimizer(eager_m.parameters(), 1e-3, CPU), CPU)
+    step = TrainStep(graph_m, make_optimizer(graph_m.parameters(), 1e-3, CPU), CPU,
+                     capture="graph", warmup=1, graph=Refuses)
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        losses = _run(step, batches, LRS[:4])
+    assert step.capture == "none" and not step.captured
+    assert losses == _run(eager, batches, LRS[:4])
+    _close(graph_m, eager_m)
+
+
 def test_graph_capture_needs_cuda():
     m = _model()
     with pytest.raises(ValueError, match="CUDA"):
