@@ -119,7 +119,9 @@ def _parts(tmp_path, attn_ok=True, fast=True):
             "speedup_vs_unfused_train-g4": speed, "speedup_vs_unfused_train-g6": 2.0,
             "speedup_vs_authors_train-g4": 20.0, "speedup_vs_authors_train-g6": 20.0,
             "fwd_tflops_N16k": 500.0, "bwd_tflops_N16k": 400.0}},
-        "train": {"step": "train", "status": "ok", "figures": {"train_b4_512_runs": True}},
+        "train": {"step": "train", "status": "ok", "figures": {
+            "train_b4_512_runs": True, "train_speedup_vs_authors": 4.0,
+            "train_speedup_vs_fp32_reference": 2.5}},
         "restore": {"step": "restore", "status": "ok", "figures": {"wiener_speedup_vs_bm3d": 25.0}},
     }
     for k, v in data.items():
