@@ -16,9 +16,14 @@ Steps (each writes OUT/parts/STEP.json and prints one line per result as it goes
   formulation (``benchmarks/impls.py``), bf16, channels_last (fused also NCHW); forward and
   backward TFLOP/s at N ≥ 16k tokens per group. CUDA events after warm-up.
 * ``train``       — the default ``SSBSN()``'s fp32 training step and the reference backend's
-  against the same step in fp64 (same weights and batch; FA3's 2× rule), the bf16 step time
-  of both at batch 4 × 120 crops, and a batch-4 step at 510 crops (512 rounded to PD-5's
-  multiple of 5: peak memory; the reference backend may not fit).
+  against the same step in fp64 (same weights and batch; FA3's 2× rule); the paper model's
+  step at batch 4 × 120 crops as ``ssbsn train`` runs it by default (``ssbsn.train_step``: on
+  CUDA bf16, channels_last, fused Adam, a CUDA graph) against the fp32 eager step of the
+  reference backend and of the authors' code; the largest crop that trains at batch 4
+  (multiples of 40 from 120, ours and the authors', stopping at the first out-of-memory) and
+  the largest whole image one network pass takes without tiles, with the time at each size
+  tried; and a batch-4 step at 510 crops (512 rounded to PD-5's multiple of 5: peak memory;
+  the reference backend may not fit).
 * ``conv``        — the CUDA conv extension against cuDNN: the model's two masked convs and a
   dilated conv, correctness then fwd+bwd time.
 * ``restore``     — the Wiener refinement on the device: the CPU's result on a crop, then a
@@ -69,6 +74,11 @@ TARGETS = {  # name: (what, comparison, target)
     "fwd_tflops_N16k": ("forward TFLOP/s at N ≥ 16k", ">=", 450.0),
     "bwd_tflops_N16k": ("backward TFLOP/s at N ≥ 16k", ">=", 350.0),
     "train_b4_512_runs": ("batch-4 training step at 512 crops runs (fused)", "==", True),
+    "train_speedup_vs_authors": ("paper model's training step (batch 4 of 120², PD 5), "
+                                 "ssbsn train's default vs the authors' code (fp32 eager), ×",
+                                 ">=", 3.0),
+    "train_speedup_vs_fp32_reference": ("the same, ssbsn train's default vs our fp32 eager step "
+                                        "(reference backend), ×", ">=", 2.0),
     "fa3_rule_all": ("every kernel error within the FA3 2× rule", "==", True),
     "wiener_speedup_vs_bm3d": ("Wiener refinement of a 12-MP photo vs the bm3d package on one "
                                "CPU thread, ×", ">=", 20.0),
@@ -532,25 +542,53 @@ def step_train(a) -> dict:
          f"{errs['grad'][0]:.2e} (reference {errs['grad'][1]:.2e}), loss "
          f"{errs['loss'][0]:.2e} (reference {errs['loss'][1]:.2e})")
     del grads
-    # 2. bf16 (autocast) training step time, reference vs fused
-    amp = torch.bfloat16
-    reps = (2, 5) if dev.type == "cuda" else (1, 1)
-    for label, m in (("reference", ref), ("fused", fused)):
-        opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+    # 2. the paper model's step as `ssbsn train` runs it by default on this device (the same
+    # code: ssbsn.train_step.build_step with TrainConfig's resolved settings; on CUDA bf16,
+    # channels_last, fused Adam, a CUDA graph), beside the fp32 eager step of the reference
+    # backend and of the authors' code (fp32 eager, their SS-Attention formulation)
+    reps = (6, 10) if dev.type == "cuda" else (4, 1)  # the warm-up covers the graph's capture
+    settings = _default_step_settings(dev)
+    figures["train_default_settings"] = settings
+    rows = (("default", lambda: _fast_step(SSBSN(**_model_kwargs(a)), dev, settings)),
+            ("fp32_reference", lambda: _eager_step(SSBSN(**_model_kwargs(a),
+                                                         backend="reference"), dev)),
+            ("authors", lambda: _eager_step(_authors_model(a), dev)))
+    for label, make in rows:
         try:
-            ms = bench_ms(lambda: _train_step(m, noisy, opt, amp), *reps)
+            step = make()
+            ms = bench_ms(lambda: step(noisy, 1e-4), *reps)
             figures[f"train_step_ms_{label}"] = ms
-            _say(f"  train step bf16 {batch}×3×{crop}×{crop} {label}: {ms:.1f} ms")
+            _say(f"  train step {batch}×3×{crop}×{crop} {label}: {ms:.1f} ms "
+                 f"({1e3 / ms:.1f} steps/s, {batch * 1e3 / ms:.0f} images/s)")
         except Exception as e:  # noqa: BLE001
             figures[f"train_step_ms_{label}"] = None
             _say(f"  train step {label}: {type(e).__name__}: {str(e)[:200]}")
-    if figures.get("train_step_ms_reference") and figures.get("train_step_ms_fused"):
-        figures["train_step_speedup"] = (figures["train_step_ms_reference"]
-                                         / figures["train_step_ms_fused"])
+        step = None
+        _free()
+    for base in ("authors", "fp32_reference"):
+        if figures.get("train_step_ms_default") and figures.get(f"train_step_ms_{base}"):
+            figures[f"train_speedup_vs_{base}"] = (figures[f"train_step_ms_{base}"]
+                                                   / figures["train_step_ms_default"])
+    # 2b. the largest crop that trains at batch 4 (multiples of 40 from 120; dry run: of 20
+    # from 20), ours (the default step) and the authors', and the largest whole image one
+    # network pass denoises without tiles; each search stops at its first out-of-memory
+    unit, first, cap = (20, 20, 60) if a.dry_run else (40, 120, 4000)
+    budget = 12.0 if a.dry_run else 15.0  # seconds per search: the step's limit holds
+    for label, make in (("default", lambda: _fast_step(fused, dev, settings)),
+                        ("authors", lambda: _eager_step(_authors_model(a), dev))):
+        found = largest_size(lambda n: _time_train_crop(make, batch, n, dev), first, unit, cap,
+                             budget)
+        _report_search(figures, f"train_crop_{label}", found, f"train crop, batch {batch}, "
+                       f"{label}")
+    for label, make in (("default", lambda: _infer_model(SSBSN(**_model_kwargs(a)), dev, True)),
+                        ("authors", lambda: _infer_model(_authors_model(a), dev, False))):
+        found = largest_size(lambda n: _time_inference(make, n, dev), first, unit, cap, budget)
+        _report_search(figures, f"infer_size_{label}", found, f"whole image, {label}")
     del noisy
     _free()
     # 3. batch-4 step at the large crop: fused (must run) and reference (may not fit)
     big = torch.rand(batch, 3, crop_big, crop_big, device=dev) * 255
+    amp = torch.bfloat16
     for label, m in (("fused", fused), ("reference", ref)):
         opt = torch.optim.Adam(m.parameters(), lr=1e-4)
         if dev.type == "cuda":
@@ -578,6 +616,130 @@ def step_train(a) -> dict:
     figures["train_large_crop"] = crop_big
     status = "ok" if all(c["ok"] for c in checks) else "failed"
     return {"step": "train", "status": status, "checks": checks, "figures": figures}
+
+
+def _default_step_settings(dev) -> dict:
+    """The step settings ``ssbsn train`` resolves on ``dev`` (one process)."""
+    from ssbsn.train_config import TrainConfig
+    cfg = TrainConfig()
+    cfg.resolve(dev.type)
+    return cfg.step_settings()
+
+
+def _fast_step(model, dev, settings):
+    """``ssbsn train``'s step of ``model`` with ``settings`` (ssbsn.train_step.build_step)."""
+    from ssbsn.train_step import build_step, make_optimizer
+    import torch
+    model = model.to(dev).train()
+    if settings["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model.parameters(), 1e-4, dev, fused=settings["fused_adam"],
+                         capturable=settings["capture"] == "graph")
+    return build_step(model, opt, dev, settings)
+
+
+def _eager_step(model, dev):
+    """The fp32 eager step (plain Adam) of ``model``: the baseline."""
+    from ssbsn.train_step import TrainStep, make_optimizer
+    model = model.to(dev).train()
+    return TrainStep(model, make_optimizer(model.parameters(), 1e-4, dev), dev)
+
+
+def _authors_model(a):
+    """The paper model with the authors' SS-Attention formulation (benchmarks/authors.py) in
+    every SS-Block: what training with their code costs."""
+    from ssbsn import SSBSN
+    from ssbsn.attention.module import SSAttention
+
+    from .authors import authors_ss_attention
+    model = SSBSN(**_model_kwargs(a), backend="reference")
+    for m in model.modules():
+        if isinstance(m, SSAttention):
+            m.forward = (lambda mod: lambda x: authors_ss_attention(x, mod.wqk, mod.grid))(m)
+    return model
+
+
+def largest_size(run, first: int, unit: int, cap: int, budget_s: float) -> dict:
+    """The largest size n (``first`` + k·``unit``, at most ``cap``) for which ``run(n)`` (a time
+    in ms) does not run out of memory: sizes double from ``first`` until the first
+    out-of-memory, then a bisection between the last that ran and it; stops early when
+    ``budget_s`` seconds are spent. Returns {"size", "oom_at", "times_ms" {n: ms},
+    "complete"}."""
+    t0, times, ok, bad = time.perf_counter(), {}, None, None
+
+    def attempt(n) -> bool:
+        try:
+            times[n] = run(n)
+            return True
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            return False
+        finally:
+            _free()
+
+    n = first
+    while n <= cap and time.perf_counter() - t0 < budget_s:
+        if not attempt(n):
+            bad = n
+            break
+        ok, n = n, first + 2 * (n - first + unit) - unit
+    while ok is not None and bad is not None and bad - ok > unit \
+            and time.perf_counter() - t0 < budget_s:
+        mid = ok + (bad - ok) // (2 * unit) * unit
+        if attempt(mid):
+            ok = mid
+        else:
+            bad = mid
+    complete = bad is not None and (ok is None or bad - ok <= unit) or (bad is None and n > cap)
+    return {"size": ok, "oom_at": bad, "times_ms": times, "complete": bool(complete)}
+
+
+def _report_search(figures: dict, key: str, found: dict, what: str) -> None:
+    figures[key] = found["size"]
+    figures[f"{key}_oom_at"] = found["oom_at"]
+    figures[f"{key}_ms"] = {str(k): v for k, v in sorted(found["times_ms"].items())}
+    figures[f"{key}_complete"] = found["complete"]
+    tried = ", ".join(f"{k}: {v:.0f} ms" for k, v in sorted(found["times_ms"].items()))
+    oom = (f"out of memory at {found['oom_at']}" if found["oom_at"] is not None
+           else "no out-of-memory up to the search's cap")
+    _say(f"  largest {what}: {found['size']} ({oom}"
+         f"{'' if found['complete'] else '; search cut short by its time budget'}; {tried})")
+
+
+def _time_train_crop(make, batch: int, n: int, dev) -> float:
+    """ms of a training step at batch × 3 × n × n (after the warm-up and capture)."""
+    import torch
+    step = make()
+    x = torch.rand(batch, 3, n, n, device=dev) * 255
+    try:
+        return bench_ms(lambda: step(x, 1e-4), 4 if dev.type == "cuda" else 1, 2)
+    finally:
+        del step, x
+
+
+def _infer_model(model, dev, fast: bool):
+    import torch
+    model = model.to(dev).eval()
+    if fast and dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, fast and dev.type == "cuda"
+
+
+def _time_inference(make, n: int, dev) -> float:
+    """ms of one network pass (PD at the test stride, no tiles) over a 1 × 3 × n × n image
+    (bf16 for ours on CUDA, fp32 for the authors')."""
+    import torch
+    model, bf16 = make()
+    x = torch.rand(1, 3, n, n, device=dev) * 255
+
+    def run():
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(x, pd=model.pd_test)
+    try:
+        return bench_ms(run, 1, 1)
+    finally:
+        del model, x
 
 
 # ----------------------------------------------------------------------------- restore

@@ -14,7 +14,8 @@
 #   correctness  fused kernels vs fp64 by the FA3 rule at the real shapes
 #   timing       fused vs gather+SDPA (flash/efficient/cuDNN, compiled) vs the authors' code;
 #                forward/backward TFLOP/s at N ≥ 16k
-#   train        SSBSN(fused=True) step vs reference; bf16 step times; batch 4 at 512 crops
+#   train        SSBSN() step vs reference; ssbsn train's default step vs fp32 eager and the
+#                authors' code; the largest crop (batch 4) and whole image; batch 4 at 512 crops
 #   conv         the conv extension vs cuDNN
 #   restore      the Wiener refinement on the GPU: the CPU's result on a crop; a 4000x3000
 #                photo's time against the bm3d package's on one CPU thread
@@ -94,8 +95,8 @@ fi
 
 step env 20
 step correctness 140
-step timing 180
-step train 100
+step timing 150
+step train 130
 if [ -n "$BUILD_PID" ]; then
   wait "$BUILD_PID"
   brc=$(cat "$OUT/parts/conv-build.rc" 2>/dev/null || echo "?")

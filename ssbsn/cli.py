@@ -281,12 +281,26 @@ def _train_parser(sub) -> None:
     g.add_argument("--init-bias", dest="init_bias", action=argparse.BooleanOptionalAction,
                    default=S, help="start the output bias at the data's mean pixel value "
                                    "(helps short runs; default off, as the paper)")
-    g = p.add_argument_group("runtime")
-    g.add_argument("--amp", choices=("off", "bf16"), default=S,
-                   help="bf16 autocast (default off)")
+    g = p.add_argument_group("runtime (the step's settings default to the fast step on CUDA "
+                             "and fp32 eager on the CPU)")
+    g.add_argument("--amp", choices=("auto", "off", "bf16"), default=S,
+                   help="bf16 autocast (default auto: bf16 on CUDA, off on the CPU)")
     g.add_argument("--channels-last", dest="channels_last",
                    action=argparse.BooleanOptionalAction, default=S,
-                   help="channels_last memory format (default off)")
+                   help="channels_last memory format (default: on CUDA)")
+    g.add_argument("--fused-adam", dest="fused_adam", action=argparse.BooleanOptionalAction,
+                   default=S, help="Adam's fused implementation (default: on CUDA)")
+    g.add_argument("--capture", choices=("auto", "none", "compile", "graph"), default=S,
+                   help="capture the step: graph (a CUDA graph of forward, backward and Adam "
+                        "after 3 eager steps), compile (torch.compile; reduce-overhead on CUDA) "
+                        "or none (eager); default auto: graph on one GPU, none under torchrun "
+                        "and on the CPU")
+    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=S,
+                   help="copy the next batch to the GPU on a side stream while the step runs "
+                        "(default: on CUDA)")
+    g.add_argument("--cudnn-benchmark", dest="cudnn_benchmark",
+                   action=argparse.BooleanOptionalAction, default=S,
+                   help="cuDNN's autotuner (default: on CUDA)")
     g.add_argument("--device", default=S, metavar="DEV", help="auto, cpu or cuda (default auto)")
     g.add_argument("--workers", type=int, default=S, metavar="N", help="data loader workers (default 0)")
     g.add_argument("--save-every", dest="save_every", type=int, default=S, metavar="N",
@@ -308,6 +322,7 @@ def cmd_train(args) -> int:
     summary = train(cfg, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {summary['steps']} steps, final loss {summary['loss']:.4f}; "
+              f"{summary['steps_per_s']:.2f} steps/s, {summary['images_per_s']:.1f} images/s; "
               f"weights: {summary['weights']}")
         check = summary.get("check")
         if check:

@@ -7,7 +7,8 @@ default) with flips and 90° rotations, Adam (lr 1e-4), learning rate ×0.1 at 8
 A run lives in one folder::
 
     config.yaml                    the configuration (``ssbsn train --config`` repeats the run)
-    log.jsonl                      one JSON line per logged step: step, epoch, loss, lr, img/s
+    log.jsonl                      one JSON line per logged step: step, epoch, loss, lr, steps/s,
+                                   img/s (the first of each start: the step's settings)
     ckpt/step_00001000.safetensors model weights + model configuration (``SSBSN.load``)
     ckpt/step_00001000.state.pt    optimizer, step, schedule and RNG state: tensors and plain
                                    containers only, read back with ``torch.load(weights_only=True)``
@@ -30,6 +31,7 @@ process). Rank 0 writes logs and checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -49,8 +51,9 @@ from .errors import (ConfigError, DataError, StorageError, TrainingDiverged,  # 
                      UsageError)  # (TrainingDiverged: importable from here, its old home)
 from .health import CHECK_KEY
 from .model import SSBSN
-from .train_config import (LENGTH_KEYS, MODEL_KEYS, RUNTIME_KEYS,  # noqa: F401 (re-exported)
-                           TrainConfig)
+from .train_config import (LENGTH_KEYS, MODEL_KEYS, NUMERIC_STEP_KEYS,  # noqa: F401
+                           RUNTIME_KEYS, TrainConfig)
+from .train_step import Prefetcher, build_step, fit_optimizer_state, make_optimizer
 
 # ------------------------------------------------------------------ files
 
@@ -160,7 +163,9 @@ def save_checkpoint(run_dir, model: SSBSN, optimizer, state: dict, keep: int = 2
     step = int(state["step"])
     weights, st = checkpoint_paths(run_dir, step)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(state, optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state())
+    from .train_step import optimizer_state_dict
+    payload = dict(state, optimizer=optimizer_state_dict(optimizer),
+                   torch_rng=torch.get_rng_state())
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
     try:
@@ -406,7 +411,7 @@ class _Run:
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     budget: Budget
-    amp: object
+    step: object  # ssbsn.train_step.TrainStep
     lock: RunLock | None = None  # rank 0's lock on the run folder
     start: int = 0
     elapsed: float = 0.0
@@ -469,6 +474,10 @@ def _build_run(cfg: TrainConfig, resume: bool, source, held: list) -> _Run:
                                 else "gloo")
     device = pick_device(cfg.device, local_rank)
     check_backend_device(cfg.backend, device)
+    # the settings that change the numbers are resolved before config.yaml is written (it
+    # records them); the runtime ones after it (it keeps them as given)
+    cfg.resolve(device.type, world, resume, keys=NUMERIC_STEP_KEYS)
+    check_capture(cfg.capture, device, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     main = rank == 0
@@ -500,6 +509,8 @@ def _build_run(cfg: TrainConfig, resume: bool, source, held: list) -> _Run:
         clean_temporaries(run)
     if world > 1:
         dist.barrier()
+    cfg = dataclasses.replace(cfg)  # the run's copy, its runtime settings resolved too
+    cfg.resolve(device.type, world, resume)
 
     torch.manual_seed(cfg.seed)
     model = SSBSN(**cfg.model_kwargs())
@@ -509,9 +520,12 @@ def _build_run(cfg: TrainConfig, resume: bool, source, held: list) -> _Run:
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    capturable = cfg.capture == "graph"
+    optimizer = make_optimizer(model.parameters(), cfg.lr, device, fused=cfg.fused_adam,
+                               capturable=capturable)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        fit_optimizer_state(optimizer, cfg.fused_adam, capturable)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -522,11 +536,12 @@ def _build_run(cfg: TrainConfig, resume: bool, source, held: list) -> _Run:
         dataset, batch_size=cfg.batch, sampler=sampler, drop_last=True,
         num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
         pin_memory=device.type == "cuda")
+    batches = Prefetcher(loader, device, cfg.channels_last, enabled=cfg.prefetch)
     r = _Run(cfg=cfg, run=run, device=device, world=world, main=main, description=description,
-             dataset=dataset, sampler=sampler, loader=loader, steps_per_epoch=steps_per_epoch,
+             dataset=dataset, sampler=sampler, loader=batches, steps_per_epoch=steps_per_epoch,
              total=total, save_every=cfg.save_every or steps_per_epoch, model=model, net=net,
              optimizer=optimizer, budget=None,
-             amp=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"),
+             step=build_step(net, optimizer, device, cfg.step_settings()),
              lock=held[0] if held else None)
     spent = 0.0
     if state is not None:
@@ -594,18 +609,18 @@ def _learning_rate(r: _Run, step: int) -> float | None:
 
 def _train_step(r: _Run, x: torch.Tensor, lr: float) -> torch.Tensor:
     """One optimizer step on the batch ``x``; the loss, still on the device."""
-    for group in r.optimizer.param_groups:
-        group["lr"] = lr
-    x = x.to(r.device, non_blocking=True)
-    if r.cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with r.amp:
-        y = r.net(x)
-    loss = torch.nn.functional.l1_loss(y.float(), x)
-    r.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    r.optimizer.step()
-    return loss
+    return r.step(x, lr)
+
+
+def check_capture(capture: str, device: torch.device, world: int) -> None:
+    """A CUDA graph of the step needs a CUDA device and one process (under DDP the step stays
+    eager or is compiled): refuse it elsewhere before any work."""
+    if capture == "graph" and device.type != "cuda":
+        raise UsageError(f"--capture graph needs a CUDA device (this run: {device}); use "
+                         "--capture compile or none")
+    if capture == "graph" and world > 1:
+        raise UsageError("--capture graph runs in one process; under torchrun use --capture "
+                         "compile or none")
 
 
 def _save(r: _Run, meter: _LossMeter, step: int, epoch: int, total: int, t_start: float) -> None:
@@ -638,16 +653,19 @@ def _train(r: _Run) -> dict:
         _truncate_log(log_path, r.start)
 
     from tqdm import tqdm
+    settings = dict(cfg.step_settings(), device=str(r.device), world=r.world)
     bar = tqdm(total=None if r.total == 10 ** 12 else r.total, initial=r.start, unit="step",
                dynamic_ncols=True, disable=not (r.main and cfg.progress), desc="train")
     until = (f"{cfg.minutes:g} {cfg.budget_clock} minutes" if r.total == 10 ** 12
              else f"{r.total} steps")
     if r.main and cfg.progress:
         bar.write(f"ssbsn train: {r.description}; {r.steps_per_epoch} steps/epoch, {until}, "
-                  f"batch {cfg.batch}×{r.world}, crop {cfg.crop}, device {r.device}")
+                  f"batch {cfg.batch}×{r.world}, crop {cfg.crop}, device {r.device}; "
+                  f"{_describe_step(settings)}")
 
     step, meter = r.start, _LossMeter(r.device)
-    t_log, imgs_since = time.perf_counter(), 0
+    t_log, imgs_since, steps_since = time.perf_counter(), 0, 0
+    t_loop = t_log
     t_start = time.perf_counter() - r.elapsed
     cpu_start = time.process_time()
     r.net.train()
@@ -662,22 +680,28 @@ def _train(r: _Run) -> dict:
             meter.add(_train_step(r, x, lr), step + 1)
             step += 1
             imgs_since += x.shape[0] * r.world
+            steps_since += 1
 
             if step % cfg.log_every == 0 or step == r.total:
                 meter.check(r)
                 mean = _all_mean(meter.mean(), r.world, r.device)
                 now = time.perf_counter()
                 rate = imgs_since / max(now - t_log, 1e-9)
+                step_rate = steps_since / max(now - t_log, 1e-9)
                 r.last_loss = mean
                 if r.main:
+                    record = dict(step=step, epoch=epoch, loss=mean,
+                                  lr=float(r.optimizer.param_groups[0]["lr"]),
+                                  steps_per_s=round(step_rate, 3), img_per_s=round(rate, 3),
+                                  elapsed=round(now - t_start, 3))
+                    if settings is not None:  # the first line of each start: how it ran
+                        record["settings"], settings = settings, None
                     with writing(log_path, r.run):
-                        _append_log(log_path, dict(step=step, epoch=epoch, loss=mean,
-                                                   lr=r.optimizer.param_groups[0]["lr"],
-                                                   img_per_s=round(rate, 3),
-                                                   elapsed=round(now - t_start, 3)))
-                bar.set_postfix(loss=f"{mean:.3f}", img_s=f"{rate:.1f}")
+                        _append_log(log_path, record)
+                bar.set_postfix(loss=f"{mean:.3f}", steps_s=f"{step_rate:.2f}",
+                                img_s=f"{rate:.1f}")
                 meter.reset()
-                t_log, imgs_since = now, 0
+                t_log, imgs_since, steps_since = now, 0, 0
             bar.update(1)
             if r.main and (step % r.save_every == 0 or step == r.total):
                 _save(r, meter, step, epoch, r.total, t_start)
@@ -689,6 +713,8 @@ def _train(r: _Run) -> dict:
     bar.close()
     final = r.run / "model.safetensors"
     seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
+    loop_seconds = max(time.perf_counter() - t_loop, 1e-9)  # this process's steps
+    steps_per_s = (step - r.start) / loop_seconds
     check = None
     if r.main:
         _check_weights(r.run, cfg, r.model, step)
@@ -700,7 +726,17 @@ def _train(r: _Run) -> dict:
         dist.barrier()
     return dict(steps=step, loss=r.last_loss, run=str(r.run), weights=str(final),
                 seconds=seconds, cpu_seconds=cpu_seconds, budget_spent=r.budget.spent(),
+                steps_per_s=steps_per_s, images_per_s=steps_per_s * cfg.batch * r.world,
                 check=check)
+
+
+def _describe_step(settings: dict) -> str:
+    """The step's settings in a few words, for the start line."""
+    return ", ".join([f"amp {settings['amp']}",
+                      "channels_last" if settings["channels_last"] else "NCHW",
+                      "fused Adam" if settings["fused_adam"] else "Adam",
+                      f"capture {settings['capture']}",
+                      "prefetch" if settings["prefetch"] else "no prefetch"])
 
 
 def _health_check(r: _Run) -> dict | None:

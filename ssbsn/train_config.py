@@ -18,8 +18,16 @@ MAX_WORKERS = 256
 MAX_SEED = 2 ** 32 - 1  # every seed (training, R3) is one 32-bit value
 
 MODEL_KEYS = model_field_names()  # the model's fields: ssbsn.config.ModelConfig
-RUNTIME_KEYS = ("device", "workers", "progress") + RUNTIME_FIELDS  # may change on resume
+RUNTIME_KEYS = ("device", "workers", "progress", "capture", "prefetch",
+                "cudnn_benchmark") + RUNTIME_FIELDS  # may change on resume
 LENGTH_KEYS = ("steps", "epochs")  # may grow on resume: extends a finished or stopped run
+AMP_CHOICES = ("auto", "off", "bf16")
+CAPTURE_CHOICES = ("auto", "none", "compile", "graph")
+# the settings of the step that depend on the device ("auto" / None: chosen by resolve())
+STEP_KEYS = ("amp", "channels_last", "fused_adam", "capture", "prefetch", "cudnn_benchmark")
+# those that change the numbers: config.yaml records their resolved values (the rest are runtime
+# keys, saved as given, so that a run resumes or repeats on another device)
+NUMERIC_STEP_KEYS = ("amp", "channels_last", "fused_adam")
 
 
 @dataclass
@@ -48,9 +56,14 @@ class TrainConfig(ModelConfig):
     budget_clock: str = "wall"  # "wall" or "cpu" (this process's CPU time; robust to load)
     preset: str = "paper"  # the preset the run started from (ssbsn.presets), for the record
     inference: dict | None = None  # inference settings the trained model carries
-    # runtime
-    amp: str = "off"  # "off" or "bf16"
-    channels_last: bool = False
+    # runtime; the step's settings default to "auto"/None: the fast step on CUDA (bf16,
+    # channels_last, fused Adam, captured step, prefetch, cuDNN autotuner), fp32 eager on the CPU
+    amp: str = "auto"  # "auto", "off" or "bf16"
+    channels_last: bool | None = None
+    fused_adam: bool | None = None  # torch.optim.Adam(fused=True)
+    capture: str = "auto"  # "auto", "none", "compile" (torch.compile) or "graph" (CUDA graph)
+    prefetch: bool | None = None  # copy the next batch to the device ahead, on a side stream
+    cudnn_benchmark: bool | None = None  # torch.backends.cudnn.benchmark
     device: str = "auto"
     workers: int = 0
     save_every: int | None = None  # steps; default: every epoch
@@ -62,6 +75,36 @@ class TrainConfig(ModelConfig):
         if self.fused is not None:  # an older configuration: fold it into backend
             self.backend = "fused" if self.fused else "reference"
             self.fused = None
+
+    def resolve(self, device_type: str, world: int = 1, resume: bool = False,
+                keys=STEP_KEYS) -> None:
+        """Replace every "auto"/None setting of the step (:data:`STEP_KEYS`) by its value on
+        ``device_type`` ("cuda", "cpu", "mps") with ``world`` processes. On CUDA: bf16 autocast,
+        channels_last, fused Adam, cuDNN's autotuner, batches prefetched to the GPU and the
+        whole step captured in a CUDA graph (one process; under DDP the step stays eager);
+        elsewhere: fp32, NCHW, the plain Adam, eager, no prefetch. ``resume``: a run saved
+        before ``fused_adam`` existed trained with the plain Adam and keeps it. ``keys``: resolve
+        only these."""
+        cuda = device_type == "cuda"
+        before = {k: getattr(self, k) for k in STEP_KEYS if k not in keys}
+        if self.amp == "auto":
+            self.amp = "bf16" if cuda else "off"
+        if self.channels_last is None:
+            self.channels_last = cuda
+        if self.fused_adam is None:
+            self.fused_adam = cuda and not resume
+        if self.capture == "auto":
+            self.capture = "graph" if cuda and world == 1 else "none"
+        if self.prefetch is None:
+            self.prefetch = cuda
+        if self.cudnn_benchmark is None:
+            self.cudnn_benchmark = cuda
+        for k, v in before.items():
+            setattr(self, k, v)
+
+    def step_settings(self) -> dict:
+        """The step's settings (:data:`STEP_KEYS`) as they stand."""
+        return {k: getattr(self, k) for k in STEP_KEYS}
 
     def model_config(self) -> ModelConfig:
         """The model part of the configuration."""
@@ -95,8 +138,11 @@ class TrainConfig(ModelConfig):
             raise ConfigError("--warmup must not be negative")
         if self.save_every is not None and self.save_every < 1:
             raise ConfigError("--save-every must be at least 1")
-        if self.amp not in ("off", "bf16"):
-            raise ConfigError(f"--amp must be 'off' or 'bf16', got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ConfigError(f"--amp must be 'auto', 'off' or 'bf16', got {self.amp!r}")
+        if self.capture not in CAPTURE_CHOICES:
+            raise ConfigError(f"--capture must be one of {', '.join(CAPTURE_CHOICES)}, got "
+                              f"{self.capture!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):  # one too large diverges: caught
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
@@ -147,6 +193,7 @@ class TrainConfig(ModelConfig):
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
+               "bool | None": "true, false or null",
                "str": "a string", "list": "a list", "int | None": "an integer or null"}
 
 

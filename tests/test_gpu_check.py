@@ -65,6 +65,13 @@ def test_dry_run_reports_every_step(tmp_path):
     assert by["fwd_tflops_N16k"]["value"] > 0 and "not applicable" in by["fwd_tflops_N16k"]["note"]
     timed = {(r["shape"], r["impl"]) for r in res["timing_rows"] if r["status"] == "ok"}
     assert {("train-g4", "triton"), ("train-g4", "triton[nchw]"), ("train-g4", "authors")} <= timed
+    # the paper step as `ssbsn train` runs it, its baselines, and the size searches
+    assert f["train_default_settings"]["capture"] == "none"  # the CPU's default: eager
+    for k in ("default", "fp32_reference", "authors"):
+        assert f[f"train_step_ms_{k}"] > 0
+    for k in ("train_crop_default", "train_crop_authors", "infer_size_default",
+              "infer_size_authors"):
+        assert f[k] and f[f"{k}_complete"] and f[f"{k}_ms"]
     summary = (out / "summary.md").read_text()
     for t in res["targets"]:
         assert f"`{t['name']}`" in summary
@@ -112,7 +119,9 @@ def _parts(tmp_path, attn_ok=True, fast=True):
             "speedup_vs_unfused_train-g4": speed, "speedup_vs_unfused_train-g6": 2.0,
             "speedup_vs_authors_train-g4": 20.0, "speedup_vs_authors_train-g6": 20.0,
             "fwd_tflops_N16k": 500.0, "bwd_tflops_N16k": 400.0}},
-        "train": {"step": "train", "status": "ok", "figures": {"train_b4_512_runs": True}},
+        "train": {"step": "train", "status": "ok", "figures": {
+            "train_b4_512_runs": True, "train_speedup_vs_authors": 4.0,
+            "train_speedup_vs_fp32_reference": 2.5}},
         "restore": {"step": "restore", "status": "ok", "figures": {"wiener_speedup_vs_bm3d": 25.0}},
     }
     for k, v in data.items():
@@ -143,3 +152,20 @@ def test_report_names_a_step_that_timed_out(tmp_path):
     assert gpu_check.main(["report", "--out", str(out)]) == 1
     res = json.loads((out / "results.json").read_text())
     assert res["steps"]["conv"] == {"status": "failed", "reason": "timed out"}
+
+
+def test_largest_size_search_stops_at_the_first_out_of_memory():
+    import torch
+    tried = []
+
+    def run(n):
+        tried.append(n)
+        if n > 500:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return float(n)
+    found = gpu_check.largest_size(run, 120, 40, 4000, 60.0)
+    assert found["size"] == 480 and found["oom_at"] == 520 and found["complete"]
+    assert all((n - 120) % 40 == 0 for n in tried) and tried[:3] == [120, 160, 240]
+    assert set(found["times_ms"]) == {n for n in tried if n <= 500}
+    capped = gpu_check.largest_size(lambda n: 1.0, 20, 20, 60, 60.0)
+    assert capped["size"] == 40 and capped["oom_at"] is None and capped["complete"]
