@@ -38,7 +38,7 @@ SPILL_BUDGET = 0
 
 DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("cl", "nchw")
-ATTENTION_KERNELS = ("_ss_attn_fwd_kernel", "_ss_attn_bwd_rows_kernel", "_ss_attn_bwd_cols_kernel")
+ATTENTION_KERNELS = ("_ss_attn_fwd_kernel", "_ss_attn_bwd_dkdv_kernel", "_ss_attn_bwd_dq_kernel")
 
 
 def _modules():
@@ -71,8 +71,8 @@ def record_launches(dtype: str, layout: str, shape=(4, 128, 140, 140), grid: int
     try:
         x = torch.zeros(shape, dtype=tdt).contiguous(memory_format=fmt)
         w = torch.zeros(shape[1], shape[1], dtype=tdt)
-        _, l, mean, rstd = K._forward(x, w, grid, False, window or 0)
-        K._backward(x, x, w, l, mean, rstd, grid, False, deterministic, window or 0)
+        _, o, lse, mean, rstd = K._forward(x, w, grid, False, window or 0)
+        K._backward(x, x, w, o, lse, mean, rstd, grid, False, deterministic, window or 0)
     finally:
         for obj in saved:
             del obj.run  # back to the class's method

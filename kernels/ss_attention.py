@@ -28,30 +28,33 @@ Forward (3 launches, no aten compute kernel; tests/test_kernel_host.py):
   3. ``_ss_attn_fwd_kernel``: one program per (query tile, group); loop over the group's key
      tiles: S = q̂_i q̂_jᵀ, P = exp2((S − 1)·log2(e)/√E), l += ΣP, acc += P·V_j. Padded keys
      (q̂ = 0, value 0) are not loaded: they add n_pad·exp(−1/√E) to l, counted analytically.
-     Writes x + acc/l straight into the output map and l (one fp32 per row).
-Backward (4 launches, 6 in deterministic mode; no aten compute kernel):
-  0. q̂ is recomputed by ``_qhat_kernel`` (cheap, O(N·C·E)) instead of being saved; its first
-     program also zeroes the fp32 dW accumulator.
-  1. ``_ss_attn_bwd_rows_kernel``: per query tile k, one loop over keys j accumulates
-     acc1 = Σ_j p_kj·(dA_kj − c_k)·q̂_j, acc2 = Σ_j p_kj·q̂_j and D'_k = Σ_j A_kj (dA_kj − c_k),
-     with dA = dO·Vᵀ. Then the "row" half of dq̂, Σ_j dS_kj q̂_j = (acc1 − D'_k·acc2)/l_k, and
-     D_k = D'_k + c_k = dO_k·o_k, without a separate pass over O (which is not saved). The shift
-     c_k = dO_k·x_k (the row's own value) keeps dA − c centred, so acc1 − D'·acc2 does not
-     cancel catastrophically when all values share a large offset (ReLU features, pixels).
-  2. ``_ss_attn_bwd_cols_kernel``: per key tile j, loop over query tiles i: dV_j += Aᵀ dO_i and
-     the "column" half Σ_i dS_ij q̂_i with dS = A∘(dA − D) (FlashAttention-2's dK loop; Q = K
-     so dq̂ = (dS + dSᵀ)·q̂/√E is the sum of both halves). Epilogue: recompute q, back through
-     the normalisation, dq = dq̂/(‖q‖+ε) − q̂(q̂·dq̂)/‖q‖; store dq and dO + dV (fp32 scratch),
-     and the LayerNorm backward's sums of the tile, Σ dy = dq·(Σ_c W) and Σ dy·y = dq·q.
-  3. ``token_ops``: each program combines its unit's sums (float64, fixed order), dy = dq·Wᵀ,
+     Writes x + acc/l straight into the output map, o = acc/l (the attention output before
+     the residual, x-shaped, input dtype) and LSE = log2(l) + 2·log2(e)/√E, the row's
+     logsumexp of the logits (1 + S)/√E in log2 units (one fp32 per row).
+Backward (FlashAttention-3's shape; 4 launches, 6 in deterministic mode; no aten compute kernel):
+  1. ``_qhat_kernel`` recomputes q̂ (cheap, O(N·C·E)) instead of it being saved, and does the
+     preprocess: D_i = dO_i·o_i per real token (fp32); its first program zeroes the fp32 dW
+     accumulator, every program its rows of the fp32 dq̂ accumulator (default mode).
+  2. ``_ss_attn_bwd_dkdv_kernel``: one program per key tile J, one loop over the query tiles I:
+     P = exp2(S·log2(e)/√E − (LSE_I − log2(e)/√E)) (no division), dV_J += Pᵀ dO_I,
+     dP = dO_I·V_Jᵀ, dS = P∘(dP − D_I), and the key half of dq̂, dk_J += dSᵀ q̂_I, in registers
+     (V is x); by default also the query half of tile I, dS·q̂_J, added into the fp32 buffer by
+     atomics (Q = K: dq̂ = (dS + dSᵀ)·q̂/√E, so each tile pair feeds both halves). Stores dO + dV
+     (fp32, the residual and value paths of dx) and dk.
+  3. ``_ss_attn_bwd_dq_kernel``: per query tile, dq̂ = (query half + key half)/√E: the query
+     half from the atomics' buffer, or with ``deterministic=True`` from its own loop over the
+     key tiles in a fixed order (S, dP, dS·q̂_j: bitwise repeatable, no atomics). Epilogue:
+     recompute q, back through the normalisation, dq = dq̂/(‖q‖+ε) − q̂(q̂·dq̂)/‖q‖; store dq and
+     the LayerNorm backward's sums of the tile, Σ dy = dq·(Σ_c W) and Σ dy·y = dq·q.
+  4. ``token_ops``: each program combines its unit's sums (float64, fixed order), dy = dq·Wᵀ,
      dx = dO + dV + rstd·(dy − mean dy − y·mean(dy·y)) written into the x-shaped gradient, and
      dW = Σ yᵀ·dq: by float atomics in the dx kernel (default), or with ``deterministic=True``
      by a split-K kernel writing a fixed number of partials and a kernel summing them in a
-     fixed order (bitwise repeatable). Nothing else uses atomics, so deterministic mode only
-     changes dW.
-  Cost: 8 N×N-tile products per (query tile, key tile) pair in backward (forward: 2), against 7
-  for Triton's tutorial (separate dq loop, O saved) — the extra product (P·q̂ in kernel 1) is
-  the price of not saving O; a separate D = rowsum(dO∘O) pass would cost 2.
+     fixed order (bitwise repeatable).
+  Padded keys need no term in the backward: they enter only LSE and o, both complete.
+  Cost: 5 N×N-tile products per (query tile, key tile) pair in backward (forward: 2), 7 in
+  deterministic mode (the dq loop recomputes S and dP), as in Triton's fused-attention
+  tutorial; D costs one pass over dO and o per token.
 
 What is exploited
 -----------------
@@ -59,15 +62,16 @@ What is exploited
 * |cos| ≤ 1: logits lie in [−1/√E, 1/√E]; a fixed shift by the maximum 1/√E replaces the
   running maximum and rescaling of FlashAttention (exp2 of values in [−2/√E·log2 e, 0]).
 * Q = K: one q̂ buffer serves as queries and keys; dq̂ gets both dS and dSᵀ contributions.
-* Padded tokens only enter l (forward) and D (backward), analytically: no padded tensor.
+* Padded tokens only enter l (forward), analytically: no padded tensor.
 * Strided token gathering straight from the (B, C, H, W) map, any strides (NCHW or
   channels_last; channels_last is the fast GPU path, one token = C contiguous values); the
   output and dx are written straight back into the map, residual included. No N×N buffer,
   no pixel_unshuffle/permute/pad/contiguous copies of x.
 
-Saved for backward: x, W, l (one fp32 per row: the softmax denominator) and the LayerNorm
-(mean, rstd) per group index — q̂ is recomputed. Backward scratch (freed on return): q̂, dq̂ rows,
-dq (fp32, E per token), dO + dV (fp32, C per token), D (fp32 per token), tiny partials.
+Saved for backward: x, W, o (x-shaped, input dtype: D from out − x would carry out's rounding,
+which broke the FA3 rule for bf16 dW), LSE (one fp32 per row) and the LayerNorm (mean, rstd)
+per group index — q̂ is recomputed. Backward scratch (freed on return): q̂, dk and the atomics'
+dq̂ buffer, dq (fp32, E per token), dO + dV (fp32, C per token), D (fp32 per token), partials.
 
 Precision: fp32 accumulation everywhere; fp16/bf16 dot operands for fp16/bf16 inputs (P and dS
 are rounded to the input dtype for the tensor-core products, as in FlashAttention); outputs in
@@ -96,10 +100,10 @@ import triton
 import triton.language as tl
 
 from ..attention.common import NORM_EPS, check_window
-from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, group_geometry,
-                        group_index, layer_norm_projection_backward, layer_norm_stats_and_qhat,
-                        load_y, loop_bound, mma, project_qhat, round_to, token_offsets,
-                        window_sizes)
+from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, attention_backward_prep,
+                        device_fn, group_geometry, group_index, layer_norm_projection_backward,
+                        layer_norm_stats_and_qhat, load_y, loop_bound, mma, round_to,
+                        token_offsets, window_sizes)
 
 LOG2E = 1.4426950408889634
 
@@ -120,38 +124,34 @@ def tune_bucket(n: int) -> int:
 #   two warps the same rows of a product: Triton lays the warps of chained products along M,
 #   so 8 warps on a 64-row tile computed every S/dP tile twice (TTGIR warpsPerCTA [8, 1]); the
 #   8-warp tiles are 128 rows, the 64-row ones 4 warps (tests/test_aot_compile.py checks both
-#   this and spills). No spills, except bwd_cols: every tile without duplicated rows spills
-#   there (Triton 3.9, sm_90, bf16, channels_last: 64x16 w4 84-92 B, 64x32 w4 s2 100 B,
-#   64x32 w4 s3 156 B, 64x64 w4 s2 ~360 B, 128x32 w8 ~110 B, 128x64 w8 256 B), so it keeps
-#   64x32 w4 s2 until its FlashAttention-3-style rewrite (issue #31, item 1).
+#   this and spills). No tile spills (Triton 3.9, sm_90, bf16, channels_last): bwd_dkdv keeps
+#   dV and dk ([BLOCK_M, 128] fp32 each) in registers over its loop, and spills from 64x32 w4
+#   on (64x32 w4 s2 144 B, 64x64 w4 ~350 B, 128x64 w8 ~230 B), so 128x32 w8 and 64x16 w4.
 # * "fp32": 3xTF32 (see ``fp32_precision``) splits every operand in a high and a low tf32 half
-#   and issues three products, so fp32 tiles are smaller. Measured with ptxas: the half tiles
-#   needed up to 324 KB of shared memory for fp32 (4 of 12 could not launch) and spilled up to
-#   1.9 KB (bwd_rows) and 4.5 KB (bwd_cols) per thread. One tile each, the least spilling of
-#   the candidates compiled (fwd 0 B, bwd_rows 232 B, bwd_cols ~3.3 KB: its four products per
-#   step keep six [64, 128] fp32 tiles live, a limit of 3xTF32 at C = 128 that no tile shape
-#   removed); one, because a 3xTF32 kernel takes 5-20 s to compile and the fp32 path is for
-#   exactness — models train fast in bf16 (autocast). FMA ("ieee") dots spill more (2-43 KB);
-#   plain tf32 misses the FA3 rule by ~200× against an fp32 reference. Measured on an H200
-#   (Triton 3.6): bwd_cols at 64×16 with 8 warps, the least spilling, faults (illegal memory
-#   access, or wrong dx/dW where it does not), while the same tile with fp16 data and the
-#   4-warp 64×16 tile (3.3 KB spills) are exact — so 4 warps.
-# * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles (Triton 3.9: spills 56 B
-#   fwd, ~300 B bwd_rows, ~1.6 KB bwd_cols). The backward's 8 warps on 64 rows compute the
-#   S/dP tiles twice (the one exception to the rule above): the tiles without it spill 2.1 KB
-#   (bwd_rows: 64x32 w4, 128x32 w8) and 7.5-8.8 KB (bwd_cols). fp32 with C or E above 128
-#   cannot launch on sm_90 at all: the bwd_cols epilogue alone holds the [C, E] fp32 W tile
-#   (256 KB at 256 × 256).
+#   and issues three products, so fp32 tiles are smaller; one tile each, because a 3xTF32
+#   kernel takes 5-20 s to compile and the fp32 path is for exactness — models train fast in
+#   bf16 (autocast). Spills (bytes per thread, Triton 3.9): fwd 0, bwd_dkdv 32x16 w4 ~820
+#   (64x16 w4 ~1.9 KB at 224 KB of shared memory), bwd_dq 32x16 w4 ~730 reading the atomics'
+#   buffer; with its deterministic loop over keys the same tile spills ~19 KB (ptxas allots it
+#   32 registers), 16x16 w4 ~1.3 KB — not yet resolved (16x16 fails to compile without the
+#   loop). FMA ("ieee") dots spill more (2-43 KB); plain tf32 misses the FA3 rule by ~200×
+#   against an fp32 reference. Measured on an H200 (Triton 3.6) for the former backward: an
+#   8-warp 64×16 fp32 tile faulted (illegal memory access) where 4 warps were exact — so the
+#   fp32 tiles have 4 warps.
+# * "wide" (fp16/bf16 with C or E above 128, up to 256): small tiles. The backward's are
+#   16x16 w4, the only ones compiled without spills (64x16/64x32 w4: 5-12 KB; 64x32 w8, whose
+#   warps compute rows twice: 20-500 B). fp32 with C or E above 128 cannot launch on sm_90 at
+#   all: the dq epilogue alone holds the [C, E] fp32 W tile (256 KB at 256 × 256).
 TILES = {
     "fwd": {"half": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
             "fp32": [(32, 32, 4, 2)],
             "wide": [(64, 32, 4, 1)]},
-    "bwd_rows": {"half": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+    "bwd_dkdv": {"half": [(128, 32, 8, 2), (64, 16, 4, 2)],
                  "fp32": [(32, 16, 4, 2)],
-                 "wide": [(64, 32, 8, 1)]},
-    "bwd_cols": {"half": [(64, 32, 4, 2)],
-                 "fp32": [(64, 16, 4, 2)],
-                 "wide": [(64, 32, 8, 1)]},
+                 "wide": [(16, 16, 4, 2)]},
+    "bwd_dq": {"half": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+               "fp32": [(32, 16, 4, 2)],
+               "wide": [(16, 16, 4, 2)]},
 }
 
 
@@ -213,7 +213,7 @@ def _launch_tuned(kernel, key, grid, *args, **kw):
 # ---------------------------------------------------------------------------------------------
 @_autotune("fwd")
 @triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
-def _ss_attn_fwd_kernel(X, QH, OUT, L,
+def _ss_attn_fwd_kernel(X, QH, OUT, O, LSE,
                         s_xb, s_xc, s_xh, s_xw, s_ob, s_oc, s_oh, s_ow,
                         C, E, H, W, TH, TW, NB, NB_BUCKET, qk_scale,
                         G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -258,95 +258,161 @@ def _ss_attn_fwd_kernel(X, QH, OUT, L,
     mask = m_mask[:, None] & c_mask[None, :]
     pix_m = token_offsets(offs_m, p_row, p_col, wr, G, s_xh, s_xw)
     xq = tl.load(x_base + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
-    res = xq.to(tl.float32) + acc / l_safe[:, None]
+    o = acc / l_safe[:, None]
+    res = xq.to(tl.float32) + o
     pix_o = token_offsets(offs_m, p_row, p_col, wr, G, s_oh, s_ow)
-    tl.store(OUT + b.to(tl.int64) * s_ob + pix_o[:, None] + offs_c[None, :] * s_oc,
-             res.to(OUT.dtype.element_ty), mask=mask)
-    # every row of the group's NB, so that l needs no zero fill (rows past the real tokens: 0)
-    tl.store(L + pid_bg.to(tl.int64) * NB + offs_m, tl.where(m_mask, l_i, 0.0), mask=offs_m < NB)
+    o_off = b.to(tl.int64) * s_ob + pix_o[:, None] + offs_c[None, :] * s_oc
+    tl.store(OUT + o_off, res.to(OUT.dtype.element_ty), mask=mask)
+    # the attention output without the residual (OUT's strides: both are empty_like(x)), for
+    # the backward's D = rowsum(dO ∘ o): out − x would carry out's rounding, ~|x|/|o| times o's
+    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=mask)
+    # the row's logsumexp of the logits (1 + S)/√E in log2 units, LSE = log2(l) + 2·qk_scale
+    # (l is shifted by the maximum logit 2/√E), for the backward's P = exp2(logits·log2 e − LSE);
+    # every row of the group's NB, so that it needs no zero fill (rows past the real tokens: 0)
+    lse = tl.log2(l_safe) + 2.0 * qk_scale
+    tl.store(LSE + pid_bg.to(tl.int64) * NB + offs_m, tl.where(m_mask, lse, 0.0),
+             mask=offs_m < NB)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward, kernel 1: the row half of dq̂ (and D = rowsum(dO ∘ O)) for a tile of queries
+# Backward (FlashAttention-3's shape). P is recomputed from the saved LSE, P = exp2(S·qk_scale −
+# (LSE − qk_scale)) with LSE the log2-domain logsumexp of the logits (1 + S)/√E; D = rowsum(dO ∘ o)
+# comes from the first launch (``token_ops.attention_backward_prep``); dS = P ∘ (dP − D) with
+# dP = dO·Vᵀ. Padded keys need no term here: they only enter the LSE and o, both complete.
 # ---------------------------------------------------------------------------------------------
-@_autotune("bwd_rows")
+@device_fn
+def _dkdv_loop(dv, dk, k, v, q_base, d_base, LSE_G, DD_G, DQA_G, n_real, hi, p_row, p_col, wr,
+               E, C, s_dc, s_dh, s_dw, qk_scale, G: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr, ATOMIC: tl.constexpr):
+    """The key tile's loop over the group's query tiles: dV += Pᵀ·dO and the key half of dq̂,
+    dk += dSᵀ·q̂ (both in registers); with ATOMIC also the query half of the query tile,
+    dS·k, added into the fp32 buffer DQA by atomics. Tensors are laid out keys × queries."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_e = tl.arange(0, BLOCK_E)
+    c_mask = offs_c < C
+    e_mask = offs_e < E
+    for start_n in range(0, loop_bound(hi), BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_real
+        qt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
+                     mask=e_mask[:, None] & n_mask[None, :], other=0.0)
+        st = mma(k, qt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
+        # the query's row shift LSE − qk_scale (the logits' "+1" folded in), then P ≤ 1
+        m_n = tl.load(LSE_G + offs_n, mask=n_mask, other=0.0) - qk_scale
+        pt = tl.exp2(st * qk_scale - m_n[None, :])
+        pt = tl.where(n_mask[None, :], pt, 0.0)
+        pix_n = token_offsets(offs_n, p_row, p_col, wr, G, s_dh, s_dw)
+        do = tl.load(d_base + pix_n[:, None] + offs_c[None, :] * s_dc,
+                     mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(v.dtype)
+        dv = mma(pt.to(v.dtype), do, dv, PREC, UPCAST)
+        dpt = mma(v, tl.trans(do), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
+        d_n = tl.load(DD_G + offs_n, mask=n_mask, other=0.0)
+        dst = (pt * (dpt - d_n[None, :])).to(qt.dtype)
+        dk = mma(dst, tl.trans(qt), dk, PREC, UPCAST)
+        if ATOMIC:
+            dq = mma(tl.trans(dst), k, tl.zeros((BLOCK_N, BLOCK_E), tl.float32), PREC, UPCAST)
+            tl.atomic_add(DQA_G + offs_n[:, None] * E + offs_e[None, :], dq,
+                          mask=n_mask[:, None] & e_mask[None, :])
+    return dv, dk
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward, main kernel: one program per (key tile, group) — dV and the key half of dq̂, and by
+# atomics the query half (Q = K: dq̂ = (dS + dSᵀ)·q̂/√E, so every (query, key) tile pair feeds
+# both halves)
+# ---------------------------------------------------------------------------------------------
+@_autotune("bwd_dkdv")
 @triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
-def _ss_attn_bwd_rows_kernel(X, DO, QH, L, ROWS, DD,
+def _ss_attn_bwd_dkdv_kernel(X, DO, QH, LSE, DD, DK, DQA, DXV,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw,
                              C, E, H, W, TH, TW, NB, NB_BUCKET, qk_scale,
                              G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
-                             UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
+                             UPCAST: tl.constexpr, ATOMIC: tl.constexpr):
+    """Stores dO + dV (fp32, the residual and value paths of dx: V is x) and the key half of
+    dq̂·√E (fp32, DK) of its key tile; with ATOMIC adds the query half into DQA (zeroed by the
+    backward's first launch). Without it (deterministic mode) the query half is left to
+    ``_ss_attn_bwd_dq_kernel``'s own loop."""
+    pid_m = tl.program_id(0)  # tile of keys
     pid_bg = group_index(G)
-    b, p_row, p_col, hr, wr, n_win = group_geometry(pid_bg, H, W, TH, TW, G)
+    b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
     offs_e = tl.arange(0, BLOCK_E)
     m_mask = offs_m < n_real
-    c_mask = offs_c < C
-    e_mask = offs_e < E
-    x_base = X + b.to(tl.int64) * s_xb
+    mask = m_mask[:, None] & (offs_c < C)[None, :]
+    e2 = m_mask[:, None] & (offs_e < E)[None, :]
+    d_base = DO + b.to(tl.int64) * s_db
     q_base = QH + pid_bg.to(tl.int64) * NB * E
     row_base = pid_bg.to(tl.int64) * NB
 
-    q = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :],
-                mask=m_mask[:, None] & e_mask[None, :], other=0.0)
-    mask = m_mask[:, None] & c_mask[None, :]
-    pix_d = token_offsets(offs_m, p_row, p_col, wr, G, s_dh, s_dw)
-    do = tl.load(DO + b.to(tl.int64) * s_db + pix_d[:, None] + offs_c[None, :] * s_dc,
-                 mask=mask, other=0.0)
+    k = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :], mask=e2, other=0.0)
     pix_m = token_offsets(offs_m, p_row, p_col, wr, G, s_xh, s_xw)
-    xm = tl.load(x_base + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
-    cen = tl.sum(do.to(tl.float32) * xm.to(tl.float32), 1)  # c_k = dO_k·v_k, centres dA
-    do = do.to(QH.dtype.element_ty)
+    v = tl.load(X + b.to(tl.int64) * s_xb + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask,
+                other=0.0)
+    dv = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    dk = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+    hi = tl.where(start_m < n_real, n_real, 0)  # programs past the group's keys skip the loop
+    dv, dk = _dkdv_loop(dv, dk, k, v, q_base, d_base, LSE + row_base, DD + row_base,
+                        DQA + row_base * E, n_real, hi, p_row, p_col, wr, E, C, s_dc, s_dh, s_dw,
+                        qk_scale, G, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_E, PREC, UPCAST, ATOMIC)
+    tl.store(DK + (row_base + offs_m)[:, None] * E + offs_e[None, :], dk, mask=e2)
+    pix_d = token_offsets(offs_m, p_row, p_col, wr, G, s_dh, s_dw)
+    do_m = tl.load(d_base + pix_d[:, None] + offs_c[None, :] * s_dc, mask=mask, other=0.0)
+    tl.store(DXV + (row_base + offs_m)[:, None] * C + offs_c[None, :],
+             do_m.to(tl.float32) + dv, mask=mask)
 
-    acc1 = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    dsum = tl.zeros((BLOCK_M,), tl.float32)
-    hi = tl.where(start_m < n_real, n_real, 0)
+
+@device_fn
+def _dq_loop(acc, q, do, m_i, d_i, q_base, x_base, n_real, hi, p_row, p_col, wr, E, C, s_xc,
+             s_xh, s_xw, qk_scale, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """The query tile's loop over the group's key tiles: the query half of dq̂, acc += dS·q̂_j
+    (deterministic mode's replacement for the key kernel's atomics)."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_e = tl.arange(0, BLOCK_E)
+    c_mask = offs_c < C
+    e_mask = offs_e < E
     for start_n in range(0, loop_bound(hi), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
         kt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
                      mask=e_mask[:, None] & n_mask[None, :], other=0.0)
         s = mma(q, kt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
-        p = tl.exp2(s * qk_scale - qk_scale)
+        p = tl.exp2(s * qk_scale - m_i[:, None])
         p = tl.where(n_mask[None, :], p, 0.0)
         pix_n = token_offsets(offs_n, p_row, p_col, wr, G, s_xh, s_xw)
         vt = tl.load(x_base + pix_n[None, :] + offs_c[:, None] * s_xc,
                      mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-        da = mma(do, vt.to(do.dtype), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
-        pd = p * (da - cen[:, None])
-        dsum += tl.sum(pd, 1)
-        k = tl.trans(kt)
-        acc1 = mma(pd.to(k.dtype), k, acc1, PREC, UPCAST)
-        acc2 = mma(p.to(k.dtype), k, acc2, PREC, UPCAST)
-    # padded keys: p = exp2(−qk_scale), dA = 0 → dA − c = −c
-    dsum -= (n_win - n_real).to(tl.float32) * tl.exp2(-qk_scale) * cen
-    l_i = tl.load(L + row_base + offs_m, mask=m_mask, other=1.0)
-    dp = dsum / l_i
-    rows = (acc1 - dp[:, None] * acc2) / l_i[:, None]
-    tl.store(ROWS + row_base * E + offs_m[:, None] * E + offs_e[None, :], rows,
-             mask=m_mask[:, None] & e_mask[None, :])
-    tl.store(DD + row_base + offs_m, dp + cen, mask=m_mask)
+        dp = mma(do, vt.to(do.dtype), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC,
+                 UPCAST)
+        ds = (p * (dp - d_i[:, None])).to(kt.dtype)
+        acc = mma(ds, tl.trans(kt), acc, PREC, UPCAST)
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward, kernel 2: dV and the column half of dq̂ for a tile of keys; epilogue through the
-# normalisation q̂ = q/(‖q‖+ε) to dq, and dO + dV (the residual and value paths of dx)
+# Backward, dq kernel: one program per (query tile, group) — dq̂ = (query half + key half)/√E,
+# then back through the normalisation q̂ = q/(‖q‖+ε) to dq, and the LayerNorm backward's sums
 # ---------------------------------------------------------------------------------------------
-@_autotune("bwd_cols")
+@_autotune("bwd_dq")
 @triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
-def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, L, ROWS, DD, DQ, DXV, SPART,
-                             s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
-                             C, E, H, W, TH, TW, NB, NB_BUCKET, NPS, qk_scale, inv_sqrt_e,
-                             G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
-                             UPCAST: tl.constexpr, NORM_EPS: tl.constexpr):
-    pid_m = tl.program_id(0)  # tile of keys
+def _ss_attn_bwd_dq_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, LSE, DD, DK, DQA, DQ, SPART,
+                           s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
+                           C, E, H, W, TH, TW, NB, NB_BUCKET, NPS, qk_scale, inv_sqrt_e,
+                           G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
+                           UPCAST: tl.constexpr, NORM_EPS: tl.constexpr,
+                           QUERY_LOOP: tl.constexpr):
+    """The query half of dq̂ from DQA (the key kernel's atomics) or, with QUERY_LOOP
+    (deterministic mode), from a loop over the group's key tiles in a fixed order; plus the key
+    half DK. Stores dq (fp32) and the tile's (count, Σ dy, Σ dy·y) partial row."""
+    pid_m = tl.program_id(0)  # tile of queries
     pid_bg = group_index(G)
     b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
@@ -357,59 +423,44 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, L, ROWS, DD, DQ, D
     m_mask = offs_m < n_real
     c_mask = offs_c < C
     e_mask = offs_e < E
+    e2 = m_mask[:, None] & e_mask[None, :]
     x_off = b.to(tl.int64) * s_xb
-    d_base = DO + b.to(tl.int64) * s_db
     q_base = QH + pid_bg.to(tl.int64) * NB * E
     row_base = pid_bg.to(tl.int64) * NB
-
-    k = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :],
-                mask=m_mask[:, None] & e_mask[None, :], other=0.0)
-    mask = m_mask[:, None] & c_mask[None, :]
+    rows = (row_base + offs_m)[:, None] * E + offs_e[None, :]
     pix_m = token_offsets(offs_m, p_row, p_col, wr, G, s_xh, s_xw)
-    v = tl.load(X + x_off + pix_m[:, None] + offs_c[None, :] * s_xc, mask=mask, other=0.0)
-    dv = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    dk = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    hi = tl.where(start_m < n_real, n_real, 0)
-    for start_n in range(0, loop_bound(hi), BLOCK_N):  # tiles of queries
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_real
-        qt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
-                     mask=e_mask[:, None] & n_mask[None, :], other=0.0)
-        st = mma(k, qt, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
-        l_n = tl.load(L + row_base + offs_n, mask=n_mask, other=1.0)
-        d_n = tl.load(DD + row_base + offs_n, mask=n_mask, other=0.0)
-        pt = tl.exp2(st * qk_scale - qk_scale) / l_n[None, :]  # Aᵀ
-        pt = tl.where(n_mask[None, :], pt, 0.0)
-        pix_n = token_offsets(offs_n, p_row, p_col, wr, G, s_dh, s_dw)
-        do = tl.load(d_base + pix_n[:, None] + offs_c[None, :] * s_dc,
-                     mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(v.dtype)
-        dv = mma(pt.to(v.dtype), do, dv, PREC, UPCAST)
-        dat = mma(v, tl.trans(do), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), PREC, UPCAST)
-        dst = pt * (dat - d_n[None, :])
-        dk = mma(dst.to(qt.dtype), tl.trans(qt), dk, PREC, UPCAST)
 
-    # epilogue (ordered so that dv and dk die early): dO + dV, the residual and value paths of dx
-    pix_d = token_offsets(offs_m, p_row, p_col, wr, G, s_dh, s_dw)
-    do_m = tl.load(d_base + pix_d[:, None] + offs_c[None, :] * s_dc, mask=mask, other=0.0)
-    tl.store(DXV + row_base * C + offs_m[:, None] * C + offs_c[None, :],
-             do_m.to(tl.float32) + dv, mask=mask)
-    # dq̂ = (rows + columns)/√E, then back through q̂ = q/(‖q‖+ε)
-    e2 = m_mask[:, None] & e_mask[None, :]
-    rows = tl.load(ROWS + row_base * E + offs_m[:, None] * E + offs_e[None, :], mask=e2, other=0.0)
-    dqh = (rows + dk) * inv_sqrt_e
+    if QUERY_LOOP:
+        q = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :], mask=e2, other=0.0)
+        pix_d = token_offsets(offs_m, p_row, p_col, wr, G, s_dh, s_dw)
+        do = tl.load(DO + b.to(tl.int64) * s_db + pix_d[:, None] + offs_c[None, :] * s_dc,
+                     mask=m_mask[:, None] & c_mask[None, :], other=0.0).to(QH.dtype.element_ty)
+        m_i = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0) - qk_scale
+        d_i = tl.load(DD + row_base + offs_m, mask=m_mask, other=0.0)
+        hi = tl.where(start_m < n_real, n_real, 0)
+        acc = _dq_loop(tl.zeros((BLOCK_M, BLOCK_E), tl.float32), q, do, m_i, d_i, q_base,
+                       X + x_off, n_real, hi, p_row, p_col, wr, E, C, s_xc, s_xh, s_xw,
+                       qk_scale, G, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_E, PREC, UPCAST)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+
+    # back through q̂ = q/(‖q‖+ε): dq = dq̂/(‖q‖+ε) − q̂(q̂·dq̂)/‖q‖ = (dq̂ − q·t)/(‖q‖+ε) with
+    # t = (q·dq̂)/((‖q‖+ε)·‖q‖); q recomputed first, so that y's tile is dead before dq̂'s loads
     y = load_y(X, MEAN, RSTD, pid_bg, x_off, pix_m, offs_m, n_real, offs_c, C, s_xc)
     w = round_to(tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we,
                          mask=c_mask[:, None] & e_mask[None, :], other=0.0), X.dtype.element_ty)
     q = mma(y.to(w.dtype), w, tl.zeros((BLOCK_M, BLOCK_E), tl.float32), PREC, UPCAST)
+    if not QUERY_LOOP:
+        acc = tl.load(DQA + rows, mask=e2, other=0.0)
+    dqh = (acc + tl.load(DK + rows, mask=e2, other=0.0)) * inv_sqrt_e
     nrm = tl.sqrt(tl.sum(q * q, 1))
-    qh = q / (nrm + NORM_EPS)[:, None]
-    proj = tl.sum(qh * dqh, 1) / tl.where(nrm > 0, nrm, 1.0)
-    dq = dqh / (nrm + NORM_EPS)[:, None] - qh * proj[:, None]
-    tl.store(DQ + row_base * E + offs_m[:, None] * E + offs_e[None, :], dq, mask=e2)
-    # the LayerNorm backward's sums over this key tile, with dy = dq·Wᵀ and q = y·W:
+    t = tl.sum(q * dqh, 1) / ((nrm + NORM_EPS) * tl.where(nrm > 0, nrm, 1.0))
+    dq = (dqh - q * t[:, None]) / (nrm + NORM_EPS)[:, None]
+    tl.store(DQ + rows, dq, mask=e2)
+    # the LayerNorm backward's sums over this tile, with dy = dq·Wᵀ and q = y·W:
     # Σ_c dy = dq·(Σ_c W) and Σ_c dy·y = dq·q, so no dy tile is formed here
     dq = tl.where(e2, dq, 0.0)
-    wsum = tl.load(WSUM + offs_e, mask=e_mask, other=0.0)  # Σ_c W, from the q̂ launch
+    wsum = tl.load(WSUM + offs_e, mask=e_mask, other=0.0)  # Σ_c W, from the first launch
     s1 = tl.sum(tl.sum(dq * wsum[None, :], 1), 0)
     s2 = tl.sum(tl.sum(dq * q, 1), 0)
     n_tok = tl.minimum(tl.maximum(n_real - start_m, 0), BLOCK_M)
@@ -418,7 +469,6 @@ def _ss_attn_bwd_cols_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, L, ROWS, DD, DQ, D
     tl.store(part + 1, s1)
     tl.store(part + 2, s2)
 
-
 # ---------------------------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------------------------
@@ -426,54 +476,55 @@ def _forward(x, w, grid, group_stats, window=0):
     geo = Geometry(x, w, grid, window)
     mean, rstd, qh = layer_norm_stats_and_qhat(x, w, geo, group_stats)
     out = torch.empty_like(x)
-    l = torch.empty(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # every row written
+    o = torch.empty_like(x)  # the attention output before the residual add, saved for backward
+    lse = torch.empty(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # every row written
     qk_scale = LOG2E / math.sqrt(geo.E)
     bucket = tune_bucket(geo.NB)
     launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
     _launch_tuned(
-        _ss_attn_fwd_kernel, (geo.C, geo.E, bucket, x.dtype), launch, x, qh, out, l,
+        _ss_attn_fwd_kernel, (geo.C, geo.E, bucket, x.dtype), launch, x, qh, out, o, lse,
         *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket,
         qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
         UPCAST=geo.UPCAST)
-    return out, l, mean, rstd
+    return out, o, lse, mean, rstd
 
 
 def _min_block_m(kind: str) -> int:
     return min(t[0] for tiles in TILES[kind].values() for t in tiles)
 
 
-def _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, window=0):
+def _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, window=0):
     geo = Geometry(x, w, grid, window)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dw32 = None if deterministic else torch.empty(geo.C, geo.E, **f32)  # zeroed by _qhat_kernel
-    wsum = torch.empty(geo.E, **f32)
-    qh = project_qhat(x, w, mean, rstd, geo, dw=dw32, wsum=wsum)
+    dw32 = None if deterministic else torch.empty(geo.C, geo.E, **f32)  # zeroed by launch 1
+    # the query half of dq̂ by atomics (zeroed by launch 1), or a loop of the dq kernel
+    dqa = None if deterministic else torch.empty(geo.BG, geo.NB, geo.E, **f32)
+    qh, wsum, dd = attention_backward_prep(x, w, mean, rstd, geo, dout, o, dw=dw32, dqa=dqa)
     qk_scale = LOG2E / math.sqrt(geo.E)
-    rows = torch.empty(geo.BG, geo.NB, geo.E, **f32)
-    dd = torch.empty(geo.BG, geo.NB, **f32)
     consts = dict(G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
                   UPCAST=geo.UPCAST)
     launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
     bucket = tune_bucket(geo.NB)
-    key = (geo.C, geo.E, bucket, x.dtype, w.dtype, dout.dtype)
-    _launch_tuned(
-        _ss_attn_bwd_rows_kernel, key, launch, x, dout, qh, l, rows, dd, *x.stride(),
-        *dout.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket, qk_scale,
-        **consts)
-    dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
+    key = (geo.C, geo.E, bucket, x.dtype, w.dtype, dout.dtype, deterministic)
+    dk = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dxv = torch.empty(geo.BG, geo.NB, geo.C, **f32)
-    # the LayerNorm backward's partials: one row per key tile, room for the smallest tile
-    nps = triton.cdiv(geo.NB, _min_block_m("bwd_cols"))
+    _launch_tuned(
+        _ss_attn_bwd_dkdv_kernel, key, launch, x, dout, qh, lse, dd, dk,
+        dqa if dqa is not None else dk, dxv, *x.stride(), *dout.stride(), geo.C, geo.E, geo.H,
+        geo.W, geo.TH, geo.TW, geo.NB, bucket, qk_scale, ATOMIC=not deterministic, **consts)
+    dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
+    # the LayerNorm backward's partials: one row per query tile, room for the smallest tile
+    nps = triton.cdiv(geo.NB, _min_block_m("bwd_dq"))
     spart = torch.empty(geo.BG, nps, 3, **f32)
     block_m = _launch_tuned(
-        _ss_attn_bwd_cols_kernel, key, launch, x, dout, qh, w, wsum, mean, rstd, l, rows, dd, dq,
-        dxv, spart, *x.stride(), *dout.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH,
-        geo.TW, geo.NB, bucket, nps, qk_scale, 1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS,
-        **consts)
-    # the partial rows the columns kernel wrote per group (benchmarks.aot records the launches
+        _ss_attn_bwd_dq_kernel, key, launch, x, dout, qh, w, wsum, mean, rstd, lse, dd, dk,
+        dqa if dqa is not None else dk, dq, spart, *x.stride(), *dout.stride(), *w.stride(),
+        geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket, nps, qk_scale,
+        1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS, QUERY_LOOP=deterministic, **consts)
+    # the partial rows the dq kernel wrote per group (benchmarks.aot records the launches
     # without running them: no configuration then, and the rows are not read)
-    nused = triton.cdiv(geo.NB, block_m or _min_block_m("bwd_cols"))
-    del rows, dd, qh
+    nused = triton.cdiv(geo.NB, block_m or _min_block_m("bwd_dq"))
+    del dk, dqa, dd, qh
     return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
                                           geo, group_stats, deterministic)
 
@@ -491,8 +542,10 @@ def _fake_sizes(x, grid, window):
 @torch.library.custom_op("ssbsn::ss_attention", mutates_args=())
 def ss_attention_op(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool,
                     deterministic: bool, window: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x + attention(x), l, mean, rstd); the last three are the statistics saved for backward.
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    """(x + attention(x), attention(x), lse, mean, rstd); the last four are saved for backward
+    (lse: per query row, the log2-domain logsumexp of the logits (1 + q̂ q̂ᵀ)/√E).
     ``window``: the bounded scope in pixels, 0 for whole-map groups."""
     return _forward(x, w, grid, group_stats, window)
 
@@ -500,30 +553,32 @@ def ss_attention_op(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bo
 @ss_attention_op.register_fake
 def _(x, w, grid, group_stats, deterministic, window=0):
     BG, NB = _fake_sizes(x, grid, window)
-    return (torch.empty_like(x), x.new_empty((BG, NB), dtype=torch.float32),
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty((BG, NB), dtype=torch.float32),
             x.new_empty((BG,), dtype=torch.float32), x.new_empty((BG,), dtype=torch.float32))
 
 
 @torch.library.custom_op("ssbsn::ss_attention_backward", mutates_args=())
 def ss_attention_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                             l: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, grid: int,
-                             group_stats: bool, deterministic: bool, window: int = 0
+                             o: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor,
+                             rstd: torch.Tensor, grid: int, group_stats: bool,
+                             deterministic: bool, window: int = 0
                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dW) of ss_attention for the upstream gradient dout."""
-    return _backward(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, window)
+    """(dx, dW) of ss_attention for the upstream gradient dout (``o``: attention(x), the
+    forward's second output, for D = rowsum(dO ∘ o))."""
+    return _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, window)
 
 
 @ss_attention_backward_op.register_fake
-def _(dout, x, w, l, mean, rstd, grid, group_stats, deterministic, window=0):
+def _(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, window=0):
     return torch.empty_like(x), w.new_empty(w.shape)
 
 
 def _setup_context(ctx, inputs, output):
     x, w, grid, group_stats, deterministic, window = inputs
-    _, l, mean, rstd = output
-    ctx.save_for_backward(x, w, l, mean, rstd)
-    ctx.mark_non_differentiable(l, mean, rstd)
-    # no zero tensors for the gradients of l, mean and rstd (nor of an unused output)
+    _, o, lse, mean, rstd = output
+    ctx.save_for_backward(x, w, o, lse, mean, rstd)
+    ctx.mark_non_differentiable(o, lse, mean, rstd)
+    # no zero tensors for the gradients of o, lse, mean and rstd (nor of an unused output)
     ctx.set_materialize_grads(False)
     ctx.cfg = (grid, group_stats, deterministic, window)
 
@@ -531,8 +586,8 @@ def _setup_context(ctx, inputs, output):
 def _backward_fn(ctx, dout, *_unused):
     if dout is None:
         return None, None, None, None, None, None
-    x, w, l, mean, rstd = ctx.saved_tensors
-    dx, dw = torch.ops.ssbsn.ss_attention_backward(dout, x, w, l, mean, rstd, *ctx.cfg)
+    x, w, o, lse, mean, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.ssbsn.ss_attention_backward(dout, x, w, o, lse, mean, rstd, *ctx.cfg)
     return dx, dw, None, None, None, None
 
 

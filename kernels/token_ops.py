@@ -4,7 +4,7 @@ their backward (LayerNorm, projection, dW).
 Read top to bottom: shared helpers (grid-group geometry, strided token addressing, the dot
 wrapper), then the forward kernels (``_ln_partials_kernel`` → host combine →
 ``_qhat_kernel``), then the backward kernels (``_ln_bwd_dx_kernel``, which combines the
-LayerNorm-backward sums the columns kernel wrote, and ``_dw_kernel`` → ``_dw_sum_kernel``),
+LayerNorm-backward sums the dq kernel wrote, and ``_dw_kernel`` → ``_dw_sum_kernel``),
 then the host launchers.
 
 Token addressing (shared with ``ss_attention.py``). Phase (a, c) of the map zero-padded to
@@ -283,21 +283,26 @@ def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, TH, TW, NBLK,
 
 
 @triton.jit(do_not_specialize=["TH", "TW"])
-def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, s_xb, s_xc, s_xh, s_xw, s_wc, s_we,
+def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, DO, O, DD, DQA,
+                 s_xb, s_xc, s_xh, s_xw, s_wc, s_we, s_db, s_dc, s_dh, s_dw,
+                 s_ob, s_oc, s_oh, s_ow,
                  C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD, STAT_DIV, G: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, NORM_EPS: tl.constexpr,
                  LN_EPS: tl.constexpr,
                  STATS: tl.constexpr, ZERO_DW: tl.constexpr, BWD: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
+                 ZERO_DQA: tl.constexpr, BLOCK_P: tl.constexpr):
     """q̂ = q / (‖q‖ + NORM_EPS), q = y · W (W rounded to x's dtype), for one token tile; stored
     in the input dtype. STATS (forward): the group's (mean, rstd) from the LayerNorm partials
     PART of its statistics unit (NREAD rows from the unit's first group, NPS rows a group of
     which NUSED are written; a unit is STAT_DIV groups), written to MEAN/RSTD
     by the group's first tile; otherwise (backward) read from MEAN/RSTD. BWD: the first program
-    stores W's column sums Σ_c W (fp32, W rounded to x's dtype) for the columns kernel's
-    LayerNorm-backward sums; ZERO_DW: it also zeroes the fp32 dW accumulator that the
-    backward's last kernel adds into."""
+    stores W's column sums Σ_c W (fp32, W rounded to x's dtype) for the dq kernel's
+    LayerNorm-backward sums, and every program the attention backward's preprocess for its
+    tokens: D = rowsum(dO ∘ o) with o (O) the attention output before the residual add, saved
+    by the forward (fp32, into DD); ZERO_DW: the first program also zeroes the fp32 dW accumulator that the
+    backward's last kernel adds into; ZERO_DQA: every program zeroes its tokens' rows of the
+    fp32 dq̂ buffer that the key-tile kernel adds the query half of dq̂ into by atomics."""
     pid_t = tl.program_id(0)
     pid_bg = group_index(G)
     b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
@@ -329,8 +334,23 @@ def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, s_xb, s_xc, s_xh, s_xw, 
         first_e = (offs_e * 0 + pid_t + pid_bg) == 0
         tl.store(WSUM + offs_e, tl.sum(w.to(tl.float32), 0), mask=(offs_e < E) & first_e)
     qh = q / (tl.sqrt(tl.sum(q * q, 1)) + NORM_EPS)[:, None]
-    ptrs = QH + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :]
-    tl.store(ptrs, qh.to(QH.dtype.element_ty), mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :])
+    t_mask = offs_t < n_real
+    e2 = t_mask[:, None] & (offs_e < E)[None, :]
+    rows = pid_bg.to(tl.int64) * NB + offs_t
+    tl.store(QH + rows[:, None] * E + offs_e[None, :], qh.to(QH.dtype.element_ty), mask=e2)
+    if BWD:
+        # D_t = dO_t·o_t, o the attention's output without the residual
+        mask = t_mask[:, None] & (offs_c < C)[None, :]
+        cols = offs_c[None, :]
+        do = tl.load(DO + b.to(tl.int64) * s_db + token_offsets(
+            offs_t, p_row, p_col, wr, G, s_dh, s_dw)[:, None] + cols * s_dc, mask=mask, other=0.0)
+        o = tl.load(O + b.to(tl.int64) * s_ob + token_offsets(
+            offs_t, p_row, p_col, wr, G, s_oh, s_ow)[:, None] + cols * s_oc, mask=mask, other=0.0)
+        dd = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DD + rows, dd, mask=t_mask)
+    if ZERO_DQA:
+        tl.store(DQA + rows[:, None] * E + offs_e[None, :],
+                 tl.zeros((BLOCK_T, BLOCK_E), tl.float32), mask=e2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +377,7 @@ def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW,
                       PREC: tl.constexpr, ATOMIC_DW: tl.constexpr, BLOCK_P: tl.constexpr):
     """dx = (dO + dV) + rstd·(dy − mean(dy) − y·mean(dy·y)), written into the x-shaped map;
     with ATOMIC_DW also dW += yᵀ·dq by float atomics (the non-deterministic mode). The two
-    means come from the (count, Σ dy, Σ dy·y) partials the columns kernel wrote per key tile
+    means come from the (count, Σ dy, Σ dy·y) partials the dq kernel wrote per query tile
     (NPS rows per group, NUSED of them written; NREAD rows from the unit's first group),
     combined here for the statistics unit."""
     pid_t = tl.program_id(0)
@@ -558,31 +578,39 @@ def layer_norm_stats_and_qhat(x, w, geo: Geometry, group_stats: bool):
     return mean, rstd, qh
 
 
-def _qhat(x, w, mean, rstd, geo: Geometry, stats=None, stat_div=1, dw=None, wsum=None):
+def _qhat(x, w, mean, rstd, geo: Geometry, stats=None, stat_div=1, dw=None, prep=None):
     BT = _token_block(geo)
     qh = torch.empty(geo.BG, geo.NB, geo.E, device=x.device, dtype=x.dtype)
     part, nps, nused, nread = stats if stats is not None else (mean, 1, 1, 1)
+    wsum, dout, o, dd, dqa = prep if prep is not None else (mean, x, x, mean, None)
     _qhat_kernel[geo.launch(triton.cdiv(geo.NB, BT))](
-        x, w, mean, rstd, qh, part, dw if dw is not None else mean,
-        wsum if wsum is not None else mean,
-        *x.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, nps,
-        nused, nread, stat_div, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
-        PREC=geo.PREC, UPCAST=geo.UPCAST, NORM_EPS=NORM_EPS, LN_EPS=LN_EPS,
-        STATS=stats is not None, ZERO_DW=dw is not None, BWD=wsum is not None,
-        BLOCK_P=PARTIAL_BLOCK, num_warps=_warps(geo))
+        x, w, mean, rstd, qh, part, dw if dw is not None else mean, wsum, dout, o, dd,
+        dqa if dqa is not None else mean,
+        *x.stride(), *w.stride(), *dout.stride(), *o.stride(), geo.C, geo.E, geo.H, geo.W,
+        geo.TH, geo.TW, geo.NB, nps, nused, nread, stat_div, G=geo.G, BLOCK_T=BT,
+        BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC, UPCAST=geo.UPCAST,
+        NORM_EPS=NORM_EPS, LN_EPS=LN_EPS, STATS=stats is not None, ZERO_DW=dw is not None,
+        BWD=prep is not None, ZERO_DQA=dqa is not None, BLOCK_P=PARTIAL_BLOCK,
+        num_warps=_warps(geo))
     return qh
 
 
-def project_qhat(x, w, mean, rstd, geo: Geometry, dw=None, wsum=None) -> torch.Tensor:
-    """q̂ of every real token from the saved (mean, rstd), (BG, NB, E) in the input dtype
-    (padded rows left unwritten); ``dw``, if given, an fp32 (C, E) buffer zeroed on the way;
-    ``wsum``, if given, an fp32 (E,) buffer that receives Σ_c W."""
-    return _qhat(x, w, mean, rstd, geo, dw=dw, wsum=wsum)
+def attention_backward_prep(x, w, mean, rstd, geo: Geometry, dout, o, dw=None, dqa=None):
+    """The backward's first launch: q̂ of every real token from the saved (mean, rstd),
+    (BG, NB, E) in the input dtype (padded rows left unwritten), and the attention backward's
+    preprocess. Returns (q̂, Σ_c W (fp32, (E,)), D (fp32, (BG, NB): dO·o per real token, o the
+    attention output the forward saved, x-shaped)). ``dw``, if given, an fp32 (C, E) buffer zeroed on the way; ``dqa``, if given, the
+    fp32 (BG, NB, E) dq̂ accumulator, its real rows zeroed."""
+    f32 = dict(device=x.device, dtype=torch.float32)
+    wsum = torch.empty(geo.E, **f32)
+    dd = torch.empty(geo.BG, geo.NB, **f32)
+    qh = _qhat(x, w, mean, rstd, geo, dw=dw, prep=(wsum, dout, o, dd, dqa))
+    return qh, wsum, dd
 
 
 def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
                                    geo: Geometry, group_stats: bool, deterministic: bool):
-    """From dq (fp32, (BG, NB, E)), dxv = dO + dV (fp32, (BG, NB, C)) and the columns kernel's
+    """From dq (fp32, (BG, NB, E)), dxv = dO + dV (fp32, (BG, NB, C)) and the dq kernel's
     (count, Σ dy, Σ dy·y) partials ``spart`` (NPS rows per group, NUSED written) to (dx, dW).
     Default: dW added by atomics into ``dw32`` (fp32, zeroed by the backward's q̂ launch) and
     returned in W's dtype; deterministic: two more launches, a fixed-order split-K reduction.

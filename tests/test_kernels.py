@@ -213,6 +213,86 @@ def test_deterministic_bitwise(shape, grid, window):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _oracle_lse(x, w, grid, window):
+    """Per group (in the kernels' order: sample, window row, window column, phase) the
+    natural-log logsumexp over the keys of the logits (1 + q̂_i·q̂_j)/√E of each real token i,
+    padded keys (logit 1/√E) included: docs/ss_attention.md read directly, in float64."""
+    x, w = x.double(), w.double()
+    B, C, H, W = x.shape
+    E = w.shape[1]
+    mu = x.mean(dim=(1, 2, 3), keepdim=True)
+    y = (x - mu) / torch.sqrt(x.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    Ht, Wt = -(-H // grid), -(-W // grid)
+    TH, TW, NWH, NWW = T.window_sizes(H, W, grid, window)
+    out = []
+    for b in range(B):
+        for r in range(NWH):
+            for k in range(NWW):
+                th, tw = min(Ht - r * TH, TH), min(Wt - k * TW, TW)
+                for a in range(grid):
+                    for c in range(grid):
+                        ph = y[b, :, a::grid, c::grid][:, r * TH:r * TH + th, k * TW:k * TW + tw]
+                        tok = ph.reshape(C, -1).T  # real tokens, row-major: the kernels' rows
+                        q = tok @ w
+                        q = q / (q.norm(dim=1, keepdim=True) + 1e-8)
+                        logits = (1.0 + q @ q.T) / math.sqrt(E)
+                        n_pad = th * tw - tok.shape[0]
+                        pad = torch.full((tok.shape[0], n_pad), 1.0 / math.sqrt(E),
+                                         dtype=torch.float64)
+                        out.append(torch.logsumexp(torch.cat([logits, pad], 1), dim=1))
+    return out
+
+
+@interp
+@pytest.mark.parametrize("shape,grid,window", [((2, 16, 13, 11), 4, None),  # padded, B > 1
+                                               ((1, 16, 13, 11), 2, 8)])    # ragged windows
+def test_forward_saves_the_logsumexp(shape, grid, window):
+    """The forward's saved statistic is the log2-domain LSE of the oracle's logits per query
+    row (the backward recomputes P = exp2(logits·log2 e − LSE) from it), 0 past the real
+    tokens of a group."""
+    x64, w64 = attention_inputs(shape)
+    out, o, lse, _, _ = torch.ops.ssbsn.ss_attention(x64.float(), w64.float(), grid, False,
+                                                     False, window or 0)
+    assert torch.equal(out, (x64.float() + o))  # o: the attention output before the residual
+    want = _oracle_lse(x64, w64, grid, window)
+    assert lse.shape[0] == len(want)
+    for row, ref in zip(lse, want):
+        n = ref.shape[0]
+        torch.testing.assert_close(row[:n].double() * math.log(2.0), ref, rtol=0, atol=2e-6)
+        assert torch.count_nonzero(row[n:]) == 0
+
+
+@interp
+@pytest.mark.parametrize("shape,grid,window,dtype,fmt", [
+    ((1, 16, 37, 29), 4, None, torch.float32, NCHW),   # N = 80: several key and query tiles
+    ((2, 16, 13, 11), 4, None, torch.float16, CL),
+    ((1, 16, 13, 11), 2, 8, torch.bfloat16, CL),       # ragged windows, padded tokens
+])
+def test_atomic_and_deterministic_paths_agree(shape, grid, window, dtype, fmt):
+    """The default backward (the query half of dq̂ by atomics from the key-tile kernel) and the
+    deterministic one (the dq kernel's own loop over keys) each pass the FA3 rule against the
+    fp64 oracle, give the same output bits, and differ from each other by at most the FA3
+    rule's allowance (twice the same-dtype reference's error)."""
+    x64, w64 = attention_inputs(shape)
+    torch.manual_seed(0)  # the same upstream gradient in the three runs
+    det = _compare(x64, w64, grid, False, dtype, fmt, deterministic=True, window=window)
+    torch.manual_seed(0)
+    atomic = _compare(x64, w64, grid, False, dtype, fmt, window=window)
+    assert torch.equal(det[0], atomic[0])
+    torch.manual_seed(0)
+    go64 = torch.randn_like(x64)
+    oracle_fn = lambda a, b: ss_attention_reference(a, b, grid, window=window)  # noqa: E731
+    same_fn = (_same_dtype_reference(grid, False) if window is None else
+               _windowed_same_dtype_reference(grid, False, window))
+    oracle = run_grads(oracle_fn, x64, w64, go64)
+    x = x64.to(dtype).contiguous(memory_format=fmt)
+    same = run_grads(same_fn, x, w64.to(dtype), go64.to(dtype))
+    for name, a, b, r, o in zip(("dx", "dw"), det[1:], atomic[1:], same[1:], oracle[1:]):
+        gap = (a.double() - b.double()).abs().max().item()
+        base = (r.double() - o).abs().max().item()
+        assert gap <= 2.0 * base + 2e-6 * o.abs().max().item(), f"{name}: {gap:.3e} vs {base:.3e}"
+
+
 @interp
 @pytest.mark.parametrize("shape,grid,window", [((1, 16, 6, 5), 4, 0), ((1, 16, 6, 3), 2, 4)])
 def test_op_registration(shape, grid, window):
@@ -267,8 +347,8 @@ def test_autotune_prunes_to_the_operand_class(dtype, C, cls):
     """Each launch only benchmarks the tile list of its operand class (TILES; checked for shared
     memory and spills by tests/test_aot_compile.py), not configurations that cannot launch."""
     assert K.operand_class(dtype, T.block_dim(C), T.block_dim(C)) == cls
-    for kind, name in (("fwd", "_ss_attn_fwd_kernel"), ("bwd_rows", "_ss_attn_bwd_rows_kernel"),
-                       ("bwd_cols", "_ss_attn_bwd_cols_kernel")):
+    for kind, name in (("fwd", "_ss_attn_fwd_kernel"), ("bwd_dkdv", "_ss_attn_bwd_dkdv_kernel"),
+                       ("bwd_dq", "_ss_attn_bwd_dq_kernel")):
         tuner = getattr(K, name)
         x = torch.empty(1, C, 4, 4, dtype=dtype)
         kept = tuner.early_config_prune(tuner.configs, {"X": x}, BLOCK_C=T.block_dim(C),
