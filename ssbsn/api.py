@@ -63,21 +63,23 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
     """How many times the pipeline runs the BSN on an (H, W) image: per tile, one pass
     plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
     the PD stride's s² shifts with the shifted-PD ensemble; the blend adds its second estimate
-    at the training stride when that differs. None: the model's own setting."""
-    from .restore.estimate import tile_starts
+    at the training stride when that differs (with the ensemble, that stride's s shifts of a
+    Latin square). None: the model's own setting."""
+    from .restore.estimate import shift_offsets, tile_starts
     s = model.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
                                  pd=pd, blend=blend, overlap=overlap)
 
-    def one_estimate(b: int) -> int:
+    def one_estimate(b: int, latin: bool = False) -> int:
         windows = 1
         if s["tile"]:
             t = -(-s["tile"] // b) * b  # as restore.estimate.tiled rounds it
             windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
-        return (windows * (8 if s["self_ensemble"] else 1) * (b * b if s["shifts"] else 1)
+        return (windows * (8 if s["self_ensemble"] else 1)
+                * (len(shift_offsets(b, latin)) if s["shifts"] else 1)
                 * (1 + model.r3_T if s["r3"] else 1))
     total = one_estimate(s["pd"])
     if s["blend"] and model.pd_train != s["pd"]:
-        total += one_estimate(model.pd_train)
+        total += one_estimate(model.pd_train, latin=True)
     return total
 
 

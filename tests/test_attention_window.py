@@ -223,5 +223,7 @@ def test_scaling_benchmark_smoke(tmp_path, one_thread):
     for r in rows:
         assert r["seconds"] > 0 and r["us_per_pixel"] > 0
         if r["kind"] == "full":
-            assert r["passes"] == 13 and r["network_s"] <= r["seconds"]
+            # the quick preset: PD 2 over its 2² shifts, the blend's reference at PD 3 over
+            # the 3 shifts of its Latin square
+            assert r["passes"] == 2 * 2 + 3 and r["network_s"] <= r["seconds"]
     assert "whole map" in (tmp_path / "results.md").read_text()

@@ -123,3 +123,40 @@ def test_training_forward_shape_and_bad_input():
         model(torch.rand(2, 1, 20, 15))
     with pytest.raises(ValueError, match="R3"):
         SSBSN(r3_p=1.5)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_cpu_inference_path_fuses_conv_relu_in_channels_last(window):
+    """Without autograd on the CPU the BSN runs in channels_last with every convolution that
+    a ReLU follows fused with it (one oneDNN call, no ReLU op). Oracle: the same weights
+    through the plain path (NCHW, convolution then ReLU) with autograd on."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import ssbsn.nn.conv as conv
+    if not conv._FUSED_CONV_RELU:
+        pytest.skip("this torch has no oneDNN fused convolution")
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1, attention_window=window).eval()
+    x = torch.rand(2, 3, 30, 36) * 255
+    expected = model.bsn(x).detach()  # autograd on: the plain path
+    ops = Ops()
+    with torch.no_grad(), ops:
+        got = model.bsn(x)
+    assert got.is_contiguous() and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    fused = ops.names.count("mkldnn._convolution_pointwise")
+    relus = [n for n in model.bsn.modules() if isinstance(n, torch.nn.ReLU)]
+    # every ReLU module of the network plus the two inside each D-Conv/SS block's body
+    blocks = sum(type(m).__name__ in ("DConvBlock", "SSBlock") for m in model.bsn.modules())
+    assert fused == len(relus) + 2 * blocks
+    assert not {"aten.relu", "aten.relu_", "aten.clamp_min"} & set(ops.names)

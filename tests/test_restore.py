@@ -22,6 +22,8 @@ from ssbsn.config import (InferenceConfig, _inf, add_inference_options, check_in
                           inference_field_names)
 from ssbsn.errors import CheckpointError, ConfigError
 from ssbsn.restore import Pipeline
+from ssbsn.restore.pipeline import Context
+import ssbsn.nn.conv as conv
 from ssbsn.restore.estimate import (View, inverse_transform, network_estimate, pd_r3,
                                     self_ensembled, shift_ensembled, tiled_call, transform)
 
@@ -44,10 +46,18 @@ def saved():
 
 
 @pytest.mark.parametrize("i", range(len(SAVED)))
-def test_saved_model_denoises_as_before(saved, i):
+def test_saved_model_denoises_as_before(saved, i, monkeypatch):
     """The file's bytes are the oracle: a model saved before the refactor loads and gives the
     outputs it gave then (every step of the pipeline is on in one of the settings); the
-    Denoiser and SSBSN.denoise run the same pipeline."""
+    Denoiser and SSBSN.denoise run the same pipeline. The outputs were made with the blend's
+    reference at all stride² shifts, since replaced by a Latin square of them
+    (test_blend_reference_is_the_latin_square_of_shifts), and with the network's NCHW
+    convolutions, since fused with their ReLUs in channels_last on the CPU (a float-rounding
+    change that the Wiener stage's block matching turns into up to 0.2 grey levels;
+    tests/test_model.py checks the fused path against the plain one): both are put back."""
+    full = Context.estimate_at
+    monkeypatch.setattr(Context, "estimate_at", lambda self, stride, latin=False: full(self, stride))
+    monkeypatch.setattr(conv, "_FUSED_CONV_RELU", False)
     model, ref = saved
     img = ref["image"]
     x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32))[None]
@@ -56,6 +66,34 @@ def test_saved_model_denoises_as_before(saved, i):
     assert np.abs(got - img.transpose(2, 0, 1)).mean() > 1  # it did denoise
     den = Denoiser(model, **SAVED[i]).denoise_array(img.astype(np.float32))
     assert np.array_equal(den.transpose(2, 0, 1), got)
+
+
+def test_blend_reference_is_the_latin_square_of_shifts(saved):
+    """With the shifted-PD ensemble on, the blend's reference at the training stride s is the
+    mean of the estimates at the s shifts (i, (s − i) mod s), each PD phase of a row and of a
+    column once, written out here from the model's forward; the output estimate keeps all s²."""
+    model, ref = saved
+    x = torch.from_numpy(ref["image"].transpose(2, 0, 1).astype(np.float32))[None][..., :23, :29]
+    s, H, W = 3, 23, 29
+    p = Pipeline(model)
+    config = p.settings(shifts=True, lowpass=0.0, blend=True, wiener=False, debias=False, pd=2)
+    ctx = Context(model, x, config, [])
+    acc = 0
+    for dy, dx in [(0, 0), (1, 2), (2, 1)]:
+        xs = F.pad(x, (dx, 0, dy, 0), mode="reflect")
+        xp = F.pad(xs, (0, (-xs.shape[-1]) % s, 0, (-xs.shape[-2]) % s))
+        with torch.no_grad():
+            acc = acc + model(xp, pd=s)[..., dy:dy + H, dx:dx + W]
+    torch.testing.assert_close(ctx.estimate_at(s, latin=True), acc / 3, rtol=0, atol=1e-4)
+    assert model.pd_train == s and not torch.equal(ctx.estimate_at(s, latin=True),
+                                                   Context(model, x, config, []).estimate_at(s))
+    calls, forward = [], model.forward
+    model.forward = lambda xp, pd=None: (calls.append(pd), forward(xp, pd=pd))[1]
+    try:
+        p(x, shifts=True, lowpass=0.0, blend=True, wiener=False, debias=False, pd=2)
+    finally:
+        del model.forward
+    assert calls == [2] * 4 + [3] * 3
 
 
 def test_denoiser_checks_its_options_when_given(saved):

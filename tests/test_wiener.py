@@ -372,7 +372,10 @@ def test_denoise_refines_the_blend_then_debiases():
     (docs/model.md, steps 7 to 9)."""
     from ssbsn import SSBSN
     from ssbsn.restore.debias import tone_curve_debias
+    from ssbsn.restore import Pipeline
     from ssbsn.restore.blend import noisy_pixel_blend
+    from ssbsn.restore.estimate import network_estimate
+    from ssbsn.restore.lowpass import restore_low_frequencies
     torch.manual_seed(0)
     model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1, pd_test=2).eval()
     with torch.no_grad():  # outputs around mid-grey
@@ -382,7 +385,12 @@ def test_denoise_refines_the_blend_then_debiases():
     x = torch.from_numpy(noisy8.astype(np.float32).transpose(2, 0, 1).copy())[None]
     kw = dict(r3=False, shifts=True, lowpass=4.0)
     est = model.denoise(x, blend=False, wiener=False, debias=False, **kw)
-    ref = model.denoise(x, blend=False, wiener=False, debias=False, pd=model.pd_train, **kw)
+    # the blend's reference: the estimate at the training stride over its Latin square of
+    # shifts (tests/test_restore.py checks that square against the model's forward)
+    cfg = Pipeline(model).settings(blend=False, wiener=False, debias=False, pd=model.pd_train, **kw)
+    with torch.no_grad():
+        ref = restore_low_frequencies(x, network_estimate(model, x, model.pd_train, cfg,
+                                                          latin=True), kw["lowpass"])
     want = tone_curve_debias(x, est, collaborative_refinement(x, est, noisy_pixel_blend(x, est, ref)),
                              lag=model.pd_train)
     got = model.denoise(x, blend=True, wiener=True, debias=True, **kw)

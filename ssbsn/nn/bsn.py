@@ -16,7 +16,27 @@ from torch import nn
 from ..attention import SSAttention
 from ..attention.common import check_window
 from .blocks import DConvBlock, SSBlock
-from .conv import CentralMaskedConv2d
+from .conv import CentralMaskedConv2d, DilatedConv2d, conv2d_relu, cpu_inference
+
+
+def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)``, each convolution followed by a ReLU run as one call
+    (:func:`ssbsn.nn.conv.conv2d_relu`: fused on the CPU inference path, the two in turn
+    elsewhere)."""
+    mods = list(layers)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        if isinstance(m, nn.Conv2d) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU):
+            if isinstance(m, (CentralMaskedConv2d, DilatedConv2d)):
+                x = m(x, relu=True)
+            else:
+                x = conv2d_relu(x, m.weight, m.bias, padding=m.padding[0], dilation=m.dilation[0])
+            i += 2
+        else:
+            x = m(x)
+            i += 1
+    return x
 
 
 class Branch(nn.Module):
@@ -45,7 +65,7 @@ class Branch(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return run_layers(self.body, x)
 
 
 class BSN(nn.Module):
@@ -90,5 +110,9 @@ class BSN(nn.Module):
                 m.window = window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head(x)
-        return self.tail(torch.cat([b(x) for b in self.branches()], dim=1))
+        fast = cpu_inference(x)  # channels_last on the CPU inference path (ssbsn.nn.conv)
+        if fast:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = run_layers(self.head, x)
+        y = run_layers(self.tail, torch.cat([b(x) for b in self.branches()], dim=1))
+        return y.contiguous() if fast else y

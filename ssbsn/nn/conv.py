@@ -7,7 +7,10 @@
   and the parameter count is theirs.
 * :class:`DilatedConv2d` — a 3×3 convolution with dilation d and padding d.
 
-``backend="torch"`` uses ``F.conv2d`` (cuDNN on GPU).
+``backend="torch"`` uses ``F.conv2d`` (cuDNN on GPU). Inference on the CPU (float32, no
+autograd; :func:`cpu_inference`) runs a convolution followed by a ReLU as one oneDNN call
+(:func:`conv2d_relu`): the same arithmetic as the convolution and ``F.relu`` in turn on a
+channels_last input, without the ReLU's pass over memory.
 
 ``backend="cuda"`` uses the CUDA extension in ``csrc/``: both convolutions as *tap*
 convolutions, a list of (dy, dx) offsets — the masked k×k conv is the k²−1 offsets around the
@@ -35,8 +38,36 @@ from ._cuda_ext import conv_backend_info
 CONV_BACKENDS = ("torch", "cuda")
 MAX_TAPS = 25  # csrc/conv_api.h kMaxTaps
 
-__all__ = ["CONV_BACKENDS", "CentralMaskedConv2d", "DilatedConv2d", "centre_mask", "conv_backend_info",
-           "dilated_conv2d", "masked_conv2d"]
+__all__ = ["CONV_BACKENDS", "CentralMaskedConv2d", "DilatedConv2d", "centre_mask", "conv2d_relu",
+           "conv_backend_info", "cpu_inference", "dilated_conv2d", "masked_conv2d"]
+
+
+def _has_fused_conv_relu() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                "_convolution_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_FUSED_CONV_RELU = _has_fused_conv_relu()
+
+
+def cpu_inference(x: torch.Tensor) -> bool:
+    """Whether ``x`` takes the CPU inference path: a float32 CPU tensor with autograd and
+    autocast off and oneDNN's fused convolution available. The network then runs in
+    channels_last (oneDNN's native layout; NCHW inputs are reordered at every convolution)."""
+    return (_FUSED_CONV_RELU and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+
+
+def conv2d_relu(x, weight, bias=None, padding: int = 0, dilation: int = 1):
+    """``F.relu(F.conv2d(x, weight, bias, padding=padding, dilation=dilation))``: one oneDNN
+    call with the ReLU as its post-op on the CPU inference path (:func:`cpu_inference`)."""
+    if cpu_inference(x) and weight.dtype == torch.float32:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, [padding, padding], [1, 1], [dilation, dilation], 1, "relu", [], "")
+    return F.relu(F.conv2d(x, weight, bias, padding=padding, dilation=dilation))
 
 
 def _check_backend(backend: str) -> None:
@@ -56,8 +87,10 @@ def masked_conv2d(x, weight, bias=None, *, relu: bool = False, backend: str = "t
     k = weight.shape[-1]
     if backend == "cuda":
         return _cuda_conv(x, weight, bias, _masked_taps(k), relu)
-    out = F.conv2d(x, weight * centre_mask(k, weight.device, weight.dtype), bias, padding=k // 2)
-    return F.relu(out) if relu else out
+    w = weight * centre_mask(k, weight.device, weight.dtype)
+    if relu:
+        return conv2d_relu(x, w, bias, padding=k // 2)
+    return F.conv2d(x, w, bias, padding=k // 2)
 
 
 def dilated_conv2d(x, weight, bias=None, *, dilation: int, relu: bool = False,
@@ -66,8 +99,9 @@ def dilated_conv2d(x, weight, bias=None, *, dilation: int, relu: bool = False,
     _check_backend(backend)
     if backend == "cuda":
         return _cuda_conv(x, weight, bias, _dilated_taps(dilation), relu)
-    out = F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
-    return F.relu(out) if relu else out
+    if relu:
+        return conv2d_relu(x, weight, bias, padding=dilation, dilation=dilation)
+    return F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
 
 
 class CentralMaskedConv2d(nn.Conv2d):

@@ -98,8 +98,11 @@ def noisy_pixel_blend(noisy: torch.Tensor, estimate: torch.Tensor,
 class Blend:
     """Step of the ``blend`` setting: :func:`noisy_pixel_blend` of the result so far, the
     error variance keyed on the texture of the estimate at the training PD stride (one more
-    network pass where it differs from the inference stride)."""
+    network pass where it differs from the inference stride; with the shifted-PD ensemble,
+    the stride's Latin square of shifts rather than all stride², which measured the same:
+    benchmarks/results/blend_reference/)."""
     stage = "output"
 
     def __call__(self, ctx, image: torch.Tensor, value) -> torch.Tensor:
-        return noisy_pixel_blend(ctx.noisy, image, ctx.estimate_at(ctx.model.pd_train))
+        return noisy_pixel_blend(ctx.noisy, image,
+                                 ctx.estimate_at(ctx.model.pd_train, latin=True))

@@ -37,22 +37,32 @@ class View(NamedTuple):
 Call = Callable[[torch.Tensor, View], torch.Tensor]
 
 
-def shift_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s: int
-                   ) -> torch.Tensor:
-    """Average of ``fn`` over the s² pixel shifts (dy, dx) in 0..s−1 of x (reflect-padded at the
-    top/left, cropped back): every pixel takes each of the s² PD phases once, which removes the
-    PD checkerboard and averages s² different blind-spot estimates."""
+def shift_offsets(s: int, latin: bool = False) -> list[tuple[int, int]]:
+    """The pixel shifts (dy, dx) of the shifted-PD ensemble at stride s: all s² of them, or with
+    ``latin`` the s shifts (i, (s − i) mod s) of a Latin square — every PD row phase and
+    every column phase once, at a third (s = 3) of the cost."""
+    if latin:
+        return [(i, (s - i) % s) for i in range(s)]
+    return [(dy, dx) for dy in range(s) for dx in range(s)]
+
+
+def shift_ensemble(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s: int,
+                   latin: bool = False) -> torch.Tensor:
+    """Average of ``fn`` over the pixel shifts (dy, dx) of :func:`shift_offsets` (x reflect-padded
+    at the top/left, cropped back): with all s² shifts every pixel takes each of the s² PD
+    phases once, which removes the PD checkerboard and averages s² different blind-spot
+    estimates; ``latin`` takes s of them."""
     if s <= 1:
         return fn(x)
     H, W = x.shape[-2:]
     mode = "reflect" if min(H, W) > s else "replicate"
+    offsets = shift_offsets(s, latin)
     acc = None
-    for dy in range(s):
-        for dx in range(s):
-            xs = torch.nn.functional.pad(x, (dx, 0, dy, 0), mode=mode) if dy or dx else x
-            y = fn(xs)[..., dy:dy + H, dx:dx + W]
-            acc = y if acc is None else acc + y
-    return acc / (s * s)
+    for dy, dx in offsets:
+        xs = torch.nn.functional.pad(x, (dx, 0, dy, 0), mode=mode) if dy or dx else x
+        y = fn(xs)[..., dy:dy + H, dx:dx + W]
+        acc = y if acc is None else acc + y
+    return acc / len(offsets)
 
 
 def _hash32(v: torch.Tensor) -> torch.Tensor:
@@ -179,10 +189,11 @@ def self_ensembled(f: Call) -> Call:
     return call
 
 
-def shift_ensembled(f: Call, stride: int) -> Call:
-    """``f`` averaged over the stride² pixel shifts (:func:`shift_ensemble`)."""
+def shift_ensembled(f: Call, stride: int, latin: bool = False) -> Call:
+    """``f`` averaged over the pixel shifts of :func:`shift_ensemble` (all stride² of them, or
+    the stride of a Latin square)."""
     def call(x: torch.Tensor, view: View) -> torch.Tensor:
-        return shift_ensemble(lambda img: f(img, view), x, stride)
+        return shift_ensemble(lambda img: f(img, view), x, stride, latin)
     return call
 
 
@@ -196,20 +207,22 @@ def tiled_call(f: Call, tile: int, overlap: int, multiple: int = 1) -> Call:
     return call
 
 
-def estimate_call(model, stride: int, config) -> Call:
+def estimate_call(model, stride: int, config, latin: bool = False) -> Call:
     """The network's estimate at PD ``stride`` as ``config`` (an
     :class:`ssbsn.config.InferenceConfig`) composes it: the PD/R3 call, inside the
-    self-ensemble, inside the shifted-PD ensemble, inside the tiles."""
+    self-ensemble, inside the shifted-PD ensemble (``latin``: its Latin-square subset),
+    inside the tiles."""
     f = pd_r3(model, stride, config.r3, config.seed)
     if config.self_ensemble:
         f = self_ensembled(f)
     if config.shifts:
-        f = shift_ensembled(f, stride)
+        f = shift_ensembled(f, stride, latin)
     if config.tile:
         f = tiled_call(f, config.tile, config.overlap, multiple=stride)
     return f
 
 
-def network_estimate(model, x: torch.Tensor, stride: int, config) -> torch.Tensor:
+def network_estimate(model, x: torch.Tensor, stride: int, config, latin: bool = False
+                     ) -> torch.Tensor:
     """The network's estimate of x (B, C, H, W) at PD ``stride``: :func:`estimate_call`."""
-    return estimate_call(model, stride, config)(x, View())
+    return estimate_call(model, stride, config, latin)(x, View())

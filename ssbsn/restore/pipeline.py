@@ -63,19 +63,24 @@ class Context:
     steps: list
     _estimates: dict = dataclasses.field(default_factory=dict)
 
-    def estimate_at(self, stride: int) -> torch.Tensor:
+    def estimate_at(self, stride: int, latin: bool = False) -> torch.Tensor:
         """The network's estimate at PD ``stride``, through the steps of the stage
-        "estimate"."""
-        if stride not in self._estimates:
+        "estimate". ``latin``: where the shifted-PD ensemble is on, its Latin-square subset
+        of ``stride`` shifts is enough (a reference's texture, not an output); the full
+        estimate serves where it has been made."""
+        key = (stride, bool(latin and self.config.shifts))
+        if (stride, False) in self._estimates:
+            return self._estimates[(stride, False)]
+        if key not in self._estimates:
             H, W = self.noisy.shape[-2:]
             check_pd_for_image(stride, self.model.pd_pad, H, W)
             check_tiles_for_image(self.config.tile, self.config.overlap, H, W, stride)
-            y = network_estimate(self.model, self.noisy, stride, self.config)
+            y = network_estimate(self.model, self.noisy, stride, self.config, latin=key[1])
             for _, step, value in self.steps:
                 if step.stage == "estimate":
                     y = step(self, y, value)
-            self._estimates[stride] = y
-        return self._estimates[stride]
+            self._estimates[key] = y
+        return self._estimates[key]
 
     @property
     def estimate(self) -> torch.Tensor:
