@@ -45,7 +45,7 @@ _BIG = 1e30  # the distance of a block out of reach (outside the image or the se
 CHUNK = 1 << 21  # values of the 3-D coefficients of one chunk of groups in the Wiener filter
 BANDS_PER_THREAD = 2  # on the CPU: horizontal bands of the image per torch thread …
 MIN_BAND = 256        # … of at least this many rows (a band also redoes about 60 rows)
-MAX_WORKERS = 8       # bands at a time (each with its own ring buffers)
+MAX_WORKERS = 16      # bands at a time (each with its own ring buffers)
 
 
 @dataclass(frozen=True)
@@ -226,8 +226,8 @@ def default_bands(height: int, device, threads: int | None = None) -> tuple[int,
     """(bands, workers) for :func:`collaborative_wiener` on an image of ``height`` rows with
     ``threads`` torch threads (default: torch's): on the CPU with more than one thread,
     ``BANDS_PER_THREAD`` bands per thread of at least ``MIN_BAND`` rows each, on as many
-    workers as threads (at most ``MAX_WORKERS``); one band elsewhere (a GPU runs every op on
-    the whole image at once)."""
+    single-threaded workers as torch has threads (at most ``MAX_WORKERS``); one band elsewhere
+    (a GPU runs every op on the whole image at once)."""
     threads = torch.get_num_threads() if threads is None else threads
     if torch.device(device).type != "cpu" or threads <= 1:
         return 1, 1
@@ -254,12 +254,14 @@ def collaborative_wiener(noisy: torch.Tensor, pilot: torch.Tensor, noise: torch.
     module's docstring.
 
     Bands: the output is computed in ``bands`` horizontal bands, each on its own from the rows
-    it needs, ``workers`` of them at a time on as many threads, each with its share of torch's
-    threads (default: :func:`default_bands`; one band on a GPU). A band runs the very ops that
-    the whole image's pass runs for its rows, so the output does not depend on the bands or
-    the workers: on the CPU it is the same to the bit. Single-threaded workers share no
-    parallel regions: on a busy machine a worker that the system sets aside holds up only its
-    own band, where every op of one pass over the whole image waits for its slowest thread.
+    it needs (default: :func:`default_bands`). A band runs the very ops that the pass over the
+    whole image runs for its rows, so the output does not depend on the bands. On the CPU the
+    bands go to ``workers`` threads (default: :func:`default_bands`), each running torch ops
+    on one thread: the output does not depend on torch's thread count either (some ops, such
+    as sums, split their work by the thread count, and the split changes the rounding), it is
+    the same to the bit on any machine with the same kernels, and the workers share no parallel
+    regions: on a busy machine, a worker that the system sets aside holds up its own band only,
+    where every op of a multi-threaded pass would wait for its slowest thread.
 
     Memory: besides three images, per worker, the coefficient maps of the noisy image, the
     pilot and the estimate for the rows of block positions that one row of tiles can reach
@@ -267,7 +269,7 @@ def collaborative_wiener(noisy: torch.Tensor, pilot: torch.Tensor, noise: torch.
     default, 0.47 GB for a 4000-pixel-wide RGB image in float32), and ``piece`` rows at a time
     through the transforms."""
     C, H, W = noisy.shape
-    n, R = params.block, params.radius
+    n = params.block
     nn = n * n
     if noise.dim() == 2:
         noise = noise.reshape(C, 1, 1, -1)
@@ -285,27 +287,23 @@ def collaborative_wiener(noisy: torch.Tensor, pilot: torch.Tensor, noise: torch.
                 noise.to(device=dev, dtype=dt), params, piece)
     auto_bands, auto_workers = default_bands(H, dev)
     cuts = band_cuts(H, auto_bands if bands is None else bands)
-    workers = max(1, min(auto_workers if workers is None else workers, len(cuts) - 1))
-    if len(cuts) == 2:
-        out = f.band(0, H)
-    elif workers == 1:
-        out = torch.cat([f.band(a, b) for a, b in zip(cuts[:-1], cuts[1:])])
+    jobs = list(zip(cuts[:-1], cuts[1:]))
+    if dev.type != "cpu":
+        out = f.band(0, H) if len(jobs) == 1 else torch.cat([f.band(a, b) for a, b in jobs])
     else:
         out = torch.empty(H, W, C, dtype=dt, device=dev)
-        _on_threads(lambda a, b: out[a:b].copy_(f.band(a, b)),
-                    list(zip(cuts[:-1], cuts[1:])), workers)
+        _single_threaded(lambda a, b: out[a:b].copy_(f.band(a, b)), jobs,
+                         max(1, min(auto_workers if workers is None else workers, len(jobs))))
     return out.permute(2, 0, 1).contiguous()
 
 
-def _on_threads(f, jobs: list, workers: int) -> None:
+def _single_threaded(f, jobs: list, workers: int) -> None:
     """f(*job) for every job, on ``workers`` threads that take the next job as they finish
-    one; each thread runs torch ops on its share of torch's threads (one, with no more threads
-    than workers), so that the workers never wait for one another inside an op."""
+    one, each running torch ops on one thread of its own."""
     threads = torch.get_num_threads()
-    inner = max(1, threads // workers)
     try:
         with ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
-                                initargs=(inner,)) as ex:
+                                initargs=(1,)) as ex:
             for _ in ex.map(lambda job: f(*job), jobs):
                 pass
     finally:
