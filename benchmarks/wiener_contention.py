@@ -3,11 +3,11 @@ against its bands on single-threaded workers (ssbsn.restore.collaborative), on a
 and with busy-loop processes competing for the cores.
 
     python benchmarks/wiener_contention.py [--size 4000x3000] [--threads 2] [--busy 2] \
-        [--repeat 1] [--out benchmarks/results/wiener/contention]
+        [--repeat 1] [--limit 1800] [--memory] [--out benchmarks/results/wiener/contention]
 
-On wiener_compare.py's synthetic photo (the estimate and pilot a blur of it), steps 1–5 of
-ssbsn.restore.wiener with step 4 by ``collaborative_wiener`` with ``--threads`` torch threads,
-each variant of ``--variants``:
+Step 4 of ssbsn.restore.wiener (the filter) on the inputs that steps 1–3 give it for
+wiener_compare.py's synthetic photo (the estimate and pilot a blur of the noisy photo), with
+``--threads`` torch threads, as each variant of ``--variants``:
 
 * ``whole``: one pass over the whole image in the calling thread, every op on all the threads
   (the filter as it was before the bands; :func:`whole_pass`);
@@ -15,11 +15,10 @@ each variant of ``--variants``:
   (:func:`ssbsn.restore.collaborative.default_bands`);
 
 first as the machine is (``quiet``), then with ``--busy`` processes of ``while True: pass``
-running (``busy``); the variants back to back under each condition, ``--repeat`` rounds. Each
-run records the seconds of the whole refinement and of step 4, the process's CPU seconds and
-the load averages (1, 5, 15 minutes) before and after; the step-4 outputs of the variants are
-compared to the bit. ``--memory``: the peak memory of step 4 alone for each variant (a fresh
-process each).
+running (``busy``); the variants back to back under each condition, each in a fresh process
+stopped after ``--limit`` seconds, ``--repeat`` rounds. Each run records its seconds, its CPU
+seconds and the load averages (1, 5, 15 minutes) before and after; the outputs of all the runs
+are compared to the bit (SHA-256). ``--memory``: the peak memory of each variant too.
 
 Writes ``results.json`` and ``README.md`` to ``--out``.
 """
@@ -52,19 +51,51 @@ def whole_pass(z, p, cov, params, guide):
     return f.band(0, z.shape[1]).permute(2, 0, 1).contiguous()
 
 
-def step4_with(variant: str):
-    """Step 4 as ``ssbsn.restore.wiener.torch_step4`` runs it on the CPU, as ``variant``."""
+def step4_inputs(height: int, width: int, path: Path) -> None:
+    """Step 4's inputs on wiener_compare.py's synthetic photo, the estimate and pilot a blur of
+    it (steps 1–3 of the refinement, as ``ssbsn.restore.wiener.torch_step4`` receives them,
+    with the noise covariances it computes), saved to ``path`` (.npz, float32)."""
     import torch
 
-    from ssbsn.restore.collaborative import DEFAULT, coefficient_covariances, collaborative_wiener
-    run = whole_pass if variant == "whole" else collaborative_wiener
+    from ssbsn.restore import wiener
+    from ssbsn.restore.collaborative import DEFAULT, coefficient_covariances
+    from ssbsn.restore.lowpass import gaussian_lowpass
+    noisy, _ = wiener_compare.synthetic_photo(height, width)
+    x = torch.from_numpy(noisy.astype(np.float32).transpose(2, 0, 1).copy())[None]
+    est = gaussian_lowpass(x, 1.0)
 
-    def step4(z, p, psds, guide):
-        f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    class Done(Exception):
+        pass
+
+    def keep(z, p, psds, guide):
         cov = np.stack([coefficient_covariances(psd, DEFAULT.block) for psd in psds])
-        out = run(f32(z), f32(p), f32(cov), DEFAULT, None if guide is None else f32(guide))
-        return out.double().numpy()
-    return step4
+        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+        np.savez(path, z=f32(z), p=f32(p), cov=f32(cov),
+                 **({} if guide is None else dict(guide=f32(guide))))
+        raise Done
+    try:
+        wiener.refine(x, est, est, keep)
+    except Done:
+        pass
+
+
+def run_one(variant: str, inputs: str, threads: int) -> dict:
+    """Step 4 once as ``variant`` on the saved inputs with ``threads`` torch threads: its
+    seconds, the process's CPU seconds over it, and the SHA-256 of the output's bytes."""
+    import hashlib
+
+    import torch
+
+    from ssbsn.restore.collaborative import DEFAULT, collaborative_wiener
+    torch.set_num_threads(threads)
+    d = np.load(inputs)
+    t = lambda k: torch.from_numpy(d[k]) if k in d else None  # noqa: E731
+    run = whole_pass if variant == "whole" else collaborative_wiener
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = run(t("z"), t("p"), t("cov"), DEFAULT, t("guide"))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return dict(step4_s=round(wall, 2), cpu_s=round(cpu, 1),
+                sha256=hashlib.sha256(out.numpy().tobytes()).hexdigest())
 
 
 def busy_processes(count: int) -> list:
@@ -86,33 +117,22 @@ def _load():
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def time_variant(x, est, variant: str, threads: int) -> tuple[dict, np.ndarray]:
-    """One run of the refinement with step 4 as ``variant``: its figures, and step 4's output."""
-    import torch
-
-    from ssbsn.restore import wiener
+def time_variant(variant: str, inputs: Path, threads: int, limit: float) -> dict:
+    """One run of step 4 as ``variant`` in a fresh process, stopped after ``limit`` seconds."""
     from ssbsn.restore.collaborative import default_bands
-    step4 = step4_with(variant)
-    got = {}
-
-    def timed(*a):
-        t = time.perf_counter()
-        got["out"] = step4(*a)
-        got["step4_s"] = round(time.perf_counter() - t, 2)
-        return got["out"]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    h = int(np.load(inputs)["z"].shape[1])
+    bands = VARIANTS[variant] or default_bands(h, "cpu", threads)[0]
+    load0 = _load()
+    t0 = time.perf_counter()
     try:
-        bands = VARIANTS[variant] or default_bands(x.shape[-2], "cpu")[0]
-        load0 = _load()
-        t0, c0 = time.perf_counter(), time.process_time()
-        wiener.refine(x, est, est, timed)
-        total, cpu = time.perf_counter() - t0, time.process_time() - c0
-    finally:
-        torch.set_num_threads(before)
-    return dict(variant=variant, bands=bands, threads=threads, total_s=round(total, 2),
-                step4_s=got["step4_s"], cpu_s=round(cpu, 1), load_before=load0,
-                load_after=_load()), got["out"]
+        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", variant,
+                            "--inputs", str(inputs), "--threads", str(threads)],
+                           capture_output=True, text=True, check=True, timeout=limit)
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+    except subprocess.TimeoutExpired:
+        got = dict(step4_s=None, stopped_after_s=round(time.perf_counter() - t0, 1))
+    return dict(variant=variant, bands=bands, threads=threads, **got, load_before=load0,
+                load_after=_load())
 
 
 def step4_memory(height: int, width: int, variant: str, threads: int) -> float:
@@ -145,22 +165,24 @@ def report_md(env, runs, same, memory) -> str:
     md = ["# The Wiener refinement on a busy CPU: the whole image against bands", "",
           f"{env['device']}; torch {env['torch']}; {env['date']}; "
           f"{env['threads']} torch threads. Command: `{env['command']}`.", "",
-          "Steps 1–5 of `ssbsn.restore.wiener` on a synthetic "
-          f"{env['width']}×{env['height']} RGB photo (`wiener_compare.synthetic_photo`), step 4 "
-          "as `whole` (one pass over the image, every op on all the threads: the filter before "
+          "Step 4 of `ssbsn.restore.wiener` (the collaborative filter) on the inputs that steps "
+          f"1–3 give it for a synthetic {env['width']}×{env['height']} RGB photo "
+          "(`wiener_compare.synthetic_photo`), as `whole` (one pass over the image, every op on all the threads: the filter before "
           "the bands) or `bands` (`collaborative_wiener` as it runs: bands of the image on "
           "single-threaded workers). `quiet`: the machine as it was (other jobs "
           f"share it: see the load); `busy`: with {env['busy']} processes of "
-          "`while True: pass` running. The variants ran back to back under each condition; "
-          "load averages over 1, 5 and 15 minutes.", "",
-          "| condition | variant | bands | total s | step 4 s | CPU s | load before | "
-          "load after |", "|---|---|---|---|---|---|---|---|"]
+          "`while True: pass` running. The variants ran back to back under each condition, each "
+          f"in a fresh process stopped after {env['limit']:.0f} s; load averages over 1, 5 and "
+          "15 minutes.", "",
+          "| condition | variant | bands | step 4 s | CPU s | load before | load after |",
+          "|---|---|---|---|---|---|---|"]
     for r in runs:
-        md.append(f"| {r['condition']} | {r['variant']} | {r['bands']} | {r['total_s']:.1f} | "
-                  f"{r['step4_s']:.1f} | {r['cpu_s']:.0f} | "
+        secs = (f"{r['step4_s']:.1f} | {r['cpu_s']:.0f}" if r["step4_s"] is not None else
+                f"stopped after {r['stopped_after_s']:.0f} | ")
+        md.append(f"| {r['condition']} | {r['variant']} | {r['bands']} | {secs} | "
                   f"{' / '.join(f'{v:.2f}' for v in r['load_before'])} | "
                   f"{' / '.join(f'{v:.2f}' for v in r['load_after'])} |")
-    md += ["", "Step 4's output of every variant equal to the bit: "
+    md += ["", "The outputs of all the runs that finished equal to the bit: "
            f"{'yes' if same else 'NO'}."]
     if memory:
         md += ["", "Peak memory of step 4 alone (a fresh process, the growth of its peak "
@@ -178,38 +200,43 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="whole,bands")
     ap.add_argument("--conditions", default="quiet,busy")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--limit", type=float, default=1800.0,
+                    help="seconds after which a run is stopped (and reported as such)")
     ap.add_argument("--memory", action="store_true", help="the peak memory of each variant too")
     ap.add_argument("--out", default=str(HERE / "results" / "wiener" / "contention"))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)     # a run's own process
+    ap.add_argument("--inputs", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from ssbsn.allocator import use_huge_pages
     use_huge_pages()  # as the ssbsn command does, before torch is imported
-    import torch
-
-    from ssbsn.restore.lowpass import gaussian_lowpass
+    if args.one:
+        print(json.dumps(run_one(args.one, args.inputs, args.threads)))
+        return 0
+    import tempfile
     w, h = (int(v) for v in args.size.lower().split("x"))
     variants = [v for v in args.variants.split(",") if v]
-    noisy, _ = wiener_compare.synthetic_photo(h, w)
-    x = torch.from_numpy(noisy.astype(np.float32).transpose(2, 0, 1).copy())[None]
-    est = gaussian_lowpass(x, 1.0)
-    runs, outs = [], {}
-    for _ in range(max(1, args.repeat)):
-        for cond in [c for c in args.conditions.split(",") if c]:
-            procs = busy_processes(args.busy) if cond == "busy" else []
-            try:
-                for v in variants:
-                    r, out = time_variant(x, est, v, args.threads)
-                    runs.append(dict(condition=cond, **r))
-                    outs.setdefault(v, out)
-                    print(f"wiener_contention: {cond}: {runs[-1]}", flush=True)
-            finally:
-                end(procs)
-    same = all(np.array_equal(o, next(iter(outs.values()))) for o in outs.values())
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "step4.npz"
+        step4_inputs(h, w, inputs)
+        for _ in range(max(1, args.repeat)):
+            for cond in [c for c in args.conditions.split(",") if c]:
+                procs = busy_processes(args.busy) if cond == "busy" else []
+                try:
+                    for v in variants:
+                        runs.append(dict(condition=cond,
+                                         **time_variant(v, inputs, args.threads, args.limit)))
+                        print(f"wiener_contention: {runs[-1]}", flush=True)
+                finally:
+                    end(procs)
+    sums = {r["sha256"] for r in runs if r.get("sha256")}
+    same = len(sums) == 1
     memory = {v: step4_memory(h, w, v, args.threads) for v in variants} \
         if args.memory else {}
     env = quality.environment()
     env.pop("threads_per_run", None)
     env.pop("bm3d", None)
-    env.update(threads=args.threads, busy=args.busy, width=w, height=h,
+    env.update(threads=args.threads, busy=args.busy, width=w, height=h, limit=args.limit,
                command="python benchmarks/wiener_contention.py " + " ".join(
                    quality._public_args(argv, paths=("--out",))))
     out = Path(args.out)
