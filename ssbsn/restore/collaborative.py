@@ -29,8 +29,13 @@ distances are matrix products (|c|² − 2·r·c for reference r and candidate c
 reference blocks that share the union of their search windows, then ``topk``; the Haar
 transforms are butterflies over chunks of groups; the group estimates go back into a
 coefficient map (``index_add_``, in a fixed order) that separable matrix products with the
-window folded in turn into the image. Pure torch, in the inputs' dtype on their device; on the
-CPU, repeatable to the bit.
+window folded in turn into the image. Pure torch, in the inputs' dtype on their device.
+
+On the CPU the image goes in horizontal bands (each runs the part of the pass over the whole
+image that its rows need) to threads that each run torch ops on one thread: the output is the
+same to the bit whatever the bands and torch's thread count, and a busy machine slows the
+filter down in proportion to the share of the cores it leaves, where the ops of one pass on
+several threads would each wait for the slowest of them.
 """
 from __future__ import annotations
 
