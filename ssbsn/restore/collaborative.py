@@ -49,7 +49,8 @@ import torch
 _BIG = 1e30  # the distance of a block out of reach (outside the image or the search window)
 CHUNK = 1 << 21  # values of the 3-D coefficients of one chunk of groups in the Wiener filter
 BANDS_PER_THREAD = 2  # on the CPU: horizontal bands of the image per torch thread …
-MIN_BAND = 256        # … of at least this many rows (a band also redoes about 60 rows)
+MIN_BAND = 256        # … of at least this many rows (each inner edge of a band redoes
+#                       the work of about 90 rows)
 MAX_WORKERS = 16      # bands at a time (each with its own ring buffers)
 
 
@@ -263,9 +264,8 @@ def collaborative_wiener(noisy: torch.Tensor, pilot: torch.Tensor, noise: torch.
     whole image runs for its rows, so the output does not depend on the bands. On the CPU the
     bands go to ``workers`` threads (default: :func:`default_bands`), each running torch ops
     on one thread: the output does not depend on torch's thread count either (some ops, such
-    as sums, split their work by the thread count, and the split changes the rounding), it is
-    the same to the bit on any machine with the same kernels, and the workers share no parallel
-    regions: on a busy machine, a worker that the system sets aside holds up its own band only,
+    as sums, split their work by the thread count, and the split changes the rounding), and
+    the workers share no parallel regions: on a busy machine, a worker that the system sets aside holds up its own band only,
     where every op of a multi-threaded pass would wait for its slowest thread.
 
     Memory: besides three images, per worker, the coefficient maps of the noisy image, the
