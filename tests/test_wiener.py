@@ -11,9 +11,10 @@ from scipy import ndimage
 from skimage import data
 
 from ssbsn.metrics import psnr
-from ssbsn.restore.collaborative import (Params, coefficient_covariances, coefficient_variances,
-                                         collaborative_wiener, dct_matrix, group_size,
-                                         haar_matrix, kaiser_window, reference_positions)
+from ssbsn.restore.collaborative import (MIN_BAND, Params, band_cuts, coefficient_covariances,
+                                         coefficient_variances, collaborative_wiener,
+                                         dct_matrix, default_bands, group_size, haar_matrix,
+                                         kaiser_window, reference_positions)
 from ssbsn.restore.wiener import Stabiliser, collaborative_refinement, noise_psd
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small images: one thread is fastest
@@ -209,6 +210,9 @@ def test_vectorised_filter_equals_plain_loops(H, W, params, piece, more):
     t = torch.from_numpy
     got = collaborative_wiener(t(z), t(p), t(cov), params, piece=piece).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    for bands in (2, 3, 7):  # bands of the image, each from the rows it needs: the same bits
+        banded = collaborative_wiener(t(z), t(p), t(cov), params, piece=piece, bands=bands)
+        assert np.array_equal(banded.numpy(), got), bands
     if not more:
         return
     guide = rng.standard_normal((H, W))  # the groups from another image
@@ -222,6 +226,48 @@ def test_vectorised_filter_equals_plain_loops(H, W, params, piece, more):
     want = loop_wiener(z, p, only, params)
     got = collaborative_wiener(t(z), t(p), t(cov[:, L, L].copy()), params, piece=piece).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+def test_bands_and_threads_give_the_same_bits():
+    """The filter in bands (band boundaries inside the image, on one worker or on two
+    single-threaded ones) and on one or two torch threads: the same output to the bit, float32
+    as the refinement runs it, with the groups from the pilot or from a guide; torch's thread
+    count is back as it was after the workers, for this thread and for new ones."""
+    import threading
+
+    from helpers import torch_threads
+    rng = np.random.default_rng(11)
+    z, p, cov = _problem(rng, 3, 150, 64)
+    guide = rng.standard_normal((150, 64))
+    f = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
+    for g in (None, f(guide)):
+        want = collaborative_wiener(f(z), f(p), f(cov), guide=g, bands=1)
+        got = [collaborative_wiener(f(z), f(p), f(cov), guide=g, bands=b, workers=1)
+               for b in (2, 5)]
+        with torch_threads(2):
+            got += [collaborative_wiener(f(z), f(p), f(cov), guide=g, bands=1),
+                    collaborative_wiener(f(z), f(p), f(cov), guide=g, bands=4, workers=2)]
+            assert torch.get_num_threads() == 2
+            seen = []
+            t = threading.Thread(target=lambda: (torch.ones(2).sum(),
+                                                 seen.append(torch.get_num_threads())))
+            t.start()
+            t.join()
+            assert seen == [2]
+        for k, out in enumerate(got):
+            assert torch.equal(out, want), k
+
+
+def test_default_bands():
+    """Bands on the CPU with more than one thread, two per thread of at least MIN_BAND rows
+    each, on at most as many workers as threads; one band on one thread or on a GPU."""
+    assert default_bands(3000, "cpu", threads=1) == (1, 1)
+    assert default_bands(3000, "cpu", threads=2) == (4, 2)
+    assert default_bands(2 * MIN_BAND + 5, "cpu", threads=4) == (2, 2)
+    assert default_bands(MIN_BAND - 1, "cpu", threads=2) == (1, 1)
+    assert default_bands(3000, "cuda", threads=8) == (1, 1)
+    assert band_cuts(10, 3) == [0, 3, 6, 10]
+    assert band_cuts(2, 5) == [0, 1, 2]
 
 
 def test_clean_images_come_back():

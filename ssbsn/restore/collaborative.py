@@ -29,12 +29,18 @@ distances are matrix products (|c|² − 2·r·c for reference r and candidate c
 reference blocks that share the union of their search windows, then ``topk``; the Haar
 transforms are butterflies over chunks of groups; the group estimates go back into a
 coefficient map (``index_add_``, in a fixed order) that separable matrix products with the
-window folded in turn into the image. Pure torch, in the inputs' dtype on their device; on the
-CPU, repeatable to the bit.
+window folded in turn into the image. Pure torch, in the inputs' dtype on their device.
+
+On the CPU the image goes in horizontal bands (each runs the part of the pass over the whole
+image that its rows need) to threads that each run torch ops on one thread: the output is the
+same to the bit whatever the bands and torch's thread count, and a busy machine slows the
+filter down in proportion to the share of the cores it leaves, where the ops of one pass on
+several threads would each wait for the slowest of them.
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +48,10 @@ import torch
 
 _BIG = 1e30  # the distance of a block out of reach (outside the image or the search window)
 CHUNK = 1 << 21  # values of the 3-D coefficients of one chunk of groups in the Wiener filter
+BANDS_PER_THREAD = 2  # on the CPU: horizontal bands of the image per torch thread …
+MIN_BAND = 256        # … of at least this many rows (each inner edge of a band redoes
+#                       the work of about 90 rows)
+MAX_WORKERS = 16      # bands at a time (each with its own ring buffers)
 
 
 @dataclass(frozen=True)
@@ -218,9 +228,29 @@ def group_size(group: int, hp: int, wp: int, radius: int) -> int:
 
 # ------------------------------------------------------------------ the filter
 
+def default_bands(height: int, device, threads: int | None = None) -> tuple[int, int]:
+    """(bands, workers) for :func:`collaborative_wiener` on an image of ``height`` rows with
+    ``threads`` torch threads (default: torch's): on the CPU with more than one thread,
+    ``BANDS_PER_THREAD`` bands per thread of at least ``MIN_BAND`` rows each, on as many
+    single-threaded workers as torch has threads (at most ``MAX_WORKERS``); one band elsewhere
+    (a GPU runs every op on the whole image at once)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if torch.device(device).type != "cpu" or threads <= 1:
+        return 1, 1
+    bands = max(1, min(BANDS_PER_THREAD * threads, height // MIN_BAND))
+    return bands, min(threads, bands, MAX_WORKERS)
+
+
+def band_cuts(height: int, bands: int) -> list[int]:
+    """The first row of each of ``bands`` bands of about equal height, and ``height``."""
+    bands = max(1, min(bands, height))
+    return [height * k // bands for k in range(bands + 1)]
+
+
 def collaborative_wiener(noisy: torch.Tensor, pilot: torch.Tensor, noise: torch.Tensor,
                          params: Params = DEFAULT, guide: torch.Tensor | None = None,
-                         piece: int = 16) -> torch.Tensor:
+                         piece: int = 16, bands: int | None = None,
+                         workers: int | None = None) -> torch.Tensor:
     """BM3D's Wiener stage on ``noisy`` (C, H, W) with ``pilot`` (C, H, W) as its pilot; the
     groups are matched on ``guide`` (H, W; default: the pilot's channel 0) and shared by all
     channels. ``noise``: per channel, the covariances of the blocks' 2-D DCT coefficients
@@ -229,13 +259,22 @@ def collaborative_wiener(noisy: torch.Tensor, pilot: torch.Tensor, noise: torch.
     uncorrelated between blocks). Computes in the inputs' dtype on their device. See the
     module's docstring.
 
-    Memory: besides two images, the coefficient maps of the noisy image, the pilot and the
-    estimate for the rows of block positions that one row of tiles can reach (ring buffers of
-    step·(tile rows − 1) + 2·radius + 1 rows: 3·51·W·C·block² values by default, 0.47 GB for a
-    4000-pixel-wide RGB image in float32), and ``piece`` rows at a time through the
-    transforms."""
+    Bands: the output is computed in ``bands`` horizontal bands, each on its own from the rows
+    it needs (default: :func:`default_bands`). A band runs the very ops that the pass over the
+    whole image runs for its rows, so the output does not depend on the bands. On the CPU the
+    bands go to ``workers`` threads (default: :func:`default_bands`), each running torch ops
+    on one thread: the output does not depend on torch's thread count either (some ops, such
+    as sums, split their work by the thread count, and the split changes the rounding), and
+    the workers share no parallel regions: on a busy machine, a worker that the system sets aside holds up its own band only,
+    where every op of a multi-threaded pass would wait for its slowest thread.
+
+    Memory: besides three images, per worker, the coefficient maps of the noisy image, the
+    pilot and the estimate for the rows of block positions that one row of tiles can reach
+    (ring buffers of step·(tile rows − 1) + 2·radius + 1 rows: 3·51·W·C·block² values by
+    default, 0.47 GB for a 4000-pixel-wide RGB image in float32), and ``piece`` rows at a time
+    through the transforms."""
     C, H, W = noisy.shape
-    n, S, R = params.block, params.step, params.radius
+    n = params.block
     nn = n * n
     if noise.dim() == 2:
         noise = noise.reshape(C, 1, 1, -1)
@@ -248,81 +287,161 @@ def collaborative_wiener(noisy: torch.Tensor, pilot: torch.Tensor, noise: torch.
     if H < n or W < n:
         raise ValueError(f"the image ({H}×{W}) is smaller than a block ({n}×{n})")
     dev, dt = noisy.device, noisy.dtype
-    hp, wp = H - n + 1, W - n + 1
-    K = group_size(params.group, hp, wp, R)
-    t = lambda a: torch.as_tensor(a, dtype=dt, device=dev)  # noqa: E731
-    D = t(dct_matrix(n))
-    win = kaiser_window(n, params.beta)
-    Dk = t(dct_matrix(n) * win)  # D[u, i]·window[i]
-    Hk = t(haar_matrix(K))
-    cov = noise.to(device=dev, dtype=dt)
-    var = cov[:, L, L]
-    # the covariance table by pair offset, and a last row of zeros for pairs farther apart
-    table = torch.cat([cov.permute(1, 2, 0, 3).reshape(-1, C * nn),
-                       torch.zeros(1, C * nn, dtype=dt, device=dev)])
-    tr, tc = params.tile
-    rows = _chunks(reference_positions(hp, S), tr)
-    cols = _chunks(reference_positions(wp, S), tc)
+    f = _Filter(noisy.permute(1, 2, 0), pilot.permute(1, 2, 0),
+                None if guide is None else guide.to(device=dev, dtype=dt)[:, :, None],
+                noise.to(device=dev, dtype=dt), params, piece)
+    auto_bands, auto_workers = default_bands(H, dev)
+    cuts = band_cuts(H, auto_bands if bands is None else bands)
+    jobs = list(zip(cuts[:-1], cuts[1:]))
+    if dev.type != "cpu":
+        out = f.band(0, H) if len(jobs) == 1 else torch.cat([f.band(a, b) for a, b in jobs])
+    else:
+        out = torch.empty(H, W, C, dtype=dt, device=dev)
+        _single_threaded(lambda a, b: out[a:b].copy_(f.band(a, b)), jobs,
+                         max(1, min(auto_workers if workers is None else workers, len(jobs))))
+    return out.permute(2, 0, 1).contiguous()
 
-    zh, ph = noisy.permute(1, 2, 0), pilot.permute(1, 2, 0)  # (H, W, C) views
-    gh = None if guide is None else guide.to(device=dev, dtype=dt)[:, :, None]
-    num = torch.zeros(H, W, C, dtype=dt, device=dev)
-    den = torch.zeros(H, W, C, dtype=dt, device=dev)
-    # ring buffers of the coefficient maps: block-position row y lives in ring row y mod nbuf
-    nbuf = min(hp, S * (tr - 1) + 2 * R + 1)
-    zr = torch.empty(nbuf * wp * C, nn, dtype=dt, device=dev)
-    pr = torch.empty_like(zr)
-    cr = torch.zeros_like(zr)
-    wr = torch.zeros(nbuf * wp, C, dtype=dt, device=dev)
-    gr = None if gh is None else torch.empty(nbuf * wp, nn, dtype=dt, device=dev)
-    lr = pr.view(nbuf, wp, C, nn)[:, :, 0] if gr is None else gr.view(nbuf, wp, nn)
-    matcher = _Matcher(nbuf, wp, nn, params, K, dt, dev)
-    piece = max(1, min(piece, nbuf))
-    buf = torch.empty((nn + 2 * n) * (piece + n) * wp * C, dtype=dt, device=dev)
 
-    def segments(r0, r1):
-        """[r0, r1) in pieces that neither wrap around the ring nor exceed ``piece`` rows."""
-        a = r0
-        while a < r1:
-            e = min(r1, a + piece, a - a % nbuf + nbuf)
-            yield a, e
-            a = e
+def _single_threaded(f, jobs: list, workers: int) -> None:
+    """f(*job) for every job, on ``workers`` threads that take the next job as they finish
+    one, each running torch ops on one thread of its own."""
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
+                                initargs=(1,)) as ex:
+            for _ in ex.map(lambda job: f(*job), jobs):
+                pass
+    finally:
+        # torch.set_num_threads sets the calling thread's count, and the count that threads
+        # which first run torch ops from now on start with: that one back to this thread's
+        torch.set_num_threads(threads)
 
-    def analyse(r0, r1):
-        for a, e in segments(r0, r1):
+
+_ANALYSE, _GROUP, _FLUSH = range(3)
+
+
+class _Filter:
+    """The filter of one image: its constants, and the schedule of the pass over the whole
+    image, row of tiles by row of tiles, as a list of steps:
+
+    * ``_ANALYSE`` a, e: the 2-D DCTs of block-position rows [a, e) into the ring buffers
+      (ahead of the first row of tiles that reaches them);
+    * ``_GROUP`` i: block matching and Wiener filtering of the groups of row of tiles i, the
+      estimates added into the ring of coefficient maps;
+    * ``_FLUSH`` a, e: rows [a, e) of the coefficient map, which no later row of tiles reaches,
+      through the inverse 2-D DCT into the image (``num``, ``den``), and their ring rows
+      cleared.
+
+    The analysis and the flushes go ``piece`` rows at a time, never across the end of the
+    ring. :meth:`band` runs the part of the schedule that some rows of the output need."""
+
+    def __init__(self, zh, ph, gh, cov, params: Params, piece: int):
+        H, W, C = zh.shape
+        n, S, R = params.block, params.step, params.radius
+        nn = n * n
+        dev, dt = zh.device, zh.dtype
+        self.zh, self.ph, self.gh, self.params = zh, ph, gh, params
+        self.shape, self.n, self.nn = (H, W, C), n, nn
+        self.hp, self.wp = hp, wp = H - n + 1, W - n + 1
+        self.K = K = group_size(params.group, hp, wp, R)
+        t = lambda a: torch.as_tensor(a, dtype=dt, device=dev)  # noqa: E731
+        self.D = t(dct_matrix(n))
+        self.win = kaiser_window(n, params.beta).tolist()
+        self.Dk = t(dct_matrix(n) * kaiser_window(n, params.beta))  # D[u, i]·window[i]
+        self.Hk = t(haar_matrix(K))
+        L = (cov.shape[1] - 1) // 2
+        self.var = cov[:, L, L]
+        # the covariance table by pair offset, and a last row of zeros for pairs farther apart
+        self.table = torch.cat([cov.permute(1, 2, 0, 3).reshape(-1, C * nn),
+                                torch.zeros(1, C * nn, dtype=dt, device=dev)])
+        tr, tc = params.tile
+        self.rows = _chunks(reference_positions(hp, S), tr)
+        self.cols = _chunks(reference_positions(wp, S), tc)
+        # ring buffers of the coefficient maps: block-position row y lives in ring row y mod nbuf
+        self.nbuf = nbuf = min(hp, S * (tr - 1) + 2 * R + 1)
+        self.piece = piece = max(1, min(piece, nbuf))
+
+        def segments(r0, r1):
+            """[r0, r1) in pieces that neither wrap around the ring nor exceed ``piece`` rows."""
+            a = r0
+            while a < r1:
+                e = min(r1, a + piece, a - a % nbuf + nbuf)
+                yield a, e
+                a = e
+        steps, reach = [], []   # reach: the block rows [b0, b1] that each row of tiles reaches
+        done = flushed = 0
+        for i, (oy, rel, ny) in enumerate(self.rows):
+            b0, b1 = max(0, oy - R), min(hp - 1, oy + rel[ny - 1] + R)
+            reach.append((b0, b1))
+            steps += [(_FLUSH, a, e) for a, e in segments(flushed, b0)]  # rows no later
+            flushed = b0                                                   # group reaches
+            steps += [(_ANALYSE, a, e) for a, e in segments(done, b1 + 1)]
+            done = b1 + 1
+            steps.append((_GROUP, i, i + 1))
+        steps += [(_FLUSH, a, e) for a, e in segments(flushed, hp)]
+        self.steps, self.reach = steps, reach
+
+    def _span(self, y0: int, y1: int) -> tuple[int, int, int, int]:
+        """(first step, end step, lo, hi) of the part of the schedule that output rows [y0, y1)
+        need: the flushes of the block rows [lo, hi) whose blocks cover them, every row of
+        tiles that reaches one of those (in the whole pass, they are all done before the
+        flush), and the analysis of every row that those rows of tiles reach."""
+        n, steps = self.n, self.steps
+        kept = [k for k, (kind, a, e) in enumerate(steps)
+                if kind == _FLUSH and a < y1 and e + n - 1 > y0]
+        lo, hi = steps[kept[0]][1], steps[kept[-1]][2]
+        i0 = next(i for i, (b0, b1) in enumerate(self.reach) if b1 >= lo)
+        b0 = self.reach[i0][0]
+        first = next(k for k, (kind, a, e) in enumerate(steps)
+                     if (kind == _ANALYSE and e > b0) or (kind == _GROUP and a == i0))
+        return first, kept[-1] + 1, lo, hi
+
+    def band(self, y0: int, y1: int) -> torch.Tensor:
+        """Output rows [y0, y1) (y1 − y0, W, C): the steps of the whole pass that they need,
+        in its order, on buffers of their own (a flush of rows outside [lo, hi) only clears
+        them). Every op is one of the whole pass, on the same values."""
+        H, W, C = self.shape
+        n, nn, hp, wp, nbuf, K = self.n, self.nn, self.hp, self.wp, self.nbuf, self.K
+        zh, ph, gh, D, Dk, win, params = self.zh, self.ph, self.gh, self.D, self.Dk, self.win, \
+            self.params
+        dev, dt = zh.device, zh.dtype
+        first, end, lo, hi = self._span(y0, y1)
+        num = torch.zeros(hi + n - 1 - lo, W, C, dtype=dt, device=dev)  # image rows lo…
+        den = torch.zeros_like(num)
+        zr = torch.empty(nbuf * wp * C, nn, dtype=dt, device=dev)
+        pr = torch.empty_like(zr)
+        cr = torch.zeros_like(zr)
+        wr = torch.zeros(nbuf * wp, C, dtype=dt, device=dev)
+        gr = None if gh is None else torch.empty(nbuf * wp, nn, dtype=dt, device=dev)
+        lr = pr.view(nbuf, wp, C, nn)[:, :, 0] if gr is None else gr.view(nbuf, wp, nn)
+        matcher = _Matcher(nbuf, wp, nn, params, K, dt, dev)
+        buf = torch.empty((nn + 2 * n) * (self.piece + n) * wp * C, dtype=dt, device=dev)
+        zm, pm, cm = zr.view(-1, C, nn), pr.view(-1, C, nn), cr.view(-1, C, nn)
+        for kind, a, e in self.steps[first:end]:
             sl = slice(a % nbuf * wp * C, (e - 1) % nbuf * wp * C + wp * C)
-            _analysis(zh[a:e + n - 1], D, zr[sl], buf)
-            _analysis(ph[a:e + n - 1], D, pr[sl], buf)
-            if gr is not None:
-                _analysis(gh[a:e + n - 1], D, gr[sl.start // C:sl.stop // C], buf)
-            matcher.put(a, lr[a % nbuf:(e - 1) % nbuf + 1])
-
-    def flush(r0, r1):
-        for a, e in segments(r0, r1):
-            sl = slice(a % nbuf * wp * C, (e - 1) % nbuf * wp * C + wp * C)
-            _synthesis(cr[sl], Dk, num[a:e + n - 1], buf)
-            w = wr[sl.start // C:sl.stop // C].view(e - a, wp, C)
-            t = buf[:(e - a + n - 1) * wp * C].view(e - a + n - 1, wp, C).zero_()
-            for i, v in enumerate(win.tolist()):        # the window, along the rows …
-                t[i:i + e - a].add_(w, alpha=v)
-            d = den[a:e + n - 1]
-            for j, v in enumerate(win.tolist()):        # … and the columns
-                d[:, j:j + wp].add_(t, alpha=v)
-            cr[sl].zero_()
-            wr[sl.start // C:sl.stop // C].zero_()
-
-    done = flushed = 0
-    for oy, rel, ny in rows:
-        b0, b1 = max(0, oy - R), min(hp - 1, oy + rel[ny - 1] + R)
-        flush(flushed, b0)          # rows no later group reaches
-        flushed = b0
-        analyse(done, b1 + 1)
-        done = b1 + 1
-        idx = matcher.match((oy, rel, ny), cols, hp)      # (refs, K): y·wp + x
-        _filter(zr.view(-1, C, nn), pr.view(-1, C, nn), idx, (idx // wp % nbuf) * wp + idx % wp,
-                wp, Hk, var, table, params.mu2, cr.view(-1, C, nn), wr)
-    flush(flushed, hp)
-    return num.div_(den).permute(2, 0, 1).contiguous()
+            if kind == _ANALYSE:
+                _analysis(zh[a:e + n - 1], D, zr[sl], buf)
+                _analysis(ph[a:e + n - 1], D, pr[sl], buf)
+                if gr is not None:
+                    _analysis(gh[a:e + n - 1], D, gr[sl.start // C:sl.stop // C], buf)
+                matcher.put(a, lr[a % nbuf:(e - 1) % nbuf + 1])
+            elif kind == _GROUP:
+                idx = matcher.match(self.rows[a], self.cols, hp)      # (refs, K): y·wp + x
+                _filter(zm, pm, idx, (idx // wp % nbuf) * wp + idx % wp, wp, self.Hk,
+                        self.var, self.table, params.mu2, cm, wr)
+            else:
+                if lo <= a < hi:
+                    _synthesis(cr[sl], Dk, num[a - lo:e + n - 1 - lo], buf)
+                    w = wr[sl.start // C:sl.stop // C].view(e - a, wp, C)
+                    t = buf[:(e - a + n - 1) * wp * C].view(e - a + n - 1, wp, C).zero_()
+                    for i, v in enumerate(win):            # the window, along the rows …
+                        t[i:i + e - a].add_(w, alpha=v)
+                    d = den[a - lo:e + n - 1 - lo]
+                    for j, v in enumerate(win):            # … and the columns
+                        d[:, j:j + wp].add_(t, alpha=v)
+                cr[sl].zero_()
+                wr[sl.start // C:sl.stop // C].zero_()
+        return num[y0 - lo:y1 - lo].div_(den[y0 - lo:y1 - lo])
 
 
 class _Matcher:

@@ -29,8 +29,9 @@ and across channels (the colour matrix). So, per image:
 5. back through the colour transform and the stabiliser's inverse.
 
 Steps 1–3 and 5 run on the CPU (numpy, and torch for the large sums); step 4 in torch on the
-pilot's device (float32, with the threads torch has; on the CPU the output is repeatable to
-the bit). No part needs the ``bm3d`` package. See docs/model.md, step 8.
+pilot's device (float32; on the CPU in bands of the image on as many single-threaded workers
+as torch has threads, the output the same to the bit for any thread count). No part needs the
+``bm3d`` package. See docs/model.md, step 8.
 """
 from __future__ import annotations
 
