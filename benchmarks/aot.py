@@ -2,6 +2,7 @@
 
     python -m benchmarks.aot                      # attention kernels, bf16/fp16, channels_last
     python -m benchmarks.aot --all                # every kernel, every dtype, both layouts
+    python -m benchmarks.aot --deterministic      # the backward kernels of deterministic mode
     python -m benchmarks.aot --json report.json   # also write the rows as JSON
     python -m benchmarks.aot --window 64          # launches of windowed groups (64 pixels)
 
@@ -39,6 +40,9 @@ SPILL_BUDGET = 0
 DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("cl", "nchw")
 ATTENTION_KERNELS = ("_ss_attn_fwd_kernel", "_ss_attn_bwd_dkdv_kernel", "_ss_attn_bwd_dq_kernel")
+# the kernels that deterministic mode compiles differently (no atomics: the dq kernel's own
+# loop over keys, dW's fixed-order reduction in the token pass's launch)
+DETERMINISTIC_KERNELS = ("_ss_attn_bwd_dkdv_kernel", "_ss_attn_bwd_dq_kernel")
 
 
 def _modules():
@@ -111,7 +115,8 @@ def _signature(fn, args, kw, meta):
     bound.update({k: v for k, v in kw.items() if k in names})
     bound.update(meta)
     sig, const, attrs = {}, {}, {}
-    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+             torch.int32: "i32"}
     for i, (name, p) in enumerate(zip(names, fn.params)):
         v = bound[name]
         if p.is_constexpr:
@@ -260,16 +265,18 @@ def report(dtypes=("bf16", "fp16"), layouts=("cl",), kernels=ATTENTION_KERNELS,
                     continue
                 for meta, w, s in configurations(obj, args, kw)[:max_configs]:
                     row = compile_one(obj, args, kw, meta, w, s)
-                    row.update(dtype=dt, layout=lay, C=shape[1], window=window)
+                    row.update(dtype=dt, layout=lay, C=shape[1], window=window,
+                               mode="deterministic" if deterministic else "atomic")
                     rows.append(row)
     return rows
 
 
 def table(rows) -> str:
-    lines = ["| kernel | config | dtype | layout | regs | spill st/ld (B) | smem (KB) | launches |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | mode | config | dtype | layout | regs | spill st/ld (B) | smem (KB) | "
+             "launches |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['config']} | {r['dtype']} | {r['layout']} | "
+        lines.append(f"| {r['kernel']} | {r.get('mode', 'atomic')} | {r['config']} | "
+                     f"{r['dtype']} | {r['layout']} | "
                      f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "
                      f"{r['smem'] / 1024:.0f} | {'yes' if r['launchable'] else 'NO'} |")
     return "\n".join(lines)
@@ -283,6 +290,8 @@ def main(argv=None) -> int:
     ap.add_argument("--channels", type=int, default=128)
     ap.add_argument("--window", type=int, default=None,
                     help="SS-Attention's window in pixels (default: whole-map groups)")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="the backward kernels of deterministic mode (no atomics) instead")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     why = ptxas_available()
@@ -292,11 +301,13 @@ def main(argv=None) -> int:
     if a.all:
         rows = report(DTYPES, LAYOUTS, kernels=(), shape=(4, a.channels, 140, 140),
                       window=a.window)
-        rows += report(("bf16",), ("cl",), kernels=("_dw_kernel",), deterministic=True,
+        rows += report(DTYPES, LAYOUTS, kernels=DETERMINISTIC_KERNELS, deterministic=True,
                        shape=(4, a.channels, 140, 140), window=a.window)
     else:
         rows = report(tuple(a.dtypes.split(",")), tuple(a.layouts.split(",")),
-                      shape=(4, a.channels, 140, 140), window=a.window)
+                      kernels=DETERMINISTIC_KERNELS if a.deterministic else ATTENTION_KERNELS,
+                      deterministic=a.deterministic, shape=(4, a.channels, 140, 140),
+                      window=a.window)
     print(table(rows))
     if a.json:
         with open(a.json, "w") as f:

@@ -31,10 +31,11 @@ Forward (3 launches, no aten compute kernel; tests/test_kernel_host.py):
      Writes x + acc/l straight into the output map, o = acc/l (the attention output before
      the residual, x-shaped, input dtype) and LSE = log2(l) + 2·log2(e)/√E, the row's
      logsumexp of the logits (1 + S)/√E in log2 units (one fp32 per row).
-Backward (FlashAttention-3's shape; 4 launches, 6 in deterministic mode; no aten compute kernel):
+Backward (FlashAttention-3's shape; 4 launches in both modes; no aten compute kernel):
   1. ``_qhat_kernel`` recomputes q̂ (cheap, O(N·C·E)) instead of it being saved, and does the
      preprocess: D_i = dO_i·o_i per real token (fp32); its first program zeroes the fp32 dW
-     accumulator, every program its rows of the fp32 dq̂ accumulator (default mode).
+     accumulator (default mode) or the int32 tickets of dW's reduction (deterministic), every
+     program its rows of the fp32 dq̂ accumulator (default mode).
   2. ``_ss_attn_bwd_dkdv_kernel``: one program per key tile J, one loop over the query tiles I:
      P = exp2(S·log2(e)/√E − (LSE_I − log2(e)/√E)) (no division), dV_J += Pᵀ dO_I,
      dP = dO_I·V_Jᵀ, dS = P∘(dP − D_I), and the key half of dq̂, dk_J += dSᵀ q̂_I, in registers
@@ -49,8 +50,8 @@ Backward (FlashAttention-3's shape; 4 launches, 6 in deterministic mode; no aten
   4. ``token_ops``: each program combines its unit's sums (float64, fixed order), dy = dq·Wᵀ,
      dx = dO + dV + rstd·(dy − mean dy − y·mean(dy·y)) written into the x-shaped gradient, and
      dW = Σ yᵀ·dq: by float atomics in the dx kernel (default), or with ``deterministic=True``
-     by a split-K kernel writing a fixed number of partials and a kernel summing them in a
-     fixed order (bitwise repeatable).
+     by more programs of the same launch writing a fixed number of split-K partials, the last
+     of them (by a ticket counter) summing them in a fixed order (bitwise repeatable).
   Padded keys need no term in the backward: they enter only LSE and o, both complete.
   Cost: 5 N×N-tile products per (query tile, key tile) pair in backward (forward: 2), 7 in
   deterministic mode (the dq loop recomputes S and dP), as in Triton's fused-attention
@@ -81,8 +82,9 @@ the input dtype. tf32 policy: fp32 inputs use plain tf32 only if torch allows it
 heavily at C = 128). Measured: with the products' operands rounded to tf32 (an emulation on
 CPU, 1×128×40×40, g = 4) the output's error against fp64 is ~200× that of fp32 products, far
 outside the FA3 rule's 2× of an fp32 reference — so plain tf32 only when the user asked for it.
-Autotuning: keyed on (C, E, next power of two of N) and the dtypes, over per-dtype tile lists
-(``TILES``: what compiles for sm_90 within shared memory, see ``benchmarks/aot.py``). The fp32
+Autotuning: keyed on (C, E, next power of two of N), the dtypes and (backward) the mode, over
+per-dtype tile lists (``TILES``, ``DETERMINISTIC_TILES``: what compiles for sm_90 within shared
+memory, see ``benchmarks/aot.py``). The fp32
 epilogue products (dq·Wᵀ, yᵀ·dq) follow the fp32 policy for every input dtype: with plain tf32
 there, fp16's dW missed the FA3 rule on an H200 (2.09× at 1×128×264×264; 3xTF32: 0.75×, for
 +3 % backward time, channels_last; the LayerNorm-backward kernel then spilled 16 B
@@ -101,7 +103,8 @@ import triton.language as tl
 
 from ..attention.common import NORM_EPS, check_window
 from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, attention_backward_prep,
-                        device_fn, group_geometry, group_index, layer_norm_projection_backward,
+                        device_fn, dw_reduction, group_geometry, group_index,
+                        layer_norm_projection_backward,
                         layer_norm_stats_and_qhat, load_y, loop_bound, mma, round_to,
                         token_offsets, window_sizes)
 
@@ -132,9 +135,12 @@ def tune_bucket(n: int) -> int:
 #   kernel takes 5-20 s to compile and the fp32 path is for exactness — models train fast in
 #   bf16 (autocast). Spills (bytes per thread, Triton 3.9): fwd 0, bwd_dkdv 32x16 w4 ~820
 #   (64x16 w4 ~1.9 KB at 224 KB of shared memory), bwd_dq 32x16 w4 ~730 reading the atomics'
-#   buffer; with its deterministic loop over keys the same tile spills ~19 KB (ptxas allots it
-#   32 registers), 16x16 w4 ~1.3 KB — not yet resolved (16x16 fails to compile without the
-#   loop). FMA ("ieee") dots spill more (2-43 KB); plain tf32 misses the FA3 rule by ~200×
+#   buffer. Deterministic mode's bwd_dq (its own loop over keys) has its own tile
+#   (DETERMINISTIC_TILES): 16x16 w4, ~500 B with the query tile re-read per key tile (see
+#   ``_dq_loop``). The 32x16 w4 tile lays its 4 warps along N, so each warp holds all 32 rows
+#   of both A operands (q̂ and dO, high and low halves: 512 registers) and spills ~17 KB;
+#   64x16 w4 (warps along M) ~2 KB, 16x32 w4 ~580 B, 16x16 w2 ~3 KB.
+#   FMA ("ieee") dots spill more (2-43 KB); plain tf32 misses the FA3 rule by ~200×
 #   against an fp32 reference. Measured on an H200 (Triton 3.6) for the former backward: an
 #   8-warp 64×16 fp32 tile faulted (illegal memory access) where 4 warps were exact — so the
 #   fp32 tiles have 4 warps.
@@ -155,6 +161,19 @@ TILES = {
 }
 
 
+#: Deterministic mode's tiles where they differ from TILES (per kernel and operand class): the
+#: dq kernel then loops over the keys itself (two more products per pair), which changes what
+#: fits in registers; the autotuning key includes the mode.
+DETERMINISTIC_TILES = {"bwd_dq": {"fp32": [(16, 16, 4, 2)]}}
+
+
+def tiles(kind: str, cls: str, deterministic: bool = False) -> list:
+    """The tile list of kernel ``kind`` for an operand class and mode."""
+    if deterministic and cls in DETERMINISTIC_TILES.get(kind, {}):
+        return DETERMINISTIC_TILES[kind][cls]
+    return TILES[kind][cls]
+
+
 def operand_class(dtype, block_c: int, block_e: int) -> str:
     """Which tile list of TILES a launch uses (fp32 has C, E ≤ 128 on a GPU: see
     ``unsupported_reason``)."""
@@ -163,17 +182,20 @@ def operand_class(dtype, block_c: int, block_e: int) -> str:
     return "wide" if max(block_c, block_e) > 128 else "half"
 
 
-def _autotune(kind: str):
-    """``triton.autotune`` over the union of TILES[kind], keyed on (C, E, bucket of N) — and the
-    dtypes of the tensor arguments, which Triton adds — and pruned before benchmarking to the
-    operand class of the launch. Under the interpreter, one configuration per class."""
-    tiles = TILES[kind]
+def _autotune(kind: str, mode: str | None = None, deterministic_when: bool = True):
+    """``triton.autotune`` over the union of the tile lists of ``kind`` (both modes), keyed on
+    (C, E, bucket of N) and the mode argument ``mode`` (a constexpr flag that is
+    ``deterministic_when`` in deterministic mode) — and the dtypes of the tensor arguments,
+    which Triton adds — and pruned before benchmarking to the operand class and mode of the
+    launch. Under the interpreter, one configuration per class and mode."""
+    lists = list(TILES[kind].values()) + list(DETERMINISTIC_TILES.get(kind, {}).values())
     union = []
-    for cls in tiles.values():
+    for cls in lists:
         union += [t for t in cls if t not in union]
 
     def prune(configs, nargs, **kw):
-        wanted = tiles[operand_class(nargs["X"].dtype, kw["BLOCK_C"], kw["BLOCK_E"])]
+        det = mode is not None and mode in kw and bool(kw[mode]) == deterministic_when
+        wanted = tiles(kind, operand_class(nargs["X"].dtype, kw["BLOCK_C"], kw["BLOCK_E"]), det)
         wanted = wanted[:1] if INTERPRET else wanted
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
                                        c.num_stages) in wanted]
@@ -184,7 +206,8 @@ def _autotune(kind: str):
     # the interpreter has a single configuration left after pruning and nothing to time (Triton
     # 3.6 would still time it, through a GPU driver the interpreter does not have)
     no_timing = (lambda kernel_call, quantiles=None: [0.0, 0.0, 0.0]) if INTERPRET else None
-    return triton.autotune(configs=configs, key=["C", "E", "NB_BUCKET"],
+    key = ["C", "E", "NB_BUCKET"] + ([mode] if mode else [])
+    return triton.autotune(configs=configs, key=key,
                            prune_configs_by={"early_config_prune": prune}, do_bench=no_timing)
 
 
@@ -323,7 +346,7 @@ def _dkdv_loop(dv, dk, k, v, q_base, d_base, LSE_G, DD_G, DQA_G, n_real, hi, p_r
 # atomics the query half (Q = K: dq̂ = (dS + dSᵀ)·q̂/√E, so every (query, key) tile pair feeds
 # both halves)
 # ---------------------------------------------------------------------------------------------
-@_autotune("bwd_dkdv")
+@_autotune("bwd_dkdv", "ATOMIC", deterministic_when=False)
 @triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
 def _ss_attn_bwd_dkdv_kernel(X, DO, QH, LSE, DD, DK, DQA, DXV,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw,
@@ -368,17 +391,33 @@ def _ss_attn_bwd_dkdv_kernel(X, DO, QH, LSE, DD, DK, DQA, DXV,
 
 
 @device_fn
-def _dq_loop(acc, q, do, m_i, d_i, q_base, x_base, n_real, hi, p_row, p_col, wr, E, C, s_xc,
-             s_xh, s_xw, qk_scale, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
-             UPCAST: tl.constexpr):
+def _dq_loop(acc, q_ptrs, do_ptrs, m_mask, e_mask, m_i, d_i, q_base, x_base, n_real, hi, p_row,
+             p_col, wr, E, C, s_xc, s_xh, s_xw, qk_scale, G: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_E: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             RELOAD: tl.constexpr):
     """The query tile's loop over the group's key tiles: the query half of dq̂, acc += dS·q̂_j
-    (deterministic mode's replacement for the key kernel's atomics)."""
+    (deterministic mode's replacement for the key kernel's atomics). The query tile's q̂ and
+    dO (``q_ptrs``, ``do_ptrs``) are loaded once, or with RELOAD in every iteration: held over
+    the loop as the A operands of two products they take, in fp32 with 3xTF32 (a high and a
+    low half each), four [BLOCK_M, 128] register tiles per warp — more than a thread's
+    registers; read again per key tile they live for one iteration (cache hits)."""
     offs_c = tl.arange(0, BLOCK_C)
     offs_e = tl.arange(0, BLOCK_E)
     c_mask = offs_c < C
-    e_mask = offs_e < E
+    qmask = m_mask[:, None] & e_mask[None, :]
+    dmask = m_mask[:, None] & c_mask[None, :]
+    if not RELOAD:
+        q = tl.load(q_ptrs, mask=qmask, other=0.0)
+        do = tl.load(do_ptrs, mask=dmask, other=0.0).to(q.dtype)
     for start_n in range(0, loop_bound(hi), BLOCK_N):
+        if RELOAD:
+            # (the loop-dependent mask, always true here, keeps the loads and the operands'
+            # 3xTF32 splitting from being hoisted out of the loop as invariants; a vector: the
+            # interpreter rejects a 0-d boolean broadcast into a mask)
+            live = ((tl.arange(0, BLOCK_M) * 0 + start_n) < hi)[:, None]
+            q = tl.load(q_ptrs, mask=qmask & live, other=0.0)
+            do = tl.load(do_ptrs, mask=dmask & live, other=0.0).to(q.dtype)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_real
         kt = tl.load(q_base + offs_n[None, :] * E + offs_e[:, None],
@@ -400,7 +439,7 @@ def _dq_loop(acc, q, do, m_i, d_i, q_base, x_base, n_real, hi, p_row, p_col, wr,
 # Backward, dq kernel: one program per (query tile, group) — dq̂ = (query half + key half)/√E,
 # then back through the normalisation q̂ = q/(‖q‖+ε) to dq, and the LayerNorm backward's sums
 # ---------------------------------------------------------------------------------------------
-@_autotune("bwd_dq")
+@_autotune("bwd_dq", "QUERY_LOOP")
 @triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
 def _ss_attn_bwd_dq_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, LSE, DD, DK, DQA, DQ, SPART,
                            s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw, s_wc, s_we,
@@ -431,16 +470,16 @@ def _ss_attn_bwd_dq_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, LSE, DD, DK, DQA, DQ
     pix_m = token_offsets(offs_m, p_row, p_col, wr, G, s_xh, s_xw)
 
     if QUERY_LOOP:
-        q = tl.load(q_base + offs_m[:, None] * E + offs_e[None, :], mask=e2, other=0.0)
         pix_d = token_offsets(offs_m, p_row, p_col, wr, G, s_dh, s_dw)
-        do = tl.load(DO + b.to(tl.int64) * s_db + pix_d[:, None] + offs_c[None, :] * s_dc,
-                     mask=m_mask[:, None] & c_mask[None, :], other=0.0).to(QH.dtype.element_ty)
         m_i = tl.load(LSE + row_base + offs_m, mask=m_mask, other=0.0) - qk_scale
         d_i = tl.load(DD + row_base + offs_m, mask=m_mask, other=0.0)
         hi = tl.where(start_m < n_real, n_real, 0)
-        acc = _dq_loop(tl.zeros((BLOCK_M, BLOCK_E), tl.float32), q, do, m_i, d_i, q_base,
-                       X + x_off, n_real, hi, p_row, p_col, wr, E, C, s_xc, s_xh, s_xw,
-                       qk_scale, G, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_E, PREC, UPCAST)
+        acc = _dq_loop(tl.zeros((BLOCK_M, BLOCK_E), tl.float32),
+                       q_base + offs_m[:, None] * E + offs_e[None, :],
+                       DO + b.to(tl.int64) * s_db + pix_d[:, None] + offs_c[None, :] * s_dc,
+                       m_mask, e_mask, m_i, d_i, q_base, X + x_off, n_real, hi, p_row, p_col,
+                       wr, E, C, s_xc, s_xh, s_xw, qk_scale, G, BLOCK_M, BLOCK_N, BLOCK_C,
+                       BLOCK_E, PREC, UPCAST, QH.dtype.element_ty == tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
 
@@ -490,16 +529,21 @@ def _forward(x, w, grid, group_stats, window=0):
 
 
 def _min_block_m(kind: str) -> int:
-    return min(t[0] for tiles in TILES[kind].values() for t in tiles)
+    lists = list(TILES[kind].values()) + list(DETERMINISTIC_TILES.get(kind, {}).values())
+    return min(t[0] for lst in lists for t in lst)
 
 
 def _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, window=0):
     geo = Geometry(x, w, grid, window)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dw32 = None if deterministic else torch.empty(geo.C, geo.E, **f32)  # zeroed by launch 1
+    # zeroed by launch 1: dW's fp32 accumulator, or the tickets of deterministic dW's reduction
+    dw32 = None if deterministic else torch.empty(geo.C, geo.E, **f32)
+    tickets = (torch.empty(dw_reduction(geo)[3], device=x.device, dtype=torch.int32)
+               if deterministic else None)
     # the query half of dq̂ by atomics (zeroed by launch 1), or a loop of the dq kernel
     dqa = None if deterministic else torch.empty(geo.BG, geo.NB, geo.E, **f32)
-    qh, wsum, dd = attention_backward_prep(x, w, mean, rstd, geo, dout, o, dw=dw32, dqa=dqa)
+    qh, wsum, dd = attention_backward_prep(x, w, mean, rstd, geo, dout, o,
+                                           dw=dw32 if dw32 is not None else tickets, dqa=dqa)
     qk_scale = LOG2E / math.sqrt(geo.E)
     consts = dict(G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
                   UPCAST=geo.UPCAST)
@@ -526,7 +570,7 @@ def _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, 
     nused = triton.cdiv(geo.NB, block_m or _min_block_m("bwd_dq"))
     del dk, dqa, dd, qh
     return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
-                                          geo, group_stats, deterministic)
+                                          geo, group_stats, deterministic, tickets)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ their backward (LayerNorm, projection, dW).
 Read top to bottom: shared helpers (grid-group geometry, strided token addressing, the dot
 wrapper), then the forward kernels (``_ln_partials_kernel`` → host combine →
 ``_qhat_kernel``), then the backward kernels (``_ln_bwd_dx_kernel``, which combines the
-LayerNorm-backward sums the dq kernel wrote, and ``_dw_kernel`` → ``_dw_sum_kernel``),
+LayerNorm-backward sums the dq kernel wrote, and dW: by atomics, or deterministically by
+``_dw_split`` programs in the same launch),
 then the host launchers.
 
 Token addressing (shared with ``ss_attention.py``). Phase (a, c) of the map zero-padded to
@@ -286,7 +287,7 @@ def _ln_partials_kernel(X, PART, s_xb, s_xc, s_xh, s_xw, C, H, W, TH, TW, NBLK,
 def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, DO, O, DD, DQA,
                  s_xb, s_xc, s_xh, s_xw, s_wc, s_we, s_db, s_dc, s_dh, s_dw,
                  s_ob, s_oc, s_oh, s_ow,
-                 C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD, STAT_DIV, G: tl.constexpr,
+                 C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD, STAT_DIV, NZ, G: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr, NORM_EPS: tl.constexpr,
                  LN_EPS: tl.constexpr,
@@ -300,8 +301,9 @@ def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, DO, O, DD, DQA,
     stores W's column sums Σ_c W (fp32, W rounded to x's dtype) for the dq kernel's
     LayerNorm-backward sums, and every program the attention backward's preprocess for its
     tokens: D = rowsum(dO ∘ o) with o (O) the attention output before the residual add, saved
-    by the forward (fp32, into DD); ZERO_DW: the first program also zeroes the fp32 dW accumulator that the
-    backward's last kernel adds into; ZERO_DQA: every program zeroes its tokens' rows of the
+    by the forward (fp32, into DD); ZERO_DW: the first program also zeroes the first NZ elements
+    of DW: the fp32 dW accumulator that the backward's last kernel adds into, or (deterministic
+    mode) the int32 tickets of its dW reduction; ZERO_DQA: every program zeroes its tokens' rows of the
     fp32 dq̂ buffer that the key-tile kernel adds the query half of dq̂ into by atomics."""
     pid_t = tl.program_id(0)
     pid_bg = group_index(G)
@@ -321,10 +323,13 @@ def _qhat_kernel(X, Wm, MEAN, RSTD, QH, PART, DW, WSUM, DO, O, DD, DQA,
         mu = tl.load(MEAN + pid_bg)
         rs = tl.load(RSTD + pid_bg)
     if ZERO_DW:
+        # the first NZ elements of DW, flat: the (C, E) fp32 dW accumulator, or the int32 ticket
+        # counters of deterministic mode's dW reduction (NZ ≤ C·E ≤ BLOCK_C·BLOCK_E)
         # (a vector condition: the interpreter rejects a 0-d boolean broadcast into a mask)
         first_program = (offs_c * 0 + pid_t + pid_bg) == 0
-        tl.store(DW + offs_c[:, None] * E + offs_e[None, :],
-                 tl.zeros((BLOCK_C, BLOCK_E), tl.float32), mask=wmask & first_program[:, None])
+        flat = offs_c[:, None] * BLOCK_E + offs_e[None, :]
+        tl.store(DW + flat, tl.zeros((BLOCK_C, BLOCK_E), DW.dtype.element_ty),
+                 mask=(flat < NZ) & first_program[:, None])
     pix = token_offsets(offs_t, p_row, p_col, wr, G, s_xh, s_xw)
     y = normalize(X, mu, rs, b.to(tl.int64) * s_xb, pix, offs_t, n_real, offs_c, C, s_xc)
     w = round_to(tl.load(Wm + offs_c[:, None] * s_wc + offs_e[None, :] * s_we, mask=wmask,
@@ -369,19 +374,13 @@ def _load_dy(X, DQ, Wm, pid_bg, offs_t, n_real, offs_c, offs_e, C, E, NB, s_wc, 
     return dq, dy
 
 
-@triton.jit(do_not_specialize=["TH", "TW"])
-def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW,
-                      s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_wc, s_we,
-                      C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD, STAT_DIV, G: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
-                      PREC: tl.constexpr, ATOMIC_DW: tl.constexpr, BLOCK_P: tl.constexpr):
-    """dx = (dO + dV) + rstd·(dy − mean(dy) − y·mean(dy·y)), written into the x-shaped map;
-    with ATOMIC_DW also dW += yᵀ·dq by float atomics (the non-deterministic mode). The two
-    means come from the (count, Σ dy, Σ dy·y) partials the dq kernel wrote per query tile
-    (NPS rows per group, NUSED of them written; NREAD rows from the unit's first group),
-    combined here for the statistics unit."""
-    pid_t = tl.program_id(0)
-    pid_bg = group_index(G)
+@device_fn
+def _dx_tile(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW, pid_t, pid_bg, s_xb, s_xc, s_xh, s_xw,
+             s_gb, s_gc, s_gh, s_gw, s_wc, s_we, C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD,
+             STAT_DIV, G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+             BLOCK_E: tl.constexpr, PREC: tl.constexpr, ATOMIC_DW: tl.constexpr,
+             BLOCK_P: tl.constexpr):
+    """dx of one token tile; with ATOMIC_DW also its yᵀ·dq added into DW by float atomics."""
     b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
     n_real = hr * wr
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -412,15 +411,18 @@ def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW,
                       mask=c_mask[:, None] & (offs_e < E)[None, :])
 
 
-@triton.jit(do_not_specialize=["TH", "TW"])
-def _dw_kernel(X, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, C, E, H, W, TH, TW, NB, NBLK,
-               NTILES, G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-               BLOCK_CT: tl.constexpr, BLOCK_ET: tl.constexpr, PREC: tl.constexpr):
-    """Deterministic dW: program (tile of W, split s) sums yᵀ·dq over the token tiles
-    s, s + SPLIT, s + 2·SPLIT, ... in that order and writes one partial; the host adds the
-    SPLIT partials in a fixed order."""
-    pid_ce = tl.program_id(0)
-    pid_s = tl.program_id(1)
+@device_fn
+def _dw_split(X, MEAN, RSTD, DQ, DWP, DW, TICKET, item, s_xb, s_xc, s_xh, s_xw, C, E, H, W, TH,
+              TW, NB, NBLK, NTILES, G: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_CT: tl.constexpr, BLOCK_ET: tl.constexpr, PREC: tl.constexpr):
+    """Deterministic dW, work item ``item`` = (tile of W, split s): the sum of yᵀ·dq over the
+    token tiles s, s + SPLIT, s + 2·SPLIT, ... (all groups' tiles, flat) in that order, stored
+    as partial s of the W tile. Then the item takes a ticket of its W tile (an int32 counter
+    the backward's first launch zeroed); the one that draws the last ticket adds the SPLIT
+    partials in the order s = 0, 1, ... and stores the tile of dW in W's dtype. Which program
+    finishes last varies from run to run, the sum's order does not: bitwise repeatable."""
+    pid_ce = item // SPLIT
+    pid_s = item - pid_ce * SPLIT
     n_et = tl.cdiv(E, BLOCK_ET)
     ct = pid_ce // n_et
     et = pid_ce - ct * n_et
@@ -439,26 +441,54 @@ def _dw_kernel(X, MEAN, RSTD, DQ, PART, s_xb, s_xc, s_xh, s_xw, C, E, H, W, TH, 
         dq = tl.load(DQ + pid_bg.to(tl.int64) * NB * E + offs_t[:, None] * E + offs_e[None, :],
                      mask=(offs_t < n_real)[:, None] & (offs_e < E)[None, :], other=0.0)
         acc = tl.dot(tl.trans(y), dq, acc, input_precision=PREC)
-    ptrs = PART + pid_s * C * E + offs_c[:, None] * E + offs_e[None, :]
-    tl.store(ptrs, acc, mask=(offs_c < C)[:, None] & (offs_e < E)[None, :])
-
-
-@triton.jit
-def _dw_sum_kernel(PART, DW, C, E, SPLIT, BLOCK_CT: tl.constexpr, BLOCK_ET: tl.constexpr):
-    """Deterministic dW, second step: the SPLIT partials of one tile of W added in a fixed
-    order, stored in W's dtype."""
-    pid_ce = tl.program_id(0)
-    n_et = tl.cdiv(E, BLOCK_ET)
-    ct = pid_ce // n_et
-    et = pid_ce - ct * n_et
-    offs_c = ct * BLOCK_CT + tl.arange(0, BLOCK_CT)
-    offs_e = et * BLOCK_ET + tl.arange(0, BLOCK_ET)
     mask = (offs_c < C)[:, None] & (offs_e < E)[None, :]
     offs = offs_c[:, None] * E + offs_e[None, :]
-    acc = tl.zeros((BLOCK_CT, BLOCK_ET), tl.float32)
-    for s in range(0, loop_bound(SPLIT)):
-        acc += tl.load(PART + s * C * E + offs, mask=mask, other=0.0)
-    tl.store(DW + offs, acc.to(DW.dtype.element_ty), mask=mask)
+    tl.store(DWP + pid_s * C * E + offs, acc, mask=mask)
+    # every thread's stores of the partial happen before the ticket (a barrier, then a
+    # release at GPU scope); the last ticket's acquire makes all SPLIT partials visible to it
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKET + pid_ce, 1, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()
+    if ticket == SPLIT - 1:
+        total = tl.zeros((BLOCK_CT, BLOCK_ET), tl.float32)
+        for s in range(0, SPLIT):
+            total += tl.load(DWP + s * C * E + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(DW + offs, total.to(DW.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["TH", "TW"])
+def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW, DWP, TICKET,
+                      s_xb, s_xc, s_xh, s_xw, s_gb, s_gc, s_gh, s_gw, s_wc, s_we,
+                      C, E, H, W, TH, TW, NB, NPS, NUSED, NREAD, STAT_DIV, NBLK, NTILES, NITEMS,
+                      G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_E: tl.constexpr, PREC: tl.constexpr, ATOMIC_DW: tl.constexpr,
+                      BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, BLOCK_CT: tl.constexpr,
+                      BLOCK_ET: tl.constexpr):
+    """dx = (dO + dV) + rstd·(dy − mean(dy) − y·mean(dy·y)), written into the x-shaped map, one
+    token tile per program (the first NBLK programs of every group); dW = Σ yᵀ·dq by float
+    atomics from the same programs (ATOMIC_DW, the default mode), or (deterministic mode) by
+    the launch's programs past the token tiles: program (NBLK + k, group g) is dW work item
+    k·BG + g of ``_dw_split`` (NITEMS in all; those past NITEMS do nothing). The two means come
+    from the (count, Σ dy, Σ dy·y) partials the dq kernel wrote per query tile (NPS rows per
+    group, NUSED of them written; NREAD rows from the unit's first group), combined here for
+    the statistics unit."""
+    pid_t = tl.program_id(0)
+    pid_bg = group_index(G)
+    if ATOMIC_DW:
+        _dx_tile(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW, pid_t, pid_bg, s_xb, s_xc, s_xh,
+                 s_xw, s_gb, s_gc, s_gh, s_gw, s_wc, s_we, C, E, H, W, TH, TW, NB, NPS, NUSED,
+                 NREAD, STAT_DIV, G, BLOCK_T, BLOCK_C, BLOCK_E, PREC, True, BLOCK_P)
+    else:
+        if pid_t < NBLK:
+            _dx_tile(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW, pid_t, pid_bg, s_xb, s_xc, s_xh,
+                     s_xw, s_gb, s_gc, s_gh, s_gw, s_wc, s_we, C, E, H, W, TH, TW, NB, NPS,
+                     NUSED, NREAD, STAT_DIV, G, BLOCK_T, BLOCK_C, BLOCK_E, PREC, False, BLOCK_P)
+        else:
+            item = (pid_t - NBLK) * (tl.num_programs(1) * tl.num_programs(2)) + pid_bg
+            if item < NITEMS:
+                _dw_split(X, MEAN, RSTD, DQ, DWP, DW, TICKET, item, s_xb, s_xc, s_xh, s_xw, C,
+                          E, H, W, TH, TW, NB, NBLK, NTILES, G, SPLIT, BLOCK_T, BLOCK_CT,
+                          BLOCK_ET, PREC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,8 +617,9 @@ def _qhat(x, w, mean, rstd, geo: Geometry, stats=None, stat_div=1, dw=None, prep
         x, w, mean, rstd, qh, part, dw if dw is not None else mean, wsum, dout, o, dd,
         dqa if dqa is not None else mean,
         *x.stride(), *w.stride(), *dout.stride(), *o.stride(), geo.C, geo.E, geo.H, geo.W,
-        geo.TH, geo.TW, geo.NB, nps, nused, nread, stat_div, G=geo.G, BLOCK_T=BT,
-        BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC, UPCAST=geo.UPCAST,
+        geo.TH, geo.TW, geo.NB, nps, nused, nread, stat_div, dw.numel() if dw is not None else 0,
+        G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
+        UPCAST=geo.UPCAST,
         NORM_EPS=NORM_EPS, LN_EPS=LN_EPS, STATS=stats is not None, ZERO_DW=dw is not None,
         BWD=prep is not None, ZERO_DQA=dqa is not None, BLOCK_P=PARTIAL_BLOCK,
         num_warps=_warps(geo))
@@ -599,8 +630,9 @@ def attention_backward_prep(x, w, mean, rstd, geo: Geometry, dout, o, dw=None, d
     """The backward's first launch: q̂ of every real token from the saved (mean, rstd),
     (BG, NB, E) in the input dtype (padded rows left unwritten), and the attention backward's
     preprocess. Returns (q̂, Σ_c W (fp32, (E,)), D (fp32, (BG, NB): dO·o per real token, o the
-    attention output the forward saved, x-shaped)). ``dw``, if given, an fp32 (C, E) buffer zeroed on the way; ``dqa``, if given, the
-    fp32 (BG, NB, E) dq̂ accumulator, its real rows zeroed."""
+    attention output the forward saved, x-shaped)). ``dw``, if given, a buffer of at most C·E
+    elements zeroed on the way (the fp32 dW accumulator, or deterministic mode's int32 dW
+    tickets); ``dqa``, if given, the fp32 (BG, NB, E) dq̂ accumulator, its real rows zeroed."""
     f32 = dict(device=x.device, dtype=torch.float32)
     wsum = torch.empty(geo.E, **f32)
     dd = torch.empty(geo.BG, geo.NB, **f32)
@@ -608,34 +640,46 @@ def attention_backward_prep(x, w, mean, rstd, geo: Geometry, dout, o, dw=None, d
     return qh, wsum, dd
 
 
+def dw_reduction(geo: Geometry):
+    """Deterministic dW's split-K shape: (SPLIT partials per W tile, W tile sides BCT × BET,
+    W tiles n_ce)."""
+    ntiles = geo.BG * triton.cdiv(geo.NB, _token_block(geo))
+    # 16 rows of W per warp (the launch's warps lie along the products' rows: no two warps on
+    # the same rows of yᵀ·dq)
+    bct, bet = min(geo.BLOCK_C, 16 * _warps(geo)), min(geo.BLOCK_E, 64)
+    n_ce = triton.cdiv(geo.C, bct) * triton.cdiv(geo.E, bet)
+    return min(64, triton.next_power_of_2(ntiles)), bct, bet, n_ce
+
+
 def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
-                                   geo: Geometry, group_stats: bool, deterministic: bool):
+                                   geo: Geometry, group_stats: bool, deterministic: bool,
+                                   tickets=None):
     """From dq (fp32, (BG, NB, E)), dxv = dO + dV (fp32, (BG, NB, C)) and the dq kernel's
-    (count, Σ dy, Σ dy·y) partials ``spart`` (NPS rows per group, NUSED written) to (dx, dW).
-    Default: dW added by atomics into ``dw32`` (fp32, zeroed by the backward's q̂ launch) and
-    returned in W's dtype; deterministic: two more launches, a fixed-order split-K reduction.
-    Above ``INLINE_PARTIALS`` partials a unit, one more launch combines them first."""
+    (count, Σ dy, Σ dy·y) partials ``spart`` (NPS rows per group, NUSED written) to (dx, dW),
+    one launch. Default: dW added by atomics into ``dw32`` (fp32, zeroed by the backward's q̂
+    launch) and returned in W's dtype; deterministic: a fixed-order split-K reduction by the
+    launch's programs past the token tiles, finished by the last of each W tile's programs
+    (``tickets``: int32, one per W tile, zeroed by the backward's q̂ launch). Above
+    ``INLINE_PARTIALS`` partials a unit, one more launch combines them first."""
     BT = _token_block(geo)
     nblk = triton.cdiv(geo.NB, BT)
     dx = torch.empty_like(x)
     spart, nps, nused, nread = unit_partials(spart, nps, nused, geo, group_stats, chan=False)
-    _ln_bwd_dx_kernel[geo.launch(nblk)](
-        x, w, mean, rstd, dq, dxv, spart, dx, dw32 if dw32 is not None else mean,
+    split, bct, bet, n_ce = dw_reduction(geo)
+    if deterministic:
+        dw = torch.empty(geo.C, geo.E, device=x.device, dtype=w.dtype)
+        partw = torch.empty(split, geo.C, geo.E, device=x.device, dtype=torch.float32)
+        # the dW work items ride on the token-tile grid: extra tiles per group, BG items a tile
+        extra = triton.cdiv(n_ce * split, geo.BG)
+    else:
+        dw, partw, tickets, extra = dw32, mean, mean, 0
+    _ln_bwd_dx_kernel[geo.launch(nblk + extra)](
+        x, w, mean, rstd, dq, dxv, spart, dx, dw, partw, tickets,
         *x.stride(), *dx.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
-        geo.NB, nps, nused, nread, _stat_div(geo, group_stats), G=geo.G, BLOCK_T=BT,
-        BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC_EPI, ATOMIC_DW=not deterministic,
-        BLOCK_P=PARTIAL_BLOCK, num_warps=_warps(geo))
-    if not deterministic:
-        return dx, dw32 if w.dtype == torch.float32 else dw32.to(w.dtype)
-    BCT, BET = min(geo.BLOCK_C, 64), min(geo.BLOCK_E, 64)
-    ntiles = geo.BG * nblk
-    split = min(64, triton.next_power_of_2(ntiles))
-    partw = torch.empty(split, geo.C, geo.E, device=x.device, dtype=torch.float32)
-    n_ce = triton.cdiv(geo.C, BCT) * triton.cdiv(geo.E, BET)
-    _dw_kernel[(n_ce, split)](
-        x, mean, rstd, dq, partw, *x.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
-        geo.NB, nblk, ntiles, G=geo.G, SPLIT=split, BLOCK_T=BT, BLOCK_CT=BCT, BLOCK_ET=BET,
-        PREC=geo.PREC_EPI)
-    dw = torch.empty(geo.C, geo.E, device=x.device, dtype=w.dtype)
-    _dw_sum_kernel[(n_ce,)](partw, dw, geo.C, geo.E, split, BLOCK_CT=BCT, BLOCK_ET=BET)
-    return dx, dw
+        geo.NB, nps, nused, nread, _stat_div(geo, group_stats), nblk, geo.BG * nblk,
+        n_ce * split, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
+        PREC=geo.PREC_EPI, ATOMIC_DW=not deterministic, BLOCK_P=PARTIAL_BLOCK, SPLIT=split,
+        BLOCK_CT=bct, BLOCK_ET=bet, num_warps=_warps(geo))
+    if deterministic or w.dtype == torch.float32:
+        return dx, dw
+    return dx, dw.to(w.dtype)

@@ -45,7 +45,8 @@ def duplicated_rows(rows):
             if dims[2] * 16 > dims[0]]
 
 
-def _check(rows, tiles_class, spill_budget=None, allowance=None, duplicated_ok=()):
+def _check(rows, tiles_class, spill_budget=None, allowance=None, duplicated_ok=(),
+           deterministic=False):
     sys.path.insert(0, str(ROOT))
     from benchmarks.aot import SM90_SMEM_LIMIT, SPILL_BUDGET
     spill_budget = SPILL_BUDGET if spill_budget is None else spill_budget
@@ -63,18 +64,26 @@ def _check(rows, tiles_class, spill_budget=None, allowance=None, duplicated_ok=(
     fixed = [(r["kernel"], r["ints"]) for r in rows
              if r["ints"].get("TH") != "i32" or r["ints"].get("TW") != "i32"]
     assert not fixed, f"window sizes not runtime i32 arguments: {fixed}"
+    assert {r["mode"] for r in rows} == {"deterministic" if deterministic else "atomic"}
+    if deterministic:  # the forward is the same kernel in both modes
+        kinds.pop("_ss_attn_fwd_kernel")
     for dtype in {r["dtype"] for r in rows}:
         for name, kind in kinds.items():
             got = [r["config"] for r in rows if r["kernel"] == name and r["dtype"] == dtype]
-            want = [f"{m}x{n} w{w} s{s}" for m, n, w, s in K.TILES[kind][tiles_class]]
+            want = [f"{m}x{n} w{w} s{s}"
+                    for m, n, w, s in K.tiles(kind, tiles_class, deterministic)]
             assert sorted(got) == sorted(want), f"{name} {dtype}: compiled {got}, tiles {want}"
 
 
 def test_half_channels_last_configs_fit_sm90(tmp_path):
-    """bf16 and fp16, channels_last, C = E = 128: every configuration autotuning may pick."""
+    """bf16 and fp16, channels_last, C = E = 128: every configuration autotuning may pick, in
+    both modes (deterministic: the two backward kernels, which it compiles differently)."""
     rows, table = _aot(tmp_path, "--dtypes", "bf16,fp16", "--layouts", "cl")
     print(table)
     _check(rows, "half", allowance=HALF_SPILL_ALLOWANCE)
+    rows, table = _aot(tmp_path, "--dtypes", "bf16,fp16", "--layouts", "cl", "--deterministic")
+    print(table)
+    _check(rows, "half", allowance=HALF_SPILL_ALLOWANCE, deterministic=True)
 
 
 def test_duplicated_rows_are_detected():
@@ -99,10 +108,15 @@ def test_duplicated_rows_are_detected():
 @pytest.mark.skipif(os.environ.get("SSBSN_SLOW_TESTS") != "1",
                     reason="~3 min of compiling: set SSBSN_SLOW_TESTS=1")
 def test_fp32_and_wide_configs_fit_sm90(tmp_path):
-    """fp32 (3xTF32) tiles at C = 128 and the bf16 C = 256 ("wide") tiles launch; their spills
-    stay within the budgets stated in kernels/ss_attention.py (3xTF32: under 1 KB per kernel
-    in the default backward; the wide tiles: none); no tile computes rows twice."""
-    rows, _ = _aot(tmp_path, "--dtypes", "fp32", "--layouts", "cl")
-    _check(rows, "fp32", spill_budget=4096)
-    rows, _ = _aot(tmp_path, "--dtypes", "bf16", "--layouts", "cl", "--channels", "256")
-    _check(rows, "wide", spill_budget=2048)
+    """fp32 (3xTF32) tiles at C = 128 and the bf16 C = 256 ("wide") tiles launch, in both
+    modes; their spills stay within the budgets stated in kernels/ss_attention.py (3xTF32:
+    under 1 KB per kernel; the wide tiles: the forward's 64x32 w4 ~380 B, the backward's
+    none); no tile computes rows twice."""
+    for det in ((), ("--deterministic",)):
+        rows, table = _aot(tmp_path, "--dtypes", "fp32", "--layouts", "cl", *det)
+        print(table)
+        _check(rows, "fp32", spill_budget=1024, deterministic=bool(det))
+        rows, table = _aot(tmp_path, "--dtypes", "bf16", "--layouts", "cl", "--channels", "256",
+                           *det)
+        print(table)
+        _check(rows, "wide", spill_budget=2048, deterministic=bool(det))

@@ -344,17 +344,24 @@ def test_autotune_key_is_a_bucket_of_n():
 @pytest.mark.parametrize("dtype,C,cls", [(torch.bfloat16, 128, "half"), (torch.float16, 64, "half"),
                                          (torch.float32, 128, "fp32"), (torch.float16, 256, "wide")])
 def test_autotune_prunes_to_the_operand_class(dtype, C, cls):
-    """Each launch only benchmarks the tile list of its operand class (TILES; checked for shared
-    memory and spills by tests/test_aot_compile.py), not configurations that cannot launch."""
+    """Each launch only benchmarks the tile list of its operand class and mode (TILES,
+    DETERMINISTIC_TILES; checked for shared memory and spills by tests/test_aot_compile.py),
+    not configurations that cannot launch; the backward kernels' autotuning key has the mode."""
     assert K.operand_class(dtype, T.block_dim(C), T.block_dim(C)) == cls
-    for kind, name in (("fwd", "_ss_attn_fwd_kernel"), ("bwd_dkdv", "_ss_attn_bwd_dkdv_kernel"),
-                       ("bwd_dq", "_ss_attn_bwd_dq_kernel")):
+    for kind, name, mode in (("fwd", "_ss_attn_fwd_kernel", {}),
+                             ("bwd_dkdv", "_ss_attn_bwd_dkdv_kernel", {"ATOMIC": True}),
+                             ("bwd_dkdv", "_ss_attn_bwd_dkdv_kernel", {"ATOMIC": False}),
+                             ("bwd_dq", "_ss_attn_bwd_dq_kernel", {"QUERY_LOOP": False}),
+                             ("bwd_dq", "_ss_attn_bwd_dq_kernel", {"QUERY_LOOP": True})):
         tuner = getattr(K, name)
+        assert tuner.keys == ["C", "E", "NB_BUCKET", *mode]
+        det = mode.get("QUERY_LOOP", False) or not mode.get("ATOMIC", True)
         x = torch.empty(1, C, 4, 4, dtype=dtype)
         kept = tuner.early_config_prune(tuner.configs, {"X": x}, BLOCK_C=T.block_dim(C),
-                                        BLOCK_E=T.block_dim(C))
+                                        BLOCK_E=T.block_dim(C), **mode)
         got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
-        assert got == K.TILES[kind][cls][:1]  # the interpreter runs the first one only
+        assert got == K.tiles(kind, cls, det)[:1]  # the interpreter runs the first one only
+    assert K.tiles("bwd_dq", "fp32", True) != K.TILES["bwd_dq"]["fp32"]
 
 
 def test_unsupported_inputs_are_named():
@@ -435,6 +442,49 @@ def test_gpu_deterministic_bitwise(dtype):
     for _ in range(3):
         for a, b in zip(first, run_grads(fn, x, w, go)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_cuda_graph_capture_replay(dtype):
+    """Forward and backward of the op captured in one CUDA graph (no host synchronisation, no
+    host-side allocation decisions that depend on data), replayed on new inputs copied into the
+    static buffers: the same bits as eager, deterministic mode (the ticketed dW reduction
+    included)."""
+    shape = (2, 128, 64, 64)
+    x64, w64 = attention_inputs(shape, device="cuda")
+    sx = x64.to(dtype).contiguous(memory_format=CL).requires_grad_()
+    sw = w64.to(dtype).requires_grad_()
+    sgo = torch.randn_like(sx)
+
+    def step():
+        out = kernels.ss_attention(sx, sw, 4, deterministic=True)
+        return (out, *torch.autograd.grad(out, (sx, sw), sgo))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: autotuning and compilation outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        x, _ = attention_inputs(shape, device="cuda")
+        x = x.to(dtype).contiguous(memory_format=CL)
+        go = torch.randn_like(x)
+        with torch.no_grad():
+            sx.copy_(x)
+            sgo.copy_(go)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = run_grads(lambda a, b: kernels.ss_attention(a, b, 4, deterministic=True),
+                          x, sw.detach(), go)
+        for name, a, b in zip(("out", "dx", "dw"), static, eager):
+            assert torch.equal(a, b), name
 
 
 @pytest.mark.gpu
