@@ -82,6 +82,11 @@ TARGETS = {  # name: (what, comparison, target)
     "fa3_rule_all": ("every kernel error within the FA3 2× rule", "==", True),
     "wiener_speedup_vs_bm3d": ("Wiener refinement of a 12-MP photo vs the bm3d package on one "
                                "CPU thread, ×", ">=", 20.0),
+    "denoise_12mp_quick_s": ("a 12-MP photo, quick model, its full default inference, "
+                             "42-px attention windows, s", "<=", 5.0),
+    "denoise_12mp_paper_r3_s": ("a 12-MP photo, paper model, PD 2 + R3, 42-px attention "
+                                "windows, s", "<=", 10.0),
+    "denoise_12mp_peak_gib": ("peak device memory of those two, GiB", "<=", 16.0),
 }
 SPEED_TARGETS = [k for k in TARGETS if k not in ("fa3_rule_all",)]
 
@@ -822,6 +827,126 @@ def step_restore(a) -> dict:
     return {"step": "restore", "status": status, "checks": checks, "figures": figures}
 
 
+# ----------------------------------------------------------------------------- denoise
+DENOISE_SIZE, DRY_DENOISE_SIZE = (3000, 4000), (48, 64)   # (H, W): a 12-megapixel photo
+WHOLE_MAP_SIZE, DRY_WHOLE_MAP_SIZE = (512, 512), (32, 32)  # whole-map groups, extrapolated
+
+
+def _denoise_model(preset: str, window: int, dry: bool):
+    """The preset's architecture with random weights (the time does not depend on their
+    values) and SS-Attention's scope ``window`` (0: whole-map groups); the quick preset with
+    its inference settings, the paper's with the paper's (PD 2 + R3). A dry run shrinks the
+    paper's model to the quick one's size."""
+    import torch
+
+    from ssbsn import SSBSN
+    from ssbsn.config import model_field_names
+    from ssbsn.presets import preset_values
+    q = preset_values(preset)
+    fields = {k: v for k, v in q.items() if k in model_field_names()}
+    if dry and preset == "paper":
+        fields.update(base_channels=16, num_modules=2, ss_blocks=1)
+    fields["attention_window"] = window
+    torch.manual_seed(0)
+    return SSBSN(**fields, inference=q.get("inference")).eval().to(_device())
+
+
+def _timed_denoise(model, size) -> dict:
+    """``model.denoise`` of a synthetic noisy photo of ``size`` as ``ssbsn denoise`` runs it
+    (the model's own settings): wall time split into the network passes, the Wiener stage
+    and the rest, and the peak device memory."""
+    import numpy as np
+    import torch
+
+    import ssbsn.restore.wiener as sw
+    from benchmarks.wiener_compare import synthetic_photo
+    dev = _device()
+    noisy, _ = synthetic_photo(*size)
+    x = torch.from_numpy(noisy.astype(np.float32).transpose(2, 0, 1).copy())[None].to(dev)
+    spent = {"network": 0.0, "wiener": 0.0, "passes": 0}
+    t = {}
+
+    def pre(*_):
+        _sync()
+        t["pass"] = time.perf_counter()
+
+    def post(*_):
+        _sync()
+        spent["network"] += time.perf_counter() - t["pass"]
+        spent["passes"] += 1
+    orig = sw.collaborative_refinement
+
+    def wiener(*args, **kw):
+        _sync()
+        t0 = time.perf_counter()
+        try:
+            return orig(*args, **kw)
+        finally:
+            _sync()
+            spent["wiener"] += time.perf_counter() - t0
+    hooks = [model.bsn.register_forward_pre_hook(pre), model.bsn.register_forward_hook(post)]
+    sw.collaborative_refinement = wiener
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        _sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            y = model.denoise(x)
+        _sync()
+        total = time.perf_counter() - t0
+    finally:
+        sw.collaborative_refinement = orig
+        for h in hooks:
+            h.remove()
+    assert torch.isfinite(y).all()
+    r = dict(size=f"{size[1]}x{size[0]}", seconds=total, network_s=spent["network"],
+             passes=spent["passes"], wiener_s=spent["wiener"],
+             other_s=total - spent["network"] - spent["wiener"])
+    if dev.type == "cuda":
+        r["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return r
+
+
+def step_denoise(a) -> dict:
+    """A 12-megapixel photo denoised on the device as ``ssbsn denoise`` does it, with the
+    bounded attention scope (42-pixel windows): the quick preset's model with its full default
+    inference (shifted-PD ensemble, lowpass, blend, Wiener, debias), and the paper's model with
+    the paper's inference (PD 2 + R3); each split into network / Wiener / the rest, with peak
+    device memory. Whole-map groups beside them at a small size, with their cost extrapolated
+    to 12 MP by the square of the area (not run there: hours)."""
+    size = DRY_DENOISE_SIZE if a.dry_run else DENOISE_SIZE
+    small = DRY_WHOLE_MAP_SIZE if a.dry_run else WHOLE_MAP_SIZE
+    rows, figures = [], {}
+    for preset in ("quick", "paper"):
+        for window, at in ((42, size), (0, small)):
+            model = _denoise_model(preset, window, a.dry_run)
+            try:
+                r = _timed_denoise(model, at)
+            except Exception as e:  # noqa: BLE001 -- an out-of-memory is a figure, not a failure
+                if not _is_oom(e):
+                    raise
+                r = dict(size=f"{at[1]}x{at[0]}", oom=True)
+                _free()
+            r.update(preset=preset, window=window)
+            if window == 0 and "seconds" in r:
+                r["extrapolated_12mp_s"] = r["seconds"] * (size[0] * size[1] / (at[0] * at[1])) ** 2
+            rows.append(r)
+            del model
+            _free()
+            _say(f"  denoise {preset} window {window} {r['size']}: " + (
+                "out of memory" if r.get("oom") else
+                f"{r['seconds']:.2f} s ({r['passes']} passes {r['network_s']:.2f} s, Wiener "
+                f"{r['wiener_s']:.2f} s, rest {r['other_s']:.2f} s"
+                + (f", peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else "") + ")"))
+    by = {(r["preset"], r["window"]): r for r in rows}
+    figures["denoise_12mp_quick_s"] = by[("quick", 42)].get("seconds")
+    figures["denoise_12mp_paper_r3_s"] = by[("paper", 42)].get("seconds")
+    peaks = [by[(p, 42)].get("peak_gib") for p in ("quick", "paper")]
+    figures["denoise_12mp_peak_gib"] = max(peaks) if all(v is not None for v in peaks) else None
+    return {"step": "denoise", "status": "ok", "figures": figures, "rows": rows}
+
+
 # ----------------------------------------------------------------------------- conv
 def step_conv(a) -> dict:
     import torch
@@ -1010,6 +1135,7 @@ def step_report(a) -> dict:
 
 STEPS = {"cuda-env": step_cuda_env, "env": step_env, "correctness": step_correctness,
          "timing": step_timing, "train": step_train, "conv": step_conv, "restore": step_restore,
+         "denoise": step_denoise,
          "report": step_report}
 
 

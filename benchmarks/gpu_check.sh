@@ -19,6 +19,9 @@
 #   conv         the conv extension vs cuDNN
 #   restore      the Wiener refinement on the GPU: the CPU's result on a crop; a 4000x3000
 #                photo's time against the bm3d package's on one CPU thread
+#   denoise      a 12-MP photo as `ssbsn denoise` runs it, 42-px attention windows: the quick
+#                model's full default inference and the paper model's PD 2 + R3, split by
+#                step, peak memory; whole-map groups at 512², extrapolated
 #   report       OUT/results.json (figures + targets) and OUT/summary.md (MET / MISSED)
 # The limits add up to 595 s (9.9 min); the conv build overlaps the steps before conv.
 # Exit status: 0 all steps ran, every check passed and every target was met; 2 only targets
@@ -77,7 +80,7 @@ step() {
 if [ "$DRY" = 1 ]; then
   echo "== setup: dry run, the package is used as installed ($("$PY" -c 'import ssbsn; print(ssbsn.__file__)' 2>&1 | tail -1))"
 else
-  step setup 40 env SSBSN_NO_CUDA_EXT=1 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  step setup 30 env SSBSN_NO_CUDA_EXT=1 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 fi
 # CUDA conv extension: environment from the real toolkit, then build in place in the background
 exports=$("$PY" -m benchmarks.gpu_check cuda-env --out "$OUT" "${FLAG[@]}" 2>"$OUT/logs/cuda-env.log" | tee -a "$OUT/logs/cuda-env.log")
@@ -94,16 +97,17 @@ else
 fi
 
 step env 20
-step correctness 140
-step timing 150
-step train 130
+step correctness 120
+step timing 130
+step train 110
 if [ -n "$BUILD_PID" ]; then
   wait "$BUILD_PID"
   brc=$(cat "$OUT/parts/conv-build.rc" 2>/dev/null || echo "?")
   echo "== conv build: $([ "$brc" = 0 ] && echo ok || echo "FAILED (exit $brc): $(tail -n 3 "$OUT/logs/conv-build.log" | tr '\n' ' ')")"
 fi
-step conv 40
-step restore 60
+step conv 30
+step restore 50
+step denoise 90
 step report 15
 rc=$(cat "$OUT/parts/report.rc")
 cat "$OUT/summary.md" 2>/dev/null

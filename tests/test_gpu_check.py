@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import gpu_check  # noqa: E402
 
-STEPS = ("cuda-env", "env", "correctness", "timing", "train", "conv", "restore")
+STEPS = ("cuda-env", "env", "correctness", "timing", "train", "conv", "restore", "denoise")
 
 
 def test_dry_run_reports_every_step(tmp_path):
@@ -27,7 +27,7 @@ def test_dry_run_reports_every_step(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    for step in ("env", "correctness", "timing", "train", "conv", "restore", "report"):
+    for step in ("env", "correctness", "timing", "train", "conv", "restore", "denoise", "report"):
         assert f"== {step}: ok" in log, f"step {step} not reported ok:\n{log[-3000:]}"
     res = json.loads((out / "results.json").read_text())
     assert res["dry_run"] is True and res["TRITON_INTERPRET"] == "1"
@@ -57,6 +57,16 @@ def test_dry_run_reports_every_step(tmp_path):
     base = sum(r["bm3d_s"] for r in rows) / len(rows) / (256 * 256 / 1e6)
     f = res["figures"]
     assert f["bm3d_cpu1_s_per_mp"] == pytest.approx(base) and f["wiener_s"] > 0
+    # the 12-MP denoise (here 64×48): every step of each model's own inference, both scopes;
+    # the quick preset's passes are PD 2 over 2² shifts and the blend's PD 3 Latin square,
+    # the paper's one PD pass and R3's 8 rounds
+    rows = json.loads((out / "parts" / "denoise.json").read_text())["rows"]
+    by = {(r["preset"], r["window"]): r for r in rows}
+    assert set(by) == {(p, w) for p in ("quick", "paper") for w in (42, 0)}
+    assert by[("quick", 42)]["passes"] == 2 * 2 + 3 and by[("quick", 42)]["wiener_s"] > 0
+    assert by[("paper", 42)]["passes"] == 1 + 8 and by[("paper", 42)]["wiener_s"] == 0
+    assert all(r["network_s"] <= r["seconds"] for r in rows)
+    assert f["denoise_12mp_quick_s"] == by[("quick", 42)]["seconds"]
     assert f["wiener_speedup_vs_bm3d"] == pytest.approx(base * 48 * 64 / 1e6 / f["wiener_s"])
     for t in res["targets"]:
         assert isinstance(t["met"], bool) and "value" in t and "target" in t
@@ -123,6 +133,9 @@ def _parts(tmp_path, attn_ok=True, fast=True):
             "train_b4_512_runs": True, "train_speedup_vs_authors": 4.0,
             "train_speedup_vs_fp32_reference": 2.5}},
         "restore": {"step": "restore", "status": "ok", "figures": {"wiener_speedup_vs_bm3d": 25.0}},
+        "denoise": {"step": "denoise", "status": "ok", "figures": {
+            "denoise_12mp_quick_s": 3.0, "denoise_12mp_paper_r3_s": 8.0,
+            "denoise_12mp_peak_gib": 12.0}},
     }
     for k, v in data.items():
         (parts / f"{k}.json").write_text(json.dumps(v))
