@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-BAR = re.compile(r"(\d+)/(\d+) \[([0-9:]+)<([0-9:?]+)")
+BAR = re.compile(r"(\d+)/(\d+) \[([0-9:]+)<([0-9:?]+),")  # a whole line
 
 
 def seconds(text: str) -> float | None:
@@ -74,7 +74,8 @@ def run(args) -> dict:
         buf += chunk
         *lines, buf = re.split(rb"[\r\n]", buf)
         now = time.perf_counter() - t0
-        for line in lines:
+        # tqdm writes "\r" and then the line: the line after the last "\r" is the one shown now
+        for line in lines + [buf]:
             m = BAR.search(line.decode(errors="replace"))
             if m and int(m[1]) not in seen and int(m[1]) > 0:
                 seen.add(int(m[1]))

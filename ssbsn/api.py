@@ -63,32 +63,20 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
     """How many times the pipeline runs the BSN on an (H, W) image: per tile, one pass
     plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
     the PD stride's s² shifts with the shifted-PD ensemble; the blend adds its second estimate
-    at the training stride when that differs. None: the model's own setting."""
-    from .restore.estimate import tile_starts
-    s = model.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
-                                 pd=pd, blend=blend, overlap=overlap)
-
-    def one_estimate(b: int) -> int:
-        windows = 1
-        if s["tile"]:
-            t = -(-s["tile"] // b) * b  # as restore.estimate.tiled rounds it
-            windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
-        return (windows * (8 if s["self_ensemble"] else 1) * (b * b if s["shifts"] else 1)
-                * (1 + model.r3_T if s["r3"] else 1))
-    total = one_estimate(s["pd"])
-    if s["blend"] and model.pd_train != s["pd"]:
-        total += one_estimate(model.pd_train)
-    return total
+    at the training stride when that differs (:func:`pass_costs` lists them). None: the
+    model's own setting."""
+    return len(pass_costs(model, shape, r3=r3, self_ensemble=self_ensemble, tile=tile,
+                          shifts=shifts, pd=pd, blend=blend, overlap=overlap))
 
 
 # The time per image pixel of one network pass, about PASS_US[0] + PASS_US[1] × its
 # multiply-adds per pixel (its convolution weights), and of each step after the network, in
 # microseconds on a two-core CPU with both threads (the pass from 16-channel to 48-channel
-# models; the steps measured against the quick model's passes on a 2000×1500 photo,
-# benchmarks/results/eta/): what lets a progress bar that counts passes count those steps as
+# models; the steps against the quick model's passes on a 2000×1500 photo on a machine that
+# runs nothing else, benchmarks/results/eta/): what lets a progress bar that counts passes count those steps as
 # passes too, and weigh each unit of work by its cost for the ETA (:class:`PassEta`).
 PASS_US = (1.7, 0.032e-3)
-STEP_US = dict(wiener=20.0, blend=1.7, debias=1.1, lowpass=0.13)
+STEP_US = dict(wiener=3.0, blend=1.7, debias=1.1, lowpass=0.13)
 
 
 def pass_cost(model) -> float:
@@ -179,15 +167,14 @@ class PassEta:
     estimated cost of each (``costs``: one per pass, in order, and ``after`` for the steps;
     any unit, e.g. :func:`pass_costs` and :func:`after_network_us`) and the time measured.
 
-    The first pass is slower than the others (the allocator and oneDNN set up on first use,
-    fresh memory faulted in), so it does not set the rate: after it, the rate is its time
-    over its cost taken :data:`WARMUP` times; from the second pass on, the time since the first
-    pass ended over the cost done since. Every pass (and the steps after the network) is
-    weighed by its cost, so tiles of different sizes, the blend's passes at another stride and
-    the steps after the network (one update when they end) each count for what they take.
+    The first pass's time does not predict the others' (set-up on first use: oneDNN's
+    primitives, fresh memory faulted in; from as fast as a later pass to half as slow again,
+    benchmarks/results/eta/), so the rate is the time since the first pass ended over the
+    cost done since, and there is no estimate before the second pass ends (unless the first
+    is the only one: then its own rate). Every pass, and the steps after the network (one
+    update when they end), is weighed by its cost, so tiles of different sizes, the blend's
+    passes at another stride and the steps after the network each count for what they take.
     ``clock``: the time in seconds (a fake one in tests)."""
-
-    WARMUP = 1.7  # the first pass's time over a later one's: 1.1 to 2 measured (results/eta)
 
     def __init__(self, costs, after: float = 0.0, clock=time.perf_counter):
         self.clock = clock
@@ -203,13 +190,14 @@ class PassEta:
         self.ends.append(self.clock())
 
     def seconds_left(self, now: float | None = None) -> float | None:
-        """The estimated remaining time; None before the first pass ends."""
+        """The estimated remaining time; None while there is no trustworthy estimate."""
         now = self.clock() if now is None else now
-        done = min(len(self.ends), len(self.cum) - 1)
-        if done == 0 or self.total <= 0:
+        passes = len(self.cum) - 1
+        done = min(len(self.ends), passes)
+        if done == 0 or self.total <= 0 or (done == 1 and passes > 1):
             return None
-        if done == 1 or self.cum[done] <= self.cum[1]:
-            rate = (self.ends[0] - self.start) / (self.cum[1] * self.WARMUP or 1.0)
+        if done == 1 or self.cum[done] <= self.cum[1]:  # the only pass: its own rate
+            rate = (self.ends[0] - self.start) / (self.cum[1] or 1.0)
         else:
             rate = (self.ends[done - 1] - self.ends[0]) / (self.cum[done] - self.cum[1])
         return max(0.0, rate * (self.total - self.cum[done]) - (now - self.ends[done - 1]))
@@ -218,7 +206,7 @@ class PassEta:
 def _eta_bar(tqdm_cls):
     """A tqdm subclass whose remaining time is its ``eta``'s (:class:`PassEta`) when it has
     one: tqdm shows (total − n) / rate, so the rate it is given is the one that makes that the
-    estimate (and shows "?" before the first pass ends)."""
+    estimate (and shows "?" while it has none)."""
     class EtaBar(tqdm_cls):
         eta = None
 
