@@ -73,8 +73,9 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
 # multiply-adds per pixel (its convolution weights), and of each step after the network, in
 # microseconds on a two-core CPU with both threads (the pass from 16-channel to 48-channel
 # models; the steps against the quick model's passes on a 2000×1500 photo on a machine that
-# runs nothing else, benchmarks/results/eta/): what lets a progress bar that counts passes count those steps as
-# passes too, and weigh each unit of work by its cost for the ETA (:class:`PassEta`).
+# runs nothing else, benchmarks/results/eta/): what lets a progress bar that counts passes
+# count those steps as passes too, and weigh each unit of work by its cost for the ETA
+# (:class:`PassEta`).
 PASS_US = (1.7, 0.032e-3)
 STEP_US = dict(wiener=3.0, blend=1.7, debias=1.1, lowpass=0.13)
 
