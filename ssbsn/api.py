@@ -64,31 +64,20 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
     plus one per R3 round, for each of the 8 flips/rotations with self-ensemble and each of
     the PD stride's s² shifts with the shifted-PD ensemble; the blend adds its second estimate
     at the training stride when that differs (with the ensemble, that stride's s shifts of a
-    Latin square). None: the model's own setting."""
-    from .restore.estimate import shift_offsets, tile_starts
-    s = model.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
-                                 pd=pd, blend=blend, overlap=overlap)
-
-    def one_estimate(b: int, latin: bool = False) -> int:
-        windows = 1
-        if s["tile"]:
-            t = -(-s["tile"] // b) * b  # as restore.estimate.tiled rounds it
-            windows = len(tile_starts(shape[0], t)) * len(tile_starts(shape[1], t))
-        return (windows * (8 if s["self_ensemble"] else 1)
-                * (len(shift_offsets(b, latin)) if s["shifts"] else 1)
-                * (1 + model.r3_T if s["r3"] else 1))
-    total = one_estimate(s["pd"])
-    if s["blend"] and model.pd_train != s["pd"]:
-        total += one_estimate(model.pd_train, latin=True)
-    return total
+    Latin square; :func:`pass_costs` lists them). None: the model's own setting."""
+    return len(pass_costs(model, shape, r3=r3, self_ensemble=self_ensemble, tile=tile,
+                          shifts=shifts, pd=pd, blend=blend, overlap=overlap))
 
 
 # The time per image pixel of one network pass, about PASS_US[0] + PASS_US[1] × its
 # multiply-adds per pixel (its convolution weights), and of each step after the network, in
 # microseconds on a two-core CPU with both threads (the pass from 16-channel to 48-channel
-# models): what lets a progress bar that counts passes count those steps as passes too.
+# models; the steps against the quick model's passes on a 2000×1500 photo on a machine that
+# runs nothing else, benchmarks/results/eta/): what lets a progress bar that counts passes
+# count those steps as passes too, and weigh each unit of work by its cost for the ETA
+# (:class:`PassEta`).
 PASS_US = (1.7, 0.032e-3)
-STEP_US = dict(wiener=4.2, blend=1.7, debias=1.1, lowpass=0.13)
+STEP_US = dict(wiener=3.0, blend=1.7, debias=1.1, lowpass=0.13)
 
 
 def pass_cost(model) -> float:
@@ -97,20 +86,68 @@ def pass_cost(model) -> float:
     return PASS_US[0] + PASS_US[1] * weights
 
 
+def _window_sides(n: int, tile: int, overlap: int) -> list[int]:
+    """The sides of the windows that :func:`ssbsn.restore.estimate.tiled` cuts along one axis
+    of ``n`` pixels (``tile`` and ``overlap`` already rounded; one window of n when untiled)."""
+    if not tile:
+        return [n]
+    from .restore.estimate import tile_starts
+    return [min(s + tile + overlap, n) - max(s - overlap, 0) for s in tile_starts(n, tile)]
+
+
 def _window_area(shape, tile: int, overlap: int, b: int) -> float:
     """The mean area of the windows that :func:`ssbsn.restore.estimate.tiled` cuts from an
     (H, W) image (the whole image when ``tile`` is 0)."""
     H, W = shape[:2]
     if not tile:
         return float(H * W)
-    from .restore.estimate import tile_starts
     up = lambda n: -(-n // b) * b  # noqa: E731  (as restore.estimate.tiled rounds them)
-    t, o = up(tile), up(overlap)
-
-    def sides(n):  # each window: its core and the overlap on both sides, inside the image
-        return [min(s + t + o, n) - max(s - o, 0) for s in tile_starts(n, t)]
-    hs, ws = sides(H), sides(W)
+    hs, ws = _window_sides(H, up(tile), up(overlap)), _window_sides(W, up(tile), up(overlap))
     return sum(hs) * sum(ws) / (len(hs) * len(ws))
+
+
+def pass_costs(model, shape, r3: bool | None = None, self_ensemble: bool | None = None,
+               tile: int | None = None, shifts: bool | None = None, pd: int | None = None,
+               blend: bool | None = None, overlap: int | None = None) -> list[float]:
+    """The estimated cost in microseconds of each network pass on an (H, W) image, in the
+    order the pipeline makes them (:func:`network_passes` of them): the estimate at the
+    inference stride, then the blend's at the training stride; per tile window, its
+    self-ensemble, shifts and R3 rounds. A pass costs :func:`pass_cost` per pixel of the
+    window it sees (rounded up to the PD stride). None: the model's own setting."""
+    s = model.inference_settings(r3=r3, self_ensemble=self_ensemble, tile=tile, shifts=shifts,
+                                 pd=pd, blend=blend, overlap=overlap)
+    per_pixel = pass_cost(model)
+    from .restore.estimate import shift_offsets
+    # the blend's reference at the training stride takes the Latin square of the shifts
+    strides = [(s["pd"], False)] + ([(model.pd_train, True)]
+                                    if s["blend"] and model.pd_train != s["pd"] else [])
+    costs = []
+    for b, latin in strides:
+        up = lambda n: -(-n // b) * b  # noqa: E731  (as restore.estimate.tiled rounds them)
+        t, o = (up(s["tile"]), up(s["overlap"])) if s["tile"] else (0, 0)
+        inner = ((8 if s["self_ensemble"] else 1)
+                 * (len(shift_offsets(b, latin)) if s["shifts"] else 1)
+                 * (1 + model.r3_T if s["r3"] else 1))
+        for h in _window_sides(shape[0], t, o):
+            for w in _window_sides(shape[1], t, o):
+                costs += [per_pixel * up(h) * up(w)] * inner
+    return costs
+
+
+def after_network_us(model, shape, tile: int | None = None, overlap: int | None = None,
+                     pd: int | None = None, lowpass: float | None = None,
+                     blend: bool | None = None, wiener: bool | None = None,
+                     debias: bool | None = None) -> float:
+    """The estimated time in microseconds of the steps after the network (lowpass per
+    estimate, blend, Wiener, debias) on an (H, W) image (:data:`STEP_US`). None: the model's
+    own setting."""
+    s = model.inference_settings(tile=tile, overlap=overlap, pd=pd, lowpass=lowpass,
+                                 blend=blend, wiener=wiener, debias=debias)
+    estimates = 2 if s["blend"] and model.pd_train != s["pd"] else 1
+    cost = ((STEP_US["lowpass"] * estimates if s["lowpass"] > 0 else 0)
+            + STEP_US["blend"] * s["blend"] + STEP_US["wiener"] * s["wiener"]
+            + STEP_US["debias"] * s["debias"])
+    return cost * shape[0] * shape[1]
 
 
 def after_network_work(model, shape, tile: int | None = None, overlap: int | None = None,
@@ -121,32 +158,91 @@ def after_network_work(model, shape, tile: int | None = None, overlap: int | Non
     on an (H, W) image, in network passes (of the mean tile window when tiled; see
     :data:`STEP_US`), so that a progress bar that counts passes can count them too. None:
     the model's own setting."""
-    s = model.inference_settings(tile=tile, overlap=overlap, pd=pd, lowpass=lowpass,
-                                 blend=blend, wiener=wiener, debias=debias)
-    estimates = 2 if s["blend"] and model.pd_train != s["pd"] else 1
-    cost = ((STEP_US["lowpass"] * estimates if s["lowpass"] > 0 else 0)
-            + STEP_US["blend"] * s["blend"] + STEP_US["wiener"] * s["wiener"]
-            + STEP_US["debias"] * s["debias"])
+    cost = after_network_us(model, shape, tile=tile, overlap=overlap, pd=pd, lowpass=lowpass,
+                            blend=blend, wiener=wiener, debias=debias)
     if not cost:
         return 0
+    s = model.inference_settings(tile=tile, overlap=overlap, pd=pd)
     per_pass = pass_cost(model) * _window_area(shape, s["tile"], s["overlap"], s["pd"])
-    return max(1, round(cost * shape[0] * shape[1] / per_pass))
+    return max(1, round(cost / per_pass))
+
+
+class PassEta:
+    """The remaining time of a run of network passes and the steps after them, from the
+    estimated cost of each (``costs``: one per pass, in order, and ``after`` for the steps;
+    any unit, e.g. :func:`pass_costs` and :func:`after_network_us`) and the time measured.
+
+    The first pass's time does not predict the others' (set-up on first use: oneDNN's
+    primitives, fresh memory faulted in; from as fast as a later pass to half as slow again,
+    benchmarks/results/eta/), so the rate is the time since the first pass ended over the
+    cost done since, and there is no estimate before the second pass ends (unless the first
+    is the only one: then its own rate). Every pass, and the steps after the network (one
+    update when they end), is weighed by its cost, so tiles of different sizes, the blend's
+    passes at another stride and the steps after the network each count for what they take.
+    ``clock``: the time in seconds (a fake one in tests)."""
+
+    def __init__(self, costs, after: float = 0.0, clock=time.perf_counter):
+        self.clock = clock
+        self.cum = [0.0]
+        for c in costs:
+            self.cum.append(self.cum[-1] + float(c))
+        self.total = self.cum[-1] + float(after)
+        self.start = clock()
+        self.ends: list[float] = []  # when each pass ended
+
+    def tick(self) -> None:
+        """One network pass done (now)."""
+        self.ends.append(self.clock())
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        """The estimated remaining time; None while there is no trustworthy estimate."""
+        now = self.clock() if now is None else now
+        passes = len(self.cum) - 1
+        done = min(len(self.ends), passes)
+        if done == 0 or self.total <= 0 or (done == 1 and passes > 1):
+            return None
+        if done == 1 or self.cum[done] <= self.cum[1]:  # the only pass: its own rate
+            rate = (self.ends[0] - self.start) / (self.cum[1] or 1.0)
+        else:
+            rate = (self.ends[done - 1] - self.ends[0]) / (self.cum[done] - self.cum[1])
+        return max(0.0, rate * (self.total - self.cum[done]) - (now - self.ends[done - 1]))
+
+
+def _eta_bar(tqdm_cls):
+    """A tqdm subclass whose remaining time is its ``eta``'s (:class:`PassEta`) when it has
+    one: tqdm shows (total − n) / rate, so the rate it is given is the one that makes that the
+    estimate (and shows "?" while it has none)."""
+    class EtaBar(tqdm_cls):
+        eta = None
+
+        @property
+        def format_dict(self):
+            d = super().format_dict
+            if self.eta is not None and self.total and self.n < self.total:
+                left = self.eta.seconds_left()
+                d["rate"] = 0 if left is None else (self.total - self.n) / max(left, 1e-3)
+            return d
+    return EtaBar
 
 
 @contextmanager
-def network_progress(model, total: int, desc: str, progress: bool | None):
+def network_progress(model, total: int, desc: str, progress: bool | None, eta=None):
     """A tqdm bar on stderr (with ETA) that advances with every pass through ``model.bsn``
     (a forward hook); ``total`` may include other work (:func:`after_network_work`) that the
     caller adds with ``bar.update``. ``progress``: True shows it, False hides it, None shows
-    it on a terminal once the work takes more than a second."""
+    it on a terminal once the work takes more than a second. ``eta``: a :class:`PassEta`
+    whose estimate the bar shows (None: tqdm's, from the mean rate since the start)."""
     from tqdm import tqdm
-    # smoothing=0: the ETA from the mean rate since the start, not from the last few passes
-    # (tile windows differ in size, and the passes of the two strides of the blend in speed)
-    bar = tqdm(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True, smoothing=0,
-               disable=None if progress is None else not progress,
-               delay=1.0 if progress is None else 0.0)
+    # smoothing=0: without ``eta``, the ETA from the mean rate since the start, not from the
+    # last few passes (tile windows differ in size)
+    bar = _eta_bar(tqdm)(total=total, desc=desc, unit="pass", leave=False, dynamic_ncols=True,
+                         smoothing=0, disable=None if progress is None else not progress,
+                         delay=1.0 if progress is None else 0.0)
+    bar.eta = eta
 
     def tick(*_):  # a forward hook that returns None leaves the output alone
+        if eta is not None:
+            eta.tick()
         bar.update(1)
     handle = model.bsn.register_forward_hook(tick)
     try:
@@ -247,13 +343,15 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
         raise UserError(f"the model takes {m}-channel images; this image has {c} channels")
     dev = next(model.parameters()).device
     t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))[None]
-    passes = network_passes(model, img.shape, **{k: options.get(k) for k in
-                                                 ("r3", "self_ensemble", "tile", "shifts", "pd",
-                                                  "blend", "overlap")})
-    after = after_network_work(model, img.shape, **{k: options.get(k) for k in
-                                                    ("tile", "overlap", "pd", "lowpass", "blend",
-                                                     "wiener", "debias")})
-    with network_progress(model, passes + after, desc, progress) as bar:
+    net = {k: options.get(k) for k in ("r3", "self_ensemble", "tile", "shifts", "pd", "blend",
+                                       "overlap")}
+    steps = {k: options.get(k) for k in ("tile", "overlap", "pd", "lowpass", "blend", "wiener",
+                                         "debias")}
+    passes = network_passes(model, img.shape, **net)
+    after = after_network_work(model, img.shape, **steps)
+    eta = PassEta(pass_costs(model, img.shape, **net), after_network_us(model, img.shape,
+                                                                         **steps))
+    with network_progress(model, passes + after, desc, progress, eta=eta) as bar:
         y = pipeline(t.to(dev), **options)[0].float().cpu().numpy().transpose(1, 2, 0)
         bar.update(after)  # the steps after the network, done
     if c == 1 and m == 3:

@@ -499,6 +499,12 @@ def test_progress_total_is_the_network_calls_and_the_steps_after_them(options):
                                                         if k in ("tile", "overlap", "pd",
                                                                  "blend")})
     assert passes == len(calls)
+    # each pass weighed by the pixels the network gets (PD's sub-images side by side in the
+    # batch; the shifts' and PD's padding are not counted)
+    costs = api.pass_costs(model, img.shape, **options)
+    seen = [s[0] * s[-2] * s[-1] for s in calls]
+    assert len(costs) == passes
+    assert sum(costs) / api.pass_cost(model) == pytest.approx(sum(seen), rel=0.2)
     assert after >= 1  # the lowpass (and the blend) are counted
     n, total = bars[-1]
     assert total == passes + after and n == total
@@ -540,6 +546,68 @@ def test_the_steps_after_the_network_weigh_as_their_cost_says():
     assert after_network_work(big, (300, 400), **on) < whole
     tiled = after_network_work(small, (300, 400), tile=64, overlap=16, **on)
     assert tiled == pytest.approx(whole * 300 * 400 / (96 * 96), rel=0.35)
+
+
+def _true_remaining(profile, after):
+    """The times at which each pass of ``profile`` (seconds per pass) ends and the end of the
+    run (the steps after the network take ``after`` seconds)."""
+    ends = list(np.cumsum(profile))
+    return ends, ends[-1] + after
+
+
+@pytest.mark.parametrize("warmup", [2.0, 1.3, 1.0])
+@pytest.mark.parametrize("kind", ["untiled", "blend-cheaper", "tiles", "fewer-shifts"])
+def test_the_eta_holds_within_30_percent_once_shown(kind, warmup):
+    """Driven by a fake clock: passes whose real time is their estimated cost times one
+    speed (a different one per case), the first pass ``warmup`` times as slow as the others,
+    and the steps after the network taking their estimated share: no estimate until the
+    second pass ends (the first pass's time does not predict the others'), then the reported
+    remaining time is within 30 % of the true one at every update."""
+    from ssbsn.api import PassEta
+    costs = {"untiled": [1.0] * 13,                      # PD 2 × 4 shifts, PD 3 × 9 shifts
+             "blend-cheaper": [1.0] * 4 + [0.93] * 9,     # the PD-3 passes a little cheaper
+             "tiles": [1.0, 0.6, 1.0, 0.6, 0.36] * 4,     # tile windows of different sizes
+             "fewer-shifts": [1.0] * 4 + [1.0] * 3}[kind]  # the blend with 3 of the 9 shifts
+    after = 4.0 * sum(costs) / len(costs)                 # the Wiener & co. in pass units
+    speed = {"untiled": 20.0, "blend-cheaper": 7.0, "tiles": 0.5, "fewer-shifts": 3.0}[kind]
+    profile = [c * speed for c in costs]
+    profile[0] *= warmup
+    now = [0.0]
+    eta = PassEta(costs, after, clock=lambda: now[0])
+    ends, end = _true_remaining(profile, after * speed)
+    assert eta.seconds_left() is None                      # no estimate before a pass ends
+    for i, t in enumerate(ends):
+        now[0] = t
+        eta.tick()
+        left, true = eta.seconds_left(), end - t
+        if i == 0:
+            assert left is None
+            continue
+        assert left == pytest.approx(true, rel=0.3), (kind, t, left, true)
+        now[0] = t + 0.1 * profile[-1]                     # between updates it counts down
+        assert eta.seconds_left() == pytest.approx(max(0.0, left - 0.1 * profile[-1]))
+
+
+def test_the_bar_shows_the_eta_of_its_estimate(capsys):
+    """The bar's remaining time is the :class:`PassEta`'s (a fake clock), "?" before the second
+    pass ends, and the bar still counts every pass."""
+    from ssbsn.api import PassEta, network_progress
+    model = _quick_like()
+    now = [0.0]
+    eta = PassEta([1.0] * 3, 3.0, clock=lambda: now[0])
+    x = torch.rand(1, 3, 12, 12)
+    with network_progress(model, 3 + 1, "eta", True, eta=eta) as bar:
+        assert bar.format_dict["rate"] == 0                # shown as "?"
+        for t in (30.0, 50.0, 70.0):
+            now[0] = t
+            with torch.no_grad():
+                model.bsn(x)
+            if t == 30.0:
+                assert bar.n == 1 and bar.format_dict["rate"] == 0
+        # after the third pass: 20 s per unit of cost, 3 units left
+        assert bar.n == 3 and (bar.total - bar.n) / bar.format_dict["rate"] == pytest.approx(60)
+        bar.update(1)
+    assert "?" in capsys.readouterr().err
 
 
 def test_an_image_under_the_pixel_limit_is_read_without_a_warning(tmp_path, monkeypatch):
