@@ -1076,8 +1076,12 @@ def build_targets(parts: dict, dry_run: bool) -> list[dict]:
             met = False
         elif op == ">=":
             met = value >= target
-        else:
+        elif op == "<=":
+            met = value <= target
+        elif op == "==":
             met = value == target
+        else:
+            raise ValueError(f"target {name}: unknown comparison {op!r}")
         row = {"name": name, "what": what, "value": value, "target": target, "met": bool(met)}
         if dry_run and name in SPEED_TARGETS:
             row["note"] = "CPU dry run: not applicable"

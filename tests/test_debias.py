@@ -143,7 +143,10 @@ def test_denoise_debiases_the_blended_output_keyed_on_the_estimate():
     keyed on the training stride's estimate), corrected by the estimate's levels with the noise
     read at the training stride (the order docs/model.md gives: steps 7, then 9)."""
     from ssbsn import SSBSN
+    from ssbsn.restore import Pipeline
     from ssbsn.restore.blend import noisy_pixel_blend
+    from ssbsn.restore.estimate import network_estimate
+    from ssbsn.restore.lowpass import restore_low_frequencies
     torch.manual_seed(0)
     model = SSBSN(base_channels=8, num_modules=2, ss_blocks=1, pd_test=2).eval()
     with torch.no_grad():  # outputs around mid-grey
@@ -152,7 +155,12 @@ def test_denoise_debiases_the_blended_output_keyed_on_the_estimate():
     x = noisy.float()
     kw = dict(r3=False, shifts=True, lowpass=4.0)
     est = model.denoise(x, blend=False, debias=False, **kw)
-    ref = model.denoise(x, blend=False, debias=False, pd=model.pd_train, **kw)
+    # the blend's reference: the estimate at the training stride over its Latin square of
+    # shifts (tests/test_restore.py checks that square against the model's forward)
+    cfg = Pipeline(model).settings(blend=False, debias=False, pd=model.pd_train, **kw)
+    with torch.no_grad():
+        ref = restore_low_frequencies(x, network_estimate(model, x, model.pd_train, cfg,
+                                                          latin=True), kw["lowpass"])
     want = tone_curve_debias(x, est, noisy_pixel_blend(x, est, ref), lag=model.pd_train)
     got = model.denoise(x, blend=True, debias=True, **kw)
     torch.testing.assert_close(got, want)
