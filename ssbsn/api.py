@@ -305,6 +305,12 @@ def check_image_array(image) -> np.ndarray:
     if image.ndim not in (2, 3):
         raise UserError(f"denoise_image: expected an (H, W) or (H, W, C) array, got shape "
                         f"{image.shape}")
+    if image.ndim == 3 and image.shape[-1] not in (1, 2, 3, 4):
+        chw = " (a (C, H, W) array? transpose it to (H, W, C))" \
+            if image.shape[0] in (1, 2, 3, 4) else ""
+        raise UserError(f"denoise_image: {image.shape[-1]} channels in an array of shape "
+                        f"{image.shape}; expected 1 (grey) or 3 (RGB), optionally with alpha"
+                        f"{chw}")
     validate_samples(image, "denoise_image")
     return image
 
@@ -368,16 +374,23 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
 def plan_outputs(inputs, output) -> list[tuple[Path, Path]]:
     """(source, destination) for every image of ``inputs`` (files and folders). ``output`` is
     a file when one image goes to a name with an image suffix, otherwise a folder that receives
-    the inputs' names (a folder input keeps its sub-folders)."""
+    the inputs' names (a folder input keeps its sub-folders). An output folder inside a folder
+    input is not read as input: its files are outputs (of this run or of an earlier one)."""
     from .data import list_images
     from .images import is_image_file
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    out = Path(output)
     pairs = []
     for item in inputs:
         p = Path(item)
-        for f in list_images(p, recursive=True):
-            pairs.append((f, f.relative_to(p) if p.is_dir() else Path(f.name)))
-    out = Path(output)
+        inside = p.is_dir() and out.resolve() != p.resolve() \
+            and out.resolve().is_relative_to(p.resolve())
+        found = [f for f in list_images(p, recursive=True)
+                 if not (inside and f.resolve().is_relative_to(out.resolve()))]
+        if not found:
+            raise UserError(f"{p}: no images found in this folder outside the output folder "
+                            f"{out}")
+        pairs += [(f, f.relative_to(p) if p.is_dir() else Path(f.name)) for f in found]
     if len(pairs) == 1 and not Path(inputs[0]).is_dir() and is_image_file(out) \
             and not out.is_dir():
         return [(pairs[0][0], out)]
@@ -417,7 +430,7 @@ class Denoiser:
         from .health import failed_check_line, stored_check
         check = stored_check(path)
         if check is not None and not check["ok"]:
-            log.warning("warning: %s", failed_check_line(path, check))
+            log.warning("%s", failed_check_line(path, check))
         return cls(load_model(path, device, backend, deterministic, attention_window),
                    **options)
 

@@ -31,6 +31,15 @@ QUICK = dict(size=48, shot=0.01, minutes=None, steps=3, base_channels=8, crop=24
              warmup=1)
 
 
+def demo_outputs(out) -> list[Path]:
+    """Every file and folder the demo writes into ``out`` (none is replaced without
+    ``--overwrite``)."""
+    out = Path(out)
+    return [out / "run", out / "report.json", out / "side_by_side.png"] + [
+        out / sub / f"{name}.png" for sub in ("noisy", "clean", "denoised")
+        for name in DEMO_IMAGES]
+
+
 def demo_photos(size: int) -> list[tuple[str, np.ndarray]]:
     """(name, uint8 RGB) photos from skimage.data, centre-cropped to at most size×size."""
     from skimage import data
@@ -88,10 +97,11 @@ def _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log,
         raise CLIError("--minutes must be positive")
     out = Path(out)
     run = out / "run"
+    existing = next((f for f in demo_outputs(out) if f.exists()), None)
+    if existing is not None and not overwrite:
+        raise CLIError(f"{out} holds an earlier demo ({existing} exists); use --overwrite to "
+                       "replace it or choose another -o")
     if run.exists():
-        if not overwrite:
-            raise CLIError(f"{out} holds an earlier demo; use --overwrite to replace it or "
-                           "choose another -o")
         import shutil
         shutil.rmtree(run)
     t0 = time.perf_counter()

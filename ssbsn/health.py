@@ -138,13 +138,22 @@ CHECK_KEY = "ssbsn_check"
 
 def stored_check(weights) -> dict | None:
     """The training check recorded for the weights file ``weights``: the safetensors metadata
-    (:data:`CHECK_KEY`), else the run folder's check.json beside a ``model.safetensors``;
-    None when neither holds a readable one (older files, the authors' checkpoints)."""
+    (:data:`CHECK_KEY`; a safetensors file is known by its content, as loading knows it, so a
+    copy renamed ``.bin`` or ``.SAFETENSORS`` still says it), else the run folder's check.json
+    beside a ``model.safetensors``; None when neither holds a readable one (older files, the
+    authors' checkpoints)."""
     import json
     from pathlib import Path
+
+    from .checkpoint import file_format
+    from .errors import CheckpointError
     path = Path(weights)
     text = None
-    if path.suffix == ".safetensors" and path.is_file():
+    try:
+        safetensors = path.is_file() and file_format(path) == "safetensors"
+    except CheckpointError:  # not a checkpoint at all: loading it says why
+        safetensors = False
+    if safetensors:
         try:
             from safetensors import safe_open
             with safe_open(str(path), "pt") as f:

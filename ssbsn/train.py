@@ -120,8 +120,21 @@ def run_config(given: dict, resume=None, config=None) -> TrainConfig:
         setattr(cfg, k, v)
     if not cfg.data:
         raise UsageError("no training data: give DATA (a folder, SIDD root, .mat or DND root)")
+    _check_given_bounds(cfg, given)
     cfg.data = [str(Path(d).resolve()) for d in cfg.data]  # --resume from anywhere
     return cfg
+
+
+def _check_given_bounds(cfg: TrainConfig, given: dict) -> None:
+    """The bounds between options (crop and PD stride, SS-Blocks and modules) where the command
+    line gave one of them: a usage error (exit 2). Where only a saved configuration holds them,
+    :meth:`TrainConfig.validate` refuses them as the configuration's error."""
+    if {"crop", "pd_train"} & set(given) and (cfg.crop < cfg.pd_train
+                                              or cfg.crop % cfg.pd_train):
+        raise UsageError(f"--crop {cfg.crop} must be a positive multiple of the training PD "
+                         f"stride {cfg.pd_train} (--pd-train)")
+    if {"ss_blocks", "num_modules"} & set(given) and cfg.ss_blocks > cfg.num_modules:
+        raise UsageError(f"--ss-blocks {cfg.ss_blocks} exceeds --modules {cfg.num_modules}")
 
 
 def _fsync(path: Path) -> None:

@@ -216,6 +216,9 @@ def _train_argv(data, out, *extra):
     (["--workers", "-1"], "--workers"), (["--seed", str(2 ** 70)], "--seed"),
     (["--device", "tpu"], "--device"), (["--channels", "7"], "--channels"),
     (["--fused", "--backend", "reference"], "--backend"), (["--threads", "0"], "--threads"),
+    (["--crop", "12"], "--crop 12 must be a positive multiple of the training PD stride 5"),
+    (["--pd-train", "3"], "--crop 10 must be a positive multiple of the training PD stride 3"),
+    (["--ss-blocks", "3"], "--ss-blocks 3 exceeds --modules 2"),
 ])
 def test_train_usage_errors_exit_2_and_leave_no_run_folder(tmp_path, capsys, extra, names):
     data = noisy_folder(tmp_path / "imgs", 2, 24, 26)
@@ -225,6 +228,30 @@ def test_train_usage_errors_exit_2_and_leave_no_run_folder(tmp_path, capsys, ext
     _one_error_line(err)
     assert names in err and "Overflow" not in err and "unrecognized" not in err
     assert not out.exists()
+
+
+def test_contradicting_values_of_a_saved_configuration_are_its_error(tmp_path, capsys):
+    """The same bound held by a config.yaml alone is the configuration's error (exit 1)."""
+    from ssbsn.train import TrainConfig, write_config
+    data = noisy_folder(tmp_path / "imgs", 2, 24, 26)
+    write_config(tmp_path / "config.yaml", TrainConfig(data=[str(data)], crop=12, **TINY))
+    code, _, err = _run(["train", "--config", str(tmp_path / "config.yaml"), "--out",
+                         str(tmp_path / "run"), "--no-progress"], capsys)
+    assert code == 1 and "--crop 12 must be a positive multiple" in err, err
+    _one_error_line(err)
+
+
+@pytest.mark.parametrize("size,overlap,msg", [
+    ("0", "0", "--size must be at least 8, got 0"),
+    ("16", "16", "--overlap must lie in 0..15 (below --size 16), got 16"),
+])
+def test_prep_tile_size_out_of_range_is_a_usage_error(tmp_path, capsys, image, size, overlap,
+                                                      msg):
+    code, _, err = _run(["prep", str(image), "-o", str(tmp_path / "t"), "--size", size,
+                         "--overlap", overlap], capsys)
+    assert code == 2 and msg in err, err
+    _one_error_line(err)
+    assert not (tmp_path / "t").exists()
 
 
 def test_train_without_data_is_a_usage_error(tmp_path, capsys):

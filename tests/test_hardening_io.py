@@ -174,6 +174,7 @@ def test_output_type_that_cannot_hold_the_samples_is_refused_before_the_work(
     (np.zeros((4, 20, 3), np.uint8), "too small"),
     ([[0, 1], [2, 3]], "numpy array, got list"),
     (torch.zeros(20, 20, 3), "numpy array, got torch.Tensor"),
+    (np.zeros((3, 20, 24), np.uint8), r"shape \(3, 20, 24\).*\(a \(C, H, W\) array\? transpose"),
 ])
 def test_denoise_image_refuses_what_a_file_could_not_hold(denoiser, image, what):
     with pytest.raises(UserError, match=what):
@@ -277,6 +278,43 @@ def test_a_model_whose_training_check_failed_is_refused_without_force(tmp_path, 
         assert "constant" in err and not (tmp_path / "o.png").exists()
 
 
+def _with_failed_check(weights, path):
+    """A copy of ``weights`` whose metadata records a failed training check, as 'ssbsn train'
+    stores one."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ssbsn.health import CHECK_KEY
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    check = dict(ratio=[1.5, 1.4, 1.6], ok=False, message="warning: training failed: ...")
+    save_file(load_file(weights), str(path), metadata={**meta, CHECK_KEY: json.dumps(check)})
+    return path
+
+
+@pytest.mark.parametrize("name", ["failed.SAFETENSORS", "model.bin", "weights.pth"])
+def test_a_failed_check_travels_with_a_renamed_file(tmp_path, weights, capsys, name):
+    """The check is read from the file's content, as the weights are: a copy renamed .bin or
+    .SAFETENSORS is refused as the original is, and --force warns once, in one line."""
+    from ssbsn.health import stored_check
+    w = _with_failed_check(weights, tmp_path / name)
+    assert stored_check(w)["ok"] is False
+    write_image(tmp_path / "x.png", _img((24, 24, 3)))
+    args = ["denoise", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"), "-w", str(w)]
+    assert main(args) == 1
+    line = _one_error_line(capsys)
+    assert "failed its training check" in line and "--force" in line and str(w) in line
+    assert not (tmp_path / "o.png").exists()
+    assert main([*args, "--force"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"ssbsn: warning: {w}: this model failed its training check (blind-spot loss "
+                   "1.50 / 1.40 / 1.60 of the 8-neighbour mean's, above 1.1): it has not learned "
+                   "to denoise and its outputs are not denoised images; train it again"], err
+    assert read_image(tmp_path / "o.png").shape == (24, 24, 3)
+
+
 def test_a_model_without_a_recorded_check_loads_quietly(weights, tmp_path, capsys):
     from ssbsn.health import stored_check
     assert stored_check(weights) is None
@@ -312,6 +350,49 @@ def test_denoise_skip_existing_continues_a_stopped_batch(tmp_path, weights, caps
         main(["denoise", str(inp), "-o", str(out), "-w", str(weights), "--skip-existing",
               "--overwrite"])
     assert e.value.code == 2 and "not allowed with" in _one_error_line(capsys)
+
+
+def test_denoise_into_a_folder_inside_its_input_folder(tmp_path, weights, capsys):
+    """The outputs in OUT (inside the input folder) are never read as inputs: a second run
+    with --skip-existing denoises nothing again and writes no OUT/OUT/..."""
+    inp = tmp_path / "photos"
+    inp.mkdir()
+    for i in range(2):
+        write_image(inp / f"{i}.png", _img((16, 18, 3), seed=i))
+    out = inp / "den"
+    assert main(["denoise", str(inp), "-o", str(out), "-w", str(weights)]) == 0
+    first = _digest(inp)
+    assert sorted(str(p) for p in first) == ["0.png", "1.png", "den/0.png", "den/1.png"]
+    assert main(["denoise", str(inp), "-o", str(out), "-w", str(weights),
+                 "--skip-existing"]) == 0
+    assert _digest(inp) == first
+    assert main(["denoise", str(inp), "-o", str(out), "-w", str(weights), "--overwrite"]) == 0
+    assert _digest(inp) == first  # the same outputs again, none denoised twice
+    only = tmp_path / "only"
+    (only / "den").mkdir(parents=True)
+    write_image(only / "den" / "0.png", _img((16, 18, 3)))
+    capsys.readouterr()
+    assert main(["denoise", str(only), "-o", str(only / "den"), "-w", str(weights)]) == 1
+    assert "no images found in this folder outside the output folder" in _one_error_line(capsys)
+
+
+def test_demo_never_replaces_its_files_without_overwrite(tmp_path, capsys):
+    """Any file the demo writes (not only its run folder) stops it before any work."""
+    out = tmp_path / "demo"
+    for name in ("report.json", "denoised/rocket.png"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("precious")
+        assert main(["demo", "--quick", "-o", str(out)]) == 1
+        line = _one_error_line(capsys)
+        assert "holds an earlier demo" in line and name.split("/")[-1] in line
+        assert "--overwrite" in line
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) \
+            == [name]
+        (out / name).unlink()
+    from ssbsn.demo import demo_outputs
+    names = [p.relative_to(out).as_posix() for p in demo_outputs(out)]
+    assert {"run", "report.json", "side_by_side.png", "noisy/astronaut.png",
+            "denoised/rocket.png"} <= set(names)
 
 
 def test_eval_json_and_save_dir_need_overwrite(tmp_path, weights, capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UsageError, UserError
 from ..images import icc_profile, read_image, split_alpha, write_image
 from .folder import list_images
 from .sidd import is_sidd_medium, scan_sidd_medium
@@ -32,8 +32,11 @@ def tile_origins(n: int, size: int, step: int) -> list[int]:
 
 
 def check_tile_size(size: int, overlap: int) -> None:
-    if size < 8 or not 0 <= overlap < size:
-        raise UserError("--size must be ≥ 8 and 0 ≤ --overlap < --size")
+    if size < 8:
+        raise UsageError(f"--size must be at least 8, got {size}")
+    if not 0 <= overlap < size:
+        raise UsageError(f"--overlap must lie in 0..{size - 1} (below --size {size}), got "
+                         f"{overlap}")
 
 
 def _under(path: Path, folder: Path | None) -> bool:
