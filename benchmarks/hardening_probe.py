@@ -1749,6 +1749,11 @@ def report(cases: list[Case], info: dict, seconds: float, timeout: float) -> str
         v = c.outcome.verdict
         lines.append(f"| {i} | {c.section} | {c.name} | {_cell(c.expected)} | "
                      f"{_cell(c.outcome.got)} | {'ok' if v == OK else '**' + v + '**'} |")
+    lines += ["", "Not a hang by design: R3's rounds in a model's metadata may be 1..1000 (the range "
+              "of `r3_T`); 1000 rounds are 1001 network passes (metadata_r3_rounds_1000, about "
+              "10 s at 48×64 here), and with `--self-ensemble` 8008, past the 60 s limit at "
+              "this size: work in proportion to the settings, which the progress bar counts "
+              "and times (its ETA), not a stall."]
     return "\n".join(lines) + "\n"
 
 
