@@ -227,3 +227,35 @@ def test_scaling_benchmark_smoke(tmp_path, one_thread):
             # the 3 shifts of its Latin square
             assert r["passes"] == 2 * 2 + 3 and r["network_s"] <= r["seconds"]
     assert "whole map" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("H,W,g,window", CASES)
+@pytest.mark.parametrize("group_stats", [False, True])
+@pytest.mark.parametrize("chunk", [1, None])
+def test_sdpa_inference_in_chunks_matches_reference(monkeypatch, H, W, g, window, group_stats,
+                                                    chunk):
+    """Without autograd on the CPU, SDPA takes the map a window-aligned chunk at a time (the
+    image-wide LayerNorm statistics first); ``chunk=1``: one window per chunk."""
+    import ssbsn.attention.sdpa as sdpa
+    if chunk:
+        monkeypatch.setattr(sdpa, "CHUNK_PIXELS", chunk)
+    x, w = attention_inputs((2, 8, H, W))
+    want = ss_attention_reference(x, w, g, group_stats=group_stats, window=window)
+    with torch.no_grad():
+        got = ss_attention_sdpa(x, w, g, group_stats, window=window)
+        # float32 channels_last, as the network's CPU inference path gives it
+        x32 = x.float().contiguous(memory_format=torch.channels_last)
+        got32 = ss_attention_sdpa(x32, w.float(), g, group_stats, window=window)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_norm_stats_are_layer_norms():
+    from ssbsn.attention.common import layer_norm_stats
+    x = torch.randn(3, 5, 70, 300, dtype=torch.float64) * 3 + 7   # more than one 64k piece
+    for t in (x, x.contiguous(memory_format=torch.channels_last), x.float()):
+        mean, rstd = layer_norm_stats(t)
+        torch.testing.assert_close(((t - mean) * rstd).double(),
+                                   F.layer_norm(x, x.shape[-3:], eps=1e-5),
+                                   rtol=1e-5 if t.dtype == torch.float32 else 1e-12,
+                                   atol=1e-5 if t.dtype == torch.float32 else 1e-12)

@@ -94,7 +94,9 @@ def to_window_groups(t: torch.Tensor, grid: int, window: int | None) -> list[tor
     zero-padded bottom/right as :func:`to_groups`."""
     B, C, H, W = t.shape
     Hp, Wp = padded_size(H, grid), padded_size(W, grid)
-    v = F.pad(t, (0, Wp - W, 0, Hp - H)).view(B, C, Hp // grid, grid, Wp // grid, grid)
+    if (Hp, Wp) != (H, W):
+        t = F.pad(t, (0, Wp - W, 0, Hp - H))
+    v = t.view(B, C, Hp // grid, grid, Wp // grid, grid)
     out = []
     for r0, nr, th, c0, nc, tw in window_blocks(H, W, grid, window):
         blk = v[:, :, r0:r0 + nr * th, :, c0:c0 + nc * tw, :]
@@ -103,12 +105,30 @@ def to_window_groups(t: torch.Tensor, grid: int, window: int | None) -> list[tor
     return out
 
 
+def scatter_window_groups(blocks: list[torch.Tensor], dest: torch.Tensor, height: int,
+                          width: int, grid: int, window: int | None) -> None:
+    """Write the windowed grouping ``blocks`` of a (B, C, height, width) map into ``dest``, a
+    (B, Hp, Wp, C) tensor (e.g. a channels_last map's permuted view; Hp, Wp: the padded size)."""
+    C, g = dest.shape[-1], grid
+    B, Hp, Wp = dest.shape[:3]
+    d6 = dest.view(B, Hp // g, g, Wp // g, g, C)
+    for blk, (r0, nr, th, c0, nc, tw) in zip(blocks, window_blocks(height, width, grid, window)):
+        blk = blk.view(B, nr, nc, g, g, th, tw, C).permute(0, 1, 5, 3, 2, 6, 4, 7)
+        d6[:, r0:r0 + nr * th, :, c0:c0 + nc * tw] = blk.reshape(B, nr * th, g, nc * tw, g, C)
+
+
 def from_window_groups(blocks: list[torch.Tensor], batch: int, height: int, width: int,
-                       grid: int, window: int | None) -> torch.Tensor:
-    """Inverse of :func:`to_window_groups`, cropping the padding."""
+                       grid: int, window: int | None, channels_last: bool = False
+                       ) -> torch.Tensor:
+    """Inverse of :func:`to_window_groups`, cropping the padding; ``channels_last``: the map
+    in that memory format (the copy then moves whole tokens)."""
     C = blocks[0].shape[-1]
     Hp, Wp = padded_size(height, grid), padded_size(width, grid)
     g = grid
+    if channels_last:
+        out = blocks[0].new_empty(batch, Hp, Wp, C)
+        scatter_window_groups(blocks, out, height, width, grid, window)
+        return out.permute(0, 3, 1, 2)[:, :, :height, :width]
     out = blocks[0].new_empty(batch, C, Hp // g, g, Wp // g, g)
     for blk, (r0, nr, th, c0, nc, tw) in zip(blocks, window_blocks(height, width, grid, window)):
         blk = blk.view(batch, nr, nc, g, g, th, tw, C).permute(0, 7, 1, 5, 3, 2, 6, 4)
@@ -117,11 +137,38 @@ def from_window_groups(blocks: list[torch.Tensor], batch: int, height: int, widt
     return out.view(batch, C, Hp, Wp)[:, :, :height, :width]
 
 
+def layer_norm_stats(x: torch.Tensor, eps: float = LN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image-wide LayerNorm's mean and 1/σ of each sample over (C, H, W), shaped
+    (B, 1, 1, 1): LayerNorm(x) = (x − mean)·rstd, for a map taken a window-aligned part at
+    a time (:func:`ssbsn.attention.sdpa.ss_attention_sdpa`)."""
+    # one contiguous run per sample in either memory format, read in cache-sized pieces: the
+    # mean first, then the squared deviations from it (each piece summed in at least fp32,
+    # the pieces in fp64)
+    flat = (x.permute(0, 2, 3, 1) if x.is_contiguous(memory_format=torch.channels_last)
+            else x).reshape(x.shape[0], -1)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    n, step = flat.shape[1], 1 << 16
+    total = torch.zeros(flat.shape[0], dtype=torch.float64, device=x.device)
+    for i in range(0, n, step):
+        total += flat[:, i:i + step].to(acc).sum(1).double()
+    mean = (total / n).to(acc)
+    total.zero_()
+    for i in range(0, n, step):
+        d = flat[:, i:i + step].to(acc) - mean[:, None]
+        total += torch.linalg.vecdot(d, d).double()
+    rstd = torch.rsqrt(total / n + eps).to(acc)
+    return mean.view(-1, 1, 1, 1), rstd.view(-1, 1, 1, 1)
+
+
 def window_layer_norm(x: torch.Tensor, grid: int, window: int | None, group_stats: bool,
-                      eps: float = LN_EPS) -> list[torch.Tensor]:
+                      eps: float = LN_EPS, stats: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> list[torch.Tensor]:
     """y = LayerNorm(x) in the windowed grouping (one tensor per block, padded tokens 0): the
-    image-wide statistics, or with ``group_stats`` one mean/variance per windowed group over its
+    image-wide statistics (``stats``, from :func:`layer_norm_stats`, when x is a window-aligned
+    part of the map), or with ``group_stats`` one mean/variance per windowed group over its
     real tokens and all channels (the blind spot stays exact)."""
+    if not group_stats and stats is not None:
+        return to_window_groups((x - stats[0]) * stats[1], grid, window)
     if not group_stats:
         return to_window_groups(F.layer_norm(x, x.shape[-3:], eps=eps), grid, window)
     B, C, H, W = x.shape
@@ -139,13 +186,15 @@ def window_layer_norm(x: torch.Tensor, grid: int, window: int | None, group_stat
 
 
 def window_queries(x: torch.Tensor, w: torch.Tensor, grid: int, window: int | None,
-                   group_stats: bool = False) -> list[torch.Tensor]:
+                   group_stats: bool = False,
+                   stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
     """q̂ of every token in the windowed grouping (one (groups, N, E) tensor per block); padded
-    tokens are exactly 0 and carry no gradient (see :func:`normalized_queries`)."""
+    tokens are exactly 0 and carry no gradient (see :func:`normalized_queries`). ``stats``: as
+    :func:`window_layer_norm`'s."""
     B, C, H, W = x.shape
     ones = torch.ones(1, 1, H, W, device=x.device, dtype=x.dtype)
     out = []
-    for yb, mb in zip(window_layer_norm(x, grid, window, group_stats),
+    for yb, mb in zip(window_layer_norm(x, grid, window, group_stats, stats=stats),
                       to_window_groups(ones, grid, window)):
         qh = normalize(yb @ w.to(yb.dtype))
         if H % grid or W % grid:

@@ -17,6 +17,7 @@ from ..attention import SSAttention
 from ..attention.common import check_window
 from .blocks import DConvBlock, SSBlock
 from .conv import CentralMaskedConv2d, DilatedConv2d, conv2d_relu, cpu_inference
+from .strips import forward_in_strips
 
 
 def run_layers(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,8 @@ class BSN(nn.Module):
         for i, d in enumerate(dilations, start=1):
             self.add_module(f"branch{i}", Branch(d, C, num_modules, ss_blocks, gamma, **opts))
         self.num_branches = len(dilations)
+        #: CPU inference a strip of rows at a time (:mod:`ssbsn.nn.strips`)
+        self.strips = True
         self.tail = nn.Sequential(
             nn.Conv2d(C * len(dilations), C, 1), nn.ReLU(),
             nn.Conv2d(C, C // 2, 1), nn.ReLU(),
@@ -113,6 +116,8 @@ class BSN(nn.Module):
         fast = cpu_inference(x)  # channels_last on the CPU inference path (ssbsn.nn.conv)
         if fast:
             x = x.contiguous(memory_format=torch.channels_last)
+            if self.strips:
+                return forward_in_strips(self, x).contiguous()
         x = run_layers(self.head, x)
         y = run_layers(self.tail, torch.cat([b(x) for b in self.branches()], dim=1))
         return y.contiguous() if fast else y
