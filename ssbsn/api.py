@@ -73,12 +73,12 @@ def network_passes(model, shape, r3: bool | None = None, self_ensemble: bool | N
 # multiply-adds per pixel (its convolution weights), and of each step after the network, in
 # microseconds on a two-core CPU with both threads: what lets a progress bar that counts
 # passes count those steps as passes too, and weigh each unit of work by its cost for the ETA
-# (:class:`PassEta`). The pass's form was fitted on 16- to 48-channel models and scaled to the
-# quick model's pass on the CPU inference path (fused convolution + ReLU, channels_last); the
-# steps against that pass, both from the quick preset's full inference at 1024² to
-# 4000×3000 on a machine that runs nothing else (benchmarks/results/inference_scaling/,
-# timing_fused.md: network / Wiener / the rest).
-PASS_US = (1.11, 0.021e-3)
+# (:class:`PassEta`). The pass's form was fitted on 16- to 48-channel models and its constant
+# set to the quick model's pass on the CPU inference path (strips of rows, fused convolution +
+# ReLU, channels_last); the steps against that pass, both from the quick preset's full
+# inference at 1024² to 4000×3000 on a machine that runs nothing else
+# (benchmarks/results/inference_scaling/, timing_strips.md: network / Wiener / the rest).
+PASS_US = (0.77, 0.021e-3)
 STEP_US = dict(wiener=3.1, blend=0.95, debias=0.62, lowpass=0.075)
 
 
