@@ -140,7 +140,7 @@ def from_window_groups(blocks: list[torch.Tensor], batch: int, height: int, widt
 def layer_norm_stats(x: torch.Tensor, eps: float = LN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """The image-wide LayerNorm's mean and 1/σ of each sample over (C, H, W), shaped
     (B, 1, 1, 1): LayerNorm(x) = (x − mean)·rstd, for a map taken a window-aligned part at
-    a time (:func:`ssbsn.attention.sdpa.ss_attention_sdpa`)."""
+    a time (:func:`ssbsn.attention.sdpa.windowed_rows`)."""
     # one contiguous run per sample in either memory format, read in cache-sized pieces: the
     # mean first, then the squared deviations from it (each piece summed in at least fp32,
     # the pieces in fp64)
@@ -161,14 +161,10 @@ def layer_norm_stats(x: torch.Tensor, eps: float = LN_EPS) -> tuple[torch.Tensor
 
 
 def window_layer_norm(x: torch.Tensor, grid: int, window: int | None, group_stats: bool,
-                      eps: float = LN_EPS, stats: tuple[torch.Tensor, torch.Tensor] | None = None
-                      ) -> list[torch.Tensor]:
+                      eps: float = LN_EPS) -> list[torch.Tensor]:
     """y = LayerNorm(x) in the windowed grouping (one tensor per block, padded tokens 0): the
-    image-wide statistics (``stats``, from :func:`layer_norm_stats`, when x is a window-aligned
-    part of the map), or with ``group_stats`` one mean/variance per windowed group over its
+    image-wide statistics, or with ``group_stats`` one mean/variance per windowed group over its
     real tokens and all channels (the blind spot stays exact)."""
-    if not group_stats and stats is not None:
-        return to_window_groups((x - stats[0]) * stats[1], grid, window)
     if not group_stats:
         return to_window_groups(F.layer_norm(x, x.shape[-3:], eps=eps), grid, window)
     B, C, H, W = x.shape
@@ -186,15 +182,13 @@ def window_layer_norm(x: torch.Tensor, grid: int, window: int | None, group_stat
 
 
 def window_queries(x: torch.Tensor, w: torch.Tensor, grid: int, window: int | None,
-                   group_stats: bool = False,
-                   stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+                   group_stats: bool = False) -> list[torch.Tensor]:
     """q̂ of every token in the windowed grouping (one (groups, N, E) tensor per block); padded
-    tokens are exactly 0 and carry no gradient (see :func:`normalized_queries`). ``stats``: as
-    :func:`window_layer_norm`'s."""
+    tokens are exactly 0 and carry no gradient (see :func:`normalized_queries`)."""
     B, C, H, W = x.shape
     ones = torch.ones(1, 1, H, W, device=x.device, dtype=x.dtype)
     out = []
-    for yb, mb in zip(window_layer_norm(x, grid, window, group_stats, stats=stats),
+    for yb, mb in zip(window_layer_norm(x, grid, window, group_stats),
                       to_window_groups(ones, grid, window)):
         qh = normalize(yb @ w.to(yb.dtype))
         if H % grid or W % grid:

@@ -37,7 +37,13 @@ def ss_attention_sdpa(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: 
         if x.device.type == "cpu" and not (torch.is_grad_enabled()
                                            and (x.requires_grad or w.requires_grad)):
             return _windowed_in_chunks(x, w, grid, window, group_stats)
-        return x + _windowed_attention(x, w, grid, window, group_stats)
+        outs = []
+        for qb, vb in zip(window_queries(x, w, grid, window, group_stats),
+                          to_window_groups(x, grid, window)):
+            ob = F.scaled_dot_product_attention(qb[None], qb[None], vb[None],
+                                                scale=softmax_scale(E))
+            outs.append(ob[0])
+        return x + from_window_groups(outs, B, H, W, grid, window)
     g2 = grid * grid
     q = normalized_queries(x, w, grid, group_stats)
     v = to_groups(x, grid)
@@ -45,20 +51,6 @@ def ss_attention_sdpa(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: 
     q = q.view(B, g2, N, E)
     out = F.scaled_dot_product_attention(q, q, v.view(B, g2, N, C), scale=softmax_scale(E))
     return x + from_groups(out.reshape(B * g2, N, C), B, H, W, grid)
-
-
-def _windowed_attention(x: torch.Tensor, w: torch.Tensor, grid: int, window: int,
-                        group_stats: bool, stats=None) -> torch.Tensor:
-    """attention(x) in the windowed grouping: each block of equally sized windows is one SDPA
-    call with the windows as its heads."""
-    B, C, H, W = x.shape
-    outs = []
-    for qb, vb in zip(window_queries(x, w, grid, window, group_stats, stats=stats),
-                      to_window_groups(x, grid, window)):
-        ob = F.scaled_dot_product_attention(qb[None], qb[None], vb[None],
-                                            scale=softmax_scale(w.shape[1]))
-        outs.append(ob[0])
-    return from_window_groups(outs, B, H, W, grid, window)
 
 
 def _windowed_in_chunks(x: torch.Tensor, w: torch.Tensor, grid: int, window: int,

@@ -31,12 +31,17 @@ STRIP_BYTES = 12 << 20
 MIN_ROWS_PER_CONTEXT = 4
 
 
+def body_radius(block: DConvBlock) -> int:
+    """Rows of context on each side that a D-ConvBlock's (or an SS-Block's) body needs."""
+    return radius(block.conv1) + radius(block.conv2) + radius(block.conv3)
+
+
 def radius(m: nn.Module) -> int:
     """Rows of context on each side that ``m``'s output needs."""
     if isinstance(m, SSBlock):
         raise TypeError("an SS-Block's attention spans the map")
     if isinstance(m, DConvBlock):
-        return radius(m.conv1) + radius(m.conv2) + radius(m.conv3)
+        return body_radius(m)
     if isinstance(m, nn.Conv2d):
         return m.dilation[0] * (m.kernel_size[0] // 2)
     if isinstance(m, nn.ReLU):
@@ -49,8 +54,11 @@ class BranchPlan:
     """A branch as a chain before its first SS-Block, then each SS-Block with the chain after
     it (``posts``: (block, following modules, radius of block body + those modules))."""
     pre: list[nn.Module]
-    pre_radius: int
     posts: list[tuple[SSBlock, list[nn.Module], int]] = field(default_factory=list)
+
+    @property
+    def pre_radius(self) -> int:
+        return sum(radius(m) for m in self.pre)
 
 
 def branch_plan(body: nn.Sequential) -> BranchPlan:
@@ -58,13 +66,13 @@ def branch_plan(body: nn.Sequential) -> BranchPlan:
     posts: list[list] = []
     for m in body:
         if isinstance(m, SSBlock):
-            posts.append([m, [], radius(m.conv1) + radius(m.conv2) + radius(m.conv3)])
+            posts.append([m, [], body_radius(m)])
         elif posts:
             posts[-1][1].append(m)
             posts[-1][2] += radius(m)
         else:
             pre.append(m)
-    return BranchPlan(pre, sum(radius(m) for m in pre), [tuple(p) for p in posts])
+    return BranchPlan(pre, [tuple(p) for p in posts])
 
 
 def strip_rows(channels: int, width: int, context: int) -> int:
