@@ -64,3 +64,37 @@ def authors_ss_attention(x: torch.Tensor, wqk: torch.Tensor, grid: int) -> torch
     out = out.reshape(bf, sh, sw, c).permute(0, 3, 1, 2)  # 'b (h w) e -> b e h w'
     out = _shuffle_from_groups(out, b, c, f)
     return x + out[:, :, :h, :w]
+
+
+def authors_state_dict(base: int = 8, modules: int = 3, ss: int = 1, in_ch: int = 3,
+                       seed: int = 0, scale: float = 1.0) -> dict:
+    """A random state dict in the authors' checkpoint layout, written from their class
+    structure (SSBSN → SSBSNl → DC_branchl → Sequential body; CentralMaskedConv2d carries a
+    ``mask`` buffer; SSBlock holds ``wqk`` next to conv1..conv3), not from our model: normal
+    weights times ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g) * scale
+    sd = {"bsn.head.0.weight": rnd(base, in_ch, 1, 1), "bsn.head.0.bias": rnd(base)}
+    for br, d in ((1, 2), (2, 3)):
+        p, k = f"bsn.branch{br}.body", 2 * d - 1
+        mask = torch.ones(base, base, k, k)
+        mask[:, :, k // 2, k // 2] = 0
+        sd |= {f"{p}.0.weight": rnd(base, base, k, k) * mask, f"{p}.0.bias": rnd(base),
+               f"{p}.0.mask": mask}
+        for i in (2, 4):
+            sd |= {f"{p}.{i}.weight": rnd(base, base, 1, 1), f"{p}.{i}.bias": rnd(base)}
+        for j in range(modules):
+            q = f"{p}.{6 + j}"
+            sd |= {f"{q}.conv1.weight": rnd(base, base, 3, 3), f"{q}.conv1.bias": rnd(base),
+                   f"{q}.conv2.weight": rnd(base, base, 3, 3), f"{q}.conv2.bias": rnd(base),
+                   f"{q}.conv3.weight": rnd(base, base, 1, 1), f"{q}.conv3.bias": rnd(base)}
+            if j >= modules - ss:
+                sd[f"{q}.wqk"] = rnd(base, base)
+        sd |= {f"{p}.{6 + modules}.weight": rnd(base, base, 1, 1),
+               f"{p}.{6 + modules}.bias": rnd(base)}
+    dims = [(2 * base, base), (base, base // 2), (base // 2, base // 2), (base // 2, in_ch)]
+    for i, (ci, co) in zip((0, 2, 4, 6), dims):
+        sd |= {f"bsn.tail.{i}.weight": rnd(co, ci, 1, 1), f"bsn.tail.{i}.bias": rnd(co)}
+    return sd

@@ -5,36 +5,8 @@ import pickle
 import pytest
 import torch
 
+from benchmarks.authors import authors_state_dict
 from ssbsn import SSBSN, CheckpointError
-
-
-def authors_state_dict(base=8, modules=3, ss=1, in_ch=3, seed=0):
-    """A state dict in the authors' layout, written from their class structure (SSBSN →
-    SSBSNl → DC_branchl → Sequential body; CentralMaskedConv2d carries a ``mask`` buffer;
-    SSBlock holds ``wqk`` next to conv1..conv3), not from our model."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    sd = {"bsn.head.0.weight": rnd(base, in_ch, 1, 1), "bsn.head.0.bias": rnd(base)}
-    for br, d in ((1, 2), (2, 3)):
-        p = f"bsn.branch{br}.body"
-        k = 2 * d - 1
-        mask = torch.ones(base, base, k, k)
-        mask[:, :, k // 2, k // 2] = 0
-        sd |= {f"{p}.0.weight": rnd(base, base, k, k) * mask, f"{p}.0.bias": rnd(base), f"{p}.0.mask": mask}
-        for i in (2, 4):
-            sd |= {f"{p}.{i}.weight": rnd(base, base, 1, 1), f"{p}.{i}.bias": rnd(base)}
-        for j in range(modules):
-            q = f"{p}.{6 + j}"
-            sd |= {f"{q}.conv1.weight": rnd(base, base, 3, 3), f"{q}.conv1.bias": rnd(base),
-                   f"{q}.conv2.weight": rnd(base, base, 3, 3), f"{q}.conv2.bias": rnd(base),
-                   f"{q}.conv3.weight": rnd(base, base, 1, 1), f"{q}.conv3.bias": rnd(base)}
-            if j >= modules - ss:
-                sd[f"{q}.wqk"] = rnd(base, base)
-        sd |= {f"{p}.{6 + modules}.weight": rnd(base, base, 1, 1), f"{p}.{6 + modules}.bias": rnd(base)}
-    dims = [(2 * base, base), (base, base // 2), (base // 2, base // 2), (base // 2, in_ch)]
-    for i, (ci, co) in zip((0, 2, 4, 6), dims):
-        sd |= {f"bsn.tail.{i}.weight": rnd(co, ci, 1, 1), f"bsn.tail.{i}.bias": rnd(co)}
-    return sd
 
 
 def check_loaded(model, sd):

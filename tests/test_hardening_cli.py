@@ -79,7 +79,7 @@ def test_safetensors_with_the_papers_shapes_loads_with_a_warning(tmp_path, caplo
 
 
 def test_authors_layout_of_another_size_says_what_was_inferred(tmp_path, caplog):
-    from test_checkpoint import authors_state_dict
+    from benchmarks.authors import authors_state_dict
     path = tmp_path / "small.pth"
     torch.save({"model_weight": {"denoiser": authors_state_dict()}}, path)
     with caplog.at_level(logging.WARNING, logger="ssbsn"):
@@ -91,7 +91,7 @@ def test_authors_layout_of_another_size_says_what_was_inferred(tmp_path, caplog)
 
 
 def test_authors_checkpoint_without_any_wqk_is_refused(tmp_path):
-    from test_checkpoint import authors_state_dict
+    from benchmarks.authors import authors_state_dict
     sd = {k: v for k, v in authors_state_dict().items() if not k.endswith(".wqk")}
     torch.save({"model_weight": {"denoiser": sd}}, tmp_path / "nowqk.pth")
     with pytest.raises(CheckpointError, match="no SS-Attention weights"):
@@ -99,7 +99,7 @@ def test_authors_checkpoint_without_any_wqk_is_refused(tmp_path):
 
 
 def test_authors_head_with_zero_channels_is_refused(tmp_path):
-    from test_checkpoint import authors_state_dict
+    from benchmarks.authors import authors_state_dict
     sd = authors_state_dict()
     sd["bsn.head.0.weight"], sd["bsn.head.0.bias"] = torch.zeros(0, 3, 1, 1), torch.zeros(0)
     torch.save({"model_weight": {"denoiser": sd}}, tmp_path / "zero.pth")
