@@ -11,10 +11,16 @@ Steps (each writes OUT/parts/STEP.json and prints one line per result as it goes
 * ``correctness`` — the fused kernels against an fp64 oracle by FlashAttention-3's rule (error
   ≤ 2× the error of the same-dtype PyTorch reference, + a tiny slack): forward, dx and dW at the
   real shapes, bf16 and fp16 × channels_last and NCHW, fp32 at one shape.
-* ``timing``      — fwd+bwd of the fused kernels against the unfused chains a user could write
-  (gather + SDPA flash/efficient/cuDNN, the same under torch.compile) and the authors'
-  formulation (``benchmarks/impls.py``), bf16, channels_last (fused also NCHW); forward and
-  backward TFLOP/s at N ≥ 16k tokens per group. CUDA events after warm-up.
+* ``timing``      — eager fwd+bwd of the fused kernels against the unfused chains a user could
+  write (gather + SDPA flash/efficient/cuDNN) and the authors' formulation
+  (``benchmarks/impls.py``), bf16, channels_last (fused also NCHW), at the training shapes
+  (g = 4, 6), the SIDD validation shape and one 1024² inference map; forward and backward
+  TFLOP/s at N ≥ 16k tokens per group. CUDA events after warm-up.
+* ``compiled``    — the same shapes inside torch.compile: the gather + SDPA chain, the op with
+  its kernels traced into the compiled code, and backend "fused" as a user gets it there; at
+  the training shape a CUDA-graph replay of the op (and its bits against eager's in
+  deterministic mode), the host's time to issue one eager fwd+bwd against its GPU time, and
+  each kernel's GPU time; deterministic gradients bitwise repeatable (the dry run too).
 * ``train``       — the default ``SSBSN()``'s fp32 training step and the reference backend's
   against the same step in fp64 (same weights and batch; FA3's 2× rule); the paper model's
   step at batch 4 × 120 crops as ``ssbsn train`` runs it by default (``ssbsn.train_step``: on
@@ -60,19 +66,34 @@ GPU_SHAPES = {"train-g4": (4, 128, 140, 140, 4), "train-g6": (4, 128, 140, 140, 
 DRY_SHAPES = {"train-g4": (1, 16, 13, 11, 4), "train-g6": (1, 16, 13, 11, 6),
               "sidd-g4": (1, 16, 10, 9, 4), "large-g4": (1, 16, 17, 17, 4)}
 FP32_SHAPE = "train-g4"
-TIMED_SHAPES = ("train-g4", "train-g6", "sidd-g4")   # fused vs unfused vs authors
-COMPILED_SHAPES = ("train-g4", "train-g6")           # torch.compile only where the target is
+# timed only (no fp64 oracle at N = 65,536 tokens a group): one inference pass at 1024², g = 4
+INFER_SHAPES = {"infer-g4": (1, 128, 1024, 1024, 4)}
+DRY_INFER_SHAPES = {"infer-g4": (1, 16, 21, 19, 4)}
+TIMED_SHAPES = ("train-g4", "train-g6", "sidd-g4", "infer-g4")  # every timed row, each shape
+AUTHORS_SHAPES = ("train-g4", "train-g6", "sidd-g4")  # the authors' N×N matrices fit here
 TFLOPS_SHAPE = "large-g4"                            # N = 17 689 tokens per group
 UNFUSED = ("gather+sdpa[flash]", "gather+sdpa[efficient]", "gather+sdpa[cudnn]",
            "gather+sdpa+compile")
+COMPILED_CHAIN = "gather+sdpa+compile"
+# the compiled step's rows: the chain, our op traced by the compiler, and backend "fused" as a
+# user gets it inside torch.compile (the SDPA formulation where compiled_prefers_sdpa says so)
+COMPILED = (COMPILED_CHAIN, "triton+compile", "fused+compile")
+GRAPH_SHAPE = "train-g4"                             # CUDA-graph replay, host vs GPU time
 
 TARGETS = {  # name: (what, comparison, target)
-    "speedup_vs_unfused_train-g4": ("fused fwd+bwd vs best unfused chain, ×", ">=", 1.5),
-    "speedup_vs_unfused_train-g6": ("fused fwd+bwd vs best unfused chain, ×", ">=", 1.5),
+    **{f"speedup_vs_unfused_{n}": ("fused fwd+bwd (eager) vs the best unfused chain (eager "
+                                   "SDPA or compiled), ×", ">=", 1.5) for n in TIMED_SHAPES},
+    **{f"fused_compiled_vs_compiled_chain_{n}": ("backend 'fused' inside torch.compile vs the "
+                                                 "compiled gather+SDPA chain, ×", ">=", 1.5)
+       for n in TIMED_SHAPES},
     "speedup_vs_authors_train-g4": ("fused fwd+bwd vs authors' formulation, ×", ">=", 10.0),
     "speedup_vs_authors_train-g6": ("fused fwd+bwd vs authors' formulation, ×", ">=", 10.0),
-    "fwd_tflops_N16k": ("forward TFLOP/s at N ≥ 16k", ">=", 450.0),
-    "bwd_tflops_N16k": ("backward TFLOP/s at N ≥ 16k", ">=", 350.0),
+    "fwd_tflops_N16k": ("forward TFLOP/s at N ≥ 16k", ">=", 500.0),
+    "bwd_tflops_N16k": ("backward TFLOP/s at N ≥ 16k", ">=", 400.0),
+    f"host_below_gpu_{GRAPH_SHAPE}": ("eager fwd+bwd: host time below GPU time at the "
+                                      "training shape", "==", True),
+    "deterministic_bitwise": ("deterministic mode's fwd+bwd bitwise repeatable on the device",
+                              "==", True),
     "train_b4_512_runs": ("batch-4 training step at 512 crops runs (fused)", "==", True),
     "train_speedup_vs_authors": ("paper model's training step (batch 4 of 120², PD 5), "
                                  "ssbsn train's default vs the authors' code (fp32 eager), ×",
@@ -88,7 +109,7 @@ TARGETS = {  # name: (what, comparison, target)
                                 "windows, s", "<=", 10.0),
     "denoise_12mp_peak_gib": ("peak device memory of those two, GiB", "<=", 16.0),
 }
-SPEED_TARGETS = [k for k in TARGETS if k not in ("fa3_rule_all",)]
+SPEED_TARGETS = [k for k in TARGETS if k not in ("fa3_rule_all", "deterministic_bitwise")]
 
 
 def _say(msg: str) -> None:
@@ -157,6 +178,11 @@ def _device():
 
 def _shapes(a) -> dict:
     return DRY_SHAPES if a.dry_run else GPU_SHAPES
+
+
+def _timed_shapes(a) -> dict:
+    """The shapes of the timed rows: the correctness shapes and the inference one."""
+    return {**_shapes(a), **(DRY_INFER_SHAPES if a.dry_run else INFER_SHAPES)}
 
 
 def _measure():
@@ -358,82 +384,238 @@ def _flops_fwd(shape) -> float:
     return 4.0 * n * n * C * B * g * g
 
 
+def _time_row(a, rows, name, impl, fn, dev, dt, reps, why=None) -> float | None:
+    """Time fwd+bwd of ``fn(x, w, g)`` at shape ``name`` (bf16 on a GPU, channels_last unless
+    the impl ends in [nchw]) into a row of ``rows``; the milliseconds, or None."""
+    import torch
+    shape = _timed_shapes(a)[name]
+    g = shape[-1]
+    fmt = torch.contiguous_format if impl.endswith("[nchw]") else torch.channels_last
+    row = {"shape": name, "impl": impl, "dtype": str(dt)[6:], "mode": "fwd+bwd"}
+    rows.append(row)
+    if why:
+        row.update(status="skipped", reason=why)
+        _say(f"  skip {name} {impl}: {why}")
+        return None
+    x64, w64, go64 = _inputs(shape, dev)
+    x = x64.to(dt).contiguous(memory_format=fmt).requires_grad_()
+    w = w64.to(dt).requires_grad_()
+    go = go64.to(dt).contiguous(memory_format=fmt)
+    del x64, w64, go64
+    ms = None
+    try:
+        ms = bench_ms(_attn_fwd_bwd(fn, x, w, g, go), *reps)
+        tf = 3.5 * _flops_fwd(shape) / (ms * 1e-3) / 1e12
+        row.update(status="ok", ms=ms, tflops=tf)
+        _say(f"  {name} {impl}: {ms:.3f} ms fwd+bwd ({tf:.1f} TFLOP/s)")
+    except Exception as e:  # noqa: BLE001
+        st = "OOM" if _is_oom(e) else "failed"
+        row.update(status=st, reason=f"{type(e).__name__}: {str(e)[:200]}")
+        _say(f"  {st} {name} {impl}: {row['reason']}")
+    del x, w, go
+    _free()
+    return ms
+
+
+def _reps(dev, name) -> tuple[int, int]:
+    if dev.type != "cuda":
+        return (0, 1)
+    return (1, 3) if name == "infer-g4" else (3, 10)  # ~0.4 s a fwd+bwd at 1024²
+
+
 def step_timing(a) -> dict:
+    """Eager fwd+bwd: the fused kernels (channels_last and NCHW), the authors' formulation and
+    the eager unfused chains at every timed shape; TFLOP/s at N ≥ 16k. The compiled rows are
+    the next step's."""
     import torch
 
     from .impls import IMPL_BY_NAME, availability, build
     dev = _device()
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # CPU: no bf16 SDPA backward
-    reps = (3, 10) if dev.type == "cuda" else (0, 1)
     figures, rows = {}, []
     res = {"step": "timing", "status": "running", "figures": figures, "rows": rows,
            "dtype": str(dt)[6:]}
-    # the slow-to-build compiled chain last, so that a timeout only loses it
     plan = [(n, i) for n in TIMED_SHAPES for i in ("triton", "triton[nchw]", "authors")
-            + UNFUSED[:-1]] + [(n, i) for n in COMPILED_SHAPES
-                               for i in ("gather+sdpa+compile", "fused+compile")]
-    times = {}
-    for pos, (name, impl) in enumerate(plan):
-        shape = _shapes(a)[name]
-        g = shape[-1]
+            + UNFUSED[:-1]]
+    for name, impl in plan:
         base = impl.split("[nchw]")[0]
-        fmt = torch.contiguous_format if impl.endswith("[nchw]") else torch.channels_last
-        why = None if base == "fused+compile" else availability(IMPL_BY_NAME[base], dev)
-        if base == "triton" and dev.type == "cpu":
-            why = None  # the interpreter runs them (dry run)
-        if base in ("gather+sdpa+compile", "fused+compile") and a.dry_run:
-            why = "dry run: torch.compile's CPU build alone takes longer than the dry run"
-        row = {"shape": name, "impl": impl, "dtype": str(dt)[6:], "mode": "fwd+bwd"}
-        rows.append(row)
-        if why:
-            row.update(status="skipped", reason=why)
-            _say(f"  skip {name} {impl}: {why}")
-            continue
-        fn = (kernels_attn_g if base == "triton" else compiled_fused() if base == "fused+compile"
-              else build(IMPL_BY_NAME[base]))
-        x64, w64, go64 = _inputs(shape, dev)
-        x = x64.to(dt).contiguous(memory_format=fmt).requires_grad_()
-        w = w64.to(dt).requires_grad_()
-        go = go64.to(dt).contiguous(memory_format=fmt)
-        del x64, w64, go64
-        try:
-            ms = bench_ms(_attn_fwd_bwd(fn, x, w, g, go), *reps)
-            times[(name, impl)] = ms
-            tf = 3.5 * _flops_fwd(shape) / (ms * 1e-3) / 1e12
-            row.update(status="ok", ms=ms, tflops=tf)
-            _say(f"  {name} {impl}: {ms:.3f} ms fwd+bwd ({tf:.1f} TFLOP/s)")
-        except Exception as e:  # noqa: BLE001
-            st = "OOM" if _is_oom(e) else "failed"
-            row.update(status=st, reason=f"{type(e).__name__}: {str(e)[:200]}")
-            _say(f"  {st} {name} {impl}: {row['reason']}")
-        del x, w, go
-        _free()
-        _speedups(times, figures)
+        why = None if base == "triton" and dev.type == "cpu" else availability(
+            IMPL_BY_NAME[base], dev)  # the interpreter runs the kernels in the dry run
+        if impl == "authors" and name not in AUTHORS_SHAPES:
+            why = "the authors' formulation materialises N×N per group (137 GB at 1024²)"
+        fn = None if why else (kernels_attn_g if base == "triton" else build(IMPL_BY_NAME[base]))
+        _time_row(a, rows, name, impl, fn, dev, dt, _reps(dev, name), why)
         _checkpoint(a, res)
-        if pos + 1 < len(plan) and plan[pos + 1][1] == "gather+sdpa+compile" and \
-                not impl.endswith("+compile"):
-            _tflops(a, dev, dt, reps, figures, rows)  # before the compiled chain
-            _checkpoint(a, res)
-    if "fwd_tflops_N16k" not in figures:
-        _tflops(a, dev, dt, reps, figures, rows)
+    _tflops(a, dev, dt, _reps(dev, "train-g4"), figures, rows)
     failed = [r for r in rows if r["impl"].startswith("triton") and r["status"] != "ok"]
     res["status"] = "failed" if failed else "ok"
     return res
 
 
-def _speedups(times: dict, figures: dict) -> None:
+def timing_figures(rows: list) -> dict:
+    """The speed-up figures of the timed rows (the timing and compiled steps' together)."""
+    times = {(r["shape"], r["impl"]): r["ms"] for r in rows if r.get("status") == "ok"}
+    figures = {}
     for name in TIMED_SHAPES:
         fused = times.get((name, "triton"))
         unfused = {i: t for (n, i), t in times.items() if n == name and i in UNFUSED}
+        chain = times.get((name, COMPILED_CHAIN))
         if fused and unfused:
             best = min(unfused, key=unfused.get)
             figures[f"speedup_vs_unfused_{name}"] = unfused[best] / fused
             figures[f"best_unfused_{name}"] = best
         if fused and times.get((name, "authors")):
             figures[f"speedup_vs_authors_{name}"] = times[(name, "authors")] / fused
-        if times.get((name, "fused+compile")) and unfused:
-            figures[f"fused_compiled_vs_best_unfused_{name}"] = (min(unfused.values())
-                                                                / times[(name, "fused+compile")])
+        for impl in ("fused+compile", "triton+compile"):
+            if chain and times.get((name, impl)):
+                key = impl.split("+")[0]
+                figures[f"{key}_compiled_vs_compiled_chain_{name}"] = chain / times[(name, impl)]
+    return figures
+
+
+def step_compiled(a) -> dict:
+    """Inside torch.compile and around the host: the compiled gather+SDPA chain, the op traced
+    by the compiler ("triton+compile": its kernels in Inductor's code) and backend "fused" as a
+    user gets it inside torch.compile, fwd+bwd at every timed shape; at the training shape a
+    CUDA-graph replay of the eager op, the host's time to issue one eager fwd+bwd against the
+    GPU's time for it, and each kernel's GPU time (torch.profiler); deterministic mode's
+    gradients bitwise repeatable (the dry run too)."""
+    import torch
+
+    from ssbsn.attention.functional import compiled_prefers_sdpa
+
+    from .impls import IMPL_BY_NAME, availability, build
+    dev = _device()
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    figures, rows, checks = {}, [], []
+    res = {"step": "compiled", "status": "running", "figures": figures, "rows": rows,
+           "checks": checks, "dtype": str(dt)[6:]}
+    figures["deterministic_bitwise"] = _deterministic_bitwise(a, dev, dt)
+    if dev.type == "cuda":  # cheap and decisive first; the compiles may meet the time limit
+        _graph_and_host(a, dt, rows, figures, checks)
+    else:
+        rows.append({"shape": GRAPH_SHAPE, "impl": "triton+graph", "status": "skipped",
+                     "reason": "CUDA graphs and host-vs-GPU times need a GPU"})
+    _checkpoint(a, res)
+    for name in TIMED_SHAPES:
+        x = torch.empty(_timed_shapes(a)[name][:4], device="meta")
+        routed = compiled_prefers_sdpa(x, _timed_shapes(a)[name][-1], False, compiling=True)
+        for impl in COMPILED:
+            why = ("dry run: torch.compile's CPU build alone takes longer than the dry run"
+                   if a.dry_run else None)
+            if impl == COMPILED_CHAIN and not why:
+                why = availability(IMPL_BY_NAME[impl], dev)
+            if impl == "fused+compile" and not routed and not why:
+                # no routing at this size: the same code as triton+compile
+                prev = [r for r in rows if r["shape"] == name and r["impl"] == "triton+compile"]
+                rows.append({**prev[0], "impl": impl, "note": "same as triton+compile (groups "
+                             "above COMPILED_SDPA_MAX_TOKENS keep the kernels)"})
+                continue
+            fn = None if why else (build(IMPL_BY_NAME[impl]) if impl == COMPILED_CHAIN
+                                   else compiled_op(impl.split("+")[0]))
+            _time_row(a, rows, name, impl, fn, dev, dt, _reps(dev, name), why)
+            _checkpoint(a, res)
+    failed = [c for c in checks if not c["ok"]] + [
+        r for r in rows if r["impl"].startswith("triton") and r["status"] not in ("ok",
+                                                                                  "skipped")]
+    res["status"] = "failed" if failed or not figures["deterministic_bitwise"] else "ok"
+    return res
+
+
+def _deterministic_bitwise(a, dev, dt) -> bool:
+    """Three deterministic fwd+bwd of the op on the device at the training shape (the dry run:
+    its tiny one): the same bits each time."""
+    import torch
+
+    import ssbsn.kernels as kernels
+    shape = _shapes(a)["train-g4"]
+    x64, w64, go64 = _inputs(shape, dev)
+    x = x64.to(dt).contiguous(memory_format=torch.channels_last)
+    w, go = w64.to(dt), go64.to(dt).contiguous(memory_format=torch.channels_last)
+    runs = [_fwd_bwd(lambda p, q: kernels.ss_attention(p, q, shape[-1], deterministic=True),
+                     x, w, go) for _ in range(3)]
+    same = all(torch.equal(p, q) for r in runs[1:] for p, q in zip(runs[0], r))
+    _say(f"  deterministic fwd+bwd bitwise repeatable (3 runs, {shape}): {same}")
+    return same
+
+
+def _graph_and_host(a, dt, rows, figures, checks) -> None:
+    """At GRAPH_SHAPE: the eager op's fwd+bwd captured in a CUDA graph (replay time; and in
+    deterministic mode the replay's bits against eager's), host vs GPU time per eager fwd+bwd,
+    and per-kernel GPU times."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import ssbsn.kernels as kernels
+    shape = _shapes(a)[GRAPH_SHAPE]
+    g = shape[-1]
+    x64, w64, go64 = _inputs(shape, "cuda")
+    x = x64.to(dt).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = w64.to(dt).requires_grad_()
+    go = go64.to(dt).contiguous(memory_format=torch.channels_last)
+    del x64, w64, go64
+    row = {"shape": GRAPH_SHAPE, "impl": "triton+graph", "dtype": str(dt)[6:], "mode": "fwd+bwd"}
+    rows.append(row)
+    try:
+        for det in (True, False):
+            def step(det=det):
+                out = kernels.ss_attention(x, w, g, deterministic=det)
+                return (out, *torch.autograd.grad(out, (x, w), go))
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # tuned and compiled before the capture
+                eager = [t.clone() for t in step()]
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = step()
+            graph.replay()
+            torch.cuda.synchronize()
+            if det:
+                ok = all(torch.equal(p, q) for p, q in zip(static, eager))
+                checks.append({"name": f"CUDA graph replay == eager (deterministic, "
+                                       f"{GRAPH_SHAPE})", "ok": ok})
+                _say(f"  {'ok  ' if ok else 'FAIL'} CUDA-graph replay bitwise equal to eager "
+                     f"(deterministic)")
+            else:
+                ms = bench_ms(graph.replay, 3, 20)
+                row.update(status="ok", ms=ms, tflops=3.5 * _flops_fwd(shape) / (ms * 1e-3) / 1e12)
+                _say(f"  {GRAPH_SHAPE} triton+graph: {ms:.3f} ms fwd+bwd (CUDA-graph replay)")
+            del graph, static
+    except Exception as e:  # noqa: BLE001
+        row.update(status="failed", reason=f"{type(e).__name__}: {str(e)[:200]}")
+        _say(f"  FAIL {GRAPH_SHAPE} triton+graph: {row['reason']}")
+    run = _attn_fwd_bwd(kernels_attn_g, x, w, g, go)
+    for _ in range(3):
+        run()
+    n = 20
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run()
+    host = (time.perf_counter() - t0) / n * 1e3  # issuing only: the GPU runs behind
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / n * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            run()
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t:
+            per_kernel[ev.key] = t / n / 1e3  # ms per fwd+bwd
+    gpu = sum(per_kernel.values())
+    figures.update({f"host_ms_{GRAPH_SHAPE}": host, f"gpu_ms_{GRAPH_SHAPE}": gpu,
+                    f"wall_ms_{GRAPH_SHAPE}": wall, f"host_below_gpu_{GRAPH_SHAPE}": host < gpu,
+                    f"kernel_ms_{GRAPH_SHAPE}": dict(sorted(per_kernel.items(),
+                                                            key=lambda kv: -kv[1]))})
+    _say(f"  {GRAPH_SHAPE} eager fwd+bwd: host {host:.3f} ms to issue, GPU {gpu:.3f} ms of "
+         f"kernels, wall {wall:.3f} ms")
+    for k, v in list(figures[f"kernel_ms_{GRAPH_SHAPE}"].items())[:8]:
+        _say(f"    {v:8.3f} ms  {k[:90]}")
+    del x, w, go
+    _free()
 
 
 def _tflops(a, dev, dt, reps, figures, rows) -> None:
@@ -465,13 +647,14 @@ def _tflops(a, dev, dt, reps, figures, rows) -> None:
         _free()
 
 
-def compiled_fused():
-    """backend "fused" as a user gets it inside ``torch.compile`` (at the training shapes: the
-    SDPA formulation, ``ssbsn.attention.functional.compiled_prefers_sdpa``)."""
+def compiled_op(backend: str):
+    """``ss_attention(..., backend=backend)`` inside ``torch.compile``: "fused" as a user gets
+    it (the SDPA formulation where ``compiled_prefers_sdpa`` routes it), "triton" the op with
+    its kernels traced into the compiled code."""
     import torch
 
     from ssbsn.attention import ss_attention
-    return torch.compile(lambda x, w, g: ss_attention(x, w, g, backend="fused"))
+    return torch.compile(lambda x, w, g: ss_attention(x, w, g, backend=backend), dynamic=False)
 
 
 def kernels_attn_g(x, w, g):
@@ -1062,10 +1245,21 @@ def _load_parts(out: Path) -> dict:
     return parts
 
 
-def build_targets(parts: dict, dry_run: bool) -> list[dict]:
+def _timed_rows(parts: dict) -> list:
+    return [r for k in ("timing", "compiled") for r in parts.get(k, {}).get("rows", [])]
+
+
+def _figures(parts: dict) -> dict:
+    """Every step's figures and the speed-ups of the timed rows."""
     figures = {}
     for part in parts.values():
         figures.update(part.get("figures", {}))
+    figures.update(timing_figures(_timed_rows(parts)))
+    return figures
+
+
+def build_targets(parts: dict, dry_run: bool) -> list[dict]:
+    figures = _figures(parts)
     checks = [c for p in parts.values() for c in p.get("checks", [])]
     attn = [c for c in checks if c["name"].startswith("attention")]
     figures["fa3_rule_all"] = bool(attn) and all(c["ok"] for c in attn)
@@ -1102,14 +1296,12 @@ def step_report(a) -> dict:
     parts = _load_parts(out)
     env = parts.get("env", {}).get("env", {})
     targets = build_targets(parts, a.dry_run)
-    figures = {}
-    for p in parts.values():
-        figures.update(p.get("figures", {}))
+    figures = _figures(parts)
     steps = {k: {"status": v.get("status"), "reason": v.get("reason", "")}
              for k, v in parts.items() if k != "report"}
     results = {**env, "env": env, "steps": steps, "figures": figures, "targets": targets,
                "checks": [c for p in parts.values() for c in p.get("checks", [])],
-               "timing_rows": parts.get("timing", {}).get("rows", [])}
+               "timing_rows": _timed_rows(parts)}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     lines = [f"# gpu_check {'(dry run, CPU)' if a.dry_run else ''}".rstrip(), "",
              f"{env.get('device', '?')} · driver {env.get('driver', '?')} · torch "
@@ -1138,7 +1330,7 @@ def step_report(a) -> dict:
 
 
 STEPS = {"cuda-env": step_cuda_env, "env": step_env, "correctness": step_correctness,
-         "timing": step_timing, "train": step_train, "conv": step_conv, "restore": step_restore,
+         "timing": step_timing, "compiled": step_compiled, "train": step_train, "conv": step_conv, "restore": step_restore,
          "denoise": step_denoise,
          "report": step_report}
 

@@ -12,8 +12,10 @@
 #                TORCH_CUDA_ARCH_LIST=9.0 without a visible GPU), or one line saying why not
 #   env          device, driver, versions, date, commit
 #   correctness  fused kernels vs fp64 by the FA3 rule at the real shapes
-#   timing       fused vs gather+SDPA (flash/efficient/cuDNN, compiled) vs the authors' code;
-#                forward/backward TFLOP/s at N ≥ 16k
+#   timing       eager: fused vs gather+SDPA (flash/efficient/cuDNN) vs the authors' code at
+#                the training, SIDD and a 1024² inference shape; forward/backward TFLOP/s at N ≥ 16k
+#   compiled     inside torch.compile: the compiled chain, our op traced, backend "fused"; a
+#                CUDA-graph replay, host vs GPU time, per-kernel GPU times; deterministic bits
 #   train        SSBSN() step vs reference; ssbsn train's default step vs fp32 eager and the
 #                authors' code; the largest crop (batch 4) and whole image; batch 4 at 512 crops
 #   conv         the conv extension vs cuDNN
@@ -33,7 +35,7 @@ OUT=""
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg (see --help)"; exit 2 ;;
     *) OUT=$arg ;;
   esac
@@ -97,17 +99,18 @@ else
 fi
 
 step env 20
-step correctness 120
-step timing 130
-step train 110
+step correctness 90
+step timing 80
+step compiled 130
+step train 95
 if [ -n "$BUILD_PID" ]; then
   wait "$BUILD_PID"
   brc=$(cat "$OUT/parts/conv-build.rc" 2>/dev/null || echo "?")
   echo "== conv build: $([ "$brc" = 0 ] && echo ok || echo "FAILED (exit $brc): $(tail -n 3 "$OUT/logs/conv-build.log" | tr '\n' ' ')")"
 fi
-step conv 30
-step restore 50
-step denoise 90
+step conv 25
+step restore 40
+step denoise 70
 step report 15
 rc=$(cat "$OUT/parts/report.rc")
 cat "$OUT/summary.md" 2>/dev/null

@@ -103,10 +103,10 @@ import triton.language as tl
 
 from ..attention.common import NORM_EPS, check_window
 from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, attention_backward_prep,
-                        device_fn, dw_reduction, group_geometry, group_index,
+                        device_fn, dw_reduction, group_geometry, group_index, launch,
                         layer_norm_projection_backward,
                         layer_norm_stats_and_qhat, load_y, loop_bound, mma, round_to,
-                        token_offsets, window_sizes)
+                        token_offsets, tracing, window_sizes, wrap_triton)
 
 LOG2E = 1.4426950408889634
 
@@ -167,6 +167,11 @@ TILES = {
 DETERMINISTIC_TILES = {"bwd_dq": {"fp32": [(16, 16, 4, 2)]}}
 
 
+#: The most partial rows one dq-kernel tile writes: its BLOCK_M over the smallest BLOCK_M of
+#: its operand class and mode (``part_block``; every tile list is checked against it below).
+MAX_PART_ROWS = tl.constexpr(8)
+
+
 def tiles(kind: str, cls: str, deterministic: bool = False) -> list:
     """The tile list of kernel ``kind`` for an operand class and mode."""
     if deterministic and cls in DETERMINISTIC_TILES.get(kind, {}):
@@ -217,18 +222,19 @@ _CONFIGS: dict = {}
 
 
 def _launch_tuned(kernel, key, grid, *args, **kw):
-    """``kernel[grid](*args, **kw)`` with the configuration cached for ``key``; returns the
-    configuration's BLOCK_M (None when the launcher was replaced and chose none)."""
+    """``kernel[grid](*args, **kw)`` with the configuration cached for ``key``. While torch
+    traces the op, the autotuned kernel itself goes into the graph (the compiler tunes it)."""
+    if tracing(args[0]):
+        launch(kernel, grid, *args, **kw)
+        return
     cfg = _CONFIGS.get((kernel, key))
     if cfg is None:
         kernel[grid](*args, **kw)
         cfg = getattr(kernel, "best_config", None)
-        if cfg is None:
-            return None
-        _CONFIGS[(kernel, key)] = cfg
+        if cfg is not None:  # None when a recorder replaced the launcher
+            _CONFIGS[(kernel, key)] = cfg
     else:
         kernel.fn[grid](*args, **kw, **cfg.all_kwargs())
-    return cfg.kwargs["BLOCK_M"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,10 +453,12 @@ def _ss_attn_bwd_dq_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, LSE, DD, DK, DQA, DQ
                            G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
                            UPCAST: tl.constexpr, NORM_EPS: tl.constexpr,
-                           QUERY_LOOP: tl.constexpr):
+                           QUERY_LOOP: tl.constexpr, PART_BLOCK: tl.constexpr):
     """The query half of dq̂ from DQA (the key kernel's atomics) or, with QUERY_LOOP
     (deterministic mode), from a loop over the group's key tiles in a fixed order; plus the key
-    half DK. Stores dq (fp32) and the tile's (count, Σ dy, Σ dy·y) partial row."""
+    half DK. Stores dq (fp32) and the tile's (count, Σ dy, Σ dy·y) partial rows: one row per
+    PART_BLOCK queries whatever the tile (the tile's sums in its first row, zeros in the
+    others), so the rows written do not depend on the configuration the autotuner picks."""
     pid_m = tl.program_id(0)  # tile of queries
     pid_bg = group_index(G)
     b, p_row, p_col, hr, wr, _ = group_geometry(pid_bg, H, W, TH, TW, G)
@@ -503,10 +511,16 @@ def _ss_attn_bwd_dq_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, LSE, DD, DK, DQA, DQ
     s1 = tl.sum(tl.sum(dq * wsum[None, :], 1), 0)
     s2 = tl.sum(tl.sum(dq * q, 1), 0)
     n_tok = tl.minimum(tl.maximum(n_real - start_m, 0), BLOCK_M)
-    part = SPART + (pid_bg.to(tl.int64) * NPS + pid_m) * 3
+    rows = BLOCK_M // PART_BLOCK  # at most MAX_PART_ROWS (checked on the tile lists)
+    row0 = pid_m * rows
+    part = SPART + (pid_bg.to(tl.int64) * NPS + row0) * 3
     tl.store(part, (n_tok * C).to(tl.float32))
     tl.store(part + 1, s1)
     tl.store(part + 2, s2)
+    # the tile's other rows: zeros (k = 4·row + column; rows past the group's NPS not written)
+    k = tl.arange(0, 4 * MAX_PART_ROWS)
+    tl.store(part + k - k // 4, tl.zeros((4 * MAX_PART_ROWS,), tl.float32),
+             mask=(k >= 4) & (k % 4 < 3) & (k // 4 < rows) & (row0 + k // 4 < NPS))
 
 # ---------------------------------------------------------------------------------------------
 # Host launchers
@@ -519,18 +533,31 @@ def _forward(x, w, grid, group_stats, window=0):
     lse = torch.empty(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # every row written
     qk_scale = LOG2E / math.sqrt(geo.E)
     bucket = tune_bucket(geo.NB)
-    launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
+    grid_of = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
     _launch_tuned(
-        _ss_attn_fwd_kernel, (geo.C, geo.E, bucket, x.dtype), launch, x, qh, out, o, lse,
+        _ss_attn_fwd_kernel, (geo.C, geo.E, bucket, x.dtype), grid_of, x, qh, out, o, lse,
         *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket,
         qk_scale, G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
         UPCAST=geo.UPCAST)
     return out, o, lse, mean, rstd
 
 
-def _min_block_m(kind: str) -> int:
-    lists = list(TILES[kind].values()) + list(DETERMINISTIC_TILES.get(kind, {}).values())
-    return min(t[0] for lst in lists for t in lst)
+def part_block(geo: Geometry, x_dtype, deterministic: bool) -> int:
+    """The queries per LayerNorm-backward partial row of the dq kernel: the smallest BLOCK_M
+    among its tiles for this operand class and mode (every tile a multiple of it)."""
+    return min(t[0] for t in tiles("bwd_dq", operand_class(x_dtype, geo.BLOCK_C, geo.BLOCK_E),
+                                   deterministic))
+
+
+def _check_part_rows() -> None:
+    for cls in TILES["bwd_dq"]:
+        for det in (False, True):
+            ms = [t[0] for t in tiles("bwd_dq", cls, det)]
+            if max(ms) // min(ms) > MAX_PART_ROWS.value or any(m % min(ms) for m in ms):
+                raise AssertionError(f"bwd_dq tiles {cls} (deterministic={det}): BLOCK_M {ms}")
+
+
+_check_part_rows()
 
 
 def _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, window=0):
@@ -547,34 +574,33 @@ def _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, 
     qk_scale = LOG2E / math.sqrt(geo.E)
     consts = dict(G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
                   UPCAST=geo.UPCAST)
-    launch = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
+    grid_of = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
     bucket = tune_bucket(geo.NB)
     key = (geo.C, geo.E, bucket, x.dtype, w.dtype, dout.dtype, deterministic)
     dk = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     dxv = torch.empty(geo.BG, geo.NB, geo.C, **f32)
     _launch_tuned(
-        _ss_attn_bwd_dkdv_kernel, key, launch, x, dout, qh, lse, dd, dk,
+        _ss_attn_bwd_dkdv_kernel, key, grid_of, x, dout, qh, lse, dd, dk,
         dqa if dqa is not None else dk, dxv, *x.stride(), *dout.stride(), geo.C, geo.E, geo.H,
         geo.W, geo.TH, geo.TW, geo.NB, bucket, qk_scale, ATOMIC=not deterministic, **consts)
     dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
-    # the LayerNorm backward's partials: one row per query tile, room for the smallest tile
-    nps = triton.cdiv(geo.NB, _min_block_m("bwd_dq"))
+    # the LayerNorm backward's partials: NPS rows per group, all written whatever the tile
+    pb = part_block(geo, x.dtype, deterministic)
+    nps = triton.cdiv(geo.NB, pb)
     spart = torch.empty(geo.BG, nps, 3, **f32)
-    block_m = _launch_tuned(
-        _ss_attn_bwd_dq_kernel, key, launch, x, dout, qh, w, wsum, mean, rstd, lse, dd, dk,
+    _launch_tuned(
+        _ss_attn_bwd_dq_kernel, key, grid_of, x, dout, qh, w, wsum, mean, rstd, lse, dd, dk,
         dqa if dqa is not None else dk, dq, spart, *x.stride(), *dout.stride(), *w.stride(),
         geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket, nps, qk_scale,
-        1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS, QUERY_LOOP=deterministic, **consts)
-    # the partial rows the dq kernel wrote per group (benchmarks.aot records the launches
-    # without running them: no configuration then, and the rows are not read)
-    nused = triton.cdiv(geo.NB, block_m or _min_block_m("bwd_dq"))
+        1.0 / math.sqrt(geo.E), NORM_EPS=NORM_EPS, QUERY_LOOP=deterministic, PART_BLOCK=pb,
+        **consts)
     del dk, dqa, dd, qh
-    return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
+    return layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nps, dw32,
                                           geo, group_stats, deterministic, tickets)
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library op (opaque to torch.compile, with fake and autograd registrations)
+# torch.library ops, with autograd registrations
 # ---------------------------------------------------------------------------------------------
 def _fake_sizes(x, grid, window):
     """(BG, NB): groups and per-group rows of the saved statistics (as ``Geometry``)."""
@@ -583,7 +609,32 @@ def _fake_sizes(x, grid, window):
     return B * NWH * NWW * grid * grid, TH * TW
 
 
-@torch.library.custom_op("ssbsn::ss_attention", mutates_args=())
+def _register(name: str, fake):
+    """Register the decorated launcher as the op ``name``. Compiled kernels: a
+    ``torch.library.triton_op``, whose launches torch traces (``token_ops.launch``), so that
+    torch.compile sees, tunes and schedules the kernels themselves (in its CUDA graphs too) and
+    its fake implementation is the launcher run on fake tensors. Under the interpreter, whose
+    kernels cannot be traced, an opaque ``custom_op`` with the hand-written ``fake``."""
+    def decorate(fn):
+        if INTERPRET or wrap_triton is None:
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, mutates_args=())(fn)
+    return decorate
+
+
+def _fwd_fake(x, w, grid, group_stats, deterministic, window=0):
+    BG, NB = _fake_sizes(x, grid, window)
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty((BG, NB), dtype=torch.float32),
+            x.new_empty((BG,), dtype=torch.float32), x.new_empty((BG,), dtype=torch.float32))
+
+
+def _bwd_fake(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, window=0):
+    return torch.empty_like(x), w.new_empty(w.shape)
+
+
+@_register("ssbsn::ss_attention", _fwd_fake)
 def ss_attention_op(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bool,
                     deterministic: bool, window: int = 0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -594,14 +645,7 @@ def ss_attention_op(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: bo
     return _forward(x, w, grid, group_stats, window)
 
 
-@ss_attention_op.register_fake
-def _(x, w, grid, group_stats, deterministic, window=0):
-    BG, NB = _fake_sizes(x, grid, window)
-    return (torch.empty_like(x), torch.empty_like(x), x.new_empty((BG, NB), dtype=torch.float32),
-            x.new_empty((BG,), dtype=torch.float32), x.new_empty((BG,), dtype=torch.float32))
-
-
-@torch.library.custom_op("ssbsn::ss_attention_backward", mutates_args=())
+@_register("ssbsn::ss_attention_backward", _bwd_fake)
 def ss_attention_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                              o: torch.Tensor, lse: torch.Tensor, mean: torch.Tensor,
                              rstd: torch.Tensor, grid: int, group_stats: bool,
@@ -610,11 +654,6 @@ def ss_attention_backward_op(dout: torch.Tensor, x: torch.Tensor, w: torch.Tenso
     """(dx, dW) of ss_attention for the upstream gradient dout (``o``: attention(x), the
     forward's second output, for D = rowsum(dO ∘ o))."""
     return _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, window)
-
-
-@ss_attention_backward_op.register_fake
-def _(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, window=0):
-    return torch.empty_like(x), w.new_empty(w.shape)
 
 
 def _setup_context(ctx, inputs, output):

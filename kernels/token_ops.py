@@ -36,7 +36,6 @@ cancellation, and no host reduction between the launches).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -57,6 +56,29 @@ def _interpreting() -> bool:
 #: True when the kernels below were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at
 #: import time). They then run on CPU tensors; without it they need CUDA tensors.
 INTERPRET = _interpreting()
+
+try:  # torch >= 2.6: kernels launched through wrap_triton are traced into torch's graphs
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.library import wrap_triton
+    _TRACED = (FakeTensor, FunctionalTensor)
+except ImportError:  # pragma: no cover - older torch: the op stays opaque to the compiler
+    wrap_triton, _TRACED = None, ()
+
+
+def tracing(t: torch.Tensor) -> bool:
+    """Whether torch is tracing the op that received ``t`` (torch.compile's AOTAutograd, or the
+    op's fake implementation): the launches then go through ``wrap_triton``, so the traced graph
+    holds the kernels themselves (no data is touched). Interpreted kernels cannot be traced."""
+    return not INTERPRET and isinstance(t, _TRACED)
+
+
+def launch(kernel, grid, *args, **kw):
+    """``kernel[grid](*args, **kw)``; while torch traces (``tracing`` of the first argument), the
+    same call through ``wrap_triton``."""
+    if tracing(args[0]):
+        return wrap_triton(kernel)[grid](*args, **kw)
+    return kernel[grid](*args, **kw)
 
 MAX_CHANNELS = 256  # C and E up to this are supported by the fused kernels
 MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's second and third extents
@@ -586,8 +608,8 @@ def unit_partials(part, nps: int, nused: int, geo: Geometry, group_stats: bool, 
     if stat_div * nused <= INLINE_PARTIALS:
         return part, nps, nused, stat_div * nused
     one = torch.empty(geo.BG, 1, 3, device=part.device, dtype=torch.float32)
-    _combine_partials_kernel[(geo.BG // stat_div,)](part, one, nps, nused, stat_div, CHAN=chan,
-                                                    BLOCK_P=PARTIAL_BLOCK)
+    launch(_combine_partials_kernel, (geo.BG // stat_div,), part, one, nps, nused, stat_div,
+           CHAN=chan, BLOCK_P=PARTIAL_BLOCK)
     return one, 1, 1, 1
 
 
@@ -599,8 +621,8 @@ def layer_norm_stats_and_qhat(x, w, geo: Geometry, group_stats: bool):
     BT = _token_block(geo)
     nblk = triton.cdiv(geo.NB, BT)
     part = torch.empty(geo.BG, nblk, 3, device=x.device, dtype=torch.float32)
-    _ln_partials_kernel[geo.launch(nblk)](x, part, *x.stride(), geo.C, geo.H, geo.W, geo.TH,
-                                        geo.TW, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C)
+    launch(_ln_partials_kernel, geo.launch(nblk), x, part, *x.stride(), geo.C, geo.H, geo.W,
+           geo.TH, geo.TW, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C)
     mean = torch.empty(geo.BG, device=x.device, dtype=torch.float32)
     rstd = torch.empty(geo.BG, device=x.device, dtype=torch.float32)
     stats = unit_partials(part, nblk, nblk, geo, group_stats, chan=True)
@@ -613,7 +635,7 @@ def _qhat(x, w, mean, rstd, geo: Geometry, stats=None, stat_div=1, dw=None, prep
     qh = torch.empty(geo.BG, geo.NB, geo.E, device=x.device, dtype=x.dtype)
     part, nps, nused, nread = stats if stats is not None else (mean, 1, 1, 1)
     wsum, dout, o, dd, dqa = prep if prep is not None else (mean, x, x, mean, None)
-    _qhat_kernel[geo.launch(triton.cdiv(geo.NB, BT))](
+    launch(_qhat_kernel, geo.launch(triton.cdiv(geo.NB, BT)),
         x, w, mean, rstd, qh, part, dw if dw is not None else mean, wsum, dout, o, dd,
         dqa if dqa is not None else mean,
         *x.stride(), *w.stride(), *dout.stride(), *o.stride(), geo.C, geo.E, geo.H, geo.W,
@@ -673,7 +695,7 @@ def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused,
         extra = triton.cdiv(n_ce * split, geo.BG)
     else:
         dw, partw, tickets, extra = dw32, mean, mean, 0
-    _ln_bwd_dx_kernel[geo.launch(nblk + extra)](
+    launch(_ln_bwd_dx_kernel, geo.launch(nblk + extra),
         x, w, mean, rstd, dq, dxv, spart, dx, dw, partw, tickets,
         *x.stride(), *dx.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
         geo.NB, nps, nused, nread, _stat_div(geo, group_stats), nblk, geo.BG * nblk,

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import gpu_check  # noqa: E402
 
-STEPS = ("cuda-env", "env", "correctness", "timing", "train", "conv", "restore", "denoise")
+STEPS = ("cuda-env", "env", "correctness", "timing", "compiled", "train", "conv", "restore",
+         "denoise")
 
 
 def test_dry_run_reports_every_step(tmp_path):
@@ -27,7 +28,8 @@ def test_dry_run_reports_every_step(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    for step in ("env", "correctness", "timing", "train", "conv", "restore", "denoise", "report"):
+    for step in ("env", "correctness", "timing", "compiled", "train", "conv", "restore", "denoise",
+                 "report"):
         assert f"== {step}: ok" in log, f"step {step} not reported ok:\n{log[-3000:]}"
     res = json.loads((out / "results.json").read_text())
     assert res["dry_run"] is True and res["TRITON_INTERPRET"] == "1"
@@ -74,7 +76,16 @@ def test_dry_run_reports_every_step(tmp_path):
     assert by["fa3_rule_all"]["met"] is True
     assert by["fwd_tflops_N16k"]["value"] > 0 and "not applicable" in by["fwd_tflops_N16k"]["note"]
     timed = {(r["shape"], r["impl"]) for r in res["timing_rows"] if r["status"] == "ok"}
-    assert {("train-g4", "triton"), ("train-g4", "triton[nchw]"), ("train-g4", "authors")} <= timed
+    assert {("train-g4", "triton"), ("train-g4", "triton[nchw]"), ("train-g4", "authors"),
+            ("infer-g4", "triton")} <= timed
+    # every timed shape has its compiled rows, each measured or saying why not (CPU: why not)
+    rows = {(r["shape"], r["impl"]): r for r in res["timing_rows"]}
+    for shape in gpu_check.TIMED_SHAPES:
+        for impl in gpu_check.COMPILED:
+            assert rows[(shape, impl)]["status"] == "ok" or rows[(shape, impl)]["reason"]
+    assert ("infer-g4", "authors") not in timed  # N×N per group does not fit there
+    # the deterministic mode's repeatability is measured in the dry run too (the interpreter)
+    assert f["deterministic_bitwise"] is True and by["deterministic_bitwise"]["met"] is True
     # the paper step as `ssbsn train` runs it, its baselines, and the size searches
     assert f["train_default_settings"]["capture"] == "none"  # the CPU's default: eager
     for k in ("default", "fp32_reference", "authors"):
@@ -125,10 +136,20 @@ def _parts(tmp_path, attn_ok=True, fast=True):
         "env": {"step": "env", "status": "ok", "env": {"device": "NVIDIA H200"}},
         "correctness": {"step": "correctness", "status": "ok" if attn_ok else "failed",
                         "checks": [{"name": "attention x bf16 cl", "ok": attn_ok}]},
-        "timing": {"step": "timing", "status": "ok", "figures": {
-            "speedup_vs_unfused_train-g4": speed, "speedup_vs_unfused_train-g6": 2.0,
-            "speedup_vs_authors_train-g4": 20.0, "speedup_vs_authors_train-g6": 20.0,
-            "fwd_tflops_N16k": 500.0, "bwd_tflops_N16k": 400.0}},
+        # the speed-ups come from the rows: train-g4's best unfused chain is `speed`× slower
+        # than the fused kernels (2× elsewhere), the compiled chain 3× slower than "fused"
+        # inside torch.compile
+        "timing": {"step": "timing", "status": "ok", "rows": [
+            {"shape": n, "impl": i, "status": "ok", "ms": ms}
+            for n in gpu_check.TIMED_SHAPES
+            for i, ms in (("triton", 1.0), ("authors", 20.0),
+                          ("gather+sdpa[flash]", speed if n == "train-g4" else 2.0))],
+            "figures": {"fwd_tflops_N16k": 500.0, "bwd_tflops_N16k": 400.0}},
+        "compiled": {"step": "compiled", "status": "ok", "rows": [
+            {"shape": n, "impl": i, "status": "ok", "ms": ms}
+            for n in gpu_check.TIMED_SHAPES
+            for i, ms in (("gather+sdpa+compile", 3.0), ("fused+compile", 1.0))],
+            "figures": {"deterministic_bitwise": True, "host_below_gpu_train-g4": True}},
         "train": {"step": "train", "status": "ok", "figures": {
             "train_b4_512_runs": True, "train_speedup_vs_authors": 4.0,
             "train_speedup_vs_fp32_reference": 2.5}},
@@ -154,6 +175,9 @@ def test_report_verdict(tmp_path, attn_ok, fast, dry, code, capsys):
     res = json.loads((out / "results.json").read_text())
     by = {t["name"]: t for t in res["targets"]}
     assert by["speedup_vs_unfused_train-g4"]["met"] is fast
+    assert by["speedup_vs_unfused_train-g4"]["value"] == pytest.approx(2.0 if fast else 1.0)
+    assert by["fused_compiled_vs_compiled_chain_infer-g4"]["value"] == pytest.approx(3.0)
+    assert res["figures"]["best_unfused_train-g4"] == "gather+sdpa[flash]"
     assert by["fa3_rule_all"]["met"] is attn_ok
     assert by["denoise_12mp_quick_s"]["met"] is fast      # an upper bound: at most 5 s
     assert by["denoise_12mp_peak_gib"]["met"] is True

@@ -249,3 +249,43 @@ def test_many_partials_take_one_combine_launch(monkeypatch, group_stats):
     assert bwd.launches == (BWD_LAUNCHES[:3] + ["_combine_partials_kernel"]
                             + BWD_LAUNCHES[3:]), report
     assert fwd.aten == [] and bwd.aten == [], report
+
+
+def test_compiler_traces_the_kernels():
+    """With compiled kernels the op is a ``torch.library.triton_op``: torch.compile's front end
+    (AOTAutograd, on fake tensors; tests/kernel_trace.py, in a process without the interpreter
+    and a stub sm_90 driver) sees the kernels themselves, the same launches as eager in both
+    modes, allocations and nothing else (one cast of dW for a half-precision W), the
+    attention kernels with their operand class's tile list left for the compiler to tune; and
+    the op's fake results (its launcher on fake tensors) match the hand-written fake that the
+    interpreter's opaque op keeps."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("kernel_trace.py"))],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout)
+    assert len(results) == 2
+    for r in results:
+        case = r["case"]
+        fw, bw = r["forward"], r["backward"]
+        assert fw["kernels"] == FWD_LAUNCHES, r
+        assert bw["kernels"] == (BWD_LAUNCHES_DETERMINISTIC if case["deterministic"]
+                                 else BWD_LAUNCHES), r
+        assert set(fw["ops"]) <= FREE_OPS, fw["ops"]
+        half_w = case["dtype"] != "float32" and not case["deterministic"]
+        casts = [op for op in bw["ops"] if op not in FREE_OPS]
+        assert casts == (["aten._to_copy.default"] if half_w else []), bw["ops"]
+        dtype = getattr(torch, case["dtype"])
+        T = sys.modules["ssbsn.kernels.token_ops"]
+        cls = K.operand_class(dtype, T.block_dim(case["shape"][1]), T.block_dim(case["E"]))
+        det = case["deterministic"]
+        for kind, graph in (("fwd", fw), ("bwd_dkdv", bw), ("bwd_dq", bw)):
+            assert graph["configs"][f"_ss_attn_{kind}_kernel"] == len(K.tiles(kind, cls, det))
+        assert r["fakes_agree"], r["fake_forward"]

@@ -10,7 +10,6 @@ must be at most twice the error of the same-dtype PyTorch reference, plus a tiny
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import pytest
@@ -485,6 +484,30 @@ def test_gpu_cuda_graph_capture_replay(dtype):
                           x, sw.detach(), go)
         for name, a, b in zip(("out", "dx", "dw"), static, eager):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("grid", [4, 6])
+def test_gpu_compile_keeps_the_kernels(grid):
+    """Inside torch.compile (Inductor, fullgraph) the op's kernels are in the generated code,
+    not behind an opaque call, and forward and backward agree with eager within the FA3 rule's
+    reach (bf16; the compiler may tune other tiles, so not bitwise)."""
+    from torch._inductor.utils import run_and_get_code
+    x64, w64 = attention_inputs((2, 128, 56, 56), device="cuda")
+    x = x64.to(torch.bfloat16).contiguous(memory_format=CL)
+    w, go = w64.to(torch.bfloat16), torch.randn_like(x)
+    fn = lambda a, b: kernels.ss_attention(a, b, grid)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    _, codes = run_and_get_code(lambda: run_grads(compiled, x, w, go))
+    code = "\n".join(codes)
+    for name in ("_ln_partials_kernel", "_qhat_kernel", "_ss_attn_fwd_kernel"):
+        assert name in code, name
+    assert "ssbsn.ss_attention" not in code
+    oracle = run_grads(lambda a, b: ss_attention_reference(a, b, grid), x64, w64, go.double())
+    same = run_grads(_same_dtype_reference(grid, False), x, w, go)
+    _fa3_check(run_grads(compiled, x, w, go), same, oracle)
 
 
 @pytest.mark.gpu

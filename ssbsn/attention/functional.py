@@ -11,12 +11,16 @@
     dtype/shape, ``"sdpa"`` for CPU tensors; any other case falls back to ``"sdpa"`` with a
     warning that names the reason. One exception, by measurement: inside ``torch.compile`` and
     with groups of at most :data:`COMPILED_SDPA_MAX_TOKENS` tokens, ``"sdpa"`` (the compiler
-    fuses its gather and normalisation around SDPA; our op is opaque to it and pays its Python
-    launch cost on every call). On an H200 at the training shapes (4×128×140×140, g = 4 and 6:
-    1,225 and 576 tokens per group, bf16 fwd+bwd) the compiled SDPA chain took 1.45 and 1.38 ms
-    against the kernels' 3.03 and 2.45 ms, of which ~2.3 ms is host time; "fused" inside
-    torch.compile, so routed, took 1.22 and 1.44 ms (benchmarks/results/h200/). At 4,356 tokens
-    and above the kernels stay (5.4× faster than eager SDPA there).
+    fuses its gather and normalisation around SDPA). On an H200 at the training shapes
+    (4×128×140×140, g = 4 and 6: 1,225 and 576 tokens per group, bf16 fwd+bwd) the compiled
+    SDPA chain took 1.45 and 1.38 ms against the kernels' 3.03 and 2.45 ms, of which ~2.3 ms was
+    host time; "fused" inside torch.compile, so routed, took 1.22 and 1.44 ms
+    (benchmarks/results/h200/). That was measured when the op was opaque to the compiler. With
+    compiled kernels it is now a ``torch.library.triton_op``, so torch.compile (and its CUDA
+    graphs) launch the kernels themselves: ``backend="triton"`` inside torch.compile keeps them
+    at every size, and benchmarks/gpu_check.py times it ("triton+compile") beside the routed
+    "fused" so that a GPU run decides whether the routing stays. At 4,356 tokens and above the
+    kernels are used either way (5.4× faster than eager SDPA there).
 """
 from __future__ import annotations
 
