@@ -517,10 +517,10 @@ def _ss_attn_bwd_dq_kernel(X, DO, QH, Wm, WSUM, MEAN, RSTD, LSE, DD, DK, DQA, DQ
     tl.store(part, (n_tok * C).to(tl.float32))
     tl.store(part + 1, s1)
     tl.store(part + 2, s2)
-    # the tile's other rows: zeros (k = 4·row + column; rows past the group's NPS not written)
-    k = tl.arange(0, 4 * MAX_PART_ROWS)
-    tl.store(part + k - k // 4, tl.zeros((4 * MAX_PART_ROWS,), tl.float32),
-             mask=(k >= 4) & (k % 4 < 3) & (k // 4 < rows) & (row0 + k // 4 < NPS))
+    if BLOCK_M > PART_BLOCK:  # the tile's other rows: zeros (k = 4·row + column; rows past
+        k = tl.arange(0, 4 * MAX_PART_ROWS)  # the group's NPS not written)
+        tl.store(part + k - k // 4, tl.zeros((4 * MAX_PART_ROWS,), tl.float32),
+                 mask=(k >= 4) & (k % 4 < 3) & (k // 4 < rows) & (row0 + k // 4 < NPS))
 
 # ---------------------------------------------------------------------------------------------
 # Host launchers
