@@ -103,6 +103,7 @@ import triton.language as tl
 
 from ..attention.common import NORM_EPS, check_window
 from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, attention_backward_prep,
+                        cdiv, next_pow2,
                         device_fn, dw_reduction, group_geometry, group_index, launch,
                         layer_norm_projection_backward,
                         layer_norm_stats_and_qhat, load_y, loop_bound, mma, round_to,
@@ -116,7 +117,7 @@ def tune_bucket(n: int) -> int:
     sizes (training crops, ``ssbsn denoise`` over a folder) then share one tuning per bucket
     instead of re-tuning 3 kernels for every new N. Within a bucket N differs by less than 2×;
     the tiles' ranking is assumed to hold over that range (not yet measured on a GPU)."""
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(max(int(n), 1))
 
 
 # Tile configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and operand class,
@@ -533,7 +534,7 @@ def _forward(x, w, grid, group_stats, window=0):
     lse = torch.empty(geo.BG, geo.NB, device=x.device, dtype=torch.float32)  # every row written
     qk_scale = LOG2E / math.sqrt(geo.E)
     bucket = tune_bucket(geo.NB)
-    grid_of = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
+    grid_of = lambda meta: geo.launch(cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
     _launch_tuned(
         _ss_attn_fwd_kernel, (geo.C, geo.E, bucket, x.dtype), grid_of, x, qh, out, o, lse,
         *x.stride(), *out.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW, geo.NB, bucket,
@@ -574,7 +575,7 @@ def _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, 
     qk_scale = LOG2E / math.sqrt(geo.E)
     consts = dict(G=grid, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E, PREC=geo.PREC,
                   UPCAST=geo.UPCAST)
-    grid_of = lambda meta: geo.launch(triton.cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
+    grid_of = lambda meta: geo.launch(cdiv(geo.NB, meta["BLOCK_M"]))  # noqa: E731
     bucket = tune_bucket(geo.NB)
     key = (geo.C, geo.E, bucket, x.dtype, w.dtype, dout.dtype, deterministic)
     dk = torch.empty(geo.BG, geo.NB, geo.E, **f32)
@@ -586,7 +587,7 @@ def _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, 
     dq = torch.empty(geo.BG, geo.NB, geo.E, **f32)
     # the LayerNorm backward's partials: NPS rows per group, all written whatever the tile
     pb = part_block(geo, x.dtype, deterministic)
-    nps = triton.cdiv(geo.NB, pb)
+    nps = cdiv(geo.NB, pb)
     spart = torch.empty(geo.BG, nps, 3, **f32)
     _launch_tuned(
         _ss_attn_bwd_dq_kernel, key, grid_of, x, dout, qh, w, wsum, mean, rstd, lse, dd, dk,

@@ -66,6 +66,16 @@ except ImportError:  # pragma: no cover - older torch: the op stays opaque to th
     wrap_triton, _TRACED = None, ()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host (``triton.cdiv`` is a constexpr function, several µs a call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ≥ n (n ≥ 1) on the host, as ``triton.next_power_of_2``."""
+    return 1 << (int(n) - 1).bit_length()
+
+
 def tracing(t: torch.Tensor) -> bool:
     """Whether torch is tracing the op that received ``t`` (torch.compile's AOTAutograd, or the
     op's fake implementation): the launches then go through ``wrap_triton``, so the traced graph
@@ -518,7 +528,7 @@ def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW, DWP, TICKET,
 # ---------------------------------------------------------------------------------------------
 def block_dim(n: int) -> int:
     """Power-of-two tile width ≥ n (and ≥ 16, tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def fp32_precision() -> str:
@@ -619,7 +629,7 @@ def layer_norm_stats_and_qhat(x, w, geo: Geometry, group_stats: bool):
     unwritten), whose programs combine the partials of their statistics unit and store the
     per-group-index (mean, rstd) (fp32, (BG,))."""
     BT = _token_block(geo)
-    nblk = triton.cdiv(geo.NB, BT)
+    nblk = cdiv(geo.NB, BT)
     part = torch.empty(geo.BG, nblk, 3, device=x.device, dtype=torch.float32)
     launch(_ln_partials_kernel, geo.launch(nblk), x, part, *x.stride(), geo.C, geo.H, geo.W,
            geo.TH, geo.TW, nblk, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C)
@@ -635,7 +645,7 @@ def _qhat(x, w, mean, rstd, geo: Geometry, stats=None, stat_div=1, dw=None, prep
     qh = torch.empty(geo.BG, geo.NB, geo.E, device=x.device, dtype=x.dtype)
     part, nps, nused, nread = stats if stats is not None else (mean, 1, 1, 1)
     wsum, dout, o, dd, dqa = prep if prep is not None else (mean, x, x, mean, None)
-    launch(_qhat_kernel, geo.launch(triton.cdiv(geo.NB, BT)),
+    launch(_qhat_kernel, geo.launch(cdiv(geo.NB, BT)),
         x, w, mean, rstd, qh, part, dw if dw is not None else mean, wsum, dout, o, dd,
         dqa if dqa is not None else mean,
         *x.stride(), *w.stride(), *dout.stride(), *o.stride(), geo.C, geo.E, geo.H, geo.W,
@@ -665,12 +675,12 @@ def attention_backward_prep(x, w, mean, rstd, geo: Geometry, dout, o, dw=None, d
 def dw_reduction(geo: Geometry):
     """Deterministic dW's split-K shape: (SPLIT partials per W tile, W tile sides BCT × BET,
     W tiles n_ce)."""
-    ntiles = geo.BG * triton.cdiv(geo.NB, _token_block(geo))
+    ntiles = geo.BG * cdiv(geo.NB, _token_block(geo))
     # 16 rows of W per warp (the launch's warps lie along the products' rows: no two warps on
     # the same rows of yᵀ·dq)
     bct, bet = min(geo.BLOCK_C, 16 * _warps(geo)), min(geo.BLOCK_E, 64)
-    n_ce = triton.cdiv(geo.C, bct) * triton.cdiv(geo.E, bet)
-    return min(64, triton.next_power_of_2(ntiles)), bct, bet, n_ce
+    n_ce = cdiv(geo.C, bct) * cdiv(geo.E, bet)
+    return min(64, next_pow2(ntiles)), bct, bet, n_ce
 
 
 def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused, dw32,
@@ -684,7 +694,7 @@ def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused,
     (``tickets``: int32, one per W tile, zeroed by the backward's q̂ launch). Above
     ``INLINE_PARTIALS`` partials a unit, one more launch combines them first."""
     BT = _token_block(geo)
-    nblk = triton.cdiv(geo.NB, BT)
+    nblk = cdiv(geo.NB, BT)
     dx = torch.empty_like(x)
     spart, nps, nused, nread = unit_partials(spart, nps, nused, geo, group_stats, chan=False)
     split, bct, bet, n_ce = dw_reduction(geo)
@@ -692,7 +702,7 @@ def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused,
         dw = torch.empty(geo.C, geo.E, device=x.device, dtype=w.dtype)
         partw = torch.empty(split, geo.C, geo.E, device=x.device, dtype=torch.float32)
         # the dW work items ride on the token-tile grid: extra tiles per group, BG items a tile
-        extra = triton.cdiv(n_ce * split, geo.BG)
+        extra = cdiv(n_ce * split, geo.BG)
     else:
         dw, partw, tickets, extra = dw32, mean, mean, 0
     launch(_ln_bwd_dx_kernel, geo.launch(nblk + extra),

@@ -289,3 +289,27 @@ def test_compiler_traces_the_kernels():
         for kind, graph in (("fwd", fw), ("bwd_dkdv", bw), ("bwd_dq", bw)):
             assert graph["configs"][f"_ss_attn_{kind}_kernel"] == len(K.tiles(kind, cls, det))
         assert r["fakes_agree"], r["fake_forward"]
+
+
+def test_compiled_host_path_without_a_gpu(tmp_path):
+    """benchmarks/host_time.py: the compiled kernels' host path (no interpreter; launches
+    recorded, nothing run; configurations from the eager cache after a bucket's first call) on
+    a CPU: the same 3 + 4 launches per forward + backward in both modes, and a time."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    out = tmp_path / "host.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.host_time", "--shape", "2", "32",
+                          "24", "20", "--reps", "5", "--json", str(out)], cwd=root,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["deterministic"] for r in rows] == [False, True]
+    for r in rows:
+        budget = len(FWD_LAUNCHES) + len(BWD_LAUNCHES_DETERMINISTIC if r["deterministic"]
+                                         else BWD_LAUNCHES)
+        assert r["launches"] == budget and r["median_us"] > 0, r
