@@ -437,19 +437,35 @@ def step_timing(a) -> dict:
            "dtype": str(dt)[6:]}
     plan = [(n, i) for n in TIMED_SHAPES for i in ("triton", "triton[nchw]", "authors")
             + UNFUSED[:-1]]
+    # dW by same-address atomics (token_ops.DW_ATOMICS) against the default fixed-order reduction
+    plan[1:1] = [("train-g4", "triton[dW atomics]")]
     for name, impl in plan:
-        base = impl.split("[nchw]")[0]
+        base = "triton" if impl.startswith("triton") else impl  # triton[nchw], [dW atomics]
         why = None if base == "triton" and dev.type == "cpu" else availability(
             IMPL_BY_NAME[base], dev)  # the interpreter runs the kernels in the dry run
         if impl == "authors" and name not in AUTHORS_SHAPES:
             why = "the authors' formulation materialises N×N per group (137 GB at 1024²)"
         fn = None if why else (kernels_attn_g if base == "triton" else build(IMPL_BY_NAME[base]))
-        _time_row(a, rows, name, impl, fn, dev, dt, _reps(dev, name), why)
+        with _dw_atomics(impl.endswith("[dW atomics]")):
+            _time_row(a, rows, name, impl, fn, dev, dt, _reps(dev, name), why)
         _checkpoint(a, res)
     _tflops(a, dev, dt, _reps(dev, "train-g4"), figures, rows)
     failed = [r for r in rows if r["impl"].startswith("triton") and r["status"] != "ok"]
     res["status"] = "failed" if failed else "ok"
     return res
+
+
+@contextlib.contextmanager
+def _dw_atomics(on: bool):
+    """The kernels' backward with dW reduced by atomics inside the block (when ``on``)."""
+    import ssbsn.kernels  # noqa: F401
+    T = sys.modules["ssbsn.kernels.token_ops"]
+    saved = T.DW_ATOMICS
+    T.DW_ATOMICS = on or saved
+    try:
+        yield
+    finally:
+        T.DW_ATOMICS = saved
 
 
 def timing_figures(rows: list) -> dict:
@@ -464,6 +480,8 @@ def timing_figures(rows: list) -> dict:
             best = min(unfused, key=unfused.get)
             figures[f"speedup_vs_unfused_{name}"] = unfused[best] / fused
             figures[f"best_unfused_{name}"] = best
+        if fused and times.get((name, "triton[dW atomics]")):  # > 1: the default is faster
+            figures[f"dw_atomics_vs_fixed_order_{name}"] = times[(name, "triton[dW atomics]")] / fused
         if fused and times.get((name, "authors")):
             figures[f"speedup_vs_authors_{name}"] = times[(name, "authors")] / fused
         for impl in ("fused+compile", "triton+compile"):

@@ -33,9 +33,9 @@ Forward (3 launches, no aten compute kernel; tests/test_kernel_host.py):
      logsumexp of the logits (1 + S)/√E in log2 units (one fp32 per row).
 Backward (FlashAttention-3's shape; 4 launches in both modes; no aten compute kernel):
   1. ``_qhat_kernel`` recomputes q̂ (cheap, O(N·C·E)) instead of it being saved, and does the
-     preprocess: D_i = dO_i·o_i per real token (fp32); its first program zeroes the fp32 dW
-     accumulator (default mode) or the int32 tickets of dW's reduction (deterministic), every
-     program its rows of the fp32 dq̂ accumulator (default mode).
+     preprocess: D_i = dO_i·o_i per real token (fp32); its first program zeroes the int32
+     tickets of dW's reduction (or, with ``token_ops.DW_ATOMICS``, the fp32 dW accumulator),
+     every program its rows of the fp32 dq̂ accumulator (default mode).
   2. ``_ss_attn_bwd_dkdv_kernel``: one program per key tile J, one loop over the query tiles I:
      P = exp2(S·log2(e)/√E − (LSE_I − log2(e)/√E)) (no division), dV_J += Pᵀ dO_I,
      dP = dO_I·V_Jᵀ, dS = P∘(dP − D_I), and the key half of dq̂, dk_J += dSᵀ q̂_I, in registers
@@ -49,9 +49,10 @@ Backward (FlashAttention-3's shape; 4 launches in both modes; no aten compute ke
      the LayerNorm backward's sums of the tile, Σ dy = dq·(Σ_c W) and Σ dy·y = dq·q.
   4. ``token_ops``: each program combines its unit's sums (float64, fixed order), dy = dq·Wᵀ,
      dx = dO + dV + rstd·(dy − mean dy − y·mean(dy·y)) written into the x-shaped gradient, and
-     dW = Σ yᵀ·dq: by float atomics in the dx kernel (default), or with ``deterministic=True``
-     by more programs of the same launch writing a fixed number of split-K partials, the last
-     of them (by a ticket counter) summing them in a fixed order (bitwise repeatable).
+     dW = Σ yᵀ·dq by more programs of the same launch writing a fixed number of split-K
+     partials, the last of them (by a ticket counter) summing them in a fixed order (no
+     same-address atomics; bitwise repeatable for a given dq), in both modes; float atomics
+     in the dx kernel instead with ``token_ops.DW_ATOMICS`` (default mode only).
   Padded keys need no term in the backward: they enter only LSE and o, both complete.
   Cost: 5 N×N-tile products per (query tile, key tile) pair in backward (forward: 2), 7 in
   deterministic mode (the dq loop recomputes S and dP), as in Triton's fused-attention
@@ -103,7 +104,7 @@ import triton.language as tl
 
 from ..attention.common import NORM_EPS, check_window
 from .token_ops import (INTERPRET, MAX_CHANNELS, MAX_GRID_YZ, Geometry, attention_backward_prep,
-                        cdiv, next_pow2,
+                        cdiv, dw_by_atomics, next_pow2,
                         device_fn, dw_reduction, group_geometry, group_index, launch,
                         layer_norm_projection_backward,
                         layer_norm_stats_and_qhat, load_y, loop_bound, mma, round_to,
@@ -564,10 +565,11 @@ _check_part_rows()
 def _backward(dout, x, w, o, lse, mean, rstd, grid, group_stats, deterministic, window=0):
     geo = Geometry(x, w, grid, window)
     f32 = dict(device=x.device, dtype=torch.float32)
-    # zeroed by launch 1: dW's fp32 accumulator, or the tickets of deterministic dW's reduction
-    dw32 = None if deterministic else torch.empty(geo.C, geo.E, **f32)
-    tickets = (torch.empty(dw_reduction(geo)[3], device=x.device, dtype=torch.int32)
-               if deterministic else None)
+    # zeroed by launch 1: the tickets of dW's fixed-order reduction, or dW's fp32 accumulator
+    atomic_dw = dw_by_atomics(deterministic)
+    dw32 = torch.empty(geo.C, geo.E, **f32) if atomic_dw else None
+    tickets = (None if atomic_dw else
+               torch.empty(dw_reduction(geo)[3], device=x.device, dtype=torch.int32))
     # the query half of dq̂ by atomics (zeroed by launch 1), or a loop of the dq kernel
     dqa = None if deterministic else torch.empty(geo.BG, geo.NB, geo.E, **f32)
     qh, wsum, dd = attention_backward_prep(x, w, mean, rstd, geo, dout, o,

@@ -4,8 +4,8 @@ their backward (LayerNorm, projection, dW).
 Read top to bottom: shared helpers (grid-group geometry, strided token addressing, the dot
 wrapper), then the forward kernels (``_ln_partials_kernel`` → host combine →
 ``_qhat_kernel``), then the backward kernels (``_ln_bwd_dx_kernel``, which combines the
-LayerNorm-backward sums the dq kernel wrote, and dW: by atomics, or deterministically by
-``_dw_split`` programs in the same launch),
+LayerNorm-backward sums the dq kernel wrote, and dW: in a fixed order by ``_dw_split``
+programs in the same launch, or by atomics with ``DW_ATOMICS``),
 then the host launchers.
 
 Token addressing (shared with ``ss_attention.py``). Phase (a, c) of the map zero-padded to
@@ -485,7 +485,7 @@ def _dw_split(X, MEAN, RSTD, DQ, DWP, DW, TICKET, item, s_xb, s_xc, s_xh, s_xw, 
         total = tl.zeros((BLOCK_CT, BLOCK_ET), tl.float32)
         for s in range(0, SPLIT):
             total += tl.load(DWP + s * C * E + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(DW + offs, total.to(DW.dtype.element_ty), mask=mask)
+        tl.store(DW + offs, round_to(total, DW.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["TH", "TW"])
@@ -498,8 +498,8 @@ def _ln_bwd_dx_kernel(X, Wm, MEAN, RSTD, DQ, DXV, SPART, DX, DW, DWP, TICKET,
                       BLOCK_ET: tl.constexpr):
     """dx = (dO + dV) + rstd·(dy − mean(dy) − y·mean(dy·y)), written into the x-shaped map, one
     token tile per program (the first NBLK programs of every group); dW = Σ yᵀ·dq by float
-    atomics from the same programs (ATOMIC_DW, the default mode), or (deterministic mode) by
-    the launch's programs past the token tiles: program (NBLK + k, group g) is dW work item
+    atomics from the same programs (ATOMIC_DW: ``DW_ATOMICS``), or (the default) by the
+    launch's programs past the token tiles: program (NBLK + k, group g) is dW work item
     k·BG + g of ``_dw_split`` (NITEMS in all; those past NITEMS do nothing). The two means come
     from the (count, Σ dy, Σ dy·y) partials the dq kernel wrote per query tile (NPS rows per
     group, NUSED of them written; NREAD rows from the unit's first group), combined here for
@@ -672,8 +672,21 @@ def attention_backward_prep(x, w, mean, rstd, geo: Geometry, dout, o, dw=None, d
     return qh, wsum, dd
 
 
+#: dW by float atomics into one fp32 accumulator (every token tile adds its whole C×E product
+#: at the same addresses) instead of the fixed-order split-K reduction that deterministic mode
+#: uses. Off: the split-K reduction in both modes (no same-address atomics, dW bitwise
+#: repeatable for a given dq). benchmarks/gpu_check.py times both ("triton[dW atomics]").
+DW_ATOMICS = False
+
+
+def dw_by_atomics(deterministic: bool) -> bool:
+    """Whether this backward reduces dW by atomics (``DW_ATOMICS``, never in deterministic
+    mode)."""
+    return DW_ATOMICS and not deterministic
+
+
 def dw_reduction(geo: Geometry):
-    """Deterministic dW's split-K shape: (SPLIT partials per W tile, W tile sides BCT × BET,
+    """dW's fixed-order split-K shape: (SPLIT partials per W tile, W tile sides BCT × BET,
     W tiles n_ce)."""
     ntiles = geo.BG * cdiv(geo.NB, _token_block(geo))
     # 16 rows of W per warp (the launch's warps lie along the products' rows: no two warps on
@@ -688,17 +701,19 @@ def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused,
                                    tickets=None):
     """From dq (fp32, (BG, NB, E)), dxv = dO + dV (fp32, (BG, NB, C)) and the dq kernel's
     (count, Σ dy, Σ dy·y) partials ``spart`` (NPS rows per group, NUSED written) to (dx, dW),
-    one launch. Default: dW added by atomics into ``dw32`` (fp32, zeroed by the backward's q̂
-    launch) and returned in W's dtype; deterministic: a fixed-order split-K reduction by the
-    launch's programs past the token tiles, finished by the last of each W tile's programs
-    (``tickets``: int32, one per W tile, zeroed by the backward's q̂ launch). Above
-    ``INLINE_PARTIALS`` partials a unit, one more launch combines them first."""
+    one launch. dW: a fixed-order split-K reduction by the launch's programs past the token
+    tiles, finished by the last of each W tile's programs (``tickets``: int32, one per W tile,
+    zeroed by the backward's q̂ launch) and written in W's dtype; or, with ``DW_ATOMICS`` outside
+    deterministic mode, added by atomics into ``dw32`` (fp32, zeroed by the backward's q̂
+    launch) and cast to W's dtype. Above ``INLINE_PARTIALS`` partials a unit, one more launch
+    combines them first."""
     BT = _token_block(geo)
     nblk = cdiv(geo.NB, BT)
     dx = torch.empty_like(x)
     spart, nps, nused, nread = unit_partials(spart, nps, nused, geo, group_stats, chan=False)
     split, bct, bet, n_ce = dw_reduction(geo)
-    if deterministic:
+    atomic = dw_by_atomics(deterministic)
+    if not atomic:
         dw = torch.empty(geo.C, geo.E, device=x.device, dtype=w.dtype)
         partw = torch.empty(split, geo.C, geo.E, device=x.device, dtype=torch.float32)
         # the dW work items ride on the token-tile grid: extra tiles per group, BG items a tile
@@ -710,8 +725,8 @@ def layer_norm_projection_backward(x, w, mean, rstd, dq, dxv, spart, nps, nused,
         *x.stride(), *dx.stride(), *w.stride(), geo.C, geo.E, geo.H, geo.W, geo.TH, geo.TW,
         geo.NB, nps, nused, nread, _stat_div(geo, group_stats), nblk, geo.BG * nblk,
         n_ce * split, G=geo.G, BLOCK_T=BT, BLOCK_C=geo.BLOCK_C, BLOCK_E=geo.BLOCK_E,
-        PREC=geo.PREC_EPI, ATOMIC_DW=not deterministic, BLOCK_P=PARTIAL_BLOCK, SPLIT=split,
+        PREC=geo.PREC_EPI, ATOMIC_DW=atomic, BLOCK_P=PARTIAL_BLOCK, SPLIT=split,
         BLOCK_CT=bct, BLOCK_ET=bet, num_warps=_warps(geo))
-    if deterministic or w.dtype == torch.float32:
+    if not atomic or w.dtype == torch.float32:
         return dx, dw
     return dx, dw.to(w.dtype)

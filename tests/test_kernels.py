@@ -262,16 +262,20 @@ def test_forward_saves_the_logsumexp(shape, grid, window):
 
 
 @interp
-@pytest.mark.parametrize("shape,grid,window,dtype,fmt", [
-    ((1, 16, 37, 29), 4, None, torch.float32, NCHW),   # N = 80: several key and query tiles
-    ((2, 16, 13, 11), 4, None, torch.float16, CL),
-    ((1, 16, 13, 11), 2, 8, torch.bfloat16, CL),       # ragged windows, padded tokens
+@pytest.mark.parametrize("shape,grid,window,dtype,fmt,dw_atomics", [
+    ((1, 16, 37, 29), 4, None, torch.float32, NCHW, False),  # N = 80: several key, query tiles
+    ((2, 16, 13, 11), 4, None, torch.float16, CL, False),
+    ((1, 16, 13, 11), 2, 8, torch.bfloat16, CL, False),      # ragged windows, padded tokens
+    ((2, 16, 13, 11), 4, None, torch.bfloat16, CL, True),    # dW by atomics (DW_ATOMICS)
 ])
-def test_atomic_and_deterministic_paths_agree(shape, grid, window, dtype, fmt):
-    """The default backward (the query half of dq̂ by atomics from the key-tile kernel) and the
-    deterministic one (the dq kernel's own loop over keys) each pass the FA3 rule against the
-    fp64 oracle, give the same output bits, and differ from each other by at most the FA3
-    rule's allowance (twice the same-dtype reference's error)."""
+def test_atomic_and_deterministic_paths_agree(monkeypatch, shape, grid, window, dtype, fmt,
+                                              dw_atomics):
+    """The default backward (the query half of dq̂ by atomics from the key-tile kernel; dW by
+    the fixed-order reduction, or by atomics with DW_ATOMICS) and the deterministic one (the
+    dq kernel's own loop over keys) each pass the FA3 rule against the fp64 oracle, give the
+    same output bits, and differ from each other by at most the FA3 rule's allowance (twice
+    the same-dtype reference's error)."""
+    monkeypatch.setattr(T, "DW_ATOMICS", dw_atomics)
     x64, w64 = attention_inputs(shape)
     torch.manual_seed(0)  # the same upstream gradient in the three runs
     det = _compare(x64, w64, grid, False, dtype, fmt, deterministic=True, window=window)
