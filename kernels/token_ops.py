@@ -90,6 +90,7 @@ def launch(kernel, grid, *args, **kw):
         return wrap_triton(kernel)[grid](*args, **kw)
     return kernel[grid](*args, **kw)
 
+
 MAX_CHANNELS = 256  # C and E up to this are supported by the fused kernels
 MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's second and third extents
 
