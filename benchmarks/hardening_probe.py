@@ -302,6 +302,55 @@ def train_args(data, out, *extra) -> list:
             "--no-progress", "--channels", "8", "--modules", "2", "--ss-blocks", "1", *extra]
 
 
+def train_refused(p: "Probe", name: str, option: str, *extra):
+    """``ssbsn train`` on a small noisy folder with ``extra`` options: a usage error (exit 2)
+    that names ``option``, and no run folder made."""
+    d = p.dir(name)
+    r = p.cli(*train_args(noisy_folder(d / "imgs"), d / "run", *extra))
+    return refused(r, 2, option, absent=[d / "run"])
+
+
+def full_disk_on_save(real_save, on_call: int = 2):
+    """A stand-in for ``torch.save`` whose ``on_call``-th call meets a full disk: it leaves a
+    partial file and raises ENOSPC; the other calls save as ``real_save`` does."""
+    calls = []
+
+    def save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == on_call:
+            with open(f, "wb") as h:
+                h.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+    return save
+
+
+@contextlib.contextmanager
+def recorded_bars():
+    """``ssbsn.api.network_progress`` recorded for the block: the list it yields gets the bar
+    when the bar opens, then (n, total) of the first bar each time a bar closes."""
+    import ssbsn.api as api
+    bars, original = [], api.network_progress
+
+    def recording(*a, **k):
+        cm = original(*a, **k)
+
+        class Wrap:
+            def __enter__(self):
+                bars.append(cm.__enter__())
+                return bars[-1]
+
+            def __exit__(self, *e):
+                bars.append((bars[0].n, bars[0].total))
+                return cm.__exit__(*e)
+        return Wrap()
+    api.network_progress = recording
+    try:
+        yield bars
+    finally:
+        api.network_progress = original
+
+
 def tiny_model(path: Path, **inference) -> Path:
     """The probe's model: :data:`TINY` with seed 0, its last convolution scaled so that its
     outputs lie around mid-grey and vary; without R3 unless ``inference`` says."""
@@ -1004,16 +1053,12 @@ def _(p: Probe):
 
 @case(S3, "train_minutes_inf", "exit 2 naming --minutes and its range; no run folder")
 def _(p: Probe):
-    d = p.dir("minutes_inf")
-    r = p.cli(*train_args(noisy_folder(d / "imgs"), d / "run", "--minutes", "inf"))
-    return refused(r, 2, "--minutes", absent=[d / "run"])
+    return train_refused(p, "minutes_inf", "--minutes", "--minutes", "inf")
 
 
 @case(S3, "train_minutes_1e300", "exit 2 naming --minutes and its range; no run folder")
 def _(p: Probe):
-    d = p.dir("minutes_big")
-    r = p.cli(*train_args(noisy_folder(d / "imgs"), d / "run", "--minutes", "1e300"))
-    return refused(r, 2, "--minutes", absent=[d / "run"])
+    return train_refused(p, "minutes_big", "--minutes", "--minutes", "1e300")
 
 
 # ====================================================================== 4. one clear line
@@ -1129,9 +1174,7 @@ def _(p: Probe):
 
 @case(S4, "train_device_tpu", "exit 2 naming --device; no run folder")
 def _(p: Probe):
-    d = p.dir("tpu_train")
-    r = p.cli(*train_args(noisy_folder(d / "imgs"), d / "run", "--device", "tpu"))
-    return refused(r, 2, "--device", absent=[d / "run"])
+    return train_refused(p, "tpu_train", "--device", "--device", "tpu")
 
 
 @case(S4, "attention_map_device_tpu", "exit 2 naming --device")
@@ -1155,18 +1198,14 @@ def _(p: Probe):
 @case(S4, "train_backend_triton_cpu", "exit 2: --backend triton needs CUDA; no run folder")
 def _(p: Probe):
     import torch
-    d = p.dir("triton_train")
     if torch.cuda.is_available():
         return Outcome(OK, "skipped: CUDA is present")
-    r = p.cli(*train_args(noisy_folder(d / "imgs"), d / "run", "--backend", "triton"))
-    return refused(r, 2, "--backend triton", absent=[d / "run"])
+    return train_refused(p, "triton_train", "--backend triton", "--backend", "triton")
 
 
 @case(S4, "train_workers_-1", "exit 2 naming --workers; no run folder")
 def _(p: Probe):
-    d = p.dir("workers")
-    r = p.cli(*train_args(noisy_folder(d / "imgs"), d / "run", "--workers", "-1"))
-    return refused(r, 2, "--workers", absent=[d / "run"])
+    return train_refused(p, "workers", "--workers", "--workers", "-1")
 
 
 @case(S4, "attention_map_without_ss_blocks", "exit 1 naming the model: no SS-Blocks")
@@ -1206,17 +1245,8 @@ def _(p: Probe):
     d = p.dir("enospc")
     data = noisy_folder(d / "imgs")
     real = T.torch.save
-    calls = []
-
-    def save(obj, f, *a, **kw):  # the second checkpoint's state file meets a full disk
-        calls.append(f)
-        if len(calls) == 2:
-            with open(f, "wb") as h:
-                h.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(obj, f, *a, **kw)
     err = io.StringIO()
-    T.torch.save = save
+    T.torch.save = full_disk_on_save(real)  # the second checkpoint's state file
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
                 time_limit(p.timeout):
@@ -1357,13 +1387,6 @@ def _(p: Probe):
 
 # ====================================================================== 5. messages, exits
 
-def _usage(p: Probe, name: str, argv_fn, option: str):
-    d = p.dir(name)
-    argv, absent = argv_fn(d)
-    r = p.cli(*argv)
-    return refused(r, 2, option, absent=absent)
-
-
 for _name, _extra, _opt in [("steps_0", ["--steps", "0"], "--steps"),
                             ("lr_0", ["--lr", "0"], "--lr"),
                             ("lr_nan", ["--lr", "nan"], "--lr"),
@@ -1378,8 +1401,7 @@ for _name, _extra, _opt in [("steps_0", ["--steps", "0"], "--steps"),
                             ("r3_p_nan", ["--r3-p", "nan"], "--r3-p")]:
     @case(S5, f"train_{_name}", f"exit 2 naming {_opt}; no run folder")
     def _(p: Probe, _name=_name, _extra=_extra, _opt=_opt):
-        return _usage(p, f"train_{_name}", lambda d: (
-            train_args(noisy_folder(d / "imgs"), d / "run", *_extra), [d / "run"]), _opt)
+        return train_refused(p, f"train_{_name}", _opt, *_extra)
 
 
 @case(S5, "train_without_data", "exit 2: no training data")
@@ -1399,9 +1421,9 @@ for _name, _extra, _opt in [("tile_-1", ["--tile", "-1"], "--tile"),
                              "--attention-window")]:
     @case(S5, f"denoise_{_name}", f"exit 2 naming {_opt}; no output")
     def _(p: Probe, _name=_name, _extra=_extra, _opt=_opt):
-        return _usage(p, f"denoise_{_name}", lambda d: (
-            ["denoise", p.image, "-o", d / "o.png", "-w", p.model, *_extra], [d / "o.png"]),
-            _opt)
+        d = p.dir(f"denoise_{_name}")
+        r = p.cli("denoise", p.image, "-o", d / "o.png", "-w", p.model, *_extra)
+        return refused(r, 2, _opt, absent=[d / "o.png"])
 
 
 @case(S5, "global_threads_0", "exit 2 naming --threads (before the command)")
@@ -1620,29 +1642,14 @@ def _(p: Probe):
     model = SSBSN(**TINY, pd_train=3, pd_test=2, pd_pad=0, r3_T=2,
                   inference=dict(r3=True, shifts=True, blend=True, lowpass=8.0, wiener=False,
                                  debias=True)).eval()
-    calls, bars = [], []
+    calls = []
     handle = model.bsn.register_forward_hook(lambda m, i, o: calls.append(1))
-    original = api.network_progress
-
-    def recording(*a, **k):
-        cm = original(*a, **k)
-
-        class Wrap:
-            def __enter__(self):
-                bars.append(cm.__enter__())
-                return bars[-1]
-
-            def __exit__(self, *e):
-                bars.append((bars[0].n, bars[0].total))
-                return cm.__exit__(*e)
-        return Wrap()
     img = noisy_image(0).astype(np.float32)
     try:
-        api.network_progress = recording
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # the bar's lines
+        with recorded_bars() as bars, torch.no_grad(), \
+                contextlib.redirect_stderr(io.StringIO()):  # the bar's lines
             api.denoise_array(model, img, progress=True, tile=24, overlap=8)
     finally:
-        api.network_progress = original
         handle.remove()
     after = api.after_network_work(model, img.shape, tile=24, overlap=8)
     n, total = bars[-1]

@@ -7,7 +7,6 @@ import logging
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from ssbsn import SSBSN, CheckpointError
 from ssbsn.cli import main
 from ssbsn.images import write_image
 
+from benchmarks.hardening_probe import full_disk_on_save  # noqa: E402
 from helpers import TINY, noisy_folder, save_tiny_model
 
 
@@ -387,16 +387,8 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     data = noisy_folder(tmp_path / "imgs", 2, 24, 26)
     cfg = _cfg(data, tmp_path / "run", steps=4)
     real_save = torch.save
-    calls = []
-
-    def save(obj, f, *a, **kw):  # the second checkpoint's state file meets a full disk
-        calls.append(f)
-        if len(calls) == 2:
-            with open(f, "wb") as h:
-                h.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **kw)
-    monkeypatch.setattr(T.torch, "save", save)
+    # the second checkpoint's state file meets a full disk
+    monkeypatch.setattr(T.torch, "save", full_disk_on_save(real_save))
     with pytest.raises(T.StorageError) as e:
         T.train(cfg)
     state = T.checkpoint_paths(cfg.out, 2)[1]

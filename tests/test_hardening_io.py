@@ -2,7 +2,6 @@
 test fails on the behaviour the issue reports and checks the fix against an independent
 oracle (Pillow, numpy, a file's bytes, the network's real forward calls)."""
 import hashlib
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -17,6 +16,7 @@ from ssbsn.cli import main
 from ssbsn.errors import ImageError, UserError
 from ssbsn.images import image_shape, read_image, write_image
 
+from benchmarks.hardening_probe import recorded_bars  # noqa: E402
 from helpers import TINY, save_tiny_model
 
 
@@ -552,27 +552,11 @@ def test_progress_total_is_the_network_calls_and_the_steps_after_them(options):
     model = _quick_like(wiener=False, lowpass=2.0)
     calls = []
     handle = model.bsn.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
-    bars = []
-    original = api.network_progress
-
-    def recording(*a, **k):
-        cm = original(*a, **k)
-
-        class Wrap:
-            def __enter__(self):
-                bars.append(cm.__enter__())
-                return bars[-1]
-
-            def __exit__(self, *e):
-                bars.append((bars[0].n, bars[0].total))
-                return cm.__exit__(*e)
-        return Wrap()
     img = np.random.default_rng(0).random((33, 47, 3)).astype(np.float32) * 255
     try:
-        api.network_progress = recording
-        api.denoise_array(model, img, progress=True, **options)
+        with recorded_bars() as bars:
+            api.denoise_array(model, img, progress=True, **options)
     finally:
-        api.network_progress = original
         handle.remove()
     passes = api.network_passes(model, img.shape, **{k: v for k, v in options.items()
                                                      if k != "overlap"})
