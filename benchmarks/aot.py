@@ -57,30 +57,43 @@ def record_launches(dtype: str, layout: str, shape=(4, 128, 140, 140), grid: int
     """[(kernel object, positional args, keyword args)] of one forward + backward, in launch
     order, first launch of each kernel only. Runs the host code on empty CPU tensors."""
     import torch
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
-    K, T = _modules()
+    K, _ = _modules()
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
     seen: dict = {}
-    saved = []
-    for mod in (K, T):
-        for obj in vars(mod).values():
-            if isinstance(obj, (Autotuner, JITFunction)) and obj not in saved:
-                saved.append(obj)
-
-                def rec(*args, grid=None, warmup=None, _o=obj, **kw):
-                    seen.setdefault(id(_o), (_o, args, kw))
-                obj.run = rec
-    try:
+    with launches_recorded(lambda kernel, args, kw: seen.setdefault(id(kernel),
+                                                                      (kernel, args, kw))):
         x = torch.zeros(shape, dtype=tdt).contiguous(memory_format=fmt)
         w = torch.zeros(shape[1], shape[1], dtype=tdt)
         _, o, lse, mean, rstd = K._forward(x, w, grid, False, window or 0)
         K._backward(x, x, w, o, lse, mean, rstd, grid, False, deterministic, window or 0)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def launches_recorded(record):
+    """For the block, every kernel of ``ssbsn.kernels`` (and each autotuner's inner kernel,
+    which a cached configuration launches) calls ``record(kernel, args, kwargs)`` instead of
+    launching; nothing is compiled or run."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+    K, T = _modules()
+    found = [o for mod in (K, T) for o in vars(mod).values()
+             if isinstance(o, (Autotuner, JITFunction))]
+    found += [o.fn for o in found if isinstance(o, Autotuner)]
+    saved = []
+    for obj in found:
+        if obj not in saved:
+            saved.append(obj)
+
+            def rec(*args, grid=None, warmup=None, _o=obj, **kw):
+                record(_o, args, kw)
+            obj.run = rec
+    try:
+        yield
     finally:
         for obj in saved:
             del obj.run  # back to the class's method
-    return list(seen.values())
 
 
 def _jit_fn(obj):

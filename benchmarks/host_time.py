@@ -22,24 +22,12 @@ import time
 def measure(shape=(4, 128, 140, 140), grid=4, reps=300, deterministic=False, device="cpu",
             dtype="bfloat16") -> dict:
     import torch
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
 
     import ssbsn.kernels  # noqa: F401
-    K = sys.modules["ssbsn.kernels.ss_attention"]
-    T = sys.modules["ssbsn.kernels.token_ops"]
-    launches = []
-    saved = []
-    found = [o for mod in (K, T) for o in vars(mod).values()
-             if isinstance(o, (Autotuner, JITFunction))]
-    found += [o.fn for o in found if isinstance(o, Autotuner)]  # launched with a cached config
-    for obj in found:
-        if obj not in saved:
-            saved.append(obj)
 
-            def rec(*args, grid=None, warmup=None, _o=obj, **kw):
-                launches.append(_o)
-            obj.run = rec
+    from .aot import launches_recorded
+    K = sys.modules["ssbsn.kernels.ss_attention"]
+    launches = []
     configs = dict(K._CONFIGS)
     K._CONFIGS.clear()
     tdt = getattr(torch, dtype)
@@ -51,24 +39,23 @@ def measure(shape=(4, 128, 140, 140), grid=4, reps=300, deterministic=False, dev
     for kernel in (K._ss_attn_fwd_kernel, K._ss_attn_bwd_dkdv_kernel, K._ss_attn_bwd_dq_kernel):
         kernel.best_config = kernel.configs[0]
     try:
-        def step():
-            out = torch.ops.ssbsn.ss_attention(x, w, grid, False, deterministic, 0)[0]
-            out.backward(go)
-            x.grad = w.grad = None
+        with launches_recorded(lambda kernel, args, kw: launches.append(kernel)):
+            def step():
+                out = torch.ops.ssbsn.ss_attention(x, w, grid, False, deterministic, 0)[0]
+                out.backward(go)
+                x.grad = w.grad = None
 
-        for _ in range(20):
+            for _ in range(20):
+                step()
+            launches.clear()
             step()
-        launches.clear()
-        step()
-        per_call = len(launches)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+            per_call = len(launches)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
     finally:
-        for obj in saved:
-            del obj.run
         for kernel in (K._ss_attn_fwd_kernel, K._ss_attn_bwd_dkdv_kernel,
                        K._ss_attn_bwd_dq_kernel):
             kernel.best_config = None
