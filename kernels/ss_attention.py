@@ -189,12 +189,18 @@ def operand_class(dtype, block_c: int, block_e: int) -> str:
     return "wide" if max(block_c, block_e) > 128 else "half"
 
 
-def _autotune(kind: str, mode: str | None = None, deterministic_when: bool = True):
+def _autotune(kind: str, mode: str | None = None, deterministic_when: bool = True,
+              accumulates: tuple = ()):
     """``triton.autotune`` over the union of the tile lists of ``kind`` (both modes), keyed on
     (C, E, bucket of N) and the mode argument ``mode`` (a constexpr flag that is
     ``deterministic_when`` in deterministic mode) — and the dtypes of the tensor arguments,
     which Triton adds — and pruned before benchmarking to the operand class and mode of the
-    launch. Under the interpreter, one configuration per class and mode."""
+    launch. Under the interpreter, one configuration per class and mode.
+    ``accumulates``: the arguments the kernel adds into (atomics onto a buffer that arrives
+    zeroed). Benchmarking runs the kernel many times on the real arguments, so these are zeroed
+    before each timed run and once more before the tuned launch (Triton's ``reset_to_zero``;
+    torch.compile's autotuner honours it too); otherwise the first launch of every key would
+    return the sum of all the timed runs."""
     lists = list(TILES[kind].values()) + list(DETERMINISTIC_TILES.get(kind, {}).values())
     union = []
     for cls in lists:
@@ -214,7 +220,7 @@ def _autotune(kind: str, mode: str | None = None, deterministic_when: bool = Tru
     # 3.6 would still time it, through a GPU driver the interpreter does not have)
     no_timing = (lambda kernel_call, quantiles=None: [0.0, 0.0, 0.0]) if INTERPRET else None
     key = ["C", "E", "NB_BUCKET"] + ([mode] if mode else [])
-    return triton.autotune(configs=configs, key=key,
+    return triton.autotune(configs=configs, key=key, reset_to_zero=list(accumulates) or None,
                            prune_configs_by={"early_config_prune": prune}, do_bench=no_timing)
 
 
@@ -223,11 +229,30 @@ def _autotune(kind: str, mode: str | None = None, deterministic_when: bool = Tru
 _CONFIGS: dict = {}
 
 
+#: The autotuned kernels as torch.compile gets them, per (kernel, configurations left).
+_COMPILER_TUNERS: dict = {}
+
+
+def _for_compiler(kernel, args, kw):
+    """``kernel`` with its configurations already pruned for this launch, and its
+    ``reset_to_zero`` kept. Given the kernel itself, torch.compile prunes the configurations
+    and rebuilds the autotuner without ``reset_to_zero`` (torch 2.11-2.13), and its autotuner
+    would then time the atomics kernel on the real buffers."""
+    configs = kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kw)
+    key = (kernel, tuple(str(c) for c in configs))
+    tuner = _COMPILER_TUNERS.get(key)
+    if tuner is None:
+        tuner = triton.autotune(configs=configs, key=[],
+                                reset_to_zero=list(kernel.reset_to_zero) or None)(kernel.fn)
+        _COMPILER_TUNERS[key] = tuner
+    return tuner
+
+
 def _launch_tuned(kernel, key, grid, *args, **kw):
     """``kernel[grid](*args, **kw)`` with the configuration cached for ``key``. While torch
     traces the op, the autotuned kernel itself goes into the graph (the compiler tunes it)."""
     if tracing(args[0]):
-        launch(kernel, grid, *args, **kw)
+        launch(_for_compiler(kernel, args, kw), grid, *args, **kw)
         return
     cfg = _CONFIGS.get((kernel, key))
     if cfg is None:
@@ -354,7 +379,7 @@ def _dkdv_loop(dv, dk, k, v, q_base, d_base, LSE_G, DD_G, DQA_G, n_real, hi, p_r
 # atomics the query half (Q = K: dq̂ = (dS + dSᵀ)·q̂/√E, so every (query, key) tile pair feeds
 # both halves)
 # ---------------------------------------------------------------------------------------------
-@_autotune("bwd_dkdv", "ATOMIC", deterministic_when=False)
+@_autotune("bwd_dkdv", "ATOMIC", deterministic_when=False, accumulates=("DQA",))
 @triton.jit(do_not_specialize=["TH", "TW", "NB_BUCKET"])
 def _ss_attn_bwd_dkdv_kernel(X, DO, QH, LSE, DD, DK, DQA, DXV,
                              s_xb, s_xc, s_xh, s_xw, s_db, s_dc, s_dh, s_dw,

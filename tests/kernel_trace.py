@@ -26,30 +26,33 @@ def _stub_driver() -> None:
     triton.runtime.driver.set_active(Sm90())
 
 
-def _kernel(idx: int) -> tuple[str, int]:
-    """(name, configurations left to the compiler's autotuner) of a graph's kernel."""
+def _kernel(idx: int) -> tuple[str, int, list]:
+    """(name, configurations left to the compiler's autotuner, the arguments it zeroes around
+    its timed runs) of a graph's kernel."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from triton.runtime.autotuner import Autotuner
     k = kernel_side_table.get_kernel(idx)
     configs = len(k.configs) if isinstance(k, Autotuner) else 1
+    reset = list(getattr(k, "reset_to_zero", None) or [])
     while hasattr(k, "fn") and not hasattr(k, "__code__"):
         k = k.fn
-    return k.__name__, configs
+    return k.__name__, configs, reset
 
 
 def _graph(gm) -> dict:
-    kernels, configs, ops = [], {}, []
+    kernels, configs, resets, ops = [], {}, {}, []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         name = str(node.target)
         if "triton_kernel_wrapper" in name:
-            k, n = _kernel(node.kwargs["kernel_idx"])
+            k, n, reset = _kernel(node.kwargs["kernel_idx"])
             kernels.append(k)
             configs[k] = n
+            resets[k] = reset
         elif "getitem" not in name:
             ops.append(name)
-    return {"kernels": kernels, "configs": configs, "ops": ops}
+    return {"kernels": kernels, "configs": configs, "resets": resets, "ops": ops}
 
 
 def _meta(t) -> list:

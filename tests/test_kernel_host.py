@@ -290,7 +290,67 @@ def test_compiler_traces_the_kernels():
         det = case["deterministic"]
         for kind, graph in (("fwd", fw), ("bwd_dkdv", bw), ("bwd_dq", bw)):
             assert graph["configs"][f"_ss_attn_{kind}_kernel"] == len(K.tiles(kind, cls, det))
+        # the compiler's autotuner zeroes the atomics' buffer around its timed runs
+        assert bw["resets"]["_ss_attn_bwd_dkdv_kernel"] == ["DQA"], bw["resets"]
+        assert all(not v for k, v in {**fw["resets"], **bw["resets"]}.items()
+                   if k != "_ss_attn_bwd_dkdv_kernel"), (fw["resets"], bw["resets"])
         assert r["fakes_agree"], r["fake_forward"]
+
+
+@pytest.mark.skipif(not torch.version.cuda,
+                    reason="Inductor's CUDA code generation needs a CUDA build of torch (no GPU)")
+def test_inductor_launches_the_kernels():
+    """Inductor, the compiler's back end, lowers a graph of the op's forward and backward on
+    CUDA tensors (tests/inductor_codegen.py: fake tensors, a stub H100, the generated module
+    read and not loaded) to a wrapper that launches our 3 + 4 kernels itself, in eager's order,
+    with nothing between them but allocations: no fallback to the op, no kernel of its own. It
+    hands each attention kernel its operand class's tile list to tune, and the key-tile kernel
+    the buffer its atomics add into, to zero around its timed runs."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("inductor_codegen.py"))],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout)
+    assert len(results) == 2
+    for r in results:
+        case = r["case"]
+        assert r["launches"] == FWD_LAUNCHES + (
+            BWD_LAUNCHES_DETERMINISTIC if case["deterministic"] else BWD_LAUNCHES), r
+        assert set(r["calls"]) <= {"torch.cuda.set_device"}, r["calls"]
+        T = sys.modules["ssbsn.kernels.token_ops"]
+        cls = K.operand_class(getattr(torch, case["dtype"]), T.block_dim(case["shape"][1]),
+                              T.block_dim(case["E"]))
+        for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
+            assert r["configs"][f"_ss_attn_{kind}_kernel"] == len(
+                K.tiles(kind, cls, case["deterministic"])), r
+        assert r["resets"] == {"_ss_attn_bwd_dkdv_kernel": ["DQA"]}, r["resets"]
+
+
+def test_inductor_code_reader_sees_fallbacks_and_own_kernels():
+    """The reader of test_inductor_launches_the_kernels on a wrapper where Inductor fell back
+    to the opaque op and added a kernel of its own: both are reported."""
+    import inductor_codegen
+    code = ("k_0 = async_compile.triton('k', '''\n@triton_heuristics.user_autotune(\n"
+            "    configs=[{'BLOCK_M': 64}, {'BLOCK_M': 128}],\n    inductor_meta={},\n"
+            "    triton_meta={'reset_to_zero': ('DQA',)})\n''')\n"
+            "class Runner:\n    def call(self, args):\n"
+            "        buf0 = torch.ops.ssbsn.ss_attention.default(arg0_1, arg1_1, 4)\n"
+            "        triton_poi_fused_add_0.run(buf0, stream=stream0)\n"
+            "        k_0.run(buf0, stream=stream0)\n"
+            "        buf2 = extern_kernels.mm(buf0, arg1_1)\n"
+            "\nrunner = Runner(partitions=[])\n")
+    got = inductor_codegen._launches(code)
+    assert got["launches"] == ["triton_poi_fused_add", "k"]
+    assert got["calls"] == ["extern_kernels.mm", "torch.ops.ssbsn.ss_attention.default"]
+    assert got["configs"] == {"k": 2}
+    assert got["resets"] == {"k": ["DQA"]}
 
 
 def test_compiled_host_path_without_a_gpu(tmp_path):

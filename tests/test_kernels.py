@@ -297,6 +297,44 @@ def test_atomic_and_deterministic_paths_agree(monkeypatch, shape, grid, window, 
 
 
 @interp
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_autotuning_leaves_the_gradients_alone(monkeypatch, deterministic):
+    """The first backward of a shape tunes the backward kernels as on a GPU: two configurations
+    each, every timed run executed on the real arguments (3 runs a configuration). Its dx and dW
+    equal those of the next call, which launches the tuned configurations directly; the kernel
+    that adds the query half of dq̂ into a buffer by atomics must not leave the timed runs' sums
+    there."""
+    runs = []
+
+    def bench(kernel_call, quantiles=None):
+        for _ in range(3):
+            kernel_call()
+        runs.append(1)
+        return [float(len(runs))] * 3  # the first configuration timed is the fastest
+
+    def two_configs(configs, nargs, **kw):
+        small = [c for c in configs if c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] == 16]
+        return small[:2]
+
+    for kernel in (K._ss_attn_bwd_dkdv_kernel, K._ss_attn_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "early_config_prune", two_configs)
+        monkeypatch.setattr(kernel, "_do_bench", bench)
+        monkeypatch.setitem(kernel.__dict__, "do_bench", bench)  # a cached property
+        monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(K, "_CONFIGS", {})
+    x64, w64 = attention_inputs((1, 16, 13, 11))  # g = 2: N = 42, several key and query tiles
+    x, w = x64.float(), w64.float()
+    go = torch.randn_like(x)
+    fn = lambda a, b: kernels.ss_attention(a, b, 2, deterministic=deterministic)  # noqa: E731
+    first = run_grads(fn, x, w, go)
+    assert len(runs) == 4, "both backward kernels tuned over two configurations"
+    again = run_grads(fn, x, w, go)
+    assert len(runs) == 4, "the second call launches the tuned configurations"
+    for name, a, b in zip(("out", "dx", "dw"), first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+@interp
 @pytest.mark.parametrize("shape,grid,window", [((1, 16, 6, 5), 4, 0), ((1, 16, 6, 3), 2, 4)])
 def test_op_registration(shape, grid, window):
     """Schema, fake tensor, autograd registration and AOT dispatch of ssbsn::ss_attention (window
