@@ -34,8 +34,15 @@ def _aot(tmp_path, *args, timeout=300):
     return json.loads(out.read_text()), proc.stdout
 
 
-# The half tiles spill nothing (Triton 3.9; kernels/ss_attention.py, TILES): any spill fails.
-HALF_SPILL_ALLOWANCE: dict = {}
+# The half tiles spill nothing with Triton 3.9 (kernels/ss_attention.py, TILES): any spill fails.
+# Triton 3.6, the GPU machines' version, spills 16 B per thread in bwd_dkdv's 64x16 w4 tile (255
+# registers): a few bytes, not an accumulator tile. Per Triton (major, minor); others: none.
+HALF_SPILL_ALLOWANCE = {(3, 6): {"_ss_attn_bwd_dkdv_kernel": 16}}
+
+
+def half_spill_allowance() -> dict:
+    import triton
+    return HALF_SPILL_ALLOWANCE.get(tuple(int(v) for v in triton.__version__.split(".")[:2]), {})
 
 
 def duplicated_rows(rows):
@@ -80,10 +87,10 @@ def test_half_channels_last_configs_fit_sm90(tmp_path):
     both modes (deterministic: the two backward kernels, which it compiles differently)."""
     rows, table = _aot(tmp_path, "--dtypes", "bf16,fp16", "--layouts", "cl")
     print(table)
-    _check(rows, "half", allowance=HALF_SPILL_ALLOWANCE)
+    _check(rows, "half", allowance=half_spill_allowance())
     rows, table = _aot(tmp_path, "--dtypes", "bf16,fp16", "--layouts", "cl", "--deterministic")
     print(table)
-    _check(rows, "half", allowance=HALF_SPILL_ALLOWANCE, deterministic=True)
+    _check(rows, "half", allowance=half_spill_allowance(), deterministic=True)
 
 
 def test_duplicated_rows_are_detected():

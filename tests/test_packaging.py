@@ -98,12 +98,20 @@ def licence_verdict(meta) -> tuple[bool, str]:
     return any(_PERMISSIVE.search(f) for f in named), said
 
 
-def _runtime_requirements(name: str) -> dict[str, object]:
-    """The installed distributions that ``pip install name`` pulls (no extras), transitively."""
+# What a CUDA build of torch brings with it (cuda-toolkit, nvidia-cudnn-cu13, ...): NVIDIA's
+# runtime libraries under NVIDIA's licence, which allows their use and redistribution with
+# applications. Which torch build is installed is the user's choice (the README installs torch
+# first, CPU or CUDA); the CPU build pulls none of them.
+_TORCH_CUDA_RUNTIME = re.compile(r"^(nvidia|cuda)-")
+
+
+def _runtime_requirements(name: str) -> tuple[dict[str, object], list[str]]:
+    """(the installed distributions that ``pip install name`` pulls, no extras, transitively;
+    the CUDA runtime requirements of the installed torch build, left out)."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
-    found, todo = {}, [name]
+    found, todo, cuda_runtime = {}, [name], []
     while todo:
         n = todo.pop()
         key = re.sub(r"[-_.]+", "-", n).lower()
@@ -117,9 +125,13 @@ def _runtime_requirements(name: str) -> dict[str, object]:
         found[key] = dist
         for r in dist.requires or []:
             req = Requirement(r)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            if key == "torch" and _TORCH_CUDA_RUNTIME.match(req.name.lower()):
+                cuda_runtime.append(req.name)
+            else:
                 todo.append(req.name)
-    return found
+    return found, cuda_runtime
 
 
 def test_installed_requirements_allow_commercial_use_and_redistribution():
@@ -135,7 +147,9 @@ def test_installed_requirements_allow_commercial_use_and_redistribution():
                  if Requirement(r).marker is None}
     assert installed == declared, "the installed ssbsn is not this checkout's: pip install -e ."
     assert "bm3d" not in declared and "bm4d" not in declared
-    dists = _runtime_requirements("ssbsn")
+    dists, cuda_runtime = _runtime_requirements("ssbsn")
+    import torch
+    assert not cuda_runtime or torch.version.cuda, f"a CPU torch pulls {cuda_runtime}"
     missing = sorted(k for k, d in dists.items() if d is None)
     assert not missing, f"requirements not installed, licence unknown: {missing}"
     bad = {k: said for k, d in dists.items() if k != "ssbsn"
