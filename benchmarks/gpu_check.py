@@ -417,6 +417,44 @@ def _time_row(a, rows, name, impl, fn, dev, dt, reps, why=None) -> float | None:
     return ms
 
 
+#: How far the compiled op's first call may be from the eager kernels' result, relative to the
+#: largest value of each (out, dx, dW): the same kernels in another tile or atomics order differ
+#: by bf16 rounding (~1e-3 of it); a buffer the autotuner's timed runs added into, by O(1).
+FIRST_CALL_TOL = 0.02
+
+
+def _first_call_check(a, checks, name, impl, fn, dev, dt) -> None:
+    """The first fwd+bwd of ``fn`` at shape ``name`` (inside torch.compile, the one that tunes
+    the kernels by running them on the call's own buffers) against the eager kernels' on the
+    same inputs (channels_last): a check in ``checks``, with the relative errors."""
+    import torch
+    shape = _timed_shapes(a)[name]
+    g = shape[-1]
+    chk = {"name": f"{impl} first call == eager kernels ({name})", "dtype": str(dt)[6:],
+           "tolerance": FIRST_CALL_TOL}
+    checks.append(chk)
+    try:
+        x64, w64, go64 = _inputs(shape, dev)
+        x = x64.to(dt).contiguous(memory_format=torch.channels_last)
+        w, go = w64.to(dt), go64.to(dt).contiguous(memory_format=torch.channels_last)
+        del x64, w64, go64
+        results = []
+        for f in (fn, kernels_attn):
+            xa, wa = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+            out = f(xa, wa, g)
+            out.backward(go)
+            results.append((out.detach(), xa.grad, wa.grad))
+        errors = {k: ((p.float() - q.float()).abs().max() / q.float().abs().max()).item()
+                  for k, p, q in zip(("out", "dx", "dw"), *results)}
+        chk.update(ok=all(e <= FIRST_CALL_TOL for e in errors.values()), errors=errors)
+        _say(f"  {chk['name']}: {'ok' if chk['ok'] else 'FAILED'} "
+             + " ".join(f"{k} {e:.1e}" for k, e in errors.items()))
+    except Exception as e:  # noqa: BLE001
+        chk.update(ok=False, reason=f"{type(e).__name__}: {str(e)[:200]}")
+        _say(f"  {chk['name']}: FAILED ({chk['reason']})")
+    _free()
+
+
 def _reps(dev, name) -> tuple[int, int]:
     if dev.type != "cuda":
         return (0, 1)
@@ -494,7 +532,8 @@ def timing_figures(rows: list) -> dict:
 def step_compiled(a) -> dict:
     """Inside torch.compile and around the host: the compiled gather+SDPA chain, the op traced
     by the compiler ("triton+compile": its kernels in Inductor's code) and backend "fused" as a
-    user gets it inside torch.compile, fwd+bwd at every timed shape; at the training shape a
+    user gets it inside torch.compile, fwd+bwd at every timed shape (the traced op's first call,
+    which autotunes, checked against eager); at the training shape a
     CUDA-graph replay of the eager op, the host's time to issue one eager fwd+bwd against the
     GPU's time for it, and each kernel's GPU time (torch.profiler); deterministic mode's
     gradients bitwise repeatable (the dry run too)."""
@@ -533,6 +572,8 @@ def step_compiled(a) -> dict:
                 torch._dynamo.reset()
             fn = None if why else (build(IMPL_BY_NAME[impl]) if impl == COMPILED_CHAIN
                                    else compiled_op(impl.split("+")[0]))
+            if impl == "triton+compile" and not why:
+                _first_call_check(a, checks, name, impl, fn, dev, dt)
             _time_row(a, rows, name, impl, fn, dev, dt, _reps(dev, name), why)
             _checkpoint(a, res)
     failed = [c for c in checks if not c["ok"]] + [

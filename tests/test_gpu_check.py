@@ -208,3 +208,27 @@ def test_largest_size_search_stops_at_the_first_out_of_memory():
     assert set(found["times_ms"]) == {n for n in tried if n <= 500}
     capped = gpu_check.largest_size(lambda n: 1.0, 20, 20, 60, 60.0)
     assert capped["size"] == 40 and capped["oom_at"] is None and capped["complete"]
+
+
+def test_first_call_check_compares_with_the_eager_kernels():
+    """The compiled step's check of the traced op's first call, on CPU (the interpreter's
+    kernels, a dry run's shape): the eager kernels against themselves pass; a first call whose
+    dx is off by the upstream gradient (as from a buffer the autotuner's timed runs added
+    into) fails, with its errors."""
+    import argparse
+
+    import torch
+    pytest.importorskip("triton")
+    a = argparse.Namespace(dry_run=True)
+    cpu = torch.device("cpu")
+    checks = []
+    gpu_check._first_call_check(a, checks, "train-g4", "triton+compile", gpu_check.kernels_attn,
+                                cpu, torch.float32)
+
+    def off(x, w, g):
+        return gpu_check.kernels_attn(x, w, g) + (x - x.detach())  # same out, dx + go
+
+    gpu_check._first_call_check(a, checks, "train-g4", "off", off, cpu, torch.float32)
+    assert [c["ok"] for c in checks] == [True, False], checks
+    assert max(checks[0]["errors"].values()) == 0.0
+    assert checks[1]["errors"]["out"] == 0.0 and checks[1]["errors"]["dx"] > 0.1
