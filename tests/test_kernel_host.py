@@ -120,8 +120,13 @@ def _record(fn):
 
 
 def _fwd_bwd(x, w, grid, **kw):
+    """The launches and aten ops of one fwd+bwd, recorded after a first one: a shape's first
+    call tunes the kernels (the autotuner runs every configuration and zeroes the atomics
+    buffer around the runs: Triton 3.6 does so even for the interpreter's single one)."""
     x = x.detach().requires_grad_()
     w = w.detach().requires_grad_()
+    first = ss_attention(x, w, grid, backend="triton", **kw)
+    torch.autograd.grad(first, (x, w), torch.randn_like(first))
     fwd, out = _record(lambda: ss_attention(x, w, grid, backend="triton", **kw))
     go = torch.randn_like(out)
     bwd, grads = _record(lambda: torch.autograd.grad(out, (x, w), go))
