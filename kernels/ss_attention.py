@@ -88,9 +88,9 @@ per-dtype tile lists (``TILES``, ``DETERMINISTIC_TILES``: what compiles for sm_9
 memory, see ``benchmarks/aot.py``). The fp32
 epilogue products (dq·Wᵀ, yᵀ·dq) follow the fp32 policy for every input dtype: with plain tf32
 there, fp16's dW missed the FA3 rule on an H200 (2.09× at 1×128×264×264; 3xTF32: 0.75×, for
-+3 % backward time, channels_last; the LayerNorm-backward kernel then spilled 16 B
-channels_last, ~700 B NCHW: benchmarks/results/sm90-aot/after.md; with the windows' runtime
-group geometry 44 B and ~900 B, ``python -m benchmarks.aot --all`` with Triton 3.9).
++3 % backward time, channels_last). The LayerNorm-backward token pass of half inputs spills
+nothing channels_last and ~600 B NCHW with Triton 3.9, ≤ 48 B with Triton 3.6
+(benchmarks/results/sm90-aot/2026-12-07.md, ``python -m benchmarks.aot --all``).
 Under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) bf16 dot operands are upcast to
 fp32 (the interpreter's bf16 tl.dot is wrong).
 """
