@@ -14,6 +14,7 @@ patches are listed in ``_stub_cuda``.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -85,7 +86,8 @@ def _intercept(store: list) -> None:
 
 
 def _launches(code: str) -> dict:
-    """The wrapper's kernel launches (in order), its other calls, and each kernel's configs."""
+    """The wrapper's kernel launches (in order), its other calls, and per kernel the number of
+    configurations its autotuner gets and the arguments it zeroes around its timed runs."""
     body = code[code.index("def call(self, args):"):]
     body = body[:body.index("\nrunner = ")] if "\nrunner = " in body else body
     launches = [m.group(1) for m in re.finditer(r"^\s+(\w+?)_\d+\.run\(", body, re.M)]
@@ -97,10 +99,10 @@ def _launches(code: str) -> dict:
         name, source = m.groups()
         c = re.search(r"user_autotune\(\s*configs=(\[.*?\]),\s*inductor_meta", source, re.S)
         if c:
-            configs[name] = len(eval(c.group(1), {}))  # a list of plain dicts
+            configs[name] = len(ast.literal_eval(c.group(1)))  # a list of plain dicts
         z = re.search(r"'reset_to_zero': (\([^)]*\))", source)
         if z:
-            resets[name] = list(eval(z.group(1), {}))  # a tuple of names
+            resets[name] = list(ast.literal_eval(z.group(1)))  # a tuple of names
     return {"launches": launches, "calls": calls, "configs": configs, "resets": resets}
 
 
