@@ -384,6 +384,13 @@ def _flops_fwd(shape) -> float:
     return 4.0 * n * n * C * B * g * g
 
 
+def _timed_inputs(a, name, dev, dt, fmt):
+    """(x, w, go) of the timed shape ``name`` in ``dt``, x and go in memory format ``fmt``."""
+    x64, w64, go64 = _inputs(_timed_shapes(a)[name], dev)
+    return (x64.to(dt).contiguous(memory_format=fmt), w64.to(dt),
+            go64.to(dt).contiguous(memory_format=fmt))
+
+
 def _time_row(a, rows, name, impl, fn, dev, dt, reps, why=None) -> float | None:
     """Time fwd+bwd of ``fn(x, w, g)`` at shape ``name`` (bf16 on a GPU, channels_last unless
     the impl ends in [nchw]) into a row of ``rows``; the milliseconds, or None."""
@@ -397,11 +404,9 @@ def _time_row(a, rows, name, impl, fn, dev, dt, reps, why=None) -> float | None:
         row.update(status="skipped", reason=why)
         _say(f"  skip {name} {impl}: {why}")
         return None
-    x64, w64, go64 = _inputs(shape, dev)
-    x = x64.to(dt).contiguous(memory_format=fmt).requires_grad_()
-    w = w64.to(dt).requires_grad_()
-    go = go64.to(dt).contiguous(memory_format=fmt)
-    del x64, w64, go64
+    x, w, go = _timed_inputs(a, name, dev, dt, fmt)
+    x.requires_grad_()
+    w.requires_grad_()
     ms = None
     try:
         ms = bench_ms(_attn_fwd_bwd(fn, x, w, g, go), *reps)
@@ -428,22 +433,14 @@ def _first_call_check(a, checks, name, impl, fn, dev, dt) -> None:
     the kernels by running them on the call's own buffers) against the eager kernels' on the
     same inputs (channels_last): a check in ``checks``, with the relative errors."""
     import torch
-    shape = _timed_shapes(a)[name]
-    g = shape[-1]
+    g = _timed_shapes(a)[name][-1]
     chk = {"name": f"{impl} first call == eager kernels ({name})", "dtype": str(dt)[6:],
            "tolerance": FIRST_CALL_TOL}
     checks.append(chk)
     try:
-        x64, w64, go64 = _inputs(shape, dev)
-        x = x64.to(dt).contiguous(memory_format=torch.channels_last)
-        w, go = w64.to(dt), go64.to(dt).contiguous(memory_format=torch.channels_last)
-        del x64, w64, go64
-        results = []
-        for f in (fn, kernels_attn):
-            xa, wa = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-            out = f(xa, wa, g)
-            out.backward(go)
-            results.append((out.detach(), xa.grad, wa.grad))
+        x, w, go = _timed_inputs(a, name, dev, dt, torch.channels_last)
+        results = [_fwd_bwd(lambda xa, wa, f=f: f(xa, wa, g), x, w, go)
+                   for f in (fn, kernels_attn)]
         errors = {k: ((p.float() - q.float()).abs().max() / q.float().abs().max()).item()
                   for k, p, q in zip(("out", "dx", "dw"), *results)}
         chk.update(ok=all(e <= FIRST_CALL_TOL for e in errors.values()), errors=errors)

@@ -22,7 +22,7 @@ import sys
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_trace import _stub_driver  # noqa: E402  (the sm_90 Triton target)
+from kernel_trace import CASES, _stub_driver  # noqa: E402  (the cases, the sm_90 target)
 
 
 class _Generated(Exception):
@@ -141,14 +141,6 @@ def lower(case: dict) -> dict:
         if not any(isinstance(c, _Generated) for c in chain) or not code:
             raise
     return _launches(code[-1])
-
-
-CASES = [
-    dict(shape=(2, 32, 20, 18), E=32, grid=4, deterministic=False, window=0, dtype="bfloat16",
-         channels_last=True),
-    dict(shape=(1, 16, 13, 11), E=16, grid=2, deterministic=True, window=6, dtype="float32",
-         channels_last=False),
-]
 
 
 def main() -> int:

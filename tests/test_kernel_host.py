@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,6 +138,27 @@ def _report(fwd, bwd):
     return (f"forward: {len(fwd.launches)} launches {fwd.launches}, aten {fwd.aten}; "
             f"backward: {len(bwd.launches)} launches {bwd.launches}, aten {bwd.aten}; "
             f"issue #31 target {ISSUE_TARGET}")
+
+
+def _run_compiled(args: list, timeout: int, **env):
+    """``python *args`` from the checkout in a process without Triton's interpreter (the
+    kernels compiled, not interpreted), with ``env`` added; checked for exit status 0."""
+    import os
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), full.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True,
+                         env={**full, **env}, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def _case_class(case: dict) -> str:
+    """The operand class (tile lists) of a traced case of tests/kernel_trace.py."""
+    T = sys.modules["ssbsn.kernels.token_ops"]
+    return K.operand_class(getattr(torch, case["dtype"]), T.block_dim(case["shape"][1]),
+                           T.block_dim(case["E"]))
 
 
 @interp
@@ -269,16 +291,8 @@ def test_compiler_traces_the_kernels():
     the op's fake results (its launcher on fake tensors) match the hand-written fake that the
     interpreter's opaque op keeps."""
     import json
-    import os
-    import subprocess
-    from pathlib import Path
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("kernel_trace.py"))],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _run_compiled([str(Path(__file__).with_name("kernel_trace.py"))], 300,
+                        CUDA_VISIBLE_DEVICES="")
     results = json.loads(run.stdout)
     assert len(results) == 2
     for r in results:
@@ -289,10 +303,7 @@ def test_compiler_traces_the_kernels():
                                  else BWD_LAUNCHES), r
         assert set(fw["ops"]) <= FREE_OPS, fw["ops"]
         assert set(bw["ops"]) <= FREE_OPS, bw["ops"]
-        dtype = getattr(torch, case["dtype"])
-        T = sys.modules["ssbsn.kernels.token_ops"]
-        cls = K.operand_class(dtype, T.block_dim(case["shape"][1]), T.block_dim(case["E"]))
-        det = case["deterministic"]
+        cls, det = _case_class(case), case["deterministic"]
         for kind, graph in (("fwd", fw), ("bwd_dkdv", bw), ("bwd_dq", bw)):
             assert graph["configs"][f"_ss_attn_{kind}_kernel"] == len(K.tiles(kind, cls, det))
         # the compiler's autotuner zeroes the atomics' buffer around its timed runs
@@ -312,16 +323,8 @@ def test_inductor_launches_the_kernels():
     hands each attention kernel its operand class's tile list to tune, and the key-tile kernel
     the buffer its atomics add into, to zero around its timed runs."""
     import json
-    import os
-    import subprocess
-    from pathlib import Path
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, str(Path(__file__).with_name("inductor_codegen.py"))],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = _run_compiled([str(Path(__file__).with_name("inductor_codegen.py"))], 600,
+                        CUDA_VISIBLE_DEVICES="")
     results = json.loads(run.stdout)
     assert len(results) == 2
     for r in results:
@@ -329,12 +332,9 @@ def test_inductor_launches_the_kernels():
         assert r["launches"] == FWD_LAUNCHES + (
             BWD_LAUNCHES_DETERMINISTIC if case["deterministic"] else BWD_LAUNCHES), r
         assert set(r["calls"]) <= {"torch.cuda.set_device"}, r["calls"]
-        T = sys.modules["ssbsn.kernels.token_ops"]
-        cls = K.operand_class(getattr(torch, case["dtype"]), T.block_dim(case["shape"][1]),
-                              T.block_dim(case["E"]))
         for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
             assert r["configs"][f"_ss_attn_{kind}_kernel"] == len(
-                K.tiles(kind, cls, case["deterministic"])), r
+                K.tiles(kind, _case_class(case), case["deterministic"])), r
         assert r["resets"] == {"_ss_attn_bwd_dkdv_kernel": ["DQA"]}, r["resets"]
 
 
@@ -363,17 +363,9 @@ def test_compiled_host_path_without_a_gpu(tmp_path):
     recorded, nothing run; configurations from the eager cache after a bucket's first call) on
     a CPU: the same 3 + 4 launches per forward + backward in both modes, and a time."""
     import json
-    import os
-    import subprocess
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     out = tmp_path / "host.json"
-    run = subprocess.run([sys.executable, "-m", "benchmarks.host_time", "--shape", "2", "32",
-                          "24", "20", "--reps", "5", "--json", str(out)], cwd=root,
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _run_compiled(["-m", "benchmarks.host_time", "--shape", "2", "32", "24", "20", "--reps",
+                   "5", "--json", str(out)], 300)
     rows = json.loads(out.read_text())["rows"]
     assert [r["deterministic"] for r in rows] == [False, True]
     for r in rows:
