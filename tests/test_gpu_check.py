@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def test_dry_run_reports_every_step(tmp_path):
     for step in ("env", "correctness", "timing", "compiled", "train", "conv", "restore", "denoise",
                  "report"):
         assert f"== {step}: ok" in log, f"step {step} not reported ok:\n{log[-3000:]}"
+    _check_carried_time(log)
     res = json.loads((out / "results.json").read_text())
     assert res["dry_run"] is True and res["TRITON_INTERPRET"] == "1"
     for key in ("device", "driver", "torch", "triton", "cuda", "date", "git_commit"):
@@ -97,6 +99,29 @@ def test_dry_run_reports_every_step(tmp_path):
     for t in res["targets"]:
         assert f"`{t['name']}`" in summary
     assert "| MET |" in summary and "MISSED" in summary
+
+
+def _check_carried_time(log: str) -> None:
+    """Each step's limit is its own (×4 in a dry run) plus what the steps before it left unused
+    of theirs, so the run still ends within the sum of the limits; the dry run's steps end well
+    within theirs, so later steps get time carried over."""
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    base = [(name, 4 * int(s)) for name, s in re.findall(r"^step (\S+) (\d+)$", script, re.M)]
+    heads = re.findall(r"^== (\S+) \(limit (\d+)s(?:: (\d+)s \+ (\d+)s left by earlier steps)?\)$",
+                       log, re.M)
+    ends = {name: int(t) for name, t in re.findall(r"^== (\S+): .* \(total (\d+)s\)$", log, re.M)}
+    assert [h[0] for h in heads] == [b[0] for b in base], heads
+    planned, previous_end, carried = 0, 0, []
+    for (name, own), (_, limit, shown_own, spare) in zip(base, heads):
+        spare = int(spare or 0)
+        assert int(limit) == own + spare and int(shown_own or own) == own, (name, limit)
+        # the time left: the limits so far less the time already spent (at least the previous
+        # step's end), never more
+        assert spare <= max(planned - previous_end, 0), (name, spare, planned, previous_end)
+        carried.append(spare)
+        planned += own
+        previous_end = ends[name]
+    assert carried[0] == 0 and max(carried) > 0, carried
 
 
 def _exe(path: Path, text: str) -> None:
