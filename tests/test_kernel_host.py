@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import attention_inputs, run_grads
+from memcheck import memory_checked
 
 pytest.importorskip("triton")
 import ssbsn.kernels as kernels  # noqa: E402
@@ -270,7 +271,9 @@ def test_many_partials_take_one_combine_launch(monkeypatch, group_stats):
     fn = lambda a, b: kernels.ss_attention(a, b, 4, group_stats=group_stats)  # noqa: E731
     inline = run_grads(fn, x, w, go)
     monkeypatch.setattr(T, "INLINE_PARTIALS", 0)
-    combined = run_grads(fn, x, w, go)
+    with memory_checked() as violations:  # the combine launches in bounds, on written memory
+        combined = run_grads(fn, x, w, go)
+    assert not violations, "\n".join(map(str, violations))
     for a, b in zip(combined, inline):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     fwd, bwd, _, _ = _fwd_bwd(x, w, 4, group_stats=group_stats)

@@ -20,6 +20,7 @@ from ssbsn.attention.common import (from_window_groups, materialised_attention, 
 from ssbsn.attention.reference import ss_attention_reference
 
 from helpers import attention_inputs, run_grads
+from memcheck import memory_checked
 
 pytest.importorskip("triton")
 import ssbsn.kernels as kernels  # noqa: E402
@@ -95,6 +96,19 @@ def _compare(x64, w64, grid, group_stats, dtype, memory_format, *, deterministic
 
 
 NCHW, CL = torch.contiguous_format, torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def _memory_checked():
+    """Every interpreted launch of every test here under tests/memcheck.py: no load, store or
+    atomic outside the launch's tensors, and every torch.empty NaN-filled, so that a result
+    built on memory no kernel wrote fails the test's own comparison."""
+    if not kernels.INTERPRET:
+        yield
+        return
+    with memory_checked() as violations:
+        yield
+    assert not violations, "\n".join(map(str, violations[:10]))
 
 
 # ---------------------------------------------------------------------------------------------
