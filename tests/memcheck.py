@@ -144,30 +144,46 @@ def memory_checked(fill_uninitialized: bool = True):
                      ("create_atomic_rmw", atomic_rmw), ("create_atomic_cas", atomic_cas)):
         setattr(builder, name, fn)
     I.GridExecutor._init_args_hst = init_args
-    saved_alloc = {name: getattr(torch, name) for name in ("empty", "empty_like",
-                                                             "empty_strided")}
-    saved_new_empty = torch.Tensor.new_empty
-    if fill_uninitialized:
-        for name, fn in saved_alloc.items():
-            setattr(torch, name, _filled(fn))
-        torch.Tensor.new_empty = _filled(saved_new_empty)
     try:
-        yield violations
+        with (nan_filled_allocations() if fill_uninitialized else contextlib.nullcontext()):
+            yield violations
     finally:
         for name, fn in saved.items():
             setattr(builder, name, fn)
         I.GridExecutor._init_args_hst = saved_init
-        for name, fn in saved_alloc.items():
-            setattr(torch, name, fn)
-        torch.Tensor.new_empty = saved_new_empty
+
+
+@contextlib.contextmanager
+def nan_filled_allocations():
+    """Inside the block, ``torch.empty``, ``empty_like``, ``empty_strided``,
+    ``Tensor.new_empty``, ``numpy.empty`` and ``numpy.empty_like`` return memory filled with NaN
+    (floating point), the largest value (integers) or True (bool): what nothing should read
+    before writing it. Allocations inside torch's and numpy's compiled code are not affected."""
+    saved = [(torch, name, getattr(torch, name)) for name in ("empty", "empty_like",
+                                                              "empty_strided")]
+    saved += [(torch.Tensor, "new_empty", torch.Tensor.new_empty)]
+    saved += [(np, name, getattr(np, name)) for name in ("empty", "empty_like")]
+    for owner, name, fn in saved:
+        setattr(owner, name, _filled(fn))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
 
 
 def _filled(alloc):
-    """``alloc`` (torch.empty and kin) returning memory filled with NaN (floating point) or the
-    dtype's largest value (integers, bool: True): what no kernel should read before writing."""
+    """``alloc`` returning its memory filled (see :func:`nan_filled_allocations`)."""
     def wrapper(*args, **kwargs):
         t = alloc(*args, **kwargs)
-        if t.is_floating_point() or t.is_complex():
+        if isinstance(t, np.ndarray):
+            if t.dtype.kind in "fc":
+                t.fill(np.nan)
+            elif t.dtype.kind == "b":
+                t.fill(True)
+            elif t.dtype.kind in "iu":
+                t.fill(np.iinfo(t.dtype).max)
+        elif t.is_floating_point() or t.is_complex():
             t.fill_(float("nan"))
         elif t.dtype == torch.bool:
             t.fill_(True)

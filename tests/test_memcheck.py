@@ -3,6 +3,7 @@ test under: it must report an access outside a launch's tensors (and not perform
 every access inside them, and hand out NaN-filled memory from torch.empty and kin."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,7 +81,7 @@ def test_a_transposed_view_spans_its_extent():
 
 def test_uninitialised_memory_is_nan_inside_and_restored_after():
     from triton.runtime import interpreter as I
-    before = (torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty,
+    before = (torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty, np.empty,
               I.InterpreterBuilder.create_masked_load, I.GridExecutor._init_args_hst)
     with memory_checked():
         assert torch.isnan(torch.empty(3)).all()
@@ -88,9 +89,11 @@ def test_uninitialised_memory_is_nan_inside_and_restored_after():
         assert torch.isnan(torch.ones(1).new_empty(4)).all()
         assert torch.isnan(torch.empty_strided((2, 2), (1, 2))).all()
         assert (torch.empty(3, dtype=torch.int32) == torch.iinfo(torch.int32).max).all()
+        assert np.isnan(np.empty(3)).all() and np.isnan(np.empty_like(np.ones((2, 2)))).all()
+        assert (np.empty(2, dtype=np.uint8) == 255).all()
         y = torch.empty(10)
         _copy_add[(1,)](torch.empty(10), y, 10, PAST=0, BEFORE=0, BLOCK=16)
         assert torch.isnan(y).all()  # a kernel that reads unwritten memory gives NaN
-    after = (torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty,
+    after = (torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty, np.empty,
              I.InterpreterBuilder.create_masked_load, I.GridExecutor._init_args_hst)
     assert all(a is b for a, b in zip(before, after))
