@@ -28,6 +28,8 @@ from ssbsn.nn import _cuda_ext, conv
 from ssbsn.nn.conv import (CONV_BACKENDS, CentralMaskedConv2d, DilatedConv2d, centre_mask,
                            conv_backend_info, dilated_conv2d, masked_conv2d)
 
+from memcheck import nan_filled_allocations
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = [("masked", 3), ("masked", 5), ("dilated", 2), ("dilated", 3)]
 # fp32 has only the FMA kernels; fp16/bf16 have both families.
@@ -320,11 +322,14 @@ def test_emulation_shim_converts_like_the_cuda_headers(tmp_path):
 
 @pytest.fixture
 def emulated(emu_ops, monkeypatch):
-    """Makes the host emulation the extension behind backend="cuda" (for CPU tensors)."""
+    """Makes the host emulation the extension behind backend="cuda" (for CPU tensors), with
+    every buffer the ops allocate NaN-filled (tests/memcheck.py): an output element or weight
+    gradient partial the kernels leave unwritten fails the comparison."""
     monkeypatch.setattr(_cuda_ext, "_ops", emu_ops)
     monkeypatch.setattr(_cuda_ext, "_reason", None)
     monkeypatch.setattr(_cuda_ext, "_loaded", True)
-    return emu_ops
+    with nan_filled_allocations():
+        yield emu_ops
 
 
 @pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
