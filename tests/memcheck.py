@@ -1,5 +1,5 @@
-"""A memory check for Triton kernels under the interpreter, the CPU's stand-in for
-compute-sanitizer: every load, store and atomic of a launch must touch only the elements of that
+"""Checks of Triton kernels under the interpreter, the CPU's stand-in for compute-sanitizer:
+every load, store and atomic of a launch must touch only the elements of that
 launch's tensor arguments, and no result may depend on memory nobody wrote.
 
 * Bounds: the interpreter's memory operations are wrapped so that each address a lane actually
@@ -12,7 +12,10 @@ launch's tensor arguments, and no result may depend on memory nobody wrote.
   on memory no kernel wrote comes out NaN or different. On a CPU a fresh allocation is often
   zeroed pages, which can hide such a read; the GPU's caching allocator hands back stale data.
   (torch's own ``fill_uninitialized_memory`` needs ``torch.use_deterministic_algorithms``, which
-  switches the op to its deterministic mode, so it cannot check the default mode.)
+  switches the op to its deterministic mode, so it cannot check the default mode.) Also numpy's
+  ``empty`` and ``empty_like``; :func:`nan_filled_allocations` alone needs no Triton.
+* Program order (:func:`program_order`): a launch's programs run reversed or shuffled instead
+  of one by one in order, as a GPU may run them.
 
 Usage: ``with memory_checked() as violations: ...; assert not violations``.
 """
@@ -191,3 +194,36 @@ def _filled(alloc):
             t.fill_(torch.iinfo(t.dtype).max)
         return t
     return wrapper
+
+
+@contextlib.contextmanager
+def program_order(order: str = "shuffled", seed: int = 0):
+    """Inside the block, the interpreter runs each launch's programs in another order:
+    ``"reversed"`` (the last program first) or ``"shuffled"`` (a random permutation drawn from
+    ``seed``, another per launch). A GPU runs them
+    in any order and at once; a kernel whose result depends on the order (a program that
+    assumes another ran first, a reduction by whoever arrives last) shows it here."""
+    from triton.runtime import interpreter as I
+
+    builder = I.InterpreterBuilder
+    saved_dim, saved_idx = builder.set_grid_dim, builder.set_grid_idx
+    if order not in ("reversed", "shuffled"):
+        raise ValueError(f"order must be 'reversed' or 'shuffled', not {order!r}")
+    rng = np.random.default_rng(seed)
+    perm: list = []
+
+    def set_grid_dim(self, nx, ny, nz):
+        saved_dim(self, nx, ny, nz)
+        n = nx * ny * nz
+        perm[:] = [np.arange(n)[::-1] if order == "reversed" else rng.permutation(n)]
+
+    def set_grid_idx(self, x, y, z):
+        _, ny, nz = self.grid_dim
+        k = int(perm[0][(x * ny + y) * nz + z])
+        saved_idx(self, k // (ny * nz), (k // nz) % ny, k % nz)
+
+    builder.set_grid_dim, builder.set_grid_idx = set_grid_dim, set_grid_idx
+    try:
+        yield
+    finally:
+        builder.set_grid_dim, builder.set_grid_idx = saved_dim, saved_idx

@@ -1,7 +1,10 @@
 """tests/memcheck.py, the interpreter's memory check that tests/test_kernels.py runs every kernel
 test under: it must report an access outside a launch's tensors (and not perform it), accept
-every access inside them, and hand out NaN-filled memory from torch.empty and kin."""
+every access inside them, and hand out NaN-filled memory from torch.empty and kin; its
+program_order must really reorder a launch's programs."""
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import ssbsn.kernels as kernels  # noqa: E402,F401  (selects the interpreter fir
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from memcheck import memory_checked  # noqa: E402
+from memcheck import memory_checked, program_order  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not kernels.INTERPRET,
                                 reason="the memory check wraps Triton's interpreter")
@@ -97,3 +100,31 @@ def test_uninitialised_memory_is_nan_inside_and_restored_after():
     after = (torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty, np.empty,
              I.InterpreterBuilder.create_masked_load, I.GridExecutor._init_args_hst)
     assert all(a is b for a, b in zip(before, after))
+
+
+@triton.jit
+def _arrival(COUNTER, ORDER):
+    """ORDER[k] = the program that arrived k-th."""
+    ticket = tl.atomic_add(COUNTER, 1)
+    tl.store(ORDER + ticket, tl.program_id(0) * 6 + tl.program_id(1) * 3 + tl.program_id(2))
+
+
+@pytest.mark.parametrize("order", [None, "reversed", "shuffled"])
+def test_program_order(order):
+    """The interpreter runs a launch's programs in order; program_order reverses or shuffles
+    them over a 3-D grid, every program still once, with their own ids."""
+    counter, arrived = torch.zeros(1, dtype=torch.int32), torch.full((24,), -1, dtype=torch.int32)
+    with program_order(order) if order else contextlib.nullcontext():
+        _arrival[(4, 2, 3)](counter, arrived)
+    ids = arrived.tolist()
+    assert sorted(ids) == list(range(24))
+    if order is None:
+        assert ids == list(range(24))
+    elif order == "reversed":
+        assert ids == list(range(23, -1, -1))
+    else:
+        assert ids not in (list(range(24)), list(range(23, -1, -1)))
+        with program_order(order, seed=0):  # the same seed, the same orders
+            again = torch.full((24,), -1, dtype=torch.int32)
+            _arrival[(4, 2, 3)](torch.zeros(1, dtype=torch.int32), again)
+        assert again.tolist() == ids
