@@ -124,7 +124,14 @@ def test_program_order(order):
         assert ids == list(range(23, -1, -1))
     else:
         assert ids not in (list(range(24)), list(range(23, -1, -1)))
-        with program_order(order, seed=0):  # the same seed, the same orders
-            again = torch.full((24,), -1, dtype=torch.int32)
-            _arrival[(4, 2, 3)](torch.zeros(1, dtype=torch.int32), again)
-        assert again.tolist() == ids
+        for seed in (None, 5):  # seed None: one order per grid shape, in every block
+            runs = []
+            for _ in range(2):
+                with program_order(order, seed=seed):
+                    for _ in range(2):
+                        again = torch.full((24,), -1, dtype=torch.int32)
+                        _arrival[(4, 2, 3)](torch.zeros(1, dtype=torch.int32), again)
+                        runs.append(again.tolist())
+            assert sorted(runs[0]) == list(range(24))
+            # a seed: another order for each launch, the same sequence of orders in each block
+            assert (runs[0] == runs[1]) is (seed is None) and runs[:2] == runs[2:], runs
