@@ -22,16 +22,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _aot(tmp_path, *args, timeout=300):
-    out = tmp_path / "aot.json"
+def _aot_parallel(tmp_path, *arg_lists, timeout=300):
+    """``python -m benchmarks.aot`` once per argument list, the processes side by side (each
+    compiles on one core); [(rows, table)] in the lists' order."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.aot", "--json", str(out), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode == 3:
-        pytest.skip(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text()), proc.stdout
+    runs = []
+    for i, args in enumerate(arg_lists):
+        out = tmp_path / f"aot{i}.json"
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.aot", "--json", str(out),
+                                 *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        runs.append((proc, out))
+    results = []
+    try:
+        for proc, out in runs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            if proc.returncode == 3:
+                pytest.skip(stdout.strip().splitlines()[-1])
+            assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+            results.append((json.loads(out.read_text()), stdout))
+    finally:
+        for proc, _ in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
 
 
 # The half tiles spill nothing with Triton 3.9 (kernels/ss_attention.py, TILES): any spill fails.
@@ -85,12 +101,12 @@ def _check(rows, tiles_class, spill_budget=None, allowance=None, duplicated_ok=(
 def test_half_channels_last_configs_fit_sm90(tmp_path):
     """bf16 and fp16, channels_last, C = E = 128: every configuration autotuning may pick, in
     both modes (deterministic: the two backward kernels, which it compiles differently)."""
-    rows, table = _aot(tmp_path, "--dtypes", "bf16,fp16", "--layouts", "cl")
-    print(table)
+    half = ("--dtypes", "bf16,fp16", "--layouts", "cl")
+    (rows, table), (det_rows, det_table) = _aot_parallel(tmp_path, half,
+                                                          (*half, "--deterministic"))
+    print(table, det_table)
     _check(rows, "half", allowance=half_spill_allowance())
-    rows, table = _aot(tmp_path, "--dtypes", "bf16,fp16", "--layouts", "cl", "--deterministic")
-    print(table)
-    _check(rows, "half", allowance=half_spill_allowance(), deterministic=True)
+    _check(det_rows, "half", allowance=half_spill_allowance(), deterministic=True)
 
 
 def test_duplicated_rows_are_detected():
@@ -120,10 +136,9 @@ def test_fp32_and_wide_configs_fit_sm90(tmp_path):
     under 1 KB per kernel; the wide tiles: the forward's 64x32 w4 ~380 B, the backward's
     none); no tile computes rows twice."""
     for det in ((), ("--deterministic",)):
-        rows, table = _aot(tmp_path, "--dtypes", "fp32", "--layouts", "cl", *det)
-        print(table)
+        (rows, table), (wide, wide_table) = _aot_parallel(
+            tmp_path, ("--dtypes", "fp32", "--layouts", "cl", *det),
+            ("--dtypes", "bf16", "--layouts", "cl", "--channels", "256", *det))
+        print(table, wide_table)
         _check(rows, "fp32", spill_budget=1024, deterministic=bool(det))
-        rows, table = _aot(tmp_path, "--dtypes", "bf16", "--layouts", "cl", "--channels", "256",
-                           *det)
-        print(table)
-        _check(rows, "wide", spill_budget=2048, deterministic=bool(det))
+        _check(wide, "wide", spill_budget=2048, deterministic=bool(det))
