@@ -25,7 +25,8 @@ Steps (each writes OUT/parts/STEP.json and prints one line per result as it goes
   against the same step in fp64 (same weights and batch; FA3's 2× rule); the paper model's
   step at batch 4 × 120 crops as ``ssbsn train`` runs it by default (``ssbsn.train_step``: on
   CUDA bf16, channels_last, fused Adam, a CUDA graph) against the fp32 eager step of the
-  reference backend and of the authors' code; the largest crop that trains at batch 4
+  reference backend and of the authors' code; that step's loss over 200 steps in bf16 against
+  the same step in fp32 (same weights, same batches); the largest crop that trains at batch 4
   (multiples of 40 from 120, ours and the authors', stopping at the first out-of-memory) and
   the largest whole image one network pass takes without tiles, with the time at each size
   tried; and a batch-4 step at 510 crops (512 rounded to PD-5's multiple of 5: peak memory;
@@ -51,6 +52,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -100,6 +102,12 @@ TARGETS = {  # name: (what, comparison, target)
                                  ">=", 3.0),
     "train_speedup_vs_fp32_reference": ("the same, ssbsn train's default vs our fp32 eager step "
                                         "(reference backend), ×", ">=", 2.0),
+    "train_bf16_loss_gap_se": ("ssbsn train's default step (bf16) against the same step in "
+                               "fp32, 200 steps from the same weights on the same batches: the "
+                               "gap of the last 50 steps' mean loss, in standard errors of "
+                               "fp32's", "<=", 2.0),
+    "train_crop_vs_authors": ("largest batch-4 training crop, ours (the default step) over the "
+                              "authors' (fp32 eager), side length ×", ">=", 2.0),
     "fa3_rule_all": ("every kernel error within the FA3 2× rule", "==", True),
     "wiener_speedup_vs_bm3d": ("Wiener refinement of a 12-MP photo vs the bm3d package on one "
                                "CPU thread, ×", ">=", 20.0),
@@ -109,7 +117,8 @@ TARGETS = {  # name: (what, comparison, target)
                                 "windows, s", "<=", 10.0),
     "denoise_12mp_peak_gib": ("peak device memory of those two, GiB", "<=", 16.0),
 }
-SPEED_TARGETS = [k for k in TARGETS if k not in ("fa3_rule_all", "deterministic_bitwise")]
+SPEED_TARGETS = [k for k in TARGETS if k not in ("fa3_rule_all", "deterministic_bitwise",
+                                                 "train_bf16_loss_gap_se")]
 
 
 def _say(msg: str) -> None:
@@ -751,6 +760,7 @@ def step_train(a) -> dict:
     dev = _device()
     crop, crop_big, batch = (20, 40, 2) if a.dry_run else (120, 510, 4)
     figures, checks = {}, []
+    res = {"step": "train", "status": "running", "checks": checks, "figures": figures}
     torch.manual_seed(0)
     # the baseline is the reference backend (plain PyTorch, every group's N×N matrix); the
     # model under test is what SSBSN() builds by default (backend "fused": the Triton kernels on
@@ -792,6 +802,7 @@ def step_train(a) -> dict:
          f"{errs['grad'][0]:.2e} (reference {errs['grad'][1]:.2e}), loss "
          f"{errs['loss'][0]:.2e} (reference {errs['loss'][1]:.2e})")
     del grads
+    _checkpoint(a, res)
     # 2. the paper model's step as `ssbsn train` runs it by default on this device (the same
     # code: ssbsn.train_step.build_step with TrainConfig's resolved settings; on CUDA bf16,
     # channels_last, fused Adam, a CUDA graph), beside the fp32 eager step of the reference
@@ -819,6 +830,11 @@ def step_train(a) -> dict:
         if figures.get("train_step_ms_default") and figures.get(f"train_step_ms_{base}"):
             figures[f"train_speedup_vs_{base}"] = (figures[f"train_step_ms_{base}"]
                                                    / figures["train_step_ms_default"])
+    _checkpoint(a, res)
+    # 2a. the default step's bf16 against the same step in fp32 over LOSS_CURVE_STEPS steps
+    # from the same weights on the same batches
+    _loss_curves(a, dev, settings, batch, crop, figures)
+    _checkpoint(a, res)
     # 2b. the largest crop that trains at batch 4 (multiples of 40 from 120; dry run: of 20
     # from 20), ours (the default step) and the authors', and the largest whole image one
     # network pass denoises without tiles; each search stops at its first out-of-memory
@@ -830,10 +846,15 @@ def step_train(a) -> dict:
                              budget)
         _report_search(figures, f"train_crop_{label}", found, f"train crop, batch {batch}, "
                        f"{label}")
+        _checkpoint(a, res)
+    if figures.get("train_crop_default") and figures.get("train_crop_authors"):
+        figures["train_crop_vs_authors"] = (figures["train_crop_default"]
+                                            / figures["train_crop_authors"])
     for label, make in (("default", lambda: _infer_model(SSBSN(**_model_kwargs(a)), dev, True)),
                         ("authors", lambda: _infer_model(_authors_model(a), dev, False))):
         found = largest_size(lambda n: _time_inference(make, n, dev), first, unit, cap, budget)
         _report_search(figures, f"infer_size_{label}", found, f"whole image, {label}")
+        _checkpoint(a, res)
     del noisy
     _free()
     # 3. batch-4 step at the large crop: fused (must run) and reference (may not fit)
@@ -864,8 +885,76 @@ def step_train(a) -> dict:
         _free()
     figures["train_b4_512_runs"] = figures.get(f"train_{crop_big}_fused_runs", False)
     figures["train_large_crop"] = crop_big
-    status = "ok" if all(c["ok"] for c in checks) else "failed"
-    return {"step": "train", "status": status, "checks": checks, "figures": figures}
+    res["status"] = "ok" if all(c["ok"] for c in checks) else "failed"
+    return res
+
+
+#: Steps of the bf16-against-fp32 loss curves (dry run: LOSS_CURVE_STEPS_DRY), and how many of
+#: the last ones each curve's level is read from.
+LOSS_CURVE_STEPS, LOSS_CURVE_STEPS_DRY, LOSS_CURVE_TAIL = 200, 20, 50
+
+
+def _curve_batch(gen, batch: int, crop: int, dev):
+    """A batch of synthetic noisy photos from ``gen``: smooth random scenes (a coarse random
+    field, upsampled) in 0..255 with Gaussian noise of σ = 15 — something to learn."""
+    import torch
+    coarse = torch.rand(batch, 3, max(crop // 8, 2), max(crop // 8, 2), generator=gen,
+                        device=dev)
+    clean = torch.nn.functional.interpolate(coarse, size=(crop, crop), mode="bilinear",
+                                            align_corners=False) * 255
+    noise = torch.randn(batch, 3, crop, crop, generator=gen, device=dev) * 15
+    return (clean + noise).clamp(0, 255)
+
+
+def loss_curve_gap(bf16: list, fp32: list, tail: int) -> dict:
+    """How far the bf16 curve's level over its last ``tail`` steps is from the fp32 curve's, in
+    standard errors of the fp32 level (the spread of fp32's own losses over those steps, each
+    step a different batch, over √tail): "within noise" is at most 2."""
+    a, b = bf16[-tail:], fp32[-tail:]
+    se = statistics.stdev(b) / len(b) ** 0.5
+    gap = statistics.fmean(a) - statistics.fmean(b)
+    return {"gap": gap, "se": se, "gap_in_se": abs(gap) / max(se, 1e-30),
+            "relative": gap / statistics.fmean(b),
+            "paired_mean": statistics.fmean(x - y for x, y in zip(a, b))}
+
+
+def _loss_curves(a, dev, settings, batch: int, crop: int, figures: dict) -> None:
+    """The paper model's training loss over LOSS_CURVE_STEPS steps of ``ssbsn train``'s default
+    step in bf16 and the same step with autocast off, from the same initial weights on the same
+    batches (:func:`_curve_batch`); the bf16 curve's distance from fp32's (:func:`loss_curve_gap`)
+    into ``figures``, with both curves."""
+    import torch
+
+    from ssbsn import SSBSN
+    steps = LOSS_CURVE_STEPS_DRY if a.dry_run else LOSS_CURVE_STEPS
+    tail = min(LOSS_CURVE_TAIL, steps // 2)
+    torch.manual_seed(1)
+    init = SSBSN(**_model_kwargs(a)).state_dict()
+    curves = {}
+    try:
+        t0 = time.perf_counter()
+        for label, amp in (("bf16", "bf16"), ("fp32", "off")):
+            model = SSBSN(**_model_kwargs(a))
+            model.load_state_dict(init)
+            step = _fast_step(model, dev, {**settings, "amp": amp})
+            gen = torch.Generator(device=dev).manual_seed(2)
+            losses = [step(_curve_batch(gen, batch, crop, dev), 1e-4).clone()
+                      for _ in range(steps)]
+            curves[label] = torch.stack(losses).double().cpu().tolist()
+            step = model = None
+            _free()
+        gap = loss_curve_gap(curves["bf16"], curves["fp32"], tail)
+        figures.update({"train_bf16_loss_gap_se": gap["gap_in_se"],
+                        "train_bf16_loss_gap": gap, "train_loss_curves": curves,
+                        "train_loss_curve_steps": steps})
+        _say(f"  loss over {steps} steps, bf16 vs fp32 (same weights and batches): last {tail} "
+             f"steps {statistics.fmean(curves['bf16'][-tail:]):.3f} vs "
+             f"{statistics.fmean(curves['fp32'][-tail:]):.3f}, gap {gap['relative']:+.2%} = "
+             f"{gap['gap_in_se']:.2f} standard errors of fp32's level "
+             f"({time.perf_counter() - t0:.1f} s)")
+    except Exception as e:  # noqa: BLE001
+        figures["train_bf16_loss_gap_se"] = None
+        _say(f"  FAIL loss curves bf16 vs fp32: {type(e).__name__}: {str(e)[:200]}")
 
 
 def _default_step_settings(dev) -> dict:
@@ -1038,6 +1127,8 @@ def step_restore(a) -> dict:
                    "ok": ok, "psnr_db": psnr, "max_abs": float((on_dev - cpu).abs().max())})
     _say(f"  {'ok  ' if ok else 'FAIL'} {checks[-1]['name']}: PSNR {psnr:.1f} dB, max abs "
          f"{checks[-1]['max_abs']:.3g} grey levels")
+    _checkpoint(a, {"step": "restore", "status": "running", "checks": checks,
+                    "figures": figures})
     # 2. the whole photo: the refinement, step 4 alone, peak device memory
     xd, ed = x.to(dev), est.to(dev)
     step4 = wiener.torch_step4(dev)
@@ -1163,6 +1254,7 @@ def step_denoise(a) -> dict:
     size = DRY_DENOISE_SIZE if a.dry_run else DENOISE_SIZE
     small = DRY_WHOLE_MAP_SIZE if a.dry_run else WHOLE_MAP_SIZE
     rows, figures = [], {}
+    res = {"step": "denoise", "status": "running", "figures": figures, "rows": rows}
     for preset in ("quick", "paper"):
         for window, at in ((42, size), (0, small)):
             model = _denoise_model(preset, window, a.dry_run)
@@ -1184,12 +1276,20 @@ def step_denoise(a) -> dict:
                 f"{r['seconds']:.2f} s ({r['passes']} passes {r['network_s']:.2f} s, Wiener "
                 f"{r['wiener_s']:.2f} s, rest {r['other_s']:.2f} s"
                 + (f", peak {r['peak_gib']:.1f} GiB" if "peak_gib" in r else "") + ")"))
+            figures.update(denoise_figures(rows))
+            _checkpoint(a, res)
+    res["status"] = "ok"
+    return res
+
+
+def denoise_figures(rows: list) -> dict:
+    """The 12-MP targets' figures from the denoise rows measured so far (None where missing)."""
     by = {(r["preset"], r["window"]): r for r in rows}
-    figures["denoise_12mp_quick_s"] = by[("quick", 42)].get("seconds")
-    figures["denoise_12mp_paper_r3_s"] = by[("paper", 42)].get("seconds")
-    peaks = [by[(p, 42)].get("peak_gib") for p in ("quick", "paper")]
-    figures["denoise_12mp_peak_gib"] = max(peaks) if all(v is not None for v in peaks) else None
-    return {"step": "denoise", "status": "ok", "figures": figures, "rows": rows}
+    quick, paper = by.get(("quick", 42), {}), by.get(("paper", 42), {})
+    peaks = [quick.get("peak_gib"), paper.get("peak_gib")]
+    return {"denoise_12mp_quick_s": quick.get("seconds"),
+            "denoise_12mp_paper_r3_s": paper.get("seconds"),
+            "denoise_12mp_peak_gib": max(peaks) if all(v is not None for v in peaks) else None}
 
 
 # ----------------------------------------------------------------------------- conv

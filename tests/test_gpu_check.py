@@ -95,6 +95,13 @@ def test_dry_run_reports_every_step(tmp_path):
     for k in ("train_crop_default", "train_crop_authors", "infer_size_default",
               "infer_size_authors"):
         assert f[k] and f[f"{k}_complete"] and f[f"{k}_ms"]
+    assert f["train_crop_vs_authors"] == f["train_crop_default"] / f["train_crop_authors"]
+    # bf16 against fp32 from the same weights on the same batches: both curves, their gap
+    curves = f["train_loss_curves"]
+    assert len(curves["bf16"]) == len(curves["fp32"]) == gpu_check.LOSS_CURVE_STEPS_DRY
+    assert curves["bf16"][0] != curves["fp32"][0]  # autocast really ran the first step in bf16
+    assert abs(curves["bf16"][0] / curves["fp32"][0] - 1) < 1e-2  # ... on the same batch
+    assert by["train_bf16_loss_gap_se"]["value"] == f["train_bf16_loss_gap"]["gap_in_se"]
     summary = (out / "summary.md").read_text()
     for t in res["targets"]:
         assert f"`{t['name']}`" in summary
@@ -177,7 +184,8 @@ def _parts(tmp_path, attn_ok=True, fast=True):
             "figures": {"deterministic_bitwise": True, "host_below_gpu_train-g4": True}},
         "train": {"step": "train", "status": "ok", "figures": {
             "train_b4_512_runs": True, "train_speedup_vs_authors": 4.0,
-            "train_speedup_vs_fp32_reference": 2.5}},
+            "train_speedup_vs_fp32_reference": 2.5, "train_bf16_loss_gap_se": 0.5,
+            "train_crop_vs_authors": 2.5}},
         "restore": {"step": "restore", "status": "ok", "figures": {"wiener_speedup_vs_bm3d": 25.0}},
         "denoise": {"step": "denoise", "status": "ok", "figures": {
             "denoise_12mp_quick_s": 3.0 if fast else 6.0, "denoise_12mp_paper_r3_s": 8.0,
@@ -257,3 +265,20 @@ def test_first_call_check_compares_with_the_eager_kernels():
     assert [c["ok"] for c in checks] == [True, False], checks
     assert max(checks[0]["errors"].values()) == 0.0
     assert checks[1]["errors"]["out"] == 0.0 and checks[1]["errors"]["dx"] > 0.1
+
+
+def test_loss_curve_gap():
+    """The bf16 curve's level against fp32's, in standard errors of fp32's level over the last
+    steps, against numpy's figures."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    fp32 = list(100 - np.arange(60) * 0.5 + rng.normal(0, 2, 60))
+    bf16 = [v + 0.3 for v in fp32]
+    gap = gpu_check.loss_curve_gap(bf16, fp32, 20)
+    tail = np.array(fp32[-20:])
+    se = tail.std(ddof=1) / np.sqrt(20)
+    assert gap["gap"] == pytest.approx(0.3) and gap["paired_mean"] == pytest.approx(0.3)
+    assert gap["se"] == pytest.approx(se) and gap["gap_in_se"] == pytest.approx(0.3 / se)
+    assert gap["relative"] == pytest.approx(0.3 / tail.mean())
+    far = gpu_check.loss_curve_gap([v - 5 for v in fp32], fp32, 20)  # 5 far beyond ~0.45
+    assert far["gap_in_se"] > 2 > gap["gap_in_se"]
