@@ -58,31 +58,27 @@ class _Launch:
     def __init__(self):
         self.kernel = "?"
         self.names: list[str] = []
-        self.lo = np.zeros(0, np.uint64)
-        self.hi = np.zeros(0, np.uint64)
         self.spans: list[tuple[int, int]] = []
 
     def set(self, kernel: str, named: list[tuple[str, torch.Tensor]]):
         self.kernel = kernel
-        ext = [_extent(t) for _, t in named]
         self.names = [n for n, _ in named]
-        self.lo = np.array([e[0] for e in ext], np.uint64)
-        self.hi = np.array([e[1] for e in ext], np.uint64)
-        self.spans = ext
+        self.spans = [_extent(t) for _, t in named]
 
     def inside(self, addr: np.ndarray, nbytes: int) -> np.ndarray:
         """Per address (uint64): whether its ``nbytes`` lie in some argument's extent."""
         ok = np.zeros(addr.shape, bool)
-        for lo, hi in zip(self.lo, self.hi):
-            ok |= (addr >= lo) & (addr + np.uint64(nbytes) <= hi)
+        end = addr + np.uint64(nbytes)
+        for lo, hi in self.spans:
+            ok |= (addr >= np.uint64(lo)) & (end <= np.uint64(hi))
         return ok
 
     def nearest(self, addr: int) -> str:
         if not self.names:
             return "the launch has no tensor arguments"
-        dist = [max(int(lo) - addr, addr - int(hi) + 1) for lo, hi in zip(self.lo, self.hi)]
+        dist = [max(lo - addr, addr - hi + 1) for lo, hi in self.spans]
         i = int(np.argmin(dist))
-        lo, hi = int(self.lo[i]), int(self.hi[i])
+        lo, hi = self.spans[i]
         return f"byte {addr - lo} of {self.names[i]}, which spans {hi - lo} B"
 
 

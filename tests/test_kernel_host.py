@@ -155,6 +155,17 @@ def _run_compiled(args: list, timeout: int, **env):
     return run
 
 
+def _traced_cases(script: str, timeout: int) -> list:
+    """The JSON list a tests/ script (kernel_trace.py, inductor_codegen.py) prints for its two
+    cases, run by :func:`_run_compiled` without a visible GPU."""
+    import json
+    run = _run_compiled([str(Path(__file__).with_name(script))], timeout,
+                        CUDA_VISIBLE_DEVICES="")
+    results = json.loads(run.stdout)
+    assert len(results) == 2
+    return results
+
+
 def _case_class(case: dict) -> str:
     """The operand class (tile lists) of a traced case of tests/kernel_trace.py."""
     T = sys.modules["ssbsn.kernels.token_ops"]
@@ -293,12 +304,7 @@ def test_compiler_traces_the_kernels():
     attention kernels with their operand class's tile list left for the compiler to tune; and
     the op's fake results (its launcher on fake tensors) match the hand-written fake that the
     interpreter's opaque op keeps."""
-    import json
-    run = _run_compiled([str(Path(__file__).with_name("kernel_trace.py"))], 300,
-                        CUDA_VISIBLE_DEVICES="")
-    results = json.loads(run.stdout)
-    assert len(results) == 2
-    for r in results:
+    for r in _traced_cases("kernel_trace.py", 300):
         case = r["case"]
         fw, bw = r["forward"], r["backward"]
         assert fw["kernels"] == FWD_LAUNCHES, r
@@ -325,12 +331,7 @@ def test_inductor_launches_the_kernels():
     with nothing between them but allocations: no fallback to the op, no kernel of its own. It
     hands each attention kernel its operand class's tile list to tune, and the key-tile kernel
     the buffer its atomics add into, to zero around its timed runs."""
-    import json
-    run = _run_compiled([str(Path(__file__).with_name("inductor_codegen.py"))], 600,
-                        CUDA_VISIBLE_DEVICES="")
-    results = json.loads(run.stdout)
-    assert len(results) == 2
-    for r in results:
+    for r in _traced_cases("inductor_codegen.py", 600):
         case = r["case"]
         assert r["launches"] == FWD_LAUNCHES + (
             BWD_LAUNCHES_DETERMINISTIC if case["deterministic"] else BWD_LAUNCHES), r

@@ -37,22 +37,25 @@ def _guarded(n, fill):
     return buf, buf[1:n + 1]
 
 
-def test_accesses_inside_the_arguments_pass():
+def _checked_copy_add(past=0, before=0):
+    """_copy_add of x = 0..9 into y, both views with guard elements (5 around x, -7 around y),
+    under the check: (violations, y's buffer, y)."""
     xb, x = _guarded(10, 5.0)
     x.copy_(torch.arange(10.0))
     yb, y = _guarded(10, -7.0)
     with memory_checked() as violations:
-        _copy_add[(1,)](x, y, 10, PAST=0, BEFORE=0, BLOCK=16)
+        _copy_add[(1,)](x, y, 10, PAST=past, BEFORE=before, BLOCK=16)
+    return violations, yb, y
+
+
+def test_accesses_inside_the_arguments_pass():
+    violations, yb, y = _checked_copy_add()
     assert violations == []
     assert torch.equal(y, torch.arange(10.0) + 2) and yb[0] == yb[-1] == -7.0
 
 
 def test_an_access_past_the_end_is_reported_and_not_performed():
-    xb, x = _guarded(10, 5.0)
-    x.copy_(torch.arange(10.0))
-    yb, y = _guarded(10, -7.0)
-    with memory_checked() as violations:
-        _copy_add[(1,)](x, y, 10, PAST=1, BEFORE=0, BLOCK=16)
+    violations, yb, y = _checked_copy_add(past=1)
     assert [(v.kernel, v.op, v.count) for v in violations] == [("_copy_add", "load", 1),
                                                                 ("_copy_add", "atomic", 1)]
     assert "byte 40 of X, which spans 40 B" in str(violations[0])
@@ -64,10 +67,7 @@ def test_an_access_past_the_end_is_reported_and_not_performed():
 def test_the_bounds_are_the_view_not_its_storage():
     """Reading the element before a view's first one is outside the argument even though the
     storage holds it."""
-    xb, x = _guarded(10, 5.0)
-    yb, y = _guarded(10, 0.0)
-    with memory_checked() as violations:
-        _copy_add[(1,)](x, y, 10, PAST=0, BEFORE=1, BLOCK=16)
+    violations, _, _ = _checked_copy_add(before=1)
     assert [(v.op, v.count) for v in violations] == [("load", 1)]
     assert "byte -4 of X" in str(violations[0])
 
