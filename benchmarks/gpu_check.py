@@ -912,9 +912,10 @@ def loss_curve_gap(bf16: list, fp32: list, tail: int) -> dict:
     step a different batch, over √tail): "within noise" is at most 2."""
     a, b = bf16[-tail:], fp32[-tail:]
     se = statistics.stdev(b) / len(b) ** 0.5
-    gap = statistics.fmean(a) - statistics.fmean(b)
-    return {"gap": gap, "se": se, "gap_in_se": abs(gap) / max(se, 1e-30),
-            "relative": gap / statistics.fmean(b),
+    levels = statistics.fmean(a), statistics.fmean(b)
+    gap = levels[0] - levels[1]
+    return {"bf16_level": levels[0], "fp32_level": levels[1], "gap": gap, "se": se,
+            "gap_in_se": abs(gap) / max(se, 1e-30), "relative": gap / levels[1],
             "paired_mean": statistics.fmean(x - y for x, y in zip(a, b))}
 
 
@@ -948,8 +949,8 @@ def _loss_curves(a, dev, settings, batch: int, crop: int, figures: dict) -> None
                         "train_bf16_loss_gap": gap, "train_loss_curves": curves,
                         "train_loss_curve_steps": steps})
         _say(f"  loss over {steps} steps, bf16 vs fp32 (same weights and batches): last {tail} "
-             f"steps {statistics.fmean(curves['bf16'][-tail:]):.3f} vs "
-             f"{statistics.fmean(curves['fp32'][-tail:]):.3f}, gap {gap['relative']:+.2%} = "
+             f"steps {gap['bf16_level']:.3f} vs {gap['fp32_level']:.3f}, gap "
+             f"{gap['relative']:+.2%} = "
              f"{gap['gap_in_se']:.2f} standard errors of fp32's level "
              f"({time.perf_counter() - t0:.1f} s)")
     except Exception as e:  # noqa: BLE001

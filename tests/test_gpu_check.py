@@ -280,5 +280,7 @@ def test_loss_curve_gap():
     assert gap["gap"] == pytest.approx(0.3) and gap["paired_mean"] == pytest.approx(0.3)
     assert gap["se"] == pytest.approx(se) and gap["gap_in_se"] == pytest.approx(0.3 / se)
     assert gap["relative"] == pytest.approx(0.3 / tail.mean())
+    assert gap["fp32_level"] == pytest.approx(tail.mean())
+    assert gap["bf16_level"] == pytest.approx(tail.mean() + 0.3)
     far = gpu_check.loss_curve_gap([v - 5 for v in fp32], fp32, 20)  # 5 far beyond ~0.45
     assert far["gap_in_se"] > 2 > gap["gap_in_se"]
