@@ -373,8 +373,9 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
 
 def plan_outputs(inputs, output) -> list[tuple[Path, Path]]:
     """(source, destination) for every image of ``inputs`` (files and folders). ``output`` is
-    a file when one image goes to a name with an image suffix, otherwise a folder that receives
-    the inputs' names (a folder input keeps its sub-folders). An output folder inside a folder
+    a file when one image file goes to a name with an image suffix, otherwise a folder that
+    receives the inputs' names (a folder input keeps its sub-folders); several images or a
+    folder given to a name with an image suffix (not an existing folder) are refused. An output folder inside a folder
     input is not read as input: its files are outputs (of this run or of an earlier one)."""
     from .data import list_images
     from .images import is_image_file
@@ -391,9 +392,12 @@ def plan_outputs(inputs, output) -> list[tuple[Path, Path]]:
             raise UserError(f"{p}: no images found in this folder outside the output folder "
                             f"{out}")
         pairs += [(f, f.relative_to(p) if p.is_dir() else Path(f.name)) for f in found]
-    if len(pairs) == 1 and not Path(inputs[0]).is_dir() and is_image_file(out) \
-            and not out.is_dir():
-        return [(pairs[0][0], out)]
+    if is_image_file(out) and not out.is_dir():
+        if len(pairs) == 1 and not Path(inputs[0]).is_dir():
+            return [(pairs[0][0], out)]
+        what = f"{len(pairs)} images" if len(pairs) > 1 else f"the folder {inputs[0]}"
+        raise UserError(f"{out} names one image file, but {what} would go to it; give a "
+                        f"folder as the output (e.g. {out.with_suffix('')})")
     plan = [(src, out / rel) for src, rel in pairs]
     seen = {}
     for src, dst in plan:

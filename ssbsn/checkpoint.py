@@ -45,6 +45,23 @@ _OTHER_FORMATS = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JP
                   (b"%PDF", "a PDF document"))
 
 
+# The final weights' name inside a run folder of ``ssbsn train``.
+RUN_WEIGHTS = "model.safetensors"
+
+
+def weights_file(path) -> Path:
+    """The checkpoint file that ``path`` names: the file itself, or a run folder's final
+    weights (:data:`RUN_WEIGHTS`). A folder without them is refused with one line."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / RUN_WEIGHTS).is_file():
+        return path / RUN_WEIGHTS
+    raise CheckpointError(f"{path} is a folder without {RUN_WEIGHTS}: give a checkpoint file "
+                          f"(a run folder of 'ssbsn train' holds {RUN_WEIGHTS} once training "
+                          "has finished)")
+
+
 def file_format(path) -> str:
     """What ``path`` holds, from its first bytes (never from its name): ``"safetensors"`` (an
     8-byte little-endian header length, then a JSON object) or ``"torch"`` (a zip archive, as
@@ -324,8 +341,8 @@ def load_model(path, cls, **overrides):
     shapes, read from the file header, before anything is built; a safetensors file without it
     loads only when its weights have the paper's architecture (with a warning). Weights that
     are not floating point, hold NaN or Inf or absurd magnitudes are refused
-    (:func:`check_weights`)."""
-    path = Path(path)
+    (:func:`check_weights`). ``path`` may be a run folder (:func:`weights_file`)."""
+    path = weights_file(path)
     if file_format(path) == "safetensors":
         from safetensors import safe_open
         try:

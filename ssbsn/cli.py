@@ -178,8 +178,8 @@ def _add_global_options(p: argparse.ArgumentParser) -> None:
 def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = True) -> None:
     g = p.add_argument_group("model and inference")
     g.add_argument("--weights", "-w", required=weights_required, metavar="CKPT",
-                   help="checkpoint: ours (.safetensors from 'ssbsn train') or the authors' "
-                        "(.pth)")
+                   help="checkpoint: ours (.safetensors from 'ssbsn train', or its run folder) "
+                        "or the authors' (.pth)")
     # the inference settings (ssbsn.config.InferenceConfig): R3, ensembles, tiles, PD stride,
     # seed and the steps after the network (docs/restore.md)
     add_inference_options(g)
@@ -339,7 +339,7 @@ def _denoise_parser(sub) -> None:
         description="Denoise PNG/JPEG/TIFF images (8- or 16-bit, grey or RGB; alpha is kept). "
                     "Each output has the input's format and bit depth. A grey image through a "
                     "3-channel model is replicated to RGB and the result averaged back to grey.\n"
-                    "OUT is a file when one image goes to a name with an image suffix, "
+                    "OUT is a file when one image file goes to a name with an image suffix, "
                     "otherwise a folder (created) that receives the inputs' names (a folder "
                     "input keeps its sub-folders). Existing files are never replaced without "
                     "--overwrite.",

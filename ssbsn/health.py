@@ -140,16 +140,15 @@ def stored_check(weights) -> dict | None:
     """The training check recorded for the weights file ``weights``: the safetensors metadata
     (:data:`CHECK_KEY`; a safetensors file is known by its content, as loading knows it, so a
     copy renamed ``.bin`` or ``.SAFETENSORS`` still says it), else the run folder's check.json
-    beside a ``model.safetensors``; None when neither holds a readable one (older files, the
-    authors' checkpoints)."""
+    beside a ``model.safetensors``; ``weights`` may be the run folder itself. None when neither
+    holds a readable one (older files, the authors' checkpoints)."""
     import json
-    from pathlib import Path
 
-    from .checkpoint import file_format
+    from .checkpoint import RUN_WEIGHTS, file_format, weights_file
     from .errors import CheckpointError
-    path = Path(weights)
     text = None
     try:
+        path = weights_file(weights)
         safetensors = path.is_file() and file_format(path) == "safetensors"
     except CheckpointError:  # not a checkpoint at all: loading it says why
         safetensors = False
@@ -160,7 +159,7 @@ def stored_check(weights) -> dict | None:
                 text = (f.metadata() or {}).get(CHECK_KEY)
         except Exception:  # an unreadable file: loading it says why
             return None
-        if text is None and path.name == "model.safetensors":
+        if text is None and path.name == RUN_WEIGHTS:
             try:
                 text = (path.parent / "check.json").read_text()
             except (OSError, UnicodeDecodeError):

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_path, write_text_atomic
-from .checkpoint import save_model
+from .checkpoint import RUN_WEIGHTS, save_model
 from .errors import (ConfigError, DataError, StorageError, TrainingDiverged,  # noqa: F401
                      UsageError)  # (TrainingDiverged: importable from here, its old home)
 from .health import CHECK_KEY
@@ -367,7 +367,7 @@ def prepare_run_dir(cfg: TrainConfig, resume: bool) -> Path:
     if not resume:
         # a folder with a config but no checkpoint is a run that failed before its first
         # checkpoint: not a run, so the same command may start it again
-        if list_checkpoints(run) or (run / "model.safetensors").exists():
+        if list_checkpoints(run) or (run / RUN_WEIGHTS).exists():
             raise ValueError(f"{run} already holds a run; continue it with "
                              f"'ssbsn train --resume {run}' or choose another --out")
         try:
@@ -724,7 +724,7 @@ def _train(r: _Run) -> dict:
     if r.main and r.budget.seconds is not None and step > 0 and step % r.save_every:
         _save(r, meter, step, step // r.steps_per_epoch, step, t_start)
     bar.close()
-    final = r.run / "model.safetensors"
+    final = r.run / RUN_WEIGHTS
     seconds, cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
     loop_seconds = max(time.perf_counter() - t_loop, 1e-9)  # this process's steps
     steps_per_s = (step - r.start) / loop_seconds

@@ -150,6 +150,49 @@ def test_denoise_single_file_to_file_and_overwrite_rules(tmp_path, weights, caps
     assert src.read_bytes() != before
 
 
+def test_weights_may_be_the_run_folder(tmp_path, weights, capsys):
+    """-w RUN reads RUN/model.safetensors, the file 'ssbsn train' prints; a folder without it
+    is one line, and nothing is written."""
+    import shutil
+    src = tmp_path / "x.png"
+    write_image(src, _img((16, 16, 3)))
+    (tmp_path / "run").mkdir()
+    shutil.copy(weights, tmp_path / "run" / "model.safetensors")
+    assert main(["denoise", str(src), "-o", str(tmp_path / "a.png"), "-w", str(weights)]) == 0
+    assert main(["denoise", str(src), "-o", str(tmp_path / "b.png"),
+                 "-w", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    capsys.readouterr()
+    (tmp_path / "unfinished" / "ckpt").mkdir(parents=True)
+    assert main(["denoise", str(src), "-o", str(tmp_path / "c.png"),
+                 "-w", str(tmp_path / "unfinished")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ssbsn: error: ") and err.count("\n") == 1
+    assert "folder without model.safetensors" in err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_several_images_to_one_image_name_are_refused(tmp_path, weights, capsys):
+    """An output with an image suffix names one file: several images, or a folder of them,
+    are refused (one line, nothing written) instead of filling a folder named like an image;
+    a folder that exists under such a name still receives them."""
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / "in" / name, _img((16, 16, 3)))
+    out = tmp_path / "clean.png"
+    for inputs in ([tmp_path / "in" / "a.png", tmp_path / "in" / "b.png"], [tmp_path / "in"]):
+        code = main(["denoise", *map(str, inputs), "-o", str(out), "-w", str(weights)])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("ssbsn: error: ") and err.count("\n") == 1, err
+        assert "names one image file" in err and not out.exists()
+    (tmp_path / "in" / "b.png").unlink()
+    assert main(["denoise", str(tmp_path / "in"), "-o", str(out), "-w", str(weights)]) == 1
+    assert "the folder" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    assert main(["denoise", str(tmp_path / "in"), "-o", str(out), "-w", str(weights)]) == 0
+    assert _digest(out).keys() == {Path("a.png")}
+
+
 # ------------------------------------------------------------------ bad input
 
 def _bad_input(tmp_path, case):

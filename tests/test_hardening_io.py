@@ -262,7 +262,8 @@ def test_a_model_whose_training_check_failed_is_refused_without_force(tmp_path, 
     shutil.copy(tmp_path / "run" / "model.safetensors", tmp_path / "copied.safetensors")
     assert stored_check(tmp_path / "copied.safetensors") == saved
     write_image(tmp_path / "x.png", _img((24, 24, 3)))
-    for w in (tmp_path / "run" / "model.safetensors", tmp_path / "copied.safetensors"):
+    for w in (tmp_path / "run" / "model.safetensors", tmp_path / "copied.safetensors",
+              tmp_path / "run"):
         assert main(["denoise", str(tmp_path / "x.png"), "-o", str(tmp_path / "o.png"),
                      "-w", str(w)]) == 1
         line = _one_error_line(capsys)
