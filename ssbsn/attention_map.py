@@ -139,9 +139,13 @@ def attention_maps(model, image: np.ndarray, pixel: tuple[int, int]) -> list[dic
     hooks = [a.register_forward_hook(lambda mod, inp, out, k=k: captured.__setitem__(k, inp[0]))
              for k, (_, _, a) in enumerate(blocks)]
     batch = getattr(model, "pd_layout", "mosaic") == "batch"
+    # layer by layer over the whole map: the CPU path in strips computes windowed attention
+    # without calling the modules, so the hooks would see nothing
+    strips, model.bsn.strips = model.bsn.strips, False
     try:
         model.bsn((pd_down_batch if batch else pd_down)(xp, b, p))
     finally:
+        model.bsn.strips = strips
         for h in hooks:
             h.remove()
     if batch:  # the pixel's sub-image alone: batch item (y mod b)·b + (x mod b)

@@ -11,7 +11,7 @@ from ssbsn.attention.module import SSAttention
 from ssbsn.attention.common import NORM_EPS
 from ssbsn.attention.common import layer_norm, padded_size, to_groups
 from ssbsn.attention_map import (attention_maps, attention_row, concentration, image_to_map,
-                                 map_to_image)
+                                 map_to_image, ss_blocks_of)
 from ssbsn.pd import pd_down
 
 
@@ -75,6 +75,40 @@ def test_attention_maps_keys_share_the_query_grid_phase():
         r, c = zip(*(image_to_map(y, x, Hp, Wp, 2, 2) for y, x in zip(m["ys"], m["xs"])))
         assert (np.array(r) % g == r0 % g).all() and (np.array(c) % g == c0 % g).all()
         assert any(y == pixel[0] and x == pixel[1] for y, x in zip(m["ys"], m["xs"]))
+
+
+def test_attention_maps_of_a_model_with_a_bounded_scope():
+    """The quick preset's models attend within windows (and run on the CPU in strips, which
+    compute windowed attention without calling the modules): each row covers the pixel's
+    window of the PD map only, and equals the row of a model that sees the whole map when the
+    window covers it."""
+    torch.manual_seed(0)
+    cfg = dict(base_channels=8, num_modules=2, ss_blocks=1)
+    windowed = SSBSN(**cfg, attention_window=8).eval()
+    img = np.random.default_rng(0).random((40, 44, 3)).astype(np.float32) * 255
+    pixel = (17, 30)
+    r0, c0 = image_to_map(*pixel, 40, 44, 2, 2)
+    for m in attention_maps(windowed, img, pixel):
+        side = -(-8 // m["grid"]) * m["grid"]  # the window's side in map pixels
+        r, c = map(np.array, zip(*(image_to_map(y, x, 40, 44, 2, 2)
+                                   for y, x in zip(m["ys"], m["xs"]))))
+        assert (r // side == r0 // side).all() and (c // side == c0 // side).all()
+        assert 1 < len(r) <= (side // m["grid"]) ** 2
+        assert m["weights"].sum() + m["pad_share"] == pytest.approx(1.0, abs=1e-9)
+    # oracle: each SS-Attention's own output at the pixel's map position is x + Σ_k w_k x(key_k)
+    seen = []
+    hooks = [a.register_forward_hook(lambda mod, i, o: seen.append((i[0], o)))
+             for _, _, a in ss_blocks_of(windowed)]
+    windowed.bsn.strips = False
+    with torch.no_grad():
+        windowed.bsn(pd_down(torch.from_numpy(img.transpose(2, 0, 1).copy())[None], 2, 2))
+    for h in hooks:
+        h.remove()
+    for m, (x, out) in zip(attention_maps(windowed, img, pixel), seen):
+        r, c = zip(*(image_to_map(y, x_, 40, 44, 2, 2) for y, x_ in zip(m["ys"], m["xs"])))
+        mixed = (torch.from_numpy(m["weights"]).float() * x[0][:, list(r), list(c)]).sum(-1)
+        torch.testing.assert_close(out[0, :, r0, c0] - x[0, :, r0, c0], mixed,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_concentration_against_scipy_and_its_limits():
