@@ -36,6 +36,17 @@ def is_image_file(path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+def is_tiff(path) -> bool:
+    """Whether ``path`` holds a TIFF (classic or BigTIFF), from its first bytes: files are read
+    by their content, whatever their suffix says."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return Path(path).suffix.lower() in TIFF_SUFFIXES  # the reader reports the error
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
 def _png_header(path: Path):
     """(bit depth, colour type) from a PNG's IHDR chunk, or None if it is not a PNG."""
     with open(path, "rb") as f:
@@ -137,7 +148,7 @@ def icc_profile(path) -> bytes | None:
     """The ICC colour profile embedded in an image file (PNG, JPEG, TIFF), or None."""
     path = Path(path)
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
+        if is_tiff(path):
             import tifffile
             with tifffile.TiffFile(path) as tif:
                 tag = tif.pages[0].tags.get(ICC_TAG)
@@ -147,6 +158,28 @@ def icc_profile(path) -> bytes | None:
             return im.info.get("icc_profile") or None
     except Exception:
         return None
+
+
+# the first bytes of the image formats the readers know
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
+                (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"BM", "BMP"))
+
+
+def _unreadable(path: Path, e: Exception) -> ImageError:
+    """One line for a file the decoders refused: empty, a damaged image of a known format
+    (with the decoder's reason), or not an image of any format read here."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        return ImageError(f"{path}: cannot read image ({err.strerror or err})")
+    if not head:
+        return ImageError(f"{path}: the file is empty")
+    kind = next((k for magic, k in _IMAGE_MAGIC if head.startswith(magic)), None)
+    if kind is None:
+        return ImageError(f"{path}: not a PNG, JPEG, TIFF or BMP image")
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ImageError(f"{path}: cannot read this {kind} image, it may be damaged ({msg})")
 
 
 @_no_bomb_warning
@@ -162,9 +195,8 @@ def read_image(path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    suffix = path.suffix.lower()
     try:
-        if suffix in TIFF_SUFFIXES:
+        if is_tiff(path):
             import tifffile
             with tifffile.TiffFile(path) as tif:
                 if len(tif.series) != 1 or len(tif.pages) != 1:
@@ -184,8 +216,7 @@ def read_image(path) -> np.ndarray:
     except ImageError:
         raise
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ImageError(f"{path}: cannot read image ({msg})") from None
+        raise _unreadable(path, e) from None
     return validate_samples(np.asarray(arr), path)
 
 
@@ -197,7 +228,7 @@ def image_shape(path) -> tuple[int, int, int]:
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
+        if is_tiff(path):
             import tifffile
             with tifffile.TiffFile(path) as tif:
                 if len(tif.pages) != 1:
@@ -219,8 +250,7 @@ def image_shape(path) -> tuple[int, int, int]:
     except ImageError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ImageError(f"{path}: cannot read image ({msg})") from None
+        raise _unreadable(path, e) from None
     shape = tuple(int(s) for s in shape)
     if len(shape) == 2:
         shape = shape + (1,)

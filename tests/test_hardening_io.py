@@ -69,6 +69,40 @@ def test_cmyk_jpeg_is_read_as_pillows_rgb(tmp_path):
     assert image_shape(tmp_path / "c.jpg") == expected.shape
 
 
+def test_images_are_read_by_their_content_not_their_suffix(tmp_path):
+    """A PNG named .tif and a 16-bit TIFF named .png read as their format's own reader (Pillow,
+    tifffile) reads them under their right names, header shape included."""
+    from PIL import Image
+    rgb, grey16 = _img((20, 24, 3)), _img((18, 22), np.uint16, seed=1)
+    Image.fromarray(rgb).save(tmp_path / "png.png")
+    tifffile.imwrite(tmp_path / "tif.tif", grey16)
+    (tmp_path / "png_named.tif").write_bytes((tmp_path / "png.png").read_bytes())
+    (tmp_path / "tif_named.png").write_bytes((tmp_path / "tif.tif").read_bytes())
+    for named, oracle in (("png_named.tif", rgb), ("tif_named.png", grey16[..., None])):
+        a = read_image(tmp_path / named)
+        assert a.dtype == oracle.dtype and image_shape(tmp_path / named) == oracle.shape
+        np.testing.assert_array_equal(a, oracle)
+
+
+@pytest.mark.parametrize("content,says", [
+    (b"", "the file is empty"),
+    (b"GIF89a" + bytes(40), "not a PNG, JPEG, TIFF or BMP image"),
+    (b"hello, not an image", "not a PNG, JPEG, TIFF or BMP image"),
+    ("truncated", "cannot read this PNG image, it may be damaged"),
+])
+def test_an_unreadable_image_says_what_it_is(tmp_path, content, says):
+    readers = [read_image, image_shape]  # a truncated file's header still reads
+    if content == "truncated":
+        write_image(tmp_path / "ok.png", _img((32, 32, 3)))
+        content, readers = (tmp_path / "ok.png").read_bytes()[:100], [read_image]
+    (tmp_path / "x.png").write_bytes(content)
+    for read in readers:
+        with pytest.raises(ImageError) as e:
+            read(tmp_path / "x.png")
+        assert str(e.value) == f"{tmp_path / 'x.png'}: {says}" or str(e.value).startswith(
+            f"{tmp_path / 'x.png'}: {says} (")
+
+
 def test_cmyk_jpeg_everywhere_images_are_read(tmp_path, weights):
     """denoise (3 channels out, not 4), training crops, prep tiles and eval pairs see RGB."""
     from ssbsn.data import open_pairs, open_training_source

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..images import TIFF_SUFFIXES, ImageError, image_shape, read_image, split_alpha, to_model_range
+from ..images import ImageError, image_shape, is_tiff, read_image, split_alpha, to_model_range
 from .dnd import DNDBoxes, is_dnd
 from .folder import list_images
 from .sidd import DataError, is_sidd_medium, load_sidd_blocks, scan_sidd_medium
@@ -129,7 +129,7 @@ class FileSource(ArraySource):
         arr = self.cache.get(i)
         if arr is None:
             path = self.paths[i]
-            arr = _tiff_memmap(path) if path.suffix.lower() in TIFF_SUFFIXES else None
+            arr = _tiff_memmap(path) if is_tiff(path) else None
             if arr is None:
                 arr = read_image(path)
             if tuple(arr.shape) != tuple(self._shapes[i]):
