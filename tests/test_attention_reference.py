@@ -78,3 +78,21 @@ def test_bad_shapes_are_one_clear_error():
         ss_attention_reference(torch.randn(1, 8, 4, 4), torch.randn(6, 6), 4)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         ss_attention_reference(torch.randn(8, 4, 4), torch.randn(8, 8), 4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "fused"])
+def test_bad_arguments_are_one_clear_error_on_every_path(backend):
+    """A grid, channel count or dtype SS-Attention cannot take is a ValueError naming it, from
+    the module and the function alike (not a division by zero or an aten error later)."""
+    from ssbsn import ss_attention
+    x, w = torch.randn(1, 8, 8, 8), torch.randn(8, 8)
+    for grid in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match="grid must be a positive int"):
+            ss_attention(x, w, grid, backend=backend)
+        with pytest.raises(ValueError, match="grid must be a positive int"):
+            SSAttention(8, grid, backend=backend)
+    for kw in (dict(channels=0, grid=4), dict(channels=8, grid=4, embed=0)):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            SSAttention(**kw, backend=backend)
+    with pytest.raises(ValueError, match="floating-point"):
+        ss_attention(torch.randint(0, 9, (1, 8, 8, 8)), w, 4, backend=backend)

@@ -52,6 +52,12 @@ def window_tokens(window: int | None, grid: int) -> int | None:
     return None if window is None else -(-window // grid)
 
 
+def check_grid(grid) -> None:
+    """One clear error for a grid factor SS-Attention cannot take (a positive int)."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"SS-Attention's grid must be a positive int, got {grid!r}")
+
+
 def check_window(window) -> None:
     """One clear error for a window SS-Attention cannot take (None or a positive int)."""
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)
@@ -208,6 +214,9 @@ def check_inputs(x: torch.Tensor, w: torch.Tensor) -> None:
         raise ValueError(f"SS-Attention expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
     if w.dim() != 2 or w.shape[0] != x.shape[1]:
         raise ValueError(f"Q/K matrix of shape {tuple(w.shape)} does not fit {x.shape[1]} channels")
+    if not (x.is_floating_point() and w.is_floating_point()):
+        raise ValueError(f"SS-Attention takes floating-point tensors, got x {x.dtype} and the "
+                         f"Q/K matrix {w.dtype}")
 
 
 def group_layer_norm(x: torch.Tensor, grid: int, eps: float = LN_EPS) -> torch.Tensor:

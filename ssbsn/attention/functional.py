@@ -29,7 +29,7 @@ import warnings
 import torch
 
 from ..config import BACKENDS
-from .common import check_window, padded_size, tokens_per_group, window_tokens
+from .common import check_grid, check_window, padded_size, tokens_per_group, window_tokens
 from .reference import ss_attention_reference
 from .sdpa import ss_attention_sdpa
 
@@ -77,6 +77,7 @@ def ss_attention(x: torch.Tensor, w: torch.Tensor, grid: int, *, group_stats: bo
     gradients bitwise repeatable; the other backends ignore it (their determinism is
     PyTorch's).
     """
+    check_grid(grid)
     check_window(window)
     if backend == "reference":
         return ss_attention_reference(x, w, grid, group_stats=group_stats, window=window)

@@ -16,8 +16,9 @@ import math
 
 import torch
 
-from .common import (check_inputs, check_window, from_groups, from_window_groups, is_windowed,
-                     layer_norm, normalize, to_groups, to_window_groups, window_layer_norm)
+from .common import (check_grid, check_inputs, check_window, from_groups, from_window_groups,
+                     is_windowed, layer_norm, normalize, to_groups, to_window_groups,
+                     window_layer_norm)
 
 
 def ss_attention_reference(
@@ -33,6 +34,7 @@ def ss_attention_reference(
     ``window``: the bounded scope (pixels; docs/ss_attention.md): groups are one grid phase
     inside one window; None: the whole map."""
     check_inputs(x, w)
+    check_grid(grid)
     check_window(window)
     B, C, H, W = x.shape
     if is_windowed(H, W, grid, window):

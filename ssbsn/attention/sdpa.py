@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import (check_inputs, check_window, from_groups, from_window_groups, is_windowed,
-                     layer_norm_stats, normalize, normalized_queries, scatter_window_groups,
-                     softmax_scale, to_groups, to_window_groups, window_queries,
-                     window_tokens)
+from .common import (check_grid, check_inputs, check_window, from_groups, from_window_groups,
+                     is_windowed, layer_norm_stats, normalize, normalized_queries,
+                     scatter_window_groups, softmax_scale, to_groups, to_window_groups,
+                     window_queries, window_tokens)
 
 #: Pixels of the map taken at a time by the windowed CPU inference path (one row of windows,
 #: as many windows across as fit): its gathered copies stay in the cache.
@@ -30,6 +30,7 @@ def ss_attention_sdpa(x: torch.Tensor, w: torch.Tensor, grid: int, group_stats: 
     ``window``: the bounded scope in pixels (None: whole-map groups); each block of equally
     sized windows is one SDPA call with the windows as its heads."""
     check_inputs(x, w)
+    check_grid(grid)
     check_window(window)
     B, C, H, W = x.shape
     E = w.shape[1]
