@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -47,13 +48,15 @@ import torch.distributed as dist
 
 from .atomic import atomic_path, write_text_atomic
 from .checkpoint import RUN_WEIGHTS, save_model
-from .errors import (ConfigError, DataError, StorageError, TrainingDiverged,  # noqa: F401
-                     UsageError)  # (TrainingDiverged: importable from here, its old home)
+from .errors import (CheckpointError, ConfigError, DataError, StorageError,  # noqa: F401
+                     TrainingDiverged, UsageError)  # (TrainingDiverged: its old home)
 from .health import CHECK_KEY
 from .model import SSBSN
 from .train_config import (LENGTH_KEYS, MODEL_KEYS, NUMERIC_STEP_KEYS,  # noqa: F401
                            RUNTIME_KEYS, TrainConfig)
 from .train_step import Prefetcher, build_step, fit_optimizer_state, make_optimizer
+
+log = logging.getLogger("ssbsn")
 
 # ------------------------------------------------------------------ files
 
@@ -590,10 +593,20 @@ def check_noise(source, stride: int, crop: int, channels: int, description: str,
 def _resume(run: Path, cfg: TrainConfig, model: SSBSN, total: int, main: bool) -> dict | None:
     """Load the newest complete checkpoint into ``model`` and restore the RNG state; its
     training state (step, optimizer, ...) or None when the run has no checkpoint yet."""
-    found = load_latest_checkpoint(run)
+    found, saved = load_latest_checkpoint(run), list_checkpoints(run)
     if found is None:
+        if saved:  # never start again from step 0 in place of a run the user asked to continue
+            raise CheckpointError(
+                f"{run / 'ckpt'}: none of the run's checkpoints (steps "
+                f"{', '.join(map(str, saved))}) loads: damaged or incomplete; nothing was "
+                f"changed (to train this configuration from step 0, move {run / 'ckpt'} away)")
         return None
     loaded, state = found
+    skipped = [s for s in saved if s > int(state["step"])]
+    if skipped and main:
+        log.warning("%s: the checkpoint(s) of step %s do not load (damaged or incomplete); "
+                    "continuing from step %d", run / "ckpt", ", ".join(map(str, skipped)),
+                    int(state["step"]))
     model.load_state_dict(loaded.state_dict())
     if main:
         _record_extension(run, cfg, int(state["step"]), total)

@@ -278,6 +278,38 @@ def test_finished_run_can_be_extended(images, tmp_path, capsys, one_thread):
     assert code == 1 and "lr" in err
 
 
+def test_resume_past_damaged_checkpoints_says_so_and_never_restarts_in_place(
+        images, tmp_path, capsys, one_thread):
+    """A damaged newest checkpoint: the run continues from the one before, with one warning,
+    on the trajectory of a run never interrupted. Every checkpoint damaged: one error line and
+    the run folder untouched (it used to start again from step 0 over the finished run)."""
+    ref = _cfg(images, tmp_path / "ref", steps=9)
+    train(ref)
+    cfg = _cfg(images, tmp_path / "run", steps=6)
+    train(cfg)
+    assert list_checkpoints(cfg.out) == [3, 6]
+    for f in checkpoint_paths(cfg.out, 6):
+        f.write_bytes(f.read_bytes()[:100])
+    code, err = _train_cli(capsys, ["--resume", cfg.out, "--steps", "9", "--no-progress"])
+    assert code == 0, err
+    assert err.splitlines() == [f"ssbsn: warning: {Path(cfg.out, 'ckpt')}: the checkpoint(s) of "
+                                "step 6 do not load (damaged or incomplete); continuing from "
+                                "step 3"], err
+    a, b = _weights(Path(ref.out, "model.safetensors")), _weights(Path(cfg.out, "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in read_log(cfg.out)] == list(range(1, 10))
+
+    for step in list_checkpoints(cfg.out):
+        for f in checkpoint_paths(cfg.out, step):
+            f.write_bytes(b"")
+    before = {p: p.read_bytes() for p in Path(cfg.out).rglob("*") if p.is_file()}
+    code, err = _train_cli(capsys, ["--resume", cfg.out, "--steps", "12", "--no-progress"])
+    assert code == 1 and err.startswith("ssbsn: error: ") and err.count("\n") == 1, err
+    assert "none of the run's checkpoints" in err and "nothing was changed" in err
+    assert {p: p.read_bytes() for p in Path(cfg.out).rglob("*") if p.is_file()} == before
+
+
 def _strict_json(line):
     def refuse(name):
         raise ValueError(f"bare {name} in log.jsonl")
