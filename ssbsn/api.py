@@ -542,12 +542,17 @@ class Denoiser:
         from tqdm import tqdm
 
         from .data import load_sidd_blocks, write_sidd_submission
+        from .data.sidd import SIDD_BENCHMARK_KEY, SIDD_GT_KEYS, SIDD_NOISY_KEYS
         from .metrics import quantize
         out = Path(output)
         if out.exists() and not overwrite:
             raise UserError(f"{out} exists; use --overwrite to replace it")
         check_writable_dir(out.resolve().parent)
-        blocks = load_sidd_blocks(blocks_file)
+        # the benchmark's blocks, by their variable (or a file's own stem), never the
+        # validation set's noisy or clean blocks
+        stem = Path(blocks_file).stem
+        keys = (SIDD_BENCHMARK_KEY,) + (() if stem in SIDD_NOISY_KEYS + SIDD_GT_KEYS else (stem,))
+        blocks = load_sidd_blocks(blocks_file, key=keys)
         result = np.empty_like(blocks)
         t0 = time.perf_counter()
         n, m = blocks.shape[:2]

@@ -374,6 +374,30 @@ def test_submit_sidd_with_zero_blocks(tmp_path, capsys, weights):
     assert not out.exists()
 
 
+def test_submit_sidd_takes_the_benchmark_blocks_only(tmp_path, capsys, weights):
+    """The validation set's noisy or clean blocks are refused with one line naming them (they
+    were denoised into a submission); the benchmark's blocks load under any file name, and a
+    file whose variable is its own stem still does."""
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (1, 2, 16, 16, 3)).astype(np.uint8)
+    out = tmp_path / "SubmitSrgb.mat"
+    for name, var in (("val.mat", "ValidationNoisyBlocksSrgb"),
+                      ("ValidationNoisyBlocksSrgb.mat", "ValidationNoisyBlocksSrgb"),
+                      ("ValidationGtBlocksSrgb.mat", "ValidationGtBlocksSrgb")):
+        scipy.io.savemat(tmp_path / name, {var: blocks})
+        code, _, err = _run(["submit", "sidd", str(tmp_path / name), "-o", str(out), "-w",
+                             str(weights)], capsys)
+        assert code == 1 and f"SIDD's {var}, not the benchmark's" in err, err
+        _one_error_line(err)
+        assert not out.exists()
+    for name, var in (("renamed.mat", "BenchmarkNoisyBlocksSrgb"), ("mine.mat", "mine")):
+        scipy.io.savemat(tmp_path / name, {var: blocks})
+        code, _, err = _run(["submit", "sidd", str(tmp_path / name), "-o", str(out), "-w",
+                             str(weights), "--overwrite"], capsys)
+        assert code == 0, err
+        assert scipy.io.loadmat(out)["DenoisedBlocksSrgb"].shape == (1, 2)
+
+
 # ------------------------------------------------------------------ training: disk, data
 
 def _cfg(data, out, **kw):

@@ -23,6 +23,7 @@ from ..errors import DataError, ImageError
 SIDD_SRGB_BLOCKS = (40, 32, 256, 256, 3)
 SIDD_NOISY_KEYS = ("ValidationNoisyBlocksSrgb", "BenchmarkNoisyBlocksSrgb")
 SIDD_GT_KEYS = ("ValidationGtBlocksSrgb",)
+SIDD_BENCHMARK_KEY = "BenchmarkNoisyBlocksSrgb"  # the blocks a submission is made from
 
 
 def scan_sidd_medium(root) -> list[tuple[Path, Path]]:
@@ -78,6 +79,12 @@ def load_sidd_blocks(path, key=None) -> np.ndarray:
             hdf5 = True
         key = next((k for k in wanted if k in names), None)
         if key is None:
+            other = [k for k in SIDD_NOISY_KEYS + SIDD_GT_KEYS if k in names]
+            if wanted[0] == SIDD_BENCHMARK_KEY and other:
+                raise DataError(f"{path}: these are SIDD's {other[0]}, not the benchmark's "
+                                f"noisy blocks; a submission is made from "
+                                f"{SIDD_BENCHMARK_KEY}.mat ('ssbsn eval' scores the "
+                                "validation blocks)")
             expected = " or ".join(repr(k) for k in dict.fromkeys(wanted))
             raise DataError(f"{path}: no variable {expected} in this .mat file "
                             f"(found: {', '.join(names) or 'none'})")
