@@ -16,6 +16,7 @@ Problems with the inputs raise the errors of :mod:`ssbsn.errors`; progress lines
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -373,12 +374,13 @@ def denoise_array(model, img: np.ndarray, progress: bool | None = False,
 
 def plan_outputs(inputs, output) -> list[tuple[Path, Path]]:
     """(source, destination) for every image of ``inputs`` (files and folders). ``output`` is
-    a file when one image file goes to a name with an image suffix, otherwise a folder that
-    receives the inputs' names (a folder input keeps its sub-folders); several images or a
-    folder given to a name with an image suffix (not an existing folder) are refused. An output folder inside a folder
+    a file when one image file goes to a name with a suffix (an image suffix; another is
+    refused), otherwise a folder that receives the inputs' names (a folder input keeps its
+    sub-folders); an existing folder or a name ending in / is always a folder. Several images
+    or a folder given to a name with an image suffix are refused. An output folder inside a folder
     input is not read as input: its files are outputs (of this run or of an earlier one)."""
     from .data import list_images
-    from .images import is_image_file
+    from .images import IMAGE_SUFFIXES, is_image_file
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     out = Path(output)
     pairs = []
@@ -392,9 +394,14 @@ def plan_outputs(inputs, output) -> list[tuple[Path, Path]]:
             raise UserError(f"{p}: no images found in this folder outside the output folder "
                             f"{out}")
         pairs += [(f, f.relative_to(p) if p.is_dir() else Path(f.name)) for f in found]
-    if is_image_file(out) and not out.is_dir():
-        if len(pairs) == 1 and not Path(inputs[0]).is_dir():
-            return [(pairs[0][0], out)]
+    folder = out.is_dir() or str(output).endswith(("/", os.sep))
+    one_file = len(pairs) == 1 and not Path(inputs[0]).is_dir()
+    if not folder and one_file and out.suffix:
+        if not is_image_file(out):
+            raise UserError(f"{out}: cannot write {out.suffix!r} images (use one of "
+                            f"{', '.join(IMAGE_SUFFIXES)}); end the name with / for a folder")
+        return [(pairs[0][0], out)]
+    if not folder and is_image_file(out):
         what = f"{len(pairs)} images" if len(pairs) > 1 else f"the folder {inputs[0]}"
         raise UserError(f"{out} names one image file, but {what} would go to it; give a "
                         f"folder as the output (e.g. {out.with_suffix('')})")

@@ -340,8 +340,8 @@ def _denoise_parser(sub) -> None:
                     "Each output has the input's format and bit depth. A grey image through a "
                     "3-channel model is replicated to RGB and the result averaged back to grey.\n"
                     "OUT is a file when one image file goes to a name with an image suffix, "
-                    "otherwise a folder (created) that receives the inputs' names (a folder "
-                    "input keeps its sub-folders). Existing files are never replaced without "
+                    "otherwise a folder (created; a name ending in / is always one) that "
+                    "receives the inputs' names (a folder input keeps its sub-folders). Existing files are never replaced without "
                     "--overwrite.",
         epilog="examples:\n  ssbsn denoise noisy.png -o clean.png --weights runs/x/model.safetensors\n"
                "  ssbsn denoise photos/ -o denoised/ -w SSBSN_SIDD.pth --tile 512 --self-ensemble")

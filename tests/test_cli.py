@@ -193,6 +193,24 @@ def test_several_images_to_one_image_name_are_refused(tmp_path, weights, capsys)
     assert _digest(out).keys() == {Path("a.png")}
 
 
+def test_one_image_to_a_name_with_another_suffix(tmp_path, weights, capsys):
+    """One image to ``x.webp`` or ``out.txt`` is refused with one line (it used to become a
+    folder of that name holding a PNG); a name ending in / or an existing folder is a folder
+    whatever its suffix."""
+    src = tmp_path / "a.png"
+    write_image(src, _img((16, 16, 3)))
+    for name in ("x.webp", "out.txt", "v2.0"):
+        code = main(["denoise", str(src), "-o", str(tmp_path / name), "-w", str(weights)])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "cannot write" in err, err
+        assert not (tmp_path / name).exists()
+    assert main(["denoise", str(src), "-o", str(tmp_path / "v1.0") + "/", "-w",
+                 str(weights)]) == 0
+    (tmp_path / "v2.0").mkdir()
+    assert main(["denoise", str(src), "-o", str(tmp_path / "v2.0"), "-w", str(weights)]) == 0
+    assert _digest(tmp_path / "v1.0") == _digest(tmp_path / "v2.0") != {}
+
+
 # ------------------------------------------------------------------ bad input
 
 def _bad_input(tmp_path, case):
