@@ -10,7 +10,8 @@ PACKAGES = ["ssbsn." + p for p in find_packages("ssbsn")] + ["ssbsn", "ssbsn.ker
 PACKAGE_DIR = {"ssbsn": "ssbsn", "ssbsn.kernels": "kernels", "ssbsn.csrc": "csrc",
                "ssbsn.csrc.emulation": "csrc/emulation",
                "ssbsn.csrc.emulation.shim": "csrc/emulation/shim"}
-PACKAGE_DATA = {"ssbsn.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp", "*.sh", "*.md"],
+PACKAGE_DATA = {"ssbsn": ["py.typed"],  # PEP 561: the package's type hints are for users
+                "ssbsn.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp", "*.sh", "*.md"],
                 "ssbsn.csrc.emulation": ["*.cpp"], "ssbsn.csrc.emulation.shim": ["*.h"]}
 
 

@@ -45,6 +45,7 @@ def test_wheel_ships_package_kernels_and_csrc(wheel):
     expected |= {f"ssbsn/kernels/{f}" for f in _source_files("kernels", (".py",))}
     expected |= {f"ssbsn/csrc/{f}" for f in _source_files("csrc", (".cu", ".cuh", ".cpp", ".h",
                                                                    ".py", ".sh", ".md"))}
+    expected.add("ssbsn/py.typed")  # PEP 561 marker: type checkers read the package's hints
     assert expected <= names, sorted(expected - names)
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "kernels/", "csrc/"))]
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
