@@ -10,6 +10,7 @@
 The names below are imported on first use, so that ``ssbsn --help`` does not load PyTorch.
 """
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 __all__ = ["BSN", "CheckpointError", "ConfigError", "DataError", "Denoiser", "ImageError",
@@ -23,6 +24,16 @@ _WHERE = {"BSN": ".nn", "SSAttention": ".attention", "SSBSN": ".model",
           **{name: ".errors" for name in ("CheckpointError", "ConfigError", "DataError",
                                           "ImageError", "SSBSNError", "TrainingDiverged",
                                           "UserError")}}
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see of the lazy names below
+    from .api import Denoiser, evaluate, load_model
+    from .attention import SSAttention, ss_attention
+    from .config import InferenceConfig, ModelConfig
+    from .errors import (CheckpointError, ConfigError, DataError, ImageError, SSBSNError,
+                         TrainingDiverged, UserError)
+    from .model import SSBSN
+    from .nn import BSN
 
 
 def __getattr__(name):

@@ -51,6 +51,26 @@ def test_wheel_ships_package_kernels_and_csrc(wheel):
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "ssbsn = ssbsn.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    # the version is said once, in ssbsn/__init__.py, and the wheel carries it
+    import ssbsn
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert f"\nVersion: {ssbsn.__version__}\n" in zipfile.ZipFile(wheel).read(meta).decode()
+    assert wheel.name.startswith(f"ssbsn-{ssbsn.__version__}-")
+
+
+def test_lazy_names_are_visible_to_type_checkers():
+    """Every name ``ssbsn`` imports on first use is also imported under TYPE_CHECKING, from the
+    module it is loaded from at run time, so type checkers and IDEs resolve it."""
+    import ast
+
+    import ssbsn
+    tree = ast.parse((ROOT / "ssbsn" / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If)
+                 and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    static = {a.name: "." + node.module for node in block.body
+              for a in node.names if isinstance(node, ast.ImportFrom)}
+    assert static == ssbsn._WHERE
+    assert set(static) == set(ssbsn.__all__)
 
 
 def test_installed_wheel_imports_its_own_copy(wheel, tmp_path):
