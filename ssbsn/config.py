@@ -98,6 +98,21 @@ class ModelConfig:
     deterministic: bool = field(default=False, metadata=_opt(
         "bitwise-repeatable SS-Attention gradients from the Triton kernels", "--deterministic"))
 
+    def __post_init__(self):
+        """Every field against its declaration (type, range) and ss_blocks ≤ num_modules:
+        a :class:`ConfigError` (a ValueError) naming the field, whoever builds the config.
+        ``attention_window=None`` is taken as 0 (the whole map), as SSAttention's window."""
+        if self.attention_window is None:
+            self.attention_window = 0
+        for key in model_field_names():
+            try:
+                check_model_value(key, getattr(self, key))
+            except ConfigError as e:
+                raise ConfigError(f"model configuration {e}") from None
+        if self.ss_blocks > self.num_modules:
+            raise ConfigError(f"model configuration ss_blocks={self.ss_blocks} exceeds "
+                              f"num_modules={self.num_modules}")
+
     # ------------------------------------------------------------------ mapping access
     def __getitem__(self, key: str):
         """``config["base_channels"]``; ``config["fused"]`` is the old name's view of backend."""

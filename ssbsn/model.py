@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import from_official, load_model, save_model
-from .config import PD_LAYOUTS, InferenceConfig, ModelConfig, check_inference
+from .config import InferenceConfig, ModelConfig, check_inference
 from .nn import BSN
 from .pd import pd_down, pd_down_batch, pd_up, pd_up_batch
 
@@ -43,14 +43,7 @@ class SSBSN(nn.Module):
             raise TypeError("give SSBSN a ModelConfig or keyword fields, not both")
         elif not isinstance(config, ModelConfig):
             raise TypeError(f"SSBSN's first argument is a ModelConfig, got {type(config).__name__}")
-        c = config
-        if c.pd_train < 1 or c.pd_test < 1 or c.pd_pad < 0:
-            raise ValueError("PD strides must be ≥ 1 and the PD pad ≥ 0")
-        if c.pd_layout not in PD_LAYOUTS:
-            raise ValueError(f"pd_layout must be one of {', '.join(map(repr, PD_LAYOUTS))}, "
-                             f"got {c.pd_layout!r}")
-        if c.r3_T < 1 or not 0.0 <= c.r3_p <= 1.0:
-            raise ValueError(f"R3 needs T ≥ 1 and 0 ≤ p ≤ 1, got T={c.r3_T}, p={c.r3_p}")
+        c = config  # validated when it was built (ModelConfig.__post_init__)
         self.config = config
         self.in_channels = c.in_channels
         self.pd_train, self.pd_test, self.pd_pad = c.pd_train, c.pd_test, c.pd_pad
@@ -83,10 +76,13 @@ class SSBSN(nn.Module):
         return y[..., p:y.shape[-2] - p, p:y.shape[-1] - p]
 
     def check_input(self, x: torch.Tensor) -> None:
-        """ValueError unless ``x`` is a (B, in_channels, H, W) tensor."""
+        """ValueError unless ``x`` is a floating-point (B, in_channels, H, W) tensor."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected a (B, {self.in_channels}, H, W) tensor, "
                              f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected a floating-point tensor (pixel values in 0..255), got "
+                             f"{x.dtype}: convert it with x.float()")
 
     # ------------------------------------------------------------------ inference
     def receptive_radius(self) -> int:

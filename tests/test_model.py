@@ -1,4 +1,6 @@
 """SSBSN wrapper: PD, R3, self-ensemble, tiling, configuration."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,8 +123,26 @@ def test_training_forward_shape_and_bad_input():
     assert model(torch.rand(2, 3, 20, 15)).shape == (2, 3, 20, 15)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(torch.rand(2, 1, 20, 15))
-    with pytest.raises(ValueError, match="R3"):
-        SSBSN(r3_p=1.5)
+    with pytest.raises(ValueError, match="floating-point"):
+        model(torch.randint(0, 255, (2, 3, 20, 15)))
+
+
+@pytest.mark.parametrize("kw,says", [
+    (dict(r3_p=1.5), "r3_p=1.5 out of range"), (dict(num_modules=0), "num_modules=0 out of"),
+    (dict(base_channels=7), "even"), (dict(pd_train=0), "pd_train=0 out of range"),
+    (dict(ss_blocks=4, num_modules=3), "ss_blocks=4 exceeds num_modules=3"),
+    (dict(pd_layout="grid"), "pd_layout='grid'"), (dict(num_modules=2.5), "an integer")])
+def test_a_bad_configuration_is_one_error_naming_the_field(kw, says):
+    """ModelConfig checks every field against its declaration whoever builds it: SSBSN(...),
+    ModelConfig(...) or dataclasses.replace (a ValueError naming the field, not a failure
+    deep inside the network's constructor)."""
+    import dataclasses
+
+    from ssbsn import ModelConfig
+    for build in (lambda: SSBSN(**kw), lambda: ModelConfig(**kw),
+                  lambda: dataclasses.replace(ModelConfig(), **kw)):
+        with pytest.raises(ValueError, match=f"model configuration .*{re.escape(says)}"):
+            build()
 
 
 @pytest.mark.parametrize("window", [None, 8])

@@ -46,8 +46,11 @@ class Branch(nn.Module):
                  conv_backend: str = "torch", deterministic: bool = False,
                  window: int | None = None):
         super().__init__()
+        if num_modules < 1:
+            raise ValueError(f"num_modules must be at least 1, got {num_modules}")
         if not 0 <= ss_blocks <= num_modules:
-            raise ValueError(f"ss_blocks must lie in 0..{num_modules}, got {ss_blocks}")
+            raise ValueError(f"ss_blocks must lie in 0..num_modules ({num_modules}), got "
+                             f"{ss_blocks}")
         self.dilation = dilation
         layers: list[nn.Module] = [
             CentralMaskedConv2d(channels, channels, 2 * dilation - 1, backend=conv_backend),
