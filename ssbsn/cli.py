@@ -10,6 +10,7 @@ stderr. PyTorch is imported only when a command runs, so every ``--help`` is qui
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import logging
@@ -17,6 +18,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -712,6 +714,28 @@ def _configure_logging(debug: bool) -> None:
     logger.propagate = False
 
 
+@contextlib.contextmanager
+def _one_line_warnings(debug: bool):
+    """Python warnings (the package's own and its libraries', e.g. torch's DataLoader) as one
+    ``ssbsn: warning: ...`` line each, their first line, each text once per command; with
+    ``--debug`` Python's own format, with the file and line."""
+    if debug:
+        yield
+        return
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip()
+        text = text.splitlines()[0] if text else category.__name__
+        if text not in seen:
+            seen.add(text)
+            print(f"ssbsn: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv=None) -> int:
     """Run the ``ssbsn`` command. The project's own errors (:mod:`ssbsn.errors`: bad options,
     images, data, checkpoints, configurations, a diverged run), invalid values and file errors
@@ -727,10 +751,11 @@ def main(argv=None) -> int:
     from .allocator import use_huge_pages
     use_huge_pages()  # before torch: full-resolution feature maps without 4 KiB page faults
     try:
-        if args.threads is not None:
-            import torch
-            torch.set_num_threads(args.threads)
-        return int(args.func(args) or 0)
+        with _one_line_warnings(args.debug):
+            if args.threads is not None:
+                import torch
+                torch.set_num_threads(args.threads)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("ssbsn: interrupted", file=sys.stderr)
         return 130

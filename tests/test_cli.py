@@ -546,6 +546,35 @@ def test_usage_errors_are_one_line_exit_2(argv, capsys):
     assert err.startswith("ssbsn: error: ") and err.count("\n") == 1, err
 
 
+def test_library_warnings_are_one_line_each(tmp_path, weights, monkeypatch, capsys):
+    """A multi-line warning from a library (torch's DataLoader says a paragraph) is its first
+    line after 'ssbsn: warning:', once however often it is raised; --debug keeps Python's
+    format with the file and line. The work itself goes on."""
+    import warnings
+
+    import ssbsn.api as api
+    src = tmp_path / "x.png"
+    write_image(src, _img((16, 16, 3)))
+    real = api.denoise_array
+
+    def warns(*a, **k):
+        for _ in range(2):
+            warnings.warn("This DataLoader will create 4 worker processes in total.\nPlease be "
+                          "aware that ...", UserWarning)
+        return real(*a, **k)
+    monkeypatch.setattr(api, "denoise_array", warns)
+    argv = ["denoise", str(src), "-o", str(tmp_path / "a.png"), "-w", str(weights)]
+    assert main(argv) == 0 and (tmp_path / "a.png").is_file()
+    assert capsys.readouterr().err.splitlines() == [
+        "ssbsn: warning: This DataLoader will create 4 worker processes in total."]
+    argv[3] = str(tmp_path / "b.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["--debug"] + argv) == 0
+    assert len(caught) == 2 and caught[0].filename == __file__
+    assert "ssbsn: warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("exc,msg", [
     (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1440000 bytes."),
      "out of memory"),
