@@ -194,10 +194,11 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
     _add_progress_option(p)
 
 
-def _add_progress_option(p: argparse.ArgumentParser) -> None:
+def _add_progress_option(p: argparse.ArgumentParser,
+                         what: str = "per image and per tile/R3 round") -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars with ETA on stderr, per image and per tile/R3 round "
-                        "(default: on a terminal, for work over a second)")
+                   help=f"progress bars with ETA on stderr, {what} (default: on a terminal, "
+                        "for work over a second)")
 
 
 def _denoiser(args):
@@ -578,8 +579,10 @@ def _demo_parser(sub) -> None:
                    help="denoise with R3 as 'ssbsn denoise' does (9× slower; it pays off only "
                         "for a well-trained model, not after the demo's short training)")
     p.add_argument("--seed", type=int, default=0, help="seed of cameras, noise, init and crops")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="the training's progress bar on stderr (default on; off with --quick)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -594,8 +597,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.output, steps=args.steps, minutes=args.minutes, quick=args.quick,
              seed=args.seed, device=args.device, r3=True if args.r3 else None,
-             threads=args.threads,
-             overwrite=args.overwrite)
+             threads=args.threads, overwrite=args.overwrite, progress=args.progress)
     return 0
 
 
@@ -605,17 +607,24 @@ def _prep_parser(sub) -> None:
         description="Cut every image of INPUT (files, folders, or a SIDD Medium root: its "
                     "NOISY images) into SIZE×SIZE tiles overlapping by OVERLAP pixels, as PNG "
                     "files in OUT (as the authors prepare SIDD: 512, overlap 128).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--overlap", type=int, default=128)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files and/or folders, or a SIDD Medium root")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="folder that receives the tiles (created)")
+    p.add_argument("--size", type=int, default=512, metavar="N",
+                   help="tile side in pixels (default 512)")
+    p.add_argument("--overlap", type=int, default=None, metavar="N",
+                   help="pixels neighbouring tiles share (default a quarter of --size: 128 "
+                        "for 512, the authors')")
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing tiles")
-    _add_progress_option(p)
+    _add_progress_option(p, "over the images")
     p.set_defaults(func=cmd_prep)
 
 
 def cmd_prep(args) -> int:
     from .data.tiles import check_tile_size, plan_tiles, prep_inputs, write_tiles
+    if args.overlap is None:
+        args.overlap = args.size // 4
     check_tile_size(args.size, args.overlap)
     out = Path(args.output)
     files = prep_inputs(args.inputs, exclude=out)

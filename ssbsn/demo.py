@@ -58,9 +58,10 @@ def make_pairs(size: int, shot: float, seed: int):
 def run_demo(out="demo_out", steps: int | None = None, minutes: float | None = None,
              quick: bool = False, seed: int = 0, device: str = "auto", r3: bool | None = None,
              threads: int | None = None, overwrite: bool = False, log=print,
-             budget_clock: str = "wall") -> dict:
+             budget_clock: str = "wall", progress: bool | None = None) -> dict:
     """Run the demo; returns the per-image PSNRs and the mean gain (also in OUT/report.json).
-    ``budget_clock="cpu"`` counts the training minutes in CPU time (for a busy machine)."""
+    ``budget_clock="cpu"`` counts the training minutes in CPU time (for a busy machine);
+    ``progress``: the training's progress bar (None: on, except with ``quick``)."""
     import torch
 
     threads_before = torch.get_num_threads()
@@ -69,13 +70,13 @@ def run_demo(out="demo_out", steps: int | None = None, minutes: float | None = N
     torch.set_num_threads(threads or 1)
     try:
         return _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log,
-                         budget_clock)
+                         budget_clock, progress)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log,
-              budget_clock="wall") -> dict:
+              budget_clock="wall", progress=None) -> dict:
     import torch
 
     from .api import denoise_array, load_model
@@ -121,7 +122,8 @@ def _run_demo(out, steps, minutes, quick, seed, device, r3, overwrite, log,
     cfg.data, cfg.out, cfg.preset = [str(out / "noisy")], str(run), "quick"
     cfg.minutes, cfg.steps, cfg.budget_clock = p["minutes"], p["steps"], budget_clock
     cfg.repeat, cfg.seed, cfg.device = max(cfg.repeat, 64 // len(pairs)), seed, device
-    cfg.log_every, cfg.keep, cfg.progress = (1 if quick else 10), 1, not quick
+    cfg.log_every, cfg.keep = (1 if quick else 10), 1
+    cfg.progress = not quick if progress is None else progress
     cfg.save_every = 10 ** 9  # the final weights only
     if cfg.minutes is not None:
         log(f"demo: training for {cfg.minutes:g} minutes (--minutes to change)")

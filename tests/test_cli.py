@@ -417,6 +417,11 @@ def test_prep_tiles(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "t" / "big_00014_00025.png"),
                                   a[14:30, 25:41])
     assert icc_profile(tmp_path / "t" / "big_00014_00025.png") == b"not really a profile"
+    # the overlap defaults to a quarter of the size (the authors' 128 for 512), so a small
+    # --size alone works: here the same tiles as overlap 4
+    assert main(["prep", str(tmp_path / "big.png"), "-o", str(tmp_path / "q"), "--size",
+                 "16"]) == 0
+    assert _digest(tmp_path / "q") == _digest(tmp_path / "t")
 
 
 def test_attention_map_command(tmp_path, weights, capsys):
@@ -436,8 +441,8 @@ def test_attention_map_command(tmp_path, weights, capsys):
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "-o", str(out), "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
-    assert "PSNR gain" in text
+    text, err = capsys.readouterr()
+    assert "PSNR gain" in text and "\rtrain:" not in err  # --quick: no training bar
     report = json.loads((out / "report.json").read_text())
     for row in report["images"]:
         clean = read_image(out / "clean" / f"{row['image']}.png")
@@ -449,6 +454,8 @@ def test_demo_quick(tmp_path, capsys):
     assert (out / "run" / "model.safetensors").is_file()
     assert main(["demo", "--quick", "-o", str(out)]) == 1  # never overwrites an earlier demo
     assert "--overwrite" in capsys.readouterr().err
+    assert main(["demo", "--quick", "-o", str(out), "--overwrite", "--progress"]) == 0
+    assert "\rtrain:" in capsys.readouterr().err  # the bar, asked for
 
 
 def test_non_finite_output_is_never_written(tmp_path, capsys):
