@@ -399,8 +399,9 @@ def _eval_parser(sub) -> None:
                     "folder holding both; or a SIDD Medium root.",
         epilog="examples:\n  ssbsn eval SIDD/ValidationNoisyBlocksSrgb.mat -w model.safetensors "
                "--json val.json\n  ssbsn eval pairs/noisy pairs/clean -w model.safetensors")
-    p.add_argument("noisy", metavar="NOISY")
-    p.add_argument("clean", nargs="?", metavar="CLEAN")
+    p.add_argument("noisy", metavar="NOISY", help="the noisy images or blocks (see above)")
+    p.add_argument("clean", nargs="?", metavar="CLEAN",
+                   help="their clean counterparts, where NOISY does not hold them")
     p.add_argument("--json", metavar="FILE", help="write the report (settings, per-image scores, "
                                                   "means) as JSON")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
@@ -482,9 +483,10 @@ def _submit_parser(sub) -> None:
                     "eval_version), as the DND kit's bundle_submissions_srgb writes them.",
         epilog="examples:\n  ssbsn submit sidd SIDD/BenchmarkNoisyBlocksSrgb.mat -o SubmitSrgb.mat -w m.safetensors\n"
                "  ssbsn submit dnd dnd_2017/ -o dnd_bundled/ -w m.safetensors")
-    p.add_argument("benchmark", choices=("sidd", "dnd"))
-    p.add_argument("input", metavar="INPUT")
-    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("benchmark", choices=("sidd", "dnd"), help="which benchmark (see above)")
+    p.add_argument("input", metavar="INPUT", help="its noisy data (see above)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="the submission file (sidd) or folder (dnd)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT (sidd: the file; dnd: the folder, replaced "
                         "whole once the new bundle is complete)")
@@ -522,14 +524,17 @@ def _attention_parser(sub) -> None:
                     "brightest markers are the pixels it weighs most.",
         epilog="example:\n  ssbsn attention-map photo.png --pixel 120 200 -w m.safetensors "
                "-o attn.png")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--pixel", nargs=2, type=int, required=True, metavar=("Y", "X"))
+    p.add_argument("image", metavar="IMAGE", help="the image (PNG/JPEG/TIFF)")
+    p.add_argument("--pixel", nargs=2, type=int, required=True, metavar=("Y", "X"),
+                   help="the query pixel: row Y, column X (from 0 at the top left)")
     p.add_argument("-o", "--output", default="attention.png", help="PNG (default attention.png)")
     p.add_argument("--top", type=int, default=16, metavar="K",
                    help="outline the K heaviest pixels (16; 0: none)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--weights", "-w", required=True, metavar="CKPT")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing OUT")
+    p.add_argument("--weights", "-w", required=True, metavar="CKPT",
+                   help="checkpoint: ours (.safetensors from 'ssbsn train', or its run folder) "
+                        "or the authors' (.pth)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.set_defaults(func=cmd_attention)
 
 

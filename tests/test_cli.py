@@ -64,6 +64,17 @@ def test_help_of_every_command(capsys):
         assert len(capsys.readouterr().out) > 300
 
 
+def test_every_option_and_argument_is_explained():
+    """Every option and positional argument of every command has a help text."""
+    import argparse
+
+    from ssbsn.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [(name, a.option_strings or a.dest) for name, p in sub.choices.items()
+            for a in p._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert not bare, bare
+
+
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "ssbsn", "--version"], capture_output=True,
                        text=True, timeout=120)
