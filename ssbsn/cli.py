@@ -177,11 +177,14 @@ def _add_global_options(p: argparse.ArgumentParser) -> None:
 
 # ================================================================== shared helpers
 
+WEIGHTS_HELP = ("checkpoint: ours (.safetensors from 'ssbsn train', or its run folder) or the "
+                "authors' (.pth)")
+
+
 def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = True) -> None:
     g = p.add_argument_group("model and inference")
     g.add_argument("--weights", "-w", required=weights_required, metavar="CKPT",
-                   help="checkpoint: ours (.safetensors from 'ssbsn train', or its run folder) "
-                        "or the authors' (.pth)")
+                   help=WEIGHTS_HELP)
     # the inference settings (ssbsn.config.InferenceConfig): R3, ensembles, tiles, PD stride,
     # seed and the steps after the network (docs/restore.md)
     add_inference_options(g)
@@ -532,8 +535,7 @@ def _attention_parser(sub) -> None:
                    help="outline the K heaviest pixels (16; 0: none)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing OUT")
     p.add_argument("--weights", "-w", required=True, metavar="CKPT",
-                   help="checkpoint: ours (.safetensors from 'ssbsn train', or its run folder) "
-                        "or the authors' (.pth)")
+                   help=WEIGHTS_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.set_defaults(func=cmd_attention)
 
