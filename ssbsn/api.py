@@ -44,8 +44,8 @@ def inference_options(model=None) -> tuple[str, ...]:
 
 def load_model(weights, device: str = "auto", backend: str | None = None,
                deterministic: bool | None = None, attention_window: int | None = None):
-    """An SSBSN from our safetensors file or the authors' checkpoint, on ``device``, in eval
-    mode. ``backend``: SS-Attention's (:data:`ssbsn.config.BACKENDS`; default "fused", the
+    """An SSBSN from our safetensors file (or the run folder of ``ssbsn train`` holding it) or
+    the authors' checkpoint, on ``device``, in eval mode. ``backend``: SS-Attention's (:data:`ssbsn.config.BACKENDS`; default "fused", the
     memory-efficient path; "reference" materialises the N×N matrix). ``attention_window``:
     SS-Attention's scope in pixels (0: whole-map groups; None: the model's own)."""
     from .model import SSBSN
@@ -435,7 +435,8 @@ class Denoiser:
     def from_weights(cls, path, device: str = "auto", backend: str | None = None,
                      deterministic: bool | None = None, attention_window: int | None = None,
                      **options) -> "Denoiser":
-        """Load our safetensors file or the authors' checkpoint (see :func:`load_model`). A
+        """Load our safetensors file (or its run folder) or the authors' checkpoint (see
+        :func:`load_model`). A
         model whose training check failed (:func:`ssbsn.health.stored_check`) loads with a
         warning on the ``ssbsn`` logger."""
         from .health import failed_check_line, stored_check
