@@ -436,9 +436,8 @@ class Denoiser:
                      deterministic: bool | None = None, attention_window: int | None = None,
                      **options) -> "Denoiser":
         """Load our safetensors file (or its run folder) or the authors' checkpoint (see
-        :func:`load_model`). A
-        model whose training check failed (:func:`ssbsn.health.stored_check`) loads with a
-        warning on the ``ssbsn`` logger."""
+        :func:`load_model`). A model whose training check failed
+        (:func:`ssbsn.health.stored_check`) loads with a warning on the ``ssbsn`` logger."""
         from .health import failed_check_line, stored_check
         check = stored_check(path)
         if check is not None and not check["ok"]:
