@@ -1,10 +1,11 @@
-"""Reading and writing images: PNG/JPEG/BMP through imageio (its Pillow plugin), TIFF through
-tifffile (16-bit colour and float samples), EXIF orientation and ICC profiles through Pillow.
+"""Reading and writing images: PNG/JPEG/BMP through imageio (its Pillow plugin), 16-bit colour
+PNG through :mod:`ssbsn.png` (Pillow reduces it to 8 bits), TIFF through tifffile (16-bit
+colour and float samples), EXIF orientation and ICC profiles through Pillow.
 
 Images are numpy arrays of shape (H, W, C), C = 1 (grey) or 3 (RGB), optionally followed by an
 alpha channel (C = 2 or 4) that :func:`split_alpha` sets aside. Supported sample types:
-uint8, uint16 (16-bit PNG for grey, 16-bit TIFF for grey and RGB) and float TIFF (values 0..1;
-a float image with samples outside 0..1 is refused rather than clipped).
+uint8, uint16 (16-bit PNG and TIFF, grey or colour) and float TIFF (values 0..1; a float image
+with samples outside 0..1 is refused rather than clipped).
 The model works on floats 0..255: :func:`to_model_range` / :func:`from_model_range` convert
 and restore the original bit depth (16-bit: ×255/65535 and back, rounded).
 
@@ -56,11 +57,11 @@ def _png_header(path: Path):
     return head[24], head[25]
 
 
-def _refuse_png16_colour(path: Path) -> None:
+def _png16_colour(path: Path) -> bool:
+    """Whether ``path`` is a 16-bit RGB, RGBA or grey + alpha PNG: Pillow would reduce its
+    samples to 8 bits, so :mod:`ssbsn.png` reads (and writes) it."""
     header = _png_header(path)
-    if header is not None and header[0] == 16 and header[1] in (2, 6):
-        raise ImageError(f"{path}: 16-bit colour PNG cannot be read without losing bits "
-                         "(Pillow reduces it to 8 bits); convert it to a 16-bit TIFF")
+    return header is not None and header[0] == 16 and header[1] in (2, 4, 6)
 
 
 def max_pixels() -> int:
@@ -208,11 +209,15 @@ def read_image(path) -> np.ndarray:
                 if arr.ndim == 3 and page.planarconfig == 2:  # separate planes: (C, H, W)
                     arr = np.moveaxis(arr, 0, -1)
         else:
-            _refuse_png16_colour(path)
             import imageio.v3 as iio
             orientation, mode = _pil_probe(path)
-            kwargs = {"mode": "RGB"} if mode in CONVERT_TO_RGB else {}
-            arr = orient(np.asarray(iio.imread(path, plugin="pillow", **kwargs)), orientation)
+            if _png16_colour(path):
+                from .png import read_png
+                arr = orient(read_png(path), orientation)
+            else:
+                kwargs = {"mode": "RGB"} if mode in CONVERT_TO_RGB else {}
+                arr = orient(np.asarray(iio.imread(path, plugin="pillow", **kwargs)),
+                             orientation)
     except ImageError:
         raise
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, ...
@@ -239,10 +244,14 @@ def image_shape(path) -> tuple[int, int, int]:
                     shape = shape[1:] + shape[:1]
                 _check_pixels(path, shape)
         else:
-            _refuse_png16_colour(path)
             import imageio.v3 as iio
             orientation, mode = _pil_probe(path)
-            shape = tuple(iio.improps(path, plugin="pillow").shape)
+            if _png16_colour(path):
+                from .png import CHANNELS, read_header
+                head = read_header(path)
+                shape = (head["height"], head["width"], CHANNELS[head["colour_type"]])
+            else:
+                shape = tuple(iio.improps(path, plugin="pillow").shape)
             if mode in CONVERT_TO_RGB:  # read as RGB (see read_image)
                 shape = shape[:2] + (3,)
             if orientation >= 5 and len(shape) >= 2:  # turned by 90°
@@ -332,7 +341,7 @@ def from_model_range(x: np.ndarray, dtype) -> np.ndarray:
 def check_writable_as(path, dtype, channels: int) -> None:
     """Refuse (:class:`ImageError` naming ``path``) an output file whose type cannot hold
     samples of ``dtype`` with ``channels`` channels (alpha included): float only as TIFF,
-    16-bit only as TIFF or (grey) PNG. Called before any work is done."""
+    16-bit only as TIFF or PNG. Called before any work is done."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
@@ -343,11 +352,9 @@ def check_writable_as(path, dtype, channels: int) -> None:
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
         raise ImageError(f"{path}: float images can only be written as TIFF (use a .tif output)")
-    if dtype == np.uint16 and (channels > 1 or suffix != ".png"):
-        what = "16-bit colour or alpha" if channels > 1 else "16-bit grey"
-        where = "TIFF" if channels > 1 else "PNG or TIFF"
-        raise ImageError(f"{path}: {what} can only be written as {where} "
-                         "(use a .tif output)")
+    if dtype == np.uint16 and suffix != ".png":
+        raise ImageError(f"{path}: 16-bit images can only be written as PNG or TIFF "
+                         "(use a .png or .tif output)")
 
 
 def _encode(path: Path, arr: np.ndarray, suffix: str, quality: int, icc: bytes | None) -> None:
@@ -358,6 +365,10 @@ def _encode(path: Path, arr: np.ndarray, suffix: str, quality: int, icc: bytes |
         extras = ["unassalpha"] if arr.shape[-1] in (2, 4) else None
         tifffile.imwrite(path, data, photometric=photometric, extrasamples=extras,
                          iccprofile=icc)
+        return
+    if suffix == ".png" and arr.dtype == np.uint16 and arr.shape[-1] > 1:
+        from .png import write_png  # Pillow has no 16-bit colour mode
+        write_png(path, arr, icc_profile=icc)
         return
     import imageio.v3 as iio
     data = arr[..., 0] if arr.shape[-1] == 1 else arr

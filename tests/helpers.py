@@ -3,6 +3,8 @@ The ``one_thread`` fixture is in conftest.py."""
 from __future__ import annotations
 
 import contextlib
+import struct
+import zlib
 
 import h5py
 import numpy as np
@@ -95,3 +97,15 @@ def noisy_folder(folder, count: int, height: int, width: int):
         img = np.clip(base + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
         write_image(folder / f"{i}.png", img)
     return folder
+
+
+def write_png16_colour(path, a, interlace=0):
+    """A minimal 16-bit RGB PNG writer (Pillow cannot write one): every row unfiltered."""
+    h, w, _ = a.shape
+    raw = b"".join(b"\x00" + a[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0,
+                                                                         interlace))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))

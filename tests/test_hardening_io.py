@@ -184,7 +184,7 @@ def test_output_type_that_cannot_hold_the_samples_is_refused_before_the_work(
     else:
         a = np.random.default_rng(0).random(shape).astype(dtype)
     tifffile.imwrite(tmp_path / "in.tif", a, photometric="rgb" if len(shape) == 3 else None)
-    out = tmp_path / ("o.png" if len(shape) == 3 else "o.jpg")
+    out = tmp_path / ("o.jpg" if dtype == np.uint16 else "o.png")
     calls = []
     monkeypatch.setattr(Denoiser, "denoise_image", lambda *a, **k: calls.append(1))
     assert main(["denoise", str(tmp_path / "in.tif"), "-o", str(out), "-w", str(weights)]) == 1
