@@ -331,8 +331,10 @@ def cmd_train(args) -> int:
               f"{summary['steps_per_s']:.2f} steps/s, {summary['images_per_s']:.1f} images/s; "
               f"weights: {summary['weights']}")
         check = summary.get("check")
-        if check:
-            print(check["message"], file=sys.stdout if check["ok"] else sys.stderr)
+        if check and check["ok"]:
+            print(check["message"])
+        elif check:  # "warning: training failed: ...", as every warning is written
+            print(f"ssbsn: {check['message']}", file=sys.stderr)
     return 0
 
 

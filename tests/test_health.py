@@ -132,9 +132,9 @@ def test_cli_train_prints_the_check_and_a_failed_one_on_stderr(tmp_path, capsys)
     assert main([*args, "--steps", "2", "--out", str(tmp_path / "a")]) == 0
     out, err = capsys.readouterr()
     assert "trained 2 steps" in out
-    assert err.strip().startswith("warning: training failed") and err.count("\n") == 1
+    assert err.strip().startswith("ssbsn: warning: training failed") and err.count("\n") == 1
     saved = json.loads((tmp_path / "a" / "check.json").read_text())
-    assert saved["ok"] is False and saved["message"] == err.strip()
+    assert saved["ok"] is False and "ssbsn: " + saved["message"] == err.strip()
 
 
 def test_a_noise_free_flat_image_is_judged_without_dividing_by_zero():
