@@ -82,6 +82,13 @@ def strip_rows(channels: int, width: int, context: int) -> int:
     return max(1, by_size, MIN_ROWS_PER_CONTEXT * context)
 
 
+def _empty_channels_last(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An uninitialised channels_last map of ``like``'s type (allocated in that layout: a
+    ``.contiguous()`` of a new NCHW tensor would copy a whole map of garbage)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last)
+
+
 def in_strips(fn, inputs: list[torch.Tensor], context: int, rows: int,
               rows_only: bool = False) -> list[torch.Tensor]:
     """``fn(*inputs)`` (a tensor or a tuple of them) on the whole map, computed on strips of
@@ -96,8 +103,7 @@ def in_strips(fn, inputs: list[torch.Tensor], context: int, rows: int,
         ys = fn(a, b) if rows_only else fn(*[t[:, :, a:b] for t in inputs])
         ys = ys if isinstance(ys, tuple) else (ys,)
         if outs is None:
-            outs = [y.new_empty(B, y.shape[1], H, W).contiguous(memory_format=torch.channels_last)
-                    for y in ys]
+            outs = [_empty_channels_last(y, B, y.shape[1], H, W) for y in ys]
         for out, y in zip(outs, ys):
             out[:, :, lo:hi] = y[:, :, lo - a:hi - a]
     return outs
@@ -132,7 +138,7 @@ class AttentionRows:
             start = max(hi, lo)
             end = min(H, -(-b // self.side) * self.side)
             B, C, _, W = self.z.shape
-            new = self.z.new_empty(B, C, end - lo, W).contiguous(memory_format=torch.channels_last)
+            new = _empty_channels_last(self.z, B, C, end - lo, W)
             if start > lo:
                 new[:, :, :start - lo] = self.buf[:, :, lo - self.lo:]
             windowed_rows(self.z, self.attn.wqk, self.attn.grid, self.attn.window,
