@@ -45,9 +45,10 @@ def inference_options(model=None) -> tuple[str, ...]:
 def load_model(weights, device: str = "auto", backend: str | None = None,
                deterministic: bool | None = None, attention_window: int | None = None):
     """An SSBSN from our safetensors file (or the run folder of ``ssbsn train`` holding it) or
-    the authors' checkpoint, on ``device``, in eval mode. ``backend``: SS-Attention's (:data:`ssbsn.config.BACKENDS`; default "fused", the
-    memory-efficient path; "reference" materialises the N×N matrix). ``attention_window``:
-    SS-Attention's scope in pixels (0: whole-map groups; None: the model's own)."""
+    the authors' checkpoint, on ``device``, in eval mode. ``backend``: SS-Attention's
+    (:data:`ssbsn.config.BACKENDS`; default "fused", the memory-efficient path; "reference"
+    materialises the N×N matrix). ``attention_window``: SS-Attention's scope in pixels (0:
+    whole-map groups; None: the model's own)."""
     from .model import SSBSN
     from .train import pick_device
     runtime = {k: v for k, v in dict(backend=backend, deterministic=deterministic,
@@ -377,8 +378,9 @@ def plan_outputs(inputs, output) -> list[tuple[Path, Path]]:
     a file when one image file goes to a name with a suffix (an image suffix; another is
     refused), otherwise a folder that receives the inputs' names (a folder input keeps its
     sub-folders); an existing folder or a name ending in / is always a folder. Several images
-    or a folder given to a name with an image suffix are refused. An output folder inside a folder
-    input is not read as input: its files are outputs (of this run or of an earlier one)."""
+    or a folder given to a name with an image suffix are refused. An output folder inside a
+    folder input is not read as input: its files are outputs (of this run or of an earlier
+    one)."""
     from .data import list_images
     from .images import IMAGE_SUFFIXES, is_image_file
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
