@@ -455,6 +455,9 @@ def test_demo_quick(tmp_path, capsys):
     text, err = capsys.readouterr()
     assert "PSNR gain" in text and "\rtrain:" not in err  # --quick: no training bar
     report = json.loads((out / "report.json").read_text())
+    # three steps have not taught it to denoise: the training check says so as every warning
+    assert report["check"]["ok"] is False and "training failed" not in text
+    assert err.splitlines() == ["ssbsn: " + report["check"]["message"]], err
     for row in report["images"]:
         clean = read_image(out / "clean" / f"{row['image']}.png")
         noisy = read_image(out / "noisy" / f"{row['image']}.png")
