@@ -177,6 +177,7 @@ def _add_global_options(p: argparse.ArgumentParser) -> None:
 
 # ================================================================== shared helpers
 
+DEVICE_HELP = "auto (CUDA if present), cpu or cuda"
 WEIGHTS_HELP = ("checkpoint: ours (.safetensors from 'ssbsn train', or its run folder) or the "
                 "authors' (.pth)")
 
@@ -188,7 +189,7 @@ def _add_inference_options(p: argparse.ArgumentParser, weights_required: bool = 
     # the inference settings (ssbsn.config.InferenceConfig): R3, ensembles, tiles, PD stride,
     # seed and the steps after the network (docs/restore.md)
     add_inference_options(g)
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--attention-window", type=int, default=None, metavar="N",
                    help="bound SS-Attention's scope to windows of N pixels of the map it sees "
                         "(time linear in the image area); 0 = the whole map (the paper's); "
@@ -349,8 +350,8 @@ def _denoise_parser(sub) -> None:
                     "3-channel model is replicated to RGB and the result averaged back to grey.\n"
                     "OUT is a file when one image file goes to a name with an image suffix, "
                     "otherwise a folder (created; a name ending in / is always one) that "
-                    "receives the inputs' names (a folder input keeps its sub-folders). Existing files are never replaced without "
-                    "--overwrite.",
+                    "receives the inputs' names (a folder input keeps its sub-folders). "
+                    "Existing files are never replaced without --overwrite.",
         epilog="examples:\n  ssbsn denoise noisy.png -o clean.png --weights runs/x/model.safetensors\n"
                "  ssbsn denoise photos/ -o denoised/ -w SSBSN_SIDD.pth --tile 512 --self-ensemble")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
@@ -538,7 +539,7 @@ def _attention_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow replacing OUT")
     p.add_argument("--weights", "-w", required=True, metavar="CKPT",
                    help=WEIGHTS_HELP)
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_attention)
 
 
@@ -588,7 +589,7 @@ def _demo_parser(sub) -> None:
                    help="denoise with R3 as 'ssbsn denoise' does (9× slower; it pays off only "
                         "for a well-trained model, not after the demo's short training)")
     p.add_argument("--seed", type=int, default=0, help="seed of cameras, noise, init and crops")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="the training's progress bar on stderr (default on; off with --quick)")

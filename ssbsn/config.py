@@ -104,11 +104,7 @@ class ModelConfig:
         ``attention_window=None`` is taken as 0 (the whole map), as SSAttention's window."""
         if self.attention_window is None:
             self.attention_window = 0
-        for key in model_field_names():
-            try:
-                check_model_value(key, getattr(self, key))
-            except ConfigError as e:
-                raise ConfigError(f"model configuration {e}") from None
+        check_model_fields(self)
         if self.ss_blocks > self.num_modules:
             raise ConfigError(f"model configuration ss_blocks={self.ss_blocks} exceeds "
                               f"num_modules={self.num_modules}")
@@ -185,6 +181,16 @@ def check_model_value(key: str, value) -> None:
     check = meta.get("check")
     if check is not None and not check(value):
         raise ConfigError(f"{key}={value!r} out of range (expected {meta['expected']})")
+
+
+def check_model_fields(obj) -> None:
+    """Check every model field of ``obj`` (a ModelConfig, a TrainConfig) with
+    :func:`check_model_value`: a :class:`ConfigError` "model configuration key=value ..."."""
+    for key in model_field_names():
+        try:
+            check_model_value(key, getattr(obj, key))
+        except ConfigError as e:
+            raise ConfigError(f"model configuration {e}") from None
 
 
 def add_model_options(parser, names=None, default=None, prefix_help: str = "") -> None:

@@ -27,6 +27,7 @@ from .errors import ImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both orders
 FLOAT_TYPES = (np.float16, np.float32, np.float64)  # kept as read: written back in the same type
 MIN_SIDE = 8
 ORIENTATION_TAG = 0x0112  # EXIF/TIFF Orientation
@@ -45,23 +46,24 @@ def is_tiff(path) -> bool:
             head = f.read(4)
     except OSError:
         return Path(path).suffix.lower() in TIFF_SUFFIXES  # the reader reports the error
-    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    return head in TIFF_MAGIC
 
 
-def _png_header(path: Path):
-    """(bit depth, colour type) from a PNG's IHDR chunk, or None if it is not a PNG."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+def _png_header(path: Path) -> dict | None:
+    """The IHDR fields of a PNG (:func:`ssbsn.png.read_header`), or None if it is not one."""
+    from .png import read_header
+    try:
+        return read_header(path)
+    except (ValueError, OSError):
         return None
-    return head[24], head[25]
 
 
 def _png16_colour(path: Path) -> bool:
     """Whether ``path`` is a 16-bit RGB, RGBA or grey + alpha PNG: Pillow would reduce its
     samples to 8 bits, so :mod:`ssbsn.png` reads (and writes) it."""
     header = _png_header(path)
-    return header is not None and header[0] == 16 and header[1] in (2, 4, 6)
+    return (header is not None and header["bit_depth"] == 16
+            and header["colour_type"] in (2, 4, 6))
 
 
 def max_pixels() -> int:
@@ -128,11 +130,8 @@ def _pil_probe(path: Path) -> tuple[int, str | None]:
 
 def _header_size(path: Path) -> tuple[int, int]:
     """(H, W) from a PNG header, (0, 0) if unknown (only for the "too large" message)."""
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) == 24 and head[12:16] == b"IHDR":
-        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
-    return 0, 0
+    header = _png_header(path)
+    return (header["height"], header["width"]) if header else (0, 0)
 
 
 def orient(arr: np.ndarray, orientation: int) -> np.ndarray:
@@ -162,8 +161,8 @@ def icc_profile(path) -> bytes | None:
 
 
 # the first bytes of the image formats the readers know
-_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
-                (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"), (b"BM", "BMP"))
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"),
+                *((magic, "TIFF") for magic in TIFF_MAGIC))
 
 
 def _unreadable(path: Path, e: Exception) -> ImageError:

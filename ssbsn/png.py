@@ -22,10 +22,11 @@ NONE, SUB, UP, AVERAGE, PAETH = range(5)
 
 
 def read_header(path) -> dict:
-    """IHDR of a PNG file: width, height, bit_depth, colour_type, interlace."""
+    """IHDR of a PNG file: width, height, bit_depth, colour_type, interlace (ValueError if the
+    file does not start as a PNG does)."""
     with open(path, "rb") as f:
-        head = f.read(33)
-    if len(head) < 33 or not head.startswith(SIGNATURE) or head[12:16] != b"IHDR":
+        head = f.read(29)
+    if len(head) < 29 or not head.startswith(SIGNATURE) or head[12:16] != b"IHDR":
         raise ValueError("not a PNG file")
     w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", head[16:29])
     return dict(width=w, height=h, bit_depth=depth, colour_type=ctype, interlace=interlace)
@@ -59,15 +60,26 @@ def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c)).astype(np.uint8)
 
 
+def _prediction(kind: int, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Filter ``kind``'s prediction of each byte from its left (a), upper (b) and upper-left
+    (c) neighbours. Filtered bytes are the bytes minus it, modulo 256."""
+    if kind == SUB:
+        return a
+    if kind == UP:
+        return b
+    if kind == AVERAGE:
+        return ((a.astype(np.uint16) + b) >> 1).astype(np.uint8)
+    if kind == PAETH:
+        return _paeth(a, b, c)
+    return np.zeros_like(a)
+
+
 def _predict(kind: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Each filter's prediction from the left (a), upper (b) and upper-left (c) bytes; ``kind``
-    broadcasts against them. Sums wrap modulo 256 as the specification says."""
+    """:func:`_prediction` with a filter per byte: ``kind`` broadcasts against a, b and c."""
     pred = np.zeros_like(a)
-    pred = np.where(kind == SUB, a, pred)
-    pred = np.where(kind == UP, b, pred)
-    avg = ((a.astype(np.uint16) + b) >> 1).astype(np.uint8)
-    pred = np.where(kind == AVERAGE, avg, pred)
-    return np.where(kind == PAETH, _paeth(a, b, c), pred)
+    for k in (SUB, UP, AVERAGE, PAETH):
+        pred = np.where(kind == k, _prediction(k, a, b, c), pred)
+    return pred
 
 
 def unfilter(stream: bytes, height: int, width: int, bpp: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,15 +154,6 @@ def _neighbours(px: np.ndarray):
     return a, b, c
 
 
-def _filtered(px: np.ndarray, kind: int, a, b, c) -> np.ndarray:
-    """``px`` minus filter ``kind``'s prediction (the predictions use the unfiltered bytes)."""
-    if kind == NONE:
-        return px
-    if kind == AVERAGE:
-        return px - ((a.astype(np.uint16) + b) >> 1).astype(np.uint8)
-    return px - (a if kind == SUB else b if kind == UP else _paeth(a, b, c))
-
-
 def filter_rows(pixels: np.ndarray, kinds: np.ndarray | None, bpp: int) -> np.ndarray:
     """The filtered (H, 1 + W·bpp) rows of (H, W·bpp) bytes, row y with filter ``kinds[y]``;
     None: per row, the filter whose output has the smallest sum of bytes read as signed
@@ -159,7 +162,8 @@ def filter_rows(pixels: np.ndarray, kinds: np.ndarray | None, bpp: int) -> np.nd
     px = pixels.reshape(h, -1, bpp)
     a, b, c = _neighbours(px)
     wanted = range(5) if kinds is None else sorted(set(np.asarray(kinds).tolist()))
-    each = {k: _filtered(px, k, a, b, c).reshape(h, stride) for k in wanted}
+    # the predictions use the unfiltered bytes, so every row of a kind is one vector step
+    each = {k: (px - _prediction(k, a, b, c)).reshape(h, stride) for k in wanted}
     if kinds is None:
         costs = np.stack([np.abs(each[k].view(np.int8).astype(np.int32)).sum(axis=1)
                           for k in range(5)])

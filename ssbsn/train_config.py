@@ -118,12 +118,8 @@ class TrainConfig(ModelConfig):
         return kw
 
     def validate(self) -> None:
-        from .config import check_model_value
-        for key in model_field_names():
-            try:
-                check_model_value(key, getattr(self, key))
-            except ConfigError as e:
-                raise ConfigError(f"model configuration {e}") from None
+        from .config import check_model_fields
+        check_model_fields(self)
         if self.ss_blocks > self.num_modules:
             raise ConfigError(f"--ss-blocks {self.ss_blocks} exceeds --modules {self.num_modules}")
         if self.crop < self.pd_train or self.crop % self.pd_train:

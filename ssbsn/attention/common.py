@@ -52,10 +52,15 @@ def window_tokens(window: int | None, grid: int) -> int | None:
     return None if window is None else -(-window // grid)
 
 
+def check_positive(name: str, value) -> None:
+    """One clear error for a size SS-Attention cannot take (a positive int): its grid factor,
+    channels or embed width."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"SS-Attention's {name} must be a positive int, got {value!r}")
+
+
 def check_grid(grid) -> None:
-    """One clear error for a grid factor SS-Attention cannot take (a positive int)."""
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"SS-Attention's grid must be a positive int, got {grid!r}")
+    check_positive("grid", grid)
 
 
 def check_window(window) -> None:

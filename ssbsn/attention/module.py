@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import check_grid, check_window
+from .common import check_grid, check_positive, check_window
 from .functional import BACKENDS, ss_attention
 
 
@@ -36,9 +36,9 @@ class SSAttention(nn.Module):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown SS-Attention backend {backend!r}; choose one of {BACKENDS}")
         check_grid(grid)
-        for name, n in (("channels", channels), ("embed", embed if embed is not None else 1)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"SS-Attention's {name} must be a positive int, got {n!r}")
+        check_positive("channels", channels)
+        if embed is not None:
+            check_positive("embed", embed)
         self.channels, self.grid = channels, grid
         self.backend = backend or ("reference" if fused is False else "fused")
         self.fused, self.group_stats = self.backend != "reference", group_stats
